@@ -1,0 +1,274 @@
+"""Fused CPU kernels (numba) for the diagonal linear recurrence and the selective scan, forward and backward.
+
+Layout conventions (all arrays C-contiguous, batch-first):
+- linear scan: a, b, h: (B, L, C) with the channels flattened; states (B, C).
+- selective scan: u, dt, z, out: (B, L, D); B, C: (B, L, G, N); At = A^T: (N, D); states (B, N, D), i.e. the
+  state is kept channel-minor so the innermost loops run over a block of channels and vectorise.
+
+Time runs over processing steps i = 0..L-1, with t = i (forward) or t = L-1-i (reverse). ``keep[b, t]`` is 0 where
+the carried state is zeroed before step t, 1 elsewhere (reverse-direction resets are shifted by the caller).
+The selective-scan backward never stores (L, D, N): it recomputes each chunk's states from checkpoints that the
+forward pass saves every ``T`` steps, (B, ceil(L/T), N, D).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+from numba import types
+from numba.extending import overload
+
+_F32_LOG2E = np.float32(1.4426950408889634)
+_F32_LN2_HI = np.float32(0.693359375)
+_F32_LN2_LO = np.float32(-2.12194440e-4)
+
+
+@nb.njit(fastmath=True, inline="always", cache=True)
+def _exp32(v):
+    """exp for float32 that LLVM can vectorise (numba's own exp is a scalar libm call here).
+
+    Cody-Waite range reduction and a degree-6 polynomial; about 1.2e-7 relative error on [-87, 88].
+    """
+    v = min(max(v, np.float32(-87.0)), np.float32(88.0))
+    n = math.floor(v * _F32_LOG2E + np.float32(0.5))
+    r = v - n * _F32_LN2_HI - n * _F32_LN2_LO
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    scale = np.int32((np.int32(n) + np.int32(127)) << 23).view(np.float32)
+    return p * scale
+
+
+def fast_exp(v):
+    """exp dispatched on dtype inside kernels: the vectorisable polynomial for float32, libm for float64."""
+    return math.exp(v)
+
+
+@overload(fast_exp, inline="always")
+def _fast_exp_overload(v):
+    if isinstance(v, types.Float) and v.bitwidth == 32:
+        return lambda v: _exp32(v)
+    return lambda v: math.exp(v)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Linear scan h_t = a_t h_{t-1} + b_t
+# ----------------------------------------------------------------------------------------------------------------
+
+_LS_BLOCK = 64
+
+
+@nb.njit(parallel=True, fastmath=False, cache=True)
+def linear_scan_fwd(a, b, h0, reverse, out):
+    """out[:, t] = a[:, t] * out[:, t-1] + b[:, t]; returns nothing (final state is out at the last step)."""
+    nb_, L, C = b.shape
+    nblk = (C + _LS_BLOCK - 1) // _LS_BLOCK
+    for task in nb.prange(nb_ * nblk):
+        bi = task // nblk
+        c0 = (task % nblk) * _LS_BLOCK
+        c1 = min(c0 + _LS_BLOCK, C)
+        h = h0[bi, c0:c1].copy()
+        for i in range(L):
+            t = L - 1 - i if reverse else i
+            for j in range(c1 - c0):
+                h[j] = a[bi, t, c0 + j] * h[j] + b[bi, t, c0 + j]
+                out[bi, t, c0 + j] = h[j]
+
+
+@nb.njit(parallel=True, fastmath=False, cache=True)
+def linear_scan_bwd(a, h, h0, g, g_final, reverse, ga, gb, gh0):
+    """Backward of linear_scan_fwd under PyTorch's conjugate convention.
+
+    gh_t = g_t + conj(a_{t+1}) gh_{t+1};  ga_t = gh_t conj(h_{t-1});  gb_t = gh_t;  gh0 = conj(a_first) gh_first.
+    """
+    nb_, L, C = h.shape
+    nblk = (C + _LS_BLOCK - 1) // _LS_BLOCK
+    for task in nb.prange(nb_ * nblk):
+        bi = task // nblk
+        c0 = (task % nblk) * _LS_BLOCK
+        c1 = min(c0 + _LS_BLOCK, C)
+        carry = g_final[bi, c0:c1].copy()
+        for i in range(L - 1, -1, -1):
+            t = L - 1 - i if reverse else i
+            tp = t + 1 if reverse else t - 1
+            for j in range(c1 - c0):
+                c = c0 + j
+                gh = g[bi, t, c] + carry[j]
+                gb[bi, t, c] = gh
+                hp = h0[bi, c] if i == 0 else h[bi, tp, c]
+                ga[bi, t, c] = gh * np.conj(hp)
+                carry[j] = np.conj(a[bi, t, c]) * gh
+        for j in range(c1 - c0):
+            gh0[bi, c0 + j] = carry[j]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Selective scan (S6), fused with the D skip and the silu(z) gate
+# ----------------------------------------------------------------------------------------------------------------
+
+SS_BLOCK = 32  # channels per task: state block (N, 32) stays in L1 for N <= 64
+SS_CHUNK = 32  # steps between state checkpoints
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def selective_fwd(u, dt, At, Bm, Cm, Dv, z, keep, h0, blocks, reverse, has_D, has_z, save_ck, ck, out, hT):
+    nbat, L, _ = u.shape
+    N = At.shape[0]
+    W = SS_BLOCK
+    T = SS_CHUNK
+    nblk = blocks.shape[0]
+    one = np.ones(1, dtype=u.dtype)[0]
+    for task in nb.prange(nbat * nblk):
+        bi = task // nblk
+        d0 = blocks[task % nblk, 0]
+        w = blocks[task % nblk, 1]
+        g = blocks[task % nblk, 2]
+        h = np.empty((N, W), dtype=u.dtype)
+        dtj = np.empty(W, dtype=u.dtype)
+        duj = np.empty(W, dtype=u.dtype)
+        yj = np.empty(W, dtype=u.dtype)
+        for n in range(N):
+            for j in range(w):
+                h[n, j] = h0[bi, n, d0 + j]
+        for i in range(L):
+            t = L - 1 - i if reverse else i
+            if save_ck and i % T == 0:
+                for n in range(N):
+                    for j in range(w):
+                        ck[bi, i // T, n, d0 + j] = h[n, j]
+            kp = keep[bi, t]
+            for j in range(w):
+                dtj[j] = dt[bi, t, d0 + j]
+                duj[j] = dtj[j] * u[bi, t, d0 + j]
+                yj[j] = 0.0
+            for n in range(N):
+                bn = Bm[bi, t, g, n]
+                cn = Cm[bi, t, g, n]
+                for j in range(w):
+                    hv = fast_exp(dtj[j] * At[n, d0 + j]) * h[n, j] * kp + duj[j] * bn
+                    h[n, j] = hv
+                    yj[j] += cn * hv
+            for j in range(w):
+                y = yj[j]
+                if has_D:
+                    y += Dv[d0 + j] * u[bi, t, d0 + j]
+                if has_z:
+                    zz = z[bi, t, d0 + j]
+                    y *= zz / (one + fast_exp(-zz))
+                out[bi, t, d0 + j] = y
+        for n in range(N):
+            for j in range(w):
+                hT[bi, n, d0 + j] = h[n, j]
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def selective_bwd(u, dt, At, Bm, Cm, Dv, z, keep, ck, blocks, stripes, reverse, has_D, has_z, gout, ghT,
+        gu, gdt, gz, gA_part, gD_part, gB_part, gC_part, gh0):
+    """Reverse-time pass. Each task owns one stripe of channel blocks of one (batch, group) and processes
+    them one after another, so its partial sums of gB/gC (over channels) need no atomics."""
+    nbat, L, _ = u.shape
+    N = At.shape[0]
+    W = SS_BLOCK
+    T = SS_CHUNK
+    nchunk = ck.shape[1]
+    nstripe = stripes.shape[0]
+    one = np.ones(1, dtype=u.dtype)[0]
+    zero = np.zeros(1, dtype=u.dtype)[0]
+    for task in nb.prange(nbat * nstripe):
+        bi = task // nstripe
+        sidx = task % nstripe
+        g = stripes[sidx, 0]
+        part = stripes[sidx, 1]
+        hs = np.empty((T + 1, N, W), dtype=u.dtype)
+        gh = np.empty((N, W), dtype=u.dtype)
+        dtj = np.empty(W, dtype=u.dtype)
+        uj = np.empty(W, dtype=u.dtype)
+        gyj = np.empty(W, dtype=u.dtype)
+        gdtj = np.empty(W, dtype=u.dtype)
+        guj = np.empty(W, dtype=u.dtype)
+        for blk in range(stripes[sidx, 2], stripes[sidx, 3]):
+            d0 = blocks[blk, 0]
+            w = blocks[blk, 1]
+            for n in range(N):
+                for j in range(w):
+                    gh[n, j] = ghT[bi, n, d0 + j]
+            for c in range(nchunk - 1, -1, -1):
+                i0 = c * T
+                i1 = min(i0 + T, L)
+                # recompute the chunk's states from its checkpoint
+                for n in range(N):
+                    for j in range(w):
+                        hs[0, n, j] = ck[bi, c, n, d0 + j]
+                for i in range(i0, i1):
+                    t = L - 1 - i if reverse else i
+                    kp = keep[bi, t]
+                    k = i - i0
+                    for n in range(N):
+                        bn = Bm[bi, t, g, n]
+                        for j in range(w):
+                            dtv = dt[bi, t, d0 + j]
+                            hs[k + 1, n, j] = (fast_exp(dtv * At[n, d0 + j]) * hs[k, n, j] * kp
+                                               + dtv * u[bi, t, d0 + j] * bn)
+                for i in range(i1 - 1, i0 - 1, -1):
+                    t = L - 1 - i if reverse else i
+                    kp = keep[bi, t]
+                    k = i - i0
+                    for j in range(w):
+                        dtj[j] = dt[bi, t, d0 + j]
+                        uj[j] = u[bi, t, d0 + j]
+                        gdtj[j] = 0.0
+                        guj[j] = 0.0
+                    if has_z:
+                        # need y = C.h + D u for the gate's gradient
+                        for j in range(w):
+                            gyj[j] = 0.0
+                        for n in range(N):
+                            cn = Cm[bi, t, g, n]
+                            for j in range(w):
+                                gyj[j] += cn * hs[k + 1, n, j]
+                        for j in range(w):
+                            y = gyj[j]
+                            if has_D:
+                                y += Dv[d0 + j] * uj[j]
+                            zz = z[bi, t, d0 + j]
+                            sg = one / (one + fast_exp(-zz))
+                            go = gout[bi, t, d0 + j]
+                            gz[bi, t, d0 + j] = go * y * sg * (one + zz * (one - sg))
+                            gyj[j] = go * zz * sg
+                    else:
+                        for j in range(w):
+                            gyj[j] = gout[bi, t, d0 + j]
+                    if has_D:
+                        for j in range(w):
+                            gD_part[bi, d0 + j] += gyj[j] * uj[j]
+                            guj[j] += gyj[j] * Dv[d0 + j]
+                    for n in range(N):
+                        bn = Bm[bi, t, g, n]
+                        cn = Cm[bi, t, g, n]
+                        accB = zero
+                        accC = zero
+                        for j in range(w):
+                            ghn = gh[n, j] + gyj[j] * cn
+                            accC += gyj[j] * hs[k + 1, n, j]
+                            a_nj = At[n, d0 + j]
+                            dA = fast_exp(dtj[j] * a_nj)
+                            hp = hs[k, n, j] * kp
+                            gdtj[j] += ghn * (bn * uj[j] + a_nj * dA * hp)
+                            gA_part[bi, n, d0 + j] += ghn * dA * hp * dtj[j]
+                            guj[j] += ghn * dtj[j] * bn
+                            accB += ghn * dtj[j] * uj[j]
+                            gh[n, j] = ghn * dA * kp
+                        gB_part[part, bi, t, g, n] += accB
+                        gC_part[part, bi, t, g, n] += accC
+                    for j in range(w):
+                        gdt[bi, t, d0 + j] = gdtj[j]
+                        gu[bi, t, d0 + j] = guj[j]
+            for n in range(N):
+                for j in range(w):
+                    gh0[bi, n, d0 + j] = gh[n, j]
+

@@ -1,0 +1,198 @@
+"""Plain, obviously-correct loop versions of every op: the oracles the fast paths are tested against.
+
+They follow the definitions step by step, run in float64 when given float64, and are differentiable through
+autograd. They are slow (a Python loop over time) and meant only for tests and small checks. They validate
+nothing: call the public ops for checked arguments.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import reverse_reset
+
+
+def _acc(t: Tensor) -> torch.dtype:
+    """Accumulation dtype: at least float32 (complex64 for complex)."""
+    if t.is_complex():
+        return torch.complex128 if t.dtype == torch.complex128 else torch.complex64
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _time_order(length: int, reverse: bool) -> list[int]:
+    return list(range(length - 1, -1, -1)) if reverse else list(range(length))
+
+
+def linear_scan(
+    a: Tensor,
+    b: Tensor,
+    *,
+    initial_state: Tensor | None = None,
+    reset: Tensor | None = None,
+    reverse: bool = False,
+    return_final_state: bool = False,
+):
+    """h_t = a_t * h_{t-1} + b_t over dim 1. a, b: (batch, length, *channels) -> h like b."""
+    acc = _acc(b)
+    a_t, b_t = a.to(acc).unbind(1), b.to(acc).unbind(1)
+    r = reverse_reset(reset) if reverse else reset
+    h = torch.zeros_like(b_t[0]) if initial_state is None else initial_state.to(acc)
+    out: list[Tensor | None] = [None] * b.shape[1]
+    for t in _time_order(b.shape[1], reverse):
+        keep = h if r is None else h * (~r[:, t]).reshape(-1, *([1] * (h.ndim - 1))).to(h.real.dtype)
+        h = a_t[t] * keep + b_t[t]
+        out[t] = h
+    y = torch.stack(out, 1).to(b.dtype)
+    return (y, h) if return_final_state else y
+
+
+def _expand_groups(M: Tensor, dim: int) -> Tensor:
+    """(batch, length, N) or (batch, length, groups, N) -> (batch, length, dim, N)."""
+    if M.ndim == 3:
+        return M.unsqueeze(2).expand(-1, -1, dim, -1)
+    return M.repeat_interleave(dim // M.shape[2], dim=2)
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    *,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    reset: Tensor | None = None,
+    reverse: bool = False,
+    return_final_state: bool = False,
+):
+    """Mamba's S6, one step at a time.
+
+    dt = softplus(delta + delta_bias); h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t; y_t = C_t h_t + D u_t;
+    out = y * silu(z). u, delta, z: (batch, length, dim); A: (dim, N); B, C: (batch, length[, groups], N);
+    state: (batch, dim, N).
+    """
+    acc = _acc(u)
+    dim = u.shape[2]
+    dt = delta.to(acc)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(acc)
+    if delta_softplus:
+        dt = F.softplus(dt)
+    Af = A.to(acc)
+    Bx, Cx = _expand_groups(B.to(acc), dim), _expand_groups(C.to(acc), dim)
+    uf = u.to(acc)
+    r = reverse_reset(reset) if reverse else reset
+    h = u.new_zeros(u.shape[0], dim, A.shape[1], dtype=acc) if initial_state is None else initial_state.to(acc)
+    dts, us, Bs, Cs = dt.unbind(1), uf.unbind(1), Bx.unbind(1), Cx.unbind(1)
+    ys: list[Tensor | None] = [None] * u.shape[1]
+    for t in _time_order(u.shape[1], reverse):
+        decay = torch.exp(dts[t].unsqueeze(-1) * Af)
+        if r is not None:
+            decay = decay * (~r[:, t]).to(acc).reshape(-1, 1, 1)
+        h = decay * h + (dts[t] * us[t]).unsqueeze(-1) * Bs[t]
+        ys[t] = (h * Cs[t]).sum(-1)
+    y = torch.stack(ys, 1)
+    if D is not None:
+        y = y + uf * D.to(acc)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    y = y.to(u.dtype)
+    return (y, h) if return_final_state else y
+
+
+def ssd(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    *,
+    D: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    reset: Tensor | None = None,
+    reverse: bool = False,
+    return_final_state: bool = False,
+):
+    """Mamba-2's SSD as a recurrence. x: (batch, length, heads, head_dim); dt: (batch, length, heads);
+    A: (heads,); B, C: (batch, length, groups, N); D: (heads,); state: (batch, heads, head_dim, N).
+
+    h_t = exp(dt_t A) h_t-1 + dt_t x_t B_t^T;  y_t = h_t C_t + D x_t.
+    """
+    acc = _acc(x)
+    batch, length, heads, head_dim = x.shape
+    rep = heads // B.shape[2]
+    Bh = B.to(acc).repeat_interleave(rep, dim=2)
+    Ch = C.to(acc).repeat_interleave(rep, dim=2)
+    xf, dtf, Af = x.to(acc), dt.to(acc), A.to(acc)
+    r = reverse_reset(reset) if reverse else reset
+    h = x.new_zeros(batch, heads, head_dim, B.shape[3], dtype=acc) if initial_state is None else initial_state.to(acc)
+    xs, dts, Bs, Cs = xf.unbind(1), dtf.unbind(1), Bh.unbind(1), Ch.unbind(1)
+    ys: list[Tensor | None] = [None] * length
+    for t in _time_order(length, reverse):
+        decay = torch.exp(dts[t] * Af)
+        if r is not None:
+            decay = decay * (~r[:, t]).to(acc).unsqueeze(-1)
+        h = decay[..., None, None] * h + (dts[t][..., None] * xs[t]).unsqueeze(-1) * Bs[t].unsqueeze(2)
+        ys[t] = (h * Cs[t].unsqueeze(2)).sum(-1)
+    y = torch.stack(ys, 1)
+    if D is not None:
+        y = y + xf * D.to(acc)[:, None]
+    y = y.to(x.dtype)
+    return (y, h) if return_final_state else y
+
+
+def ssd_quadratic(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None = None) -> Tensor:
+    """SSD's "attention form": y = (L ∘ C B^T)(dt x), with L_ts = exp(sum_{s<r<=t} dt_r A) for s <= t."""
+    acc = _acc(x)
+    heads = x.shape[2]
+    rep = heads // B.shape[2]
+    Bh = B.to(acc).repeat_interleave(rep, dim=2)
+    Ch = C.to(acc).repeat_interleave(rep, dim=2)
+    a = dt.to(acc) * A.to(acc)  # (b, l, h)
+    cum = torch.cumsum(a, 1)
+    seg = cum.unsqueeze(2) - cum.unsqueeze(1)  # (b, t, s, h): sum_{s<r<=t}
+    length = x.shape[1]
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=x.device))
+    Lmat = torch.where(causal[None, :, :, None], torch.exp(seg), torch.zeros((), dtype=acc, device=x.device))
+    scores = torch.einsum("bthn,bshn->btsh", Ch, Bh) * Lmat
+    y = torch.einsum("btsh,bsh,bshp->bthp", scores, dt.to(acc), x.to(acc))
+    if D is not None:
+        y = y + x.to(acc) * D.to(acc)[:, None]
+    return y.to(x.dtype)
+
+
+def fft_conv(u: Tensor, k: Tensor, *, D: Tensor | None = None, bidirectional: bool = False) -> Tensor:
+    """Direct convolution, one lag at a time. u: (batch, length, channels); k: (channels, K), or (2, channels, K)
+    when bidirectional (k[0] causal, k[1] anti-causal; both include lag 0).
+
+    y_t = sum_{s=0}^{K-1} k[s] u_{t-s}  (+ sum_s k1[s] u_{t+s} when bidirectional)  + D u_t.
+    """
+    acc = _acc(u)
+    uf = u.to(acc)
+    length = u.shape[1]
+    kf = k.to(acc)
+    fwd, bwd = (kf[0], kf[1]) if bidirectional else (kf, None)
+    y = torch.zeros_like(uf)
+    for s in range(min(fwd.shape[-1], length)):
+        y = y + F.pad(uf[:, : length - s] * fwd[:, s], (0, 0, s, 0))
+        if bwd is not None:
+            y = y + F.pad(uf[:, s:] * bwd[:, s], (0, 0, 0, s))
+    if D is not None:
+        y = y + uf * D.to(acc)
+    return y.to(u.dtype)
+
+
+def direct_conv_matrix(u: Tensor, k: Tensor) -> Tensor:
+    """O(L^2) causal convolution through an explicit Toeplitz matrix. u: (batch, length, channels); k: (channels, K)."""
+    length, K = u.shape[1], k.shape[-1]
+    idx = torch.arange(length, device=u.device)
+    lag = idx[:, None] - idx[None, :]  # (t, s)
+    valid = (lag >= 0) & (lag < K)
+    T = torch.where(valid[None], k[:, lag.clamp(0, K - 1)], torch.zeros((), dtype=k.dtype, device=k.device))
+    return torch.einsum("cts,bsc->btc", T, u.to(k.dtype))
