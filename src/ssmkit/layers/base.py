@@ -1,0 +1,129 @@
+"""The contract every ssmkit sequence layer honours, and the checks that enforce it.
+
+    forward(x, state=None, *, reset=None, return_state=False) -> y or (y, state)    x: (batch, length, d_model)
+    step(x_t, state) -> (y_t, state)                                               x_t: (batch, d_model)
+    init_state(batch_size, *, dtype=None) -> state                                 a LayerState dataclass
+
+States are small dataclasses of tensors (subclasses of :class:`LayerState`). A state is checked against the layer's
+own ``init_state`` on every call, so a state from another layer or batch size fails with a named error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class LayerState:
+    """Base for per-layer recurrent states. Subclasses declare tensor (or nested LayerState) fields."""
+
+    def map(self, fn):
+        """A new state with ``fn`` applied to every tensor (recursing into nested states)."""
+        vals = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            vals[f.name] = v.map(fn) if isinstance(v, LayerState) else (fn(v) if isinstance(v, Tensor) else v)
+        return type(self)(**vals)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Flat {name: tensor} view, nested names joined by '.'."""
+        out: dict[str, Tensor] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, LayerState):
+                out.update({f"{f.name}.{k}": t for k, t in v.tensors().items()})
+            elif isinstance(v, Tensor):
+                out[f.name] = v
+        return out
+
+
+class SequenceLayer(nn.Module):
+    """Base class: input checks, state checks and the default ``step`` (forward over one token).
+
+    Subclasses set ``self.d_model`` and implement ``forward`` and ``init_state``; they override ``step`` with a
+    true O(1) recurrence where the default (a length-1 forward) would not be one.
+    """
+
+    d_model: int
+    can_step: bool = True
+
+    def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None) -> LayerState:
+        raise NotImplementedError
+
+    def step(self, x_t: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
+        """One token: x_t (batch, d_model) -> (y_t (batch, d_model), new state)."""
+        self.check_step_input(x_t)
+        y, state = self.forward(x_t.unsqueeze(1), state, return_state=True)
+        return y.squeeze(1), state
+
+    # ---------------------------------------------------------------------------------------- checks
+    def check_input(self, x: object, name: str = "x") -> Tensor:
+        """x must be a floating tensor (batch, length, d_model) with length >= 1."""
+        cls = type(self).__name__
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{cls}: {name} must be a torch.Tensor (batch, length, d_model), got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{cls}: {name} must be a floating-point tensor, got dtype {x.dtype}")
+        if x.ndim != 3 or x.shape[-1] != self.d_model or x.shape[1] < 1:
+            raise ValueError(
+                f"{cls}: {name} must have shape (batch, length>=1, d_model={self.d_model}), got {tuple(x.shape)}"
+            )
+        return x
+
+    def check_step_input(self, x_t: object) -> Tensor:
+        cls = type(self).__name__
+        if not self.can_step:
+            raise NotImplementedError(f"{cls} cannot step token by token: {self.step_unsupported_reason()}")
+        if not isinstance(x_t, Tensor) or x_t.ndim != 2 or x_t.shape[-1] != self.d_model:
+            got = tuple(x_t.shape) if isinstance(x_t, Tensor) else type(x_t).__name__
+            raise ValueError(f"{cls}.step: x_t must have shape (batch, d_model={self.d_model}), got {got}")
+        return x_t
+
+    def step_unsupported_reason(self) -> str:
+        return "it has no recurrent form"
+
+    def check_reset(self, reset: object, x: Tensor) -> Tensor | None:
+        if reset is None:
+            return None
+        cls = type(self).__name__
+        shape = (x.shape[0], x.shape[1])
+        if not isinstance(reset, Tensor) or reset.dtype != torch.bool or tuple(reset.shape) != shape:
+            got = (f"{tuple(reset.shape)} {reset.dtype}" if isinstance(reset, Tensor) else type(reset).__name__)
+            raise ValueError(f"{cls}: reset must be a bool tensor of shape (batch, length) = {shape}, got {got}")
+        return reset
+
+    def check_state(self, state: object, batch_size: int, dtype: torch.dtype | None = None) -> LayerState:
+        """Compare ``state`` with this layer's own ``init_state(batch_size)``: same type, field names and shapes."""
+        cls = type(self).__name__
+        expected = self.init_state(batch_size, dtype=dtype)
+        if type(state) is not type(expected):
+            raise TypeError(
+                f"{cls}: state must be a {type(expected).__name__} (from {cls}.init_state or a {cls} forward), "
+                f"got {type(state).__name__}"
+            )
+        want, got = expected.tensors(), state.tensors()
+        for name, t in want.items():
+            g = got.get(name)
+            if g is None or tuple(g.shape) != tuple(t.shape):
+                raise ValueError(
+                    f"{cls}: state.{name} must have shape {tuple(t.shape)} for batch_size={batch_size}, got "
+                    f"{None if g is None else tuple(g.shape)}; was this state made by another layer or batch size?"
+                )
+        return state
+
+
+def check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> str:
+    """A string option must be one of ``choices``; the error names the option and lists the accepted values."""
+    if value not in choices:
+        raise ValueError(f"{owner}: unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
+    return value  # type: ignore[return-value]
+
+
+def check_d_model(owner: str, d_model: object) -> int:
+    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
+        raise ValueError(f"{owner}: d_model must be a positive int, got {d_model!r}")
+    return d_model
