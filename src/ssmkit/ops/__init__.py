@@ -4,7 +4,7 @@ Each op has a plain loop oracle in :mod:`ssmkit.ops.reference`.
 """
 
 from . import reference
-from .linear_scan import linear_scan
+from .linear_scan import fused_kernels, linear_scan
 from .selective_scan import selective_scan
 
-__all__ = ["linear_scan", "selective_scan", "reference"]
+__all__ = ["fused_kernels", "linear_scan", "selective_scan", "reference"]

@@ -31,11 +31,12 @@ def selective_scan_chunked(
 ) -> tuple[Tensor, Tensor]:
     """S6 core y_t = C_t h_t with h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, processed chunk by chunk.
 
-    u, dt: (batch, length, dim); A: (dim, N); B, C: (batch, length, dim, N) views; keep: (batch, length) 0/1
+    u, dt: (batch, length, dim); A: (dim, N); B, C: (batch, length, groups, N); keep: (batch, length) 0/1
     multiplier of the carried state, or None. Only one chunk's (batch, chunk, dim, N) tensors exist at a time in
     the forward pass. Returns y (batch, length, dim) and the final state (batch, dim, N).
     """
     batch, length, dim = u.shape
+    rep = dim // B.shape[2]
     h = u.new_zeros(batch, dim, A.shape[1]) if h0 is None else h0
     ys = []
     for s in range(0, length, chunk):
@@ -43,8 +44,8 @@ def selective_scan_chunked(
         dA = torch.exp(dt[:, s:e, :, None] * A)
         if keep is not None:
             dA = dA * keep[:, s:e, None, None]
-        dBu = (dt[:, s:e] * u[:, s:e]).unsqueeze(-1) * B[:, s:e]
+        dBu = (dt[:, s:e] * u[:, s:e]).unsqueeze(-1) * B[:, s:e].repeat_interleave(rep, dim=2)
         hs = doubling_scan(dA, dBu, h)
-        ys.append((hs * C[:, s:e]).sum(-1))
+        ys.append((hs * C[:, s:e].repeat_interleave(rep, dim=2)).sum(-1))
         h = hs[:, -1]
     return torch.cat(ys, 1), h

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import numpy as np
 import torch
 from torch import Tensor
@@ -32,9 +33,27 @@ def check_state(name: str, state: Tensor | None, expected_shape: tuple[int, ...]
     return state
 
 
+_FUSED = {"enabled": True}
+
+
+@contextlib.contextmanager
+def fused_kernels(enabled: bool):
+    """Context manager switching the fused CPU kernels on or off (off = the pure-PyTorch path other devices use).
+
+    >>> with fused_kernels(False):
+    ...     y = linear_scan(a, b)  # runs the device-agnostic path, e.g. to compare against the kernel
+    """
+    old = _FUSED["enabled"]
+    _FUSED["enabled"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _FUSED["enabled"] = old
+
+
 def use_fused(*tensors: Tensor) -> bool:
-    """Fused numba kernels run on CPU tensors of float32/64 (complex too for the linear scan)."""
-    return all(t.device.type == "cpu" for t in tensors)
+    """Fused numba kernels run on CPU tensors (float32/64; complex too for the linear scan) unless switched off."""
+    return _FUSED["enabled"] and all(t.device.type == "cpu" for t in tensors)
 
 
 class _LinearScanFn(torch.autograd.Function):

@@ -58,8 +58,8 @@ class _SelectiveScanFn(torch.autograd.Function):
         ctx.reverse = reverse
         ctx.has = (D_ is not None, z_ is not None, h0_ is not None)
         ctx.blocks = blocks
-        ctx.save_for_backward(u_, dt_, At, B_, C_, dummy if D_ is None else D_, dummy if z_ is None else z_,
-                              keep_, ck)
+        ctx.save_for_backward(u_, dt_, At, B_, C_, dummy if D_ is None else D_,
+                              dummy.reshape(1, 1, 1) if z_ is None else z_, keep_, ck)
         return out, hT.transpose(1, 2)
 
     @staticmethod
@@ -181,9 +181,8 @@ def selective_scan(
         out, hT = _SelectiveScanFn.apply(uf, dt, Af, B4, C4, Df, zf, keep, h0, reverse)
     else:
         flip = (lambda t: t.flip(1)) if reverse else (lambda t: t)  # noqa: E731
-        Bx = flip(B4).repeat_interleave(dim // B4.shape[2], dim=2)
-        Cx = flip(C4).repeat_interleave(dim // C4.shape[2], dim=2)
-        y, hT = selective_scan_chunked(flip(uf), flip(dt), Af, Bx, Cx, None if r is None else flip(keep), h0)
+        y, hT = selective_scan_chunked(flip(uf), flip(dt), Af, flip(B4), flip(C4),
+                                       None if r is None else flip(keep), h0)
         y = flip(y)
         if Df is not None:
             y = y + uf * Df
