@@ -32,7 +32,7 @@ def _exp32(v):
     Cody-Waite range reduction and a degree-6 polynomial; about 1.2e-7 relative error on [-87, 88].
     """
     v = min(max(v, np.float32(-87.0)), np.float32(88.0))
-    n = math.floor(v * _F32_LOG2E + np.float32(0.5))
+    n = np.floor(v * _F32_LOG2E + np.float32(0.5))
     r = v - n * _F32_LN2_HI - n * _F32_LN2_LO
     p = np.float32(1.9875691500e-4)
     p = p * r + np.float32(1.3981999507e-3)
@@ -112,12 +112,16 @@ def linear_scan_bwd(a, h, h0, g, g_final, reverse, ga, gb, gh0):
 # Selective scan (S6), fused with the D skip and the silu(z) gate
 # ----------------------------------------------------------------------------------------------------------------
 
-SS_BLOCK = 32  # channels per task: state block (N, 32) stays in L1 for N <= 64
+SS_BLOCK = 64  # channels per task (a compile-time lane count; short blocks are padded with inert zero lanes)
 SS_CHUNK = 32  # steps between state checkpoints
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def selective_fwd(u, dt, At, Bm, Cm, Dv, z, keep, h0, blocks, reverse, has_D, has_z, save_ck, ck, out, hT):
+    """out = (C.h + D u) * silu(z) with h_t = exp(dt_t A) h_{t-1} keep_t + dt_t B_t u_t; hT = final state.
+
+    Padded lanes (beyond a block's width) carry dt = u = A = 0, so their state stays exactly 0.
+    """
     nbat, L, _ = u.shape
     N = At.shape[0]
     W = SS_BLOCK
@@ -129,13 +133,15 @@ def selective_fwd(u, dt, At, Bm, Cm, Dv, z, keep, h0, blocks, reverse, has_D, ha
         d0 = blocks[task % nblk, 0]
         w = blocks[task % nblk, 1]
         g = blocks[task % nblk, 2]
-        h = np.empty((N, W), dtype=u.dtype)
-        dtj = np.empty(W, dtype=u.dtype)
-        duj = np.empty(W, dtype=u.dtype)
-        yj = np.empty(W, dtype=u.dtype)
+        h = np.zeros((N, W), dtype=u.dtype)
+        Ab = np.zeros((N, W), dtype=u.dtype)
+        dtj = np.zeros(W, dtype=u.dtype)
+        duj = np.zeros(W, dtype=u.dtype)
+        yj = np.zeros(W, dtype=u.dtype)
         for n in range(N):
             for j in range(w):
                 h[n, j] = h0[bi, n, d0 + j]
+                Ab[n, j] = At[n, d0 + j]
         for i in range(L):
             t = L - 1 - i if reverse else i
             if save_ck and i % T == 0:
@@ -146,12 +152,13 @@ def selective_fwd(u, dt, At, Bm, Cm, Dv, z, keep, h0, blocks, reverse, has_D, ha
             for j in range(w):
                 dtj[j] = dt[bi, t, d0 + j]
                 duj[j] = dtj[j] * u[bi, t, d0 + j]
+            for j in range(W):
                 yj[j] = 0.0
             for n in range(N):
                 bn = Bm[bi, t, g, n]
                 cn = Cm[bi, t, g, n]
-                for j in range(w):
-                    hv = fast_exp(dtj[j] * At[n, d0 + j]) * h[n, j] * kp + duj[j] * bn
+                for j in range(W):
+                    hv = fast_exp(dtj[j] * Ab[n, j]) * h[n, j] * kp + duj[j] * bn
                     h[n, j] = hv
                     yj[j] += cn * hv
             for j in range(w):
@@ -166,11 +173,13 @@ def selective_fwd(u, dt, At, Bm, Cm, Dv, z, keep, h0, blocks, reverse, has_D, ha
             for j in range(w):
                 hT[bi, n, d0 + j] = h[n, j]
 
+
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def selective_bwd(u, dt, At, Bm, Cm, Dv, z, keep, ck, blocks, stripes, reverse, has_D, has_z, gout, ghT,
-        gu, gdt, gz, gA_part, gD_part, gB_part, gC_part, gh0):
-    """Reverse-time pass. Each task owns one stripe of channel blocks of one (batch, group) and processes
-    them one after another, so its partial sums of gB/gC (over channels) need no atomics."""
+                  gu, gdt, gz, gA_part, gD_part, gB_part, gC_part, gh0):
+    """Reverse-time pass. Each task owns one stripe of channel blocks of one (batch, group) and processes them one
+    after another, so its partial sums of gB/gC over channels need no atomics. Each chunk's states are recomputed
+    from its checkpoint into a (T+1, N, W) buffer, then walked backwards."""
     nbat, L, _ = u.shape
     N = At.shape[0]
     W = SS_BLOCK
@@ -184,23 +193,38 @@ def selective_bwd(u, dt, At, Bm, Cm, Dv, z, keep, ck, blocks, stripes, reverse, 
         sidx = task % nstripe
         g = stripes[sidx, 0]
         part = stripes[sidx, 1]
-        hs = np.empty((T + 1, N, W), dtype=u.dtype)
-        gh = np.empty((N, W), dtype=u.dtype)
-        dtj = np.empty(W, dtype=u.dtype)
-        uj = np.empty(W, dtype=u.dtype)
-        gyj = np.empty(W, dtype=u.dtype)
-        gdtj = np.empty(W, dtype=u.dtype)
-        guj = np.empty(W, dtype=u.dtype)
+        hs = np.zeros((T + 1, N, W), dtype=u.dtype)
+        gh = np.zeros((N, W), dtype=u.dtype)
+        Ab = np.zeros((N, W), dtype=u.dtype)
+        gAb = np.zeros((N, W), dtype=u.dtype)
+        dtc = np.zeros((T, W), dtype=u.dtype)
+        uc = np.zeros((T, W), dtype=u.dtype)
+        gyj = np.zeros(W, dtype=u.dtype)
+        gdtj = np.zeros(W, dtype=u.dtype)
+        guj = np.zeros(W, dtype=u.dtype)
+        gDb = np.zeros(W, dtype=u.dtype)
         for blk in range(stripes[sidx, 2], stripes[sidx, 3]):
             d0 = blocks[blk, 0]
             w = blocks[blk, 1]
+            gh[:, :] = 0.0
+            Ab[:, :] = 0.0
+            gAb[:, :] = 0.0
+            dtc[:, :] = 0.0
+            uc[:, :] = 0.0
+            gDb[:] = 0.0
             for n in range(N):
                 for j in range(w):
                     gh[n, j] = ghT[bi, n, d0 + j]
+                    Ab[n, j] = At[n, d0 + j]
             for c in range(nchunk - 1, -1, -1):
                 i0 = c * T
                 i1 = min(i0 + T, L)
-                # recompute the chunk's states from its checkpoint
+                # gather the chunk's dt and u, then recompute its states from the checkpoint
+                for i in range(i0, i1):
+                    t = L - 1 - i if reverse else i
+                    for j in range(w):
+                        dtc[i - i0, j] = dt[bi, t, d0 + j]
+                        uc[i - i0, j] = u[bi, t, d0 + j]
                 for n in range(N):
                     for j in range(w):
                         hs[0, n, j] = ck[bi, c, n, d0 + j]
@@ -210,58 +234,55 @@ def selective_bwd(u, dt, At, Bm, Cm, Dv, z, keep, ck, blocks, stripes, reverse, 
                     k = i - i0
                     for n in range(N):
                         bn = Bm[bi, t, g, n]
-                        for j in range(w):
-                            dtv = dt[bi, t, d0 + j]
-                            hs[k + 1, n, j] = (fast_exp(dtv * At[n, d0 + j]) * hs[k, n, j] * kp
-                                               + dtv * u[bi, t, d0 + j] * bn)
+                        for j in range(W):
+                            hs[k + 1, n, j] = (fast_exp(dtc[k, j] * Ab[n, j]) * hs[k, n, j] * kp
+                                               + dtc[k, j] * uc[k, j] * bn)
                 for i in range(i1 - 1, i0 - 1, -1):
                     t = L - 1 - i if reverse else i
                     kp = keep[bi, t]
                     k = i - i0
-                    for j in range(w):
-                        dtj[j] = dt[bi, t, d0 + j]
-                        uj[j] = u[bi, t, d0 + j]
+                    for j in range(W):
                         gdtj[j] = 0.0
                         guj[j] = 0.0
+                        gyj[j] = 0.0
                     if has_z:
-                        # need y = C.h + D u for the gate's gradient
-                        for j in range(w):
-                            gyj[j] = 0.0
+                        # the gate's gradient needs y = C.h + D u
                         for n in range(N):
                             cn = Cm[bi, t, g, n]
-                            for j in range(w):
+                            for j in range(W):
                                 gyj[j] += cn * hs[k + 1, n, j]
                         for j in range(w):
                             y = gyj[j]
                             if has_D:
-                                y += Dv[d0 + j] * uj[j]
+                                y += Dv[d0 + j] * uc[k, j]
                             zz = z[bi, t, d0 + j]
                             sg = one / (one + fast_exp(-zz))
                             go = gout[bi, t, d0 + j]
                             gz[bi, t, d0 + j] = go * y * sg * (one + zz * (one - sg))
                             gyj[j] = go * zz * sg
+                        for j in range(w, W):
+                            gyj[j] = 0.0
                     else:
                         for j in range(w):
                             gyj[j] = gout[bi, t, d0 + j]
                     if has_D:
                         for j in range(w):
-                            gD_part[bi, d0 + j] += gyj[j] * uj[j]
+                            gDb[j] += gyj[j] * uc[k, j]
                             guj[j] += gyj[j] * Dv[d0 + j]
                     for n in range(N):
                         bn = Bm[bi, t, g, n]
                         cn = Cm[bi, t, g, n]
                         accB = zero
                         accC = zero
-                        for j in range(w):
+                        for j in range(W):
                             ghn = gh[n, j] + gyj[j] * cn
                             accC += gyj[j] * hs[k + 1, n, j]
-                            a_nj = At[n, d0 + j]
-                            dA = fast_exp(dtj[j] * a_nj)
+                            dA = fast_exp(dtc[k, j] * Ab[n, j])
                             hp = hs[k, n, j] * kp
-                            gdtj[j] += ghn * (bn * uj[j] + a_nj * dA * hp)
-                            gA_part[bi, n, d0 + j] += ghn * dA * hp * dtj[j]
-                            guj[j] += ghn * dtj[j] * bn
-                            accB += ghn * dtj[j] * uj[j]
+                            gdtj[j] += ghn * (bn * uc[k, j] + Ab[n, j] * dA * hp)
+                            gAb[n, j] += ghn * dA * hp * dtc[k, j]
+                            guj[j] += ghn * dtc[k, j] * bn
+                            accB += ghn * dtc[k, j] * uc[k, j]
                             gh[n, j] = ghn * dA * kp
                         gB_part[part, bi, t, g, n] += accB
                         gC_part[part, bi, t, g, n] += accC
@@ -271,4 +292,6 @@ def selective_bwd(u, dt, At, Bm, Cm, Dv, z, keep, ck, blocks, stripes, reverse, 
             for n in range(N):
                 for j in range(w):
                     gh0[bi, n, d0 + j] = gh[n, j]
-
+                    gA_part[bi, n, d0 + j] = gAb[n, j]
+            for j in range(w):
+                gD_part[bi, d0 + j] = gDb[j]
