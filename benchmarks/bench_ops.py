@@ -102,10 +102,10 @@ def bench_scan(lengths: list[int], quick: bool, memory: bool) -> list[dict]:
             row = {"case": f"selective_scan L={length}", "impl": impl}
             heavy = impl == "transformers"
             with torch.no_grad():
-                row["fwd_s"] = best_time(lambda fn=fn: fn(t), repeat=1 if heavy or quick else 3,
+                row["fwd_s"] = best_time(lambda fn=fn, t=t: fn(t), repeat=1 if heavy or quick else 3,
                                          warmup=0 if heavy else 1)
             if not (heavy and length > 4096):
-                row["fwd_bwd_s"] = best_time(lambda fn=fn: fwd_bwd(fn, tg), repeat=1 if heavy or quick else 3,
+                row["fwd_bwd_s"] = best_time(lambda fn=fn, tg=tg: fwd_bwd(fn, tg), repeat=1 if heavy or quick else 3,
                                              warmup=0 if heavy else 1)
             if memory and not (heavy and length > 4096):
                 res = run_child(Path(__file__), impl, str(length))

@@ -111,7 +111,7 @@ def test_gradcheck_float64():
     reset = torch.tensor([[False, True] + [False] * 7, [False] * 5 + [True] + [False] * 3])
     for reverse in (False, True):
         torch.autograd.gradcheck(
-            lambda a, b, h: linear_scan(a, b, initial_state=h, reset=reset, reverse=reverse),
+            lambda a, b, h, reverse=reverse: linear_scan(a, b, initial_state=h, reset=reset, reverse=reverse),
             (a.requires_grad_(), b.requires_grad_(), h0.requires_grad_()),
         )
 

@@ -13,10 +13,12 @@ forward pass saves every ``T`` steps, (B, ceil(L/T), N, D).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numba as nb
 import numpy as np
+import torch
 from numba import types
 from numba.extending import overload
 
@@ -55,6 +57,21 @@ def _fast_exp_overload(v):
     if isinstance(v, types.Float) and v.bitwidth == 32:
         return lambda v: _exp32(v)
     return lambda v: math.exp(v)
+
+
+PARALLEL_MIN_WORK = 1 << 17  # below this many state updates, waking a second thread costs more than it saves
+
+
+@contextlib.contextmanager
+def kernel_threads(work: int):
+    """Run the enclosed kernel calls on one thread for small problems, else on as many as torch uses."""
+    old = nb.get_num_threads()
+    want = 1 if work < PARALLEL_MIN_WORK else max(1, min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS))
+    nb.set_num_threads(want)
+    try:
+        yield want
+    finally:
+        nb.set_num_threads(old)
 
 
 # ----------------------------------------------------------------------------------------------------------------

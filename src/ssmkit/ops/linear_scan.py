@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -61,7 +62,8 @@ class _LinearScanFn(torch.autograd.Function):
     def forward(ctx, a: Tensor, b: Tensor, h0: Tensor, reverse: bool) -> Tensor:
         a_, b_, h0_ = a.detach().contiguous(), b.detach().contiguous(), h0.detach().contiguous()
         out = torch.empty_like(b_)
-        K.linear_scan_fwd(a_.numpy(), b_.numpy(), h0_.numpy(), reverse, out.numpy())
+        with K.kernel_threads(b_.numel()):
+            K.linear_scan_fwd(a_.numpy(), b_.numpy(), h0_.numpy(), reverse, out.numpy())
         ctx.save_for_backward(a_, out, h0_)
         ctx.reverse = reverse
         return out
@@ -71,8 +73,9 @@ class _LinearScanFn(torch.autograd.Function):
         a, h, h0 = ctx.saved_tensors
         g = g.contiguous()
         ga, gb, gh0 = torch.empty_like(a), torch.empty_like(h), torch.empty_like(h0)
-        K.linear_scan_bwd(a.numpy(), h.numpy(), h0.numpy(), g.numpy(), torch.zeros_like(h0).numpy(),
-                          ctx.reverse, ga.numpy(), gb.numpy(), gh0.numpy())
+        with K.kernel_threads(h.numel()):
+            K.linear_scan_bwd(a.numpy(), h.numpy(), h0.numpy(), g.numpy(), torch.zeros_like(h0).numpy(),
+                              ctx.reverse, ga.numpy(), gb.numpy(), gh0.numpy())
         return ga, gb, gh0, None
 
 

@@ -49,12 +49,14 @@ class _SelectiveScanFn(torch.autograd.Function):
         ck = torch.empty((batch, nck, N, dim) if save else (1, 1, 1, 1), dtype=u_.dtype)
         out = torch.empty_like(u_)
         hT = torch.empty(batch, N, dim, dtype=u_.dtype)
-        K.selective_fwd(
-            u_.numpy(), dt_.numpy(), At.numpy(), B_.numpy(), C_.numpy(),
-            (dummy if D_ is None else D_).numpy(), (dummy.reshape(1, 1, 1) if z_ is None else z_).numpy(),
-            keep_.numpy(), h0t.numpy(), blocks, reverse, D_ is not None, z_ is not None, save, ck.numpy(),
-            out.numpy(), hT.numpy(),
-        )
+        ctx.work = u_.numel() * N
+        with K.kernel_threads(ctx.work):
+            K.selective_fwd(
+                u_.numpy(), dt_.numpy(), At.numpy(), B_.numpy(), C_.numpy(),
+                (dummy if D_ is None else D_).numpy(), (dummy.reshape(1, 1, 1) if z_ is None else z_).numpy(),
+                keep_.numpy(), h0t.numpy(), blocks, reverse, D_ is not None, z_ is not None, save, ck.numpy(),
+                out.numpy(), hT.numpy(),
+            )
         ctx.reverse = reverse
         ctx.has = (D_ is not None, z_ is not None, h0_ is not None)
         ctx.blocks = blocks
@@ -70,7 +72,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         N, groups = At.shape[0], B.shape[2]
         gout = torch.zeros_like(u) if gout is None else gout.contiguous()
         ghT_t = torch.zeros(batch, N, dim, dtype=u.dtype) if ghT is None else ghT.transpose(1, 2).contiguous()
-        parts = max(1, numba.get_num_threads())
+        parts = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
         stripes = _stripes(ctx.blocks, groups, parts)
         gu, gdt = torch.empty_like(u), torch.empty_like(u)
         gz = torch.empty_like(u) if has_z else torch.zeros(1, 1, 1, dtype=u.dtype)
@@ -79,11 +81,12 @@ class _SelectiveScanFn(torch.autograd.Function):
         gB = torch.zeros((parts, *B.shape), dtype=u.dtype)
         gC = torch.zeros((parts, *C.shape), dtype=u.dtype)
         gh0 = torch.empty(batch, N, dim, dtype=u.dtype)
-        K.selective_bwd(
-            u.numpy(), dt.numpy(), At.numpy(), B.numpy(), C.numpy(), D.numpy(), z.numpy(), keep.numpy(),
-            ck.numpy(), ctx.blocks, stripes, ctx.reverse, has_D, has_z, gout.numpy(), ghT_t.numpy(),
-            gu.numpy(), gdt.numpy(), gz.numpy(), gA.numpy(), gD.numpy(), gB.numpy(), gC.numpy(), gh0.numpy(),
-        )
+        with K.kernel_threads(ctx.work):
+            K.selective_bwd(
+                u.numpy(), dt.numpy(), At.numpy(), B.numpy(), C.numpy(), D.numpy(), z.numpy(), keep.numpy(),
+                ck.numpy(), ctx.blocks, stripes, ctx.reverse, has_D, has_z, gout.numpy(), ghT_t.numpy(),
+                gu.numpy(), gdt.numpy(), gz.numpy(), gA.numpy(), gD.numpy(), gB.numpy(), gC.numpy(), gh0.numpy(),
+            )
         return (gu, gdt, gA.sum(0).t(), gB.sum(0), gC.sum(0), gD.sum(0) if has_D else None,
                 gz if has_z else None, None, gh0.transpose(1, 2) if has_h0 else None, None)
 
