@@ -10,6 +10,12 @@ from ssmkit.layers.base import SequenceLayer
 
 def assert_close(actual: Tensor, expected: Tensor, rtol: float, what: str) -> None:
     """Max abs error relative to the expected tensor's scale (max |expected|, at least 1e-3)."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if expected.numel() == 0:
+        return
+    if expected.dtype == torch.bool:
+        assert torch.equal(actual, expected), f"{what}: bool tensors differ"
+        return
     scale = max(expected.abs().max().item(), 1e-3)
     err = (actual - expected).abs().max().item()
     assert err <= rtol * scale, f"{what}: max error {err:.3e} > {rtol:.1e} * scale {scale:.3e}"
