@@ -4,7 +4,9 @@ Each op has a plain loop oracle in :mod:`ssmkit.ops.reference`.
 """
 
 from . import reference
+from .fft_conv import fft_conv
 from .linear_scan import fused_kernels, linear_scan
 from .selective_scan import selective_scan
+from .ssd import ssd
 
-__all__ = ["fused_kernels", "linear_scan", "selective_scan", "reference"]
+__all__ = ["fused_kernels", "linear_scan", "selective_scan", "ssd", "fft_conv", "reference"]
