@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     print(f"ssmkit self-check: every op in every mode against its loop oracle ({args.dtype}, tolerance {tol:g})")
     print("(the first call of each fused kernel compiles it with numba; later runs load it from the cache)\n")
-    header = f"{'op':<15} {'mode':<58} {'max rel err y':>14} {'max rel err grad':>17}  ok"
+    header = f"{'op':<15} {'mode':<66} {'max rel err y':>14} {'max rel err grad':>17}  ok"
     print(header)
     print("-" * len(header))
     failed = 0
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         out_err, grad_err = _compare(fast, ref, inputs)
         ok = out_err <= tol and grad_err <= tol
         failed += not ok
-        print(f"{op:<15} {mode:<58} {out_err:>14.2e} {grad_err:>17.2e}  {'yes' if ok else 'NO'}")
+        print(f"{op:<15} {mode:<66} {out_err:>14.2e} {grad_err:>17.2e}  {'yes' if ok else 'NO'}")
     print(f"\n{'all checks passed' if not failed else f'{failed} checks FAILED'} in {time.perf_counter() - t0:.1f} s")
     return 1 if failed else 0
 

@@ -12,10 +12,14 @@ the inputs in processing order.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
+import numba as nb
 import torch
 from torch import Tensor, nn
+
+from ..ops.linear_scan import use_fused
 
 
 def flip_reset(reset: Tensor | None) -> Tensor | None:
@@ -75,6 +79,9 @@ def short_conv(
 
     Returns:
         y (batch, length, channels) and the new state (batch, channels, width - 1).
+
+    Float32/64 CPU tensors run a fused numba kernel (forward and backward); other inputs, or inside
+    ``ssmkit.ops.fused_kernels(False)``, a sum of shifted taps in PyTorch.
     """
     _check_conv_args(x, weight, bias, state)
     if reverse:
@@ -82,27 +89,144 @@ def short_conv(
         return y.flip(1), new_state
     batch, length, channels = x.shape
     width = weight.shape[1]
-    y = x * weight[:, width - 1]
-    if bias is not None:
-        y = y + bias
     if width == 1:
-        return y, x.new_zeros(batch, channels, 0)
+        y = x * weight[:, 0]
+        return (y if bias is None else y + bias), x.new_zeros(batch, channels, 0)
     ctx = x.new_zeros(batch, width - 1, channels) if state is None else state.transpose(1, 2)
     xp = torch.cat([ctx, x], 1)  # (batch, width - 1 + length, channels)
     segp = None
     if reset is not None:
         seg = torch.cumsum(reset, 1)  # segment id of each position; the state's positions have id 0
         segp = torch.cat([seg.new_zeros(batch, width - 1), seg], 1)
-    for j in range(1, width):  # lag j reads x_{t-j} = xp[:, width - 1 - j + t]
-        tap = xp[:, width - 1 - j: width - 1 - j + length]
-        if segp is not None:
-            same = segp[:, width - 1 - j: width - 1 - j + length] == seg
-            tap = tap * same.unsqueeze(-1).to(x.dtype)
-        y = torch.addcmul(y, tap, weight[:, width - 1 - j])
+    if use_fused(x) and x.dtype in (torch.float32, torch.float64):
+        b = bias if bias is not None else x.new_zeros(channels)
+        y = _ShortConvFn.apply(xp, weight.t(), b, segp)
+    else:
+        y = _taps(xp, weight, bias, segp, length)
     tail = xp[:, -(width - 1):]
     if segp is not None:
-        tail = tail * (segp[:, -(width - 1):] == seg[:, -1:]).unsqueeze(-1).to(x.dtype)
+        tail = tail * (segp[:, -(width - 1):] == segp[:, -1:]).unsqueeze(-1).to(x.dtype)
     return y, tail.transpose(1, 2).contiguous()
+
+
+def _taps(xp: Tensor, weight: Tensor, bias: Tensor | None, segp: Tensor | None, length: int) -> Tensor:
+    """Plain PyTorch path: y_t = bias + sum_k weight[:, k] xp[t + k], tap k masked where it crosses a segment."""
+    width = weight.shape[1]
+    y = xp[:, width - 1:] * weight[:, width - 1]
+    if bias is not None:
+        y = y + bias
+    for k in range(width - 1):
+        tap = xp[:, k: k + length]
+        if segp is not None:
+            same = segp[:, k: k + length] == segp[:, width - 1:]
+            tap = tap * same.unsqueeze(-1).to(xp.dtype)
+        y = torch.addcmul(y, tap, weight[:, k])
+    return y
+
+
+# ------------------------------------------------------------------------------------------ fused CPU kernel
+_ROWS = 64  # time rows per parallel task
+
+
+@nb.njit(parallel=True, cache=True)
+def _conv_fwd(xp, wt, bias, segp, use_seg, out):  # pragma: no cover - compiled
+    """out[b, t] = bias + sum_k wt[k] * xp[b, t + k], skipping taps with segp[b, t + k] != segp[b, t + W - 1]."""
+    nbat, lp, nch = xp.shape
+    W = wt.shape[0]
+    length = lp - W + 1
+    ntask = (length + _ROWS - 1) // _ROWS
+    for task in nb.prange(nbat * ntask):
+        b = task // ntask
+        t0 = (task % ntask) * _ROWS
+        for t in range(t0, min(length, t0 + _ROWS)):
+            o = out[b, t]
+            for c in range(nch):
+                o[c] = bias[c]
+            for k in range(W):
+                if use_seg and segp[b, t + k] != segp[b, t + W - 1]:
+                    continue
+                xr = xp[b, t + k]
+                wk = wt[k]
+                for c in range(nch):
+                    o[c] += wk[c] * xr[c]
+
+
+@nb.njit(parallel=True, cache=True)
+def _conv_bwd(xp, wt, segp, use_seg, g, gxp, gw_part):  # pragma: no cover - compiled
+    """gxp[b, s] = sum_k wt[k] g[b, s - k] (unmasked taps); gw_part[task, k] = sum over the task's rows of
+    g[b, s - k] * xp[b, s]. Tasks own disjoint rows s of gxp, so nothing is written twice."""
+    nbat, lp, nch = xp.shape
+    W = wt.shape[0]
+    length = lp - W + 1
+    ntask = (lp + _ROWS - 1) // _ROWS
+    for task in nb.prange(nbat * ntask):
+        b = task // ntask
+        s0 = (task % ntask) * _ROWS
+        gw = gw_part[task]
+        for s in range(s0, min(lp, s0 + _ROWS)):
+            acc = gxp[b, s]
+            for c in range(nch):
+                acc[c] = 0.0
+            xr = xp[b, s]
+            for k in range(W):
+                t = s - k
+                if t < 0 or t >= length:
+                    continue
+                if use_seg and segp[b, s] != segp[b, t + W - 1]:
+                    continue
+                gr = g[b, t]
+                wk = wt[k]
+                gwk = gw[k]
+                for c in range(nch):
+                    acc[c] += wk[c] * gr[c]
+                    gwk[c] += gr[c] * xr[c]
+
+
+@contextlib.contextmanager
+def _threads(work: int):
+    """Use one numba thread for small problems (waking more costs more than it saves), else torch's count.
+
+    With numba's OpenMP layer the thread count is shared with torch's OpenMP runtime, so torch's own setting
+    is restored afterwards.
+    """
+    torch_threads = torch.get_num_threads()  # read first: starting numba's OpenMP pool resets it
+    old = nb.get_num_threads()
+    nb.set_num_threads(1 if work < (1 << 16) else max(1, min(torch_threads, nb.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        nb.set_num_threads(old)
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
+
+
+class _ShortConvFn(torch.autograd.Function):
+    """Fused depthwise conv over the padded input xp (batch, W-1+L, C) with weight wt (W, C) and bias (C,)."""
+
+    @staticmethod
+    def forward(ctx, xp: Tensor, wt: Tensor, bias: Tensor, segp: Tensor | None) -> Tensor:
+        xp_, wt_, b_ = xp.detach().contiguous(), wt.detach().contiguous(), bias.detach().contiguous()
+        seg = torch.zeros(1, 1, dtype=torch.int64) if segp is None else segp.contiguous()
+        nbat, lp, nch = xp_.shape
+        out = torch.empty(nbat, lp - wt_.shape[0] + 1, nch, dtype=xp_.dtype)
+        with _threads(out.numel() * wt_.shape[0]):
+            _conv_fwd(xp_.numpy(), wt_.numpy(), b_.numpy(), seg.numpy(), segp is not None, out.numpy())
+        ctx.save_for_backward(xp_, wt_, seg)
+        ctx.use_seg = segp is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        xp, wt, seg = ctx.saved_tensors
+        g = g.contiguous()
+        nbat, lp, nch = xp.shape
+        ntask = nbat * (-(-lp // _ROWS))
+        gxp = torch.empty_like(xp)
+        gw_part = torch.zeros(ntask, wt.shape[0], nch, dtype=xp.dtype)
+        with _threads(g.numel() * wt.shape[0]):
+            _conv_bwd(xp.numpy(), wt.numpy(), seg.numpy(), ctx.use_seg, g.numpy(), gxp.numpy(), gw_part.numpy())
+        gb = g.sum((0, 1)) if ctx.needs_input_grad[2] else None
+        return gxp, gw_part.sum(0), gb, None
 
 
 def short_conv_step(
