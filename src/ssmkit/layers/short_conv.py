@@ -36,7 +36,9 @@ def flip_reset(reset: Tensor | None) -> Tensor | None:
     return out
 
 
-def _check_conv_args(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None) -> None:
+def _check_conv_args(
+    x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None, reset: Tensor | None
+) -> None:
     if not isinstance(x, Tensor) or x.ndim != 3:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"short_conv: x must have shape (batch, length, channels), got {got}")
@@ -56,6 +58,11 @@ def _check_conv_args(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tens
                              f"got {got}")
         if state.dtype != x.dtype:
             raise TypeError(f"short_conv: state has dtype {state.dtype} but x has {x.dtype}; they must match")
+    if reset is not None and (not isinstance(reset, Tensor) or reset.dtype != torch.bool
+                              or tuple(reset.shape) != tuple(x.shape[:2])):
+        got = f"{tuple(reset.shape)} {reset.dtype}" if isinstance(reset, Tensor) else type(reset).__name__
+        raise ValueError(f"short_conv: reset must be a bool tensor of shape (batch, length)="
+                         f"{tuple(x.shape[:2])}, got {got}")
 
 
 def short_conv(
@@ -75,7 +82,8 @@ def short_conv(
         bias: (channels,) or None.
         state: (batch, channels, width - 1), the previous inputs (oldest first); None means zeros.
         reset: bool (batch, length); True at t starts a new segment (no tap reaches back across it).
-        reverse: anti-causal (right-to-left) convolution; state and reset as in the module docstring.
+        reverse: anti-causal (right-to-left) convolution: ``state`` holds the inputs to the right of x and
+            the returned state is for the chunk to the left (zeroed in rows where x starts a segment).
 
     Returns:
         y (batch, length, channels) and the new state (batch, channels, width - 1).
@@ -83,9 +91,11 @@ def short_conv(
     Float32/64 CPU tensors run a fused numba kernel (forward and backward); other inputs, or inside
     ``ssmkit.ops.fused_kernels(False)``, a sum of shifted taps in PyTorch.
     """
-    _check_conv_args(x, weight, bias, state)
+    _check_conv_args(x, weight, bias, state, reset)
     if reverse:
         y, new_state = short_conv(x.flip(1), weight, bias, state=state, reset=flip_reset(reset))
+        if reset is not None:  # x starts a segment: nothing carries on into the chunk to its left
+            new_state = new_state * (~reset[:, 0]).to(new_state.dtype)[:, None, None]
         return y.flip(1), new_state
     batch, length, channels = x.shape
     width = weight.shape[1]
@@ -110,7 +120,7 @@ def short_conv(
 
 
 def _taps(xp: Tensor, weight: Tensor, bias: Tensor | None, segp: Tensor | None, length: int) -> Tensor:
-    """Plain PyTorch path: y_t = bias + sum_k weight[:, k] xp[t + k], tap k masked where it crosses a segment."""
+    """Plain PyTorch path: y_t = bias + sum_k weight[:, k] xp[t + k], tap k masked if it crosses a segment."""
     width = weight.shape[1]
     y = xp[:, width - 1:] * weight[:, width - 1]
     if bias is not None:
@@ -130,7 +140,8 @@ _ROWS = 64  # time rows per parallel task
 
 @nb.njit(parallel=True, cache=True)
 def _conv_fwd(xp, wt, bias, segp, use_seg, out):  # pragma: no cover - compiled
-    """out[b, t] = bias + sum_k wt[k] * xp[b, t + k], skipping taps with segp[b, t + k] != segp[b, t + W - 1]."""
+    """out[b, t] = bias + sum_k wt[k] * xp[b, t + k], skipping taps where segp[b, t + k] differs from
+    segp[b, t + W - 1]."""
     nbat, lp, nch = xp.shape
     W = wt.shape[0]
     length = lp - W + 1
@@ -224,7 +235,8 @@ class _ShortConvFn(torch.autograd.Function):
         gxp = torch.empty_like(xp)
         gw_part = torch.zeros(ntask, wt.shape[0], nch, dtype=xp.dtype)
         with _threads(g.numel() * wt.shape[0]):
-            _conv_bwd(xp.numpy(), wt.numpy(), seg.numpy(), ctx.use_seg, g.numpy(), gxp.numpy(), gw_part.numpy())
+            _conv_bwd(xp.numpy(), wt.numpy(), seg.numpy(), ctx.use_seg, g.numpy(), gxp.numpy(),
+                      gw_part.numpy())
         gb = g.sum((0, 1)) if ctx.needs_input_grad[2] else None
         return gxp, gw_part.sum(0), gb, None
 

@@ -65,13 +65,16 @@ PARALLEL_MIN_WORK = 1 << 17  # below this many state updates, waking a second th
 @contextlib.contextmanager
 def kernel_threads(work: int):
     """Run the enclosed kernel calls on one thread for small problems, else on as many as torch uses."""
+    torch_threads = torch.get_num_threads()  # read first: starting numba's thread pool can reset torch's count
     old = nb.get_num_threads()
-    want = 1 if work < PARALLEL_MIN_WORK else max(1, min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS))
+    want = 1 if work < PARALLEL_MIN_WORK else max(1, min(torch_threads, nb.config.NUMBA_NUM_THREADS))
     nb.set_num_threads(want)
     try:
         yield want
     finally:
         nb.set_num_threads(old)
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
 
 
 # ----------------------------------------------------------------------------------------------------------------

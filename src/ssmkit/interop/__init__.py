@@ -1,0 +1,9 @@
+"""Weight interop with other implementations (currently transformers' Mamba and Mamba-2 mixers)."""
+
+from .mixers import (
+    load_into_transformers_mixer,
+    mamba2_from_transformers_mixer,
+    mamba_from_transformers_mixer,
+)
+
+__all__ = ["load_into_transformers_mixer", "mamba2_from_transformers_mixer", "mamba_from_transformers_mixer"]

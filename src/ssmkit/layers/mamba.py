@@ -1,0 +1,240 @@
+"""Mamba (S6) block: in_proj -> short causal conv + SiLU -> selective scan gated by SiLU(z) -> out_proj.
+
+Parameter names, shapes and initialisation follow transformers' ``MambaMixer`` (in_proj, conv1d, x_proj,
+dt_proj, A_log, D, out_proj), so weights map one to one (see :mod:`ssmkit.interop`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import selective_scan
+from .base import LayerState, SequenceLayer, check_d_model
+from .short_conv import ShortConv, flip_reset
+
+
+@dataclass
+class MambaState(LayerState):
+    """conv: (batch, d_inner, d_conv - 1), the last conv inputs; ssm: (batch, d_inner, d_state)."""
+
+    conv: Tensor
+    ssm: Tensor
+
+
+def _positive_int(owner: str, name: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {v!r}")
+    return v
+
+
+def inner_size(owner: str, d_model: int, expand: object) -> int:
+    """d_inner = expand * d_model, which must be a positive integer (no silent rounding)."""
+    if isinstance(expand, bool) or not isinstance(expand, (int, float)) or expand <= 0:
+        raise ValueError(f"{owner}: expand must be a positive number, got {expand!r}")
+    d_inner = expand * d_model
+    if d_inner != int(d_inner) or int(d_inner) < 1:
+        raise ValueError(f"{owner}: expand * d_model must be a positive integer, "
+                         f"got {expand} * {d_model} = {d_inner}")
+    return int(d_inner)
+
+
+def check_dt_range(owner: str, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
+    if not (0 < dt_min <= dt_max):
+        raise ValueError(f"{owner}: need 0 < dt_min <= dt_max, got dt_min={dt_min!r}, dt_max={dt_max!r}")
+    if not dt_init_floor >= 0:
+        raise ValueError(f"{owner}: dt_init_floor must be >= 0, got {dt_init_floor!r}")
+
+
+def init_dt_bias(bias: Tensor, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
+    """In place: dt ~ log-uniform in [dt_min, dt_max] (clamped below at the floor); bias = softplus^-1(dt)."""
+    with torch.no_grad():
+        u = torch.rand(bias.shape, dtype=torch.float32, device=bias.device)
+        dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
+        bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
+def check_state_dtypes(owner: str, state: LayerState, expected: LayerState) -> None:
+    """Every state tensor must have the dtype and device of the layer's own ``init_state`` for this input."""
+    want = expected.tensors()
+    for name, t in state.tensors().items():
+        if t.dtype != want[name].dtype or t.device != want[name].device:
+            raise TypeError(f"{owner}: state.{name} must have dtype {want[name].dtype} on "
+                            f"{want[name].device} for this input, got {t.dtype} on {t.device}")
+
+
+def cut_at_segment_start(state: LayerState, reset: Tensor | None) -> LayerState:
+    """Right-to-left chunks: zero the carried state of rows whose chunk starts a segment (reset[:, 0]), since
+    the chunk to the left belongs to another segment."""
+    if reset is None:
+        return state
+    keep = ~reset[:, 0]
+    return state.map(lambda t: t * keep.view(-1, *([1] * (t.ndim - 1))).to(t.dtype))
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Recurrent states accumulate in float32 for 16-bit inputs."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class Mamba(SequenceLayer):
+    """Mamba's selective SSM block.
+
+    Args:
+        d_model: model width.
+        d_state: N, the state size per channel.
+        d_conv: width of the causal depthwise conv.
+        expand: d_inner = expand * d_model.
+        dt_rank: rank of the Δ projection; "auto" = ceil(d_model / 16).
+        dt_min, dt_max, dt_init_floor: Δ bias init (log-uniform, inverse softplus).
+        dt_scale: dt_proj weights are uniform in ±dt_scale / sqrt(dt_rank).
+        conv_bias: bias in the conv; bias: biases in in_proj and out_proj.
+        reverse: run right to left (anti-causal conv, reversed scan), honouring segment starts.
+
+    forward: x (batch, length, d_model) -> y (batch, length, d_model).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int | float = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+        dt_scale: float = 1.0,
+        conv_bias: bool = True,
+        bias: bool = False,
+        reverse: bool = False,
+    ) -> None:
+        super().__init__()
+        self.d_model = check_d_model("Mamba", d_model)
+        self.d_state = _positive_int("Mamba", "d_state", d_state)
+        self.d_conv = _positive_int("Mamba", "d_conv", d_conv)
+        self.d_inner = inner_size("Mamba", d_model, expand)
+        if dt_rank == "auto":
+            dt_rank = math.ceil(d_model / 16)
+        elif isinstance(dt_rank, str):
+            raise ValueError(f"Mamba: unknown dt_rank {dt_rank!r}; expected 'auto' or a positive int")
+        self.dt_rank = _positive_int("Mamba", "dt_rank", dt_rank)
+        check_dt_range("Mamba", dt_min, dt_max, dt_init_floor)
+        if not isinstance(reverse, bool):
+            raise TypeError(f"Mamba: reverse must be a bool, got {type(reverse).__name__}")
+        self.reverse = reverse
+        self.dt_min, self.dt_max, self.dt_init_floor, self.dt_scale = dt_min, dt_max, dt_init_floor, dt_scale
+
+        d_inner, N = self.d_inner, self.d_state
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
+        self.conv1d = ShortConv(d_inner, d_conv, bias=conv_bias)
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d_inner, N))
+        self.D = nn.Parameter(torch.empty(d_inner))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """A_log = log(1..N) per channel, D = 1, dt_proj weight uniform ±dt_scale/sqrt(rank),
+        dt_proj bias = softplus^-1(dt)."""
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32)
+        self.A_log.copy_(torch.log(A).expand_as(self.A_log))
+        self.D.fill_(1.0)
+        std = self.dt_scale * self.dt_rank ** -0.5
+        self.dt_proj.weight.uniform_(-std, std)
+        init_dt_bias(self.dt_proj.bias, self.dt_min, self.dt_max, self.dt_init_floor)
+
+    # ------------------------------------------------------------------------------------------ state
+    def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None) -> MambaState:
+        """Zero state: conv (batch, d_inner, d_conv - 1) in ``dtype``, ssm (batch, d_inner, d_state) in its
+        accumulation dtype (float32 for 16-bit)."""
+        _positive_int("Mamba.init_state", "batch_size", batch_size)
+        dtype = dtype or self.A_log.dtype
+        dev = self.A_log.device
+        return MambaState(
+            conv=torch.zeros(batch_size, self.d_inner, self.d_conv - 1, dtype=dtype, device=dev),
+            ssm=torch.zeros(batch_size, self.d_inner, self.d_state, dtype=state_dtype(dtype), device=dev),
+        )
+
+    def _check_dtype(self, x: Tensor, name: str) -> None:
+        if x.dtype != self.in_proj.weight.dtype:
+            raise TypeError(f"Mamba: {name} has dtype {x.dtype} but the layer's parameters are "
+                            f"{self.in_proj.weight.dtype}; convert one of them (nothing is cast silently)")
+
+    def _check_state(self, state: object, x: Tensor) -> MambaState:
+        self.check_state(state, x.shape[0])
+        check_state_dtypes("Mamba", state, self.init_state(x.shape[0], dtype=x.dtype))
+        return state
+
+    # ---------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        x: Tensor,
+        state: MambaState | None = None,
+        *,
+        reset: Tensor | None = None,
+        return_state: bool = False,
+    ):
+        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, state) with ``return_state``.
+
+        ``reset`` (bool (batch, length)) marks segment starts. With ``reverse=True`` the state passed in is
+        the context to the right of x and the returned state is the one after processing x right to left
+        (zero for rows where x starts a segment, so nothing flows into the chunk before it).
+        """
+        x = self.check_input(x)
+        self._check_dtype(x, "x")
+        reset = self.check_reset(reset, x)
+        if state is not None:
+            self._check_state(state, x)
+        reset_in = reset
+        if self.reverse:  # all other maps are per token: flipping in and out makes the block right-to-left
+            x, reset = x.flip(1), flip_reset(reset)
+        xi, z = self.in_proj(x).chunk(2, dim=-1)  # (batch, length, d_inner) each
+        u, conv_state = self.conv1d(xi, None if state is None else state.conv, reset=reset)
+        u = F.silu(u)
+        dt_r, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(dt_r, self.dt_proj.weight)
+        A = -torch.exp(self.A_log)
+        y, ssm_state = selective_scan(
+            u, delta, A, B, C, self.D, z, delta_bias=self.dt_proj.bias, delta_softplus=True,
+            initial_state=None if state is None else state.ssm, reset=reset, return_final_state=True,
+        )
+        y = self.out_proj(y)
+        if self.reverse:
+            y = y.flip(1)
+        if not return_state:
+            return y
+        new_state = MambaState(conv=conv_state, ssm=ssm_state.contiguous())
+        return y, (cut_at_segment_start(new_state, reset_in) if self.reverse else new_state)
+
+    def step(self, x_t: Tensor, state: MambaState) -> tuple[Tensor, MambaState]:
+        """One token, O(1): x_t (batch, d_model) -> (y_t (batch, d_model), new state).
+
+        With ``reverse=True`` feed tokens from last to first.
+        """
+        x_t = self.check_step_input(x_t)
+        self._check_dtype(x_t, "x_t")
+        self._check_state(state, x_t)
+        xi, z = self.in_proj(x_t).chunk(2, dim=-1)  # (batch, d_inner)
+        u, conv_state = self.conv1d.step(xi, state.conv)
+        u = F.silu(u)
+        dt_r, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        h = state.ssm.contiguous()
+        acc = h.dtype
+        dt = F.softplus(self.dt_proj(dt_r).to(acc))  # (batch, d_inner)
+        uf = u.to(acc)
+        dA = torch.exp(dt.unsqueeze(-1) * -torch.exp(self.A_log.to(acc)))  # (batch, d_inner, N)
+        h = torch.addcmul(h * dA, (dt * uf).unsqueeze(-1), B.to(acc).unsqueeze(1))
+        y = torch.bmm(h, C.to(acc).unsqueeze(-1)).squeeze(-1)
+        y = torch.addcmul(y, uf, self.D.to(acc)) * F.silu(z.to(acc))
+        return self.out_proj(y.to(x_t.dtype)), MambaState(conv=conv_state, ssm=h)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, "
+                f"d_conv={self.d_conv}, dt_rank={self.dt_rank}, reverse={self.reverse}")
