@@ -5,5 +5,9 @@ from .mixers import (
     mamba2_from_transformers_mixer,
     mamba_from_transformers_mixer,
 )
+from .models import from_transformers, to_transformers
 
-__all__ = ["load_into_transformers_mixer", "mamba2_from_transformers_mixer", "mamba_from_transformers_mixer"]
+__all__ = [
+    "from_transformers",
+    "to_transformers",
+    "load_into_transformers_mixer", "mamba2_from_transformers_mixer", "mamba_from_transformers_mixer"]
