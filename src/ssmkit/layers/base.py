@@ -96,10 +96,22 @@ class SequenceLayer(nn.Module):
             raise ValueError(f"{cls}: reset must be a bool tensor of shape (batch, length) = {shape}, got {got}")
         return reset
 
+    def expected_state(self, batch_size: int, dtype: torch.dtype | None = None) -> LayerState:
+        """``init_state(batch_size, dtype=dtype)``, cached per (batch size, dtype, parameter device/dtype), so that
+        checking a state on every ``step`` does not allocate a fresh zero state. Callers must not modify it."""
+        p = next(self.parameters(), None)
+        key = (batch_size, dtype, None if p is None else (p.device, p.dtype))
+        cache = self.__dict__.setdefault("_expected_state_cache", {})
+        if key not in cache:
+            if len(cache) > 8:
+                cache.clear()
+            cache[key] = self.init_state(batch_size, dtype=dtype)
+        return cache[key]
+
     def check_state(self, state: object, batch_size: int, dtype: torch.dtype | None = None) -> LayerState:
         """Compare ``state`` with this layer's own ``init_state(batch_size)``: same type, field names and shapes."""
         cls = type(self).__name__
-        expected = self.init_state(batch_size, dtype=dtype)
+        expected = self.expected_state(batch_size, dtype)
         if type(state) is not type(expected):
             raise TypeError(
                 f"{cls}: state must be a {type(expected).__name__} (from {cls}.init_state or a {cls} forward), "

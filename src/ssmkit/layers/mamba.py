@@ -169,7 +169,7 @@ class Mamba(SequenceLayer):
 
     def _check_state(self, state: object, x: Tensor) -> MambaState:
         self.check_state(state, x.shape[0])
-        check_state_dtypes("Mamba", state, self.init_state(x.shape[0], dtype=x.dtype))
+        check_state_dtypes("Mamba", state, self.expected_state(x.shape[0], x.dtype))
         return state
 
     # ---------------------------------------------------------------------------------------- forward

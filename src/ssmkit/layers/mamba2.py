@@ -169,7 +169,7 @@ class Mamba2(SequenceLayer):
                             f"{self.in_proj.weight.dtype}; convert one of them (nothing is cast silently)")
         if state is not None:
             self.check_state(state, x.shape[0])
-            check_state_dtypes("Mamba2", state, self.init_state(x.shape[0], dtype=x.dtype))
+            check_state_dtypes("Mamba2", state, self.expected_state(x.shape[0], x.dtype))
 
     def _dt(self, dt: Tensor) -> Tensor:
         dt = F.softplus(dt + self.dt_bias)
