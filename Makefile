@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m ssmkit.selfcheck
+	$(VENV)/bin/ssmkit demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -15,12 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import numba as nb
 import numpy as np
 import torch
 from numba import types
 from numba.extending import overload
+
+# numba's OpenMP layer loads a second OpenMP runtime beside torch's; on 2 busy cores their spinning pools made small
+# torch ops up to 1000x slower after the first kernel call. The workqueue layer has no such pool. An explicit
+# NUMBA_THREADING_LAYER from the user wins.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    nb.config.THREADING_LAYER = "workqueue"
 
 _F32_LOG2E = np.float32(1.4426950408889634)
 _F32_LN2_HI = np.float32(0.693359375)

@@ -1,0 +1,377 @@
+"""The training loop.
+
+    from ssmkit.train import Trainer, resolve_run
+    setup = resolve_run({"task": {"name": "mqar", "seq_len": 64}, "model": {"preset": "mamba"},
+                         "train": {"steps": 500}})
+    final_metrics = Trainer(setup, "runs/mqar").train()
+
+One optimizer step = one batch from the batch source, split into ``grad_accum`` micro-batches whose losses are
+weighted by their share of the scored items, so the gradient equals that of the whole batch. Then gradient
+clipping, the scheduled lr, AdamW. Every ``log_every`` steps a training record goes to metrics.jsonl; every
+``eval_every`` steps the validation split is evaluated with the task's metrics (and the source's ``on_eval``
+is called); every ``save_every`` steps, at the end and on SIGINT/SIGTERM a checkpoint is written atomically.
+``Trainer(..., resume=True)`` continues from the newest checkpoint exactly: model, optimizer, schedule, RNG
+states and data position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data import Task
+from ..models import SequenceModel, load_pretrained
+from .activation import enable_activation_checkpointing
+from .build import RunSetup
+from .checkpoints import (
+    ResumeError,
+    latest_checkpoint,
+    optimizer_from_flat,
+    read_training_state,
+    restore_rng,
+    save_training_checkpoint,
+    step_dir_name,
+)
+from .optim import LRSchedule, build_optimizer, clip_gradients
+from .run_dir import CHECKPOINTS, MetricsLog, peak_rss_bytes, write_config, write_plots, write_report
+from .sources import BatchSource, TaskBatchSource
+from .taskio import (
+    autocast_context,
+    batch_tokens,
+    batch_weight,
+    model_outputs,
+    split_batch,
+    task_loss,
+)
+
+log = logging.getLogger("ssmkit.train")
+
+
+class TrainingInterrupted(Exception):
+    """Raised by :meth:`Trainer.train` after a SIGINT/SIGTERM, once the checkpoint is saved."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received: stopped at step {step}; checkpoint saved to {checkpoint}")
+
+
+@torch.no_grad()
+def evaluate_model(model: SequenceModel, task: Task, split: str = "val", batch_size: int = 64,
+                   max_batches: int = 0, autocast: str = "none") -> dict[str, float]:
+    """The task's metrics of ``model`` on ``split`` (at most ``max_batches`` batches; 0 = all), in eval mode.
+    Uses no global RNG; the model's training mode is restored."""
+    was_training = model.training
+    model.eval()
+    ev = task.evaluator()
+    try:
+        for i, batch in enumerate(task.batches(split, batch_size, 0)):
+            if max_batches and i >= max_batches:
+                break
+            with autocast_context(autocast):
+                ev.update(model_outputs(model, task, batch), batch)
+    finally:
+        model.train(was_training)
+    return ev.compute()
+
+
+class Trainer:
+    """Train ``setup``'s model on its task, writing everything into ``run_dir``.
+
+    Args:
+        setup: the resolved run (see :func:`ssmkit.train.resolve_run`).
+        run_dir: output directory (created).
+        source: what to train on (default: the task's train split, see :mod:`ssmkit.train.sources`).
+        resume: continue from the newest checkpoint in ``run_dir/checkpoints``.
+        quiet: no progress bar (it is also off when stderr is not a terminal).
+    """
+
+    def __init__(self, setup: RunSetup, run_dir: str | Path, *, source: BatchSource | None = None,
+                 resume: bool = False, quiet: bool = False) -> None:
+        self.setup, self.task, self.cfg = setup, setup.task, setup.train
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_root = self.run_dir / CHECKPOINTS
+        self.quiet = quiet
+        cfg = self.cfg
+        ckpt = None
+        if resume:
+            ckpt = latest_checkpoint(self.ckpt_root)
+            if ckpt is None:
+                raise ResumeError(f"--resume: no checkpoint in {self.ckpt_root}")
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.model = setup.build_model() if ckpt is None else self._load_model(ckpt)
+        self.model.train()
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.schedule = LRSchedule.from_config(cfg)
+        self.source: BatchSource = source if source is not None else TaskBatchSource(
+            self.task, cfg.batch_size, cfg.seed, fresh_data=cfg.fresh_data)
+        self.metrics = MetricsLog(self.run_dir)
+        self.step = 0
+        self.tokens_seen = 0
+        self.train_time = 0.0  # seconds spent in training steps (all sessions)
+        self.elapsed_before = 0.0  # wall time of earlier sessions
+        self.last_eval: dict[str, float] = {}
+        self.last_checkpoint: Path | None = None
+        self._signal: int | None = None
+        self._session_start = time.perf_counter()
+        if ckpt is not None:
+            self._restore(ckpt)
+        else:
+            self.metrics.reset()
+        write_config(self.run_dir, setup.to_dict())
+
+    # ------------------------------------------------------------------------------------------ resume
+    def _load_model(self, ckpt: Path) -> SequenceModel:
+        model = load_pretrained(ckpt)
+        spec = self.setup.model
+        if model.config.to_dict() != spec.config.to_dict() or type(model).__name__ != spec.head:
+            raise ResumeError(f"{ckpt}: the checkpoint's model ({type(model).__name__}) differs from the "
+                              f"run's model config; resume with the run's own config")
+        return model
+
+    def _restore(self, ckpt: Path) -> None:
+        meta, tensors = read_training_state(ckpt)
+        saved = meta.get("config", {})
+        now = self.setup.to_dict()
+        for section in ("task", "model"):
+            if saved.get(section) != now[section]:
+                raise ResumeError(f"{ckpt}: the checkpoint was trained with another {section} config "
+                                  f"({saved.get(section)}); cannot resume with {now[section]}")
+        changed = [k for k in now["train"] if saved.get("train", {}).get(k) != now["train"][k]]
+        if changed:
+            log.warning("resuming with changed train settings: %s", ", ".join(
+                f"{k}: {saved.get('train', {}).get(k)!r} -> {now['train'][k]!r}" for k in changed))
+        optimizer_from_flat(self.optimizer, tensors, meta["optimizer"])
+        self.source.load_state_dict(meta["source"])
+        self.step = int(meta["step"])
+        self.tokens_seen = int(meta["tokens_seen"])
+        self.train_time = float(meta["train_time"])
+        self.elapsed_before = float(meta["elapsed"])
+        self.last_eval = dict(meta.get("last_eval") or {})
+        self.metrics.truncate_after(self.step)
+        restore_rng(tensors, meta["rng"])
+        self.last_checkpoint = ckpt
+        log.info("resumed from %s at step %d", ckpt, self.step)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self._session_start
+
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the current step (atomic) and return its directory."""
+        state = {"steps": self.cfg.steps, "source": self.source.state_dict(), "tokens_seen": self.tokens_seen,
+                 "train_time": self.train_time, "elapsed": self.elapsed(), "last_eval": self.last_eval,
+                 "schedule": {"kind": self.schedule.kind, "total_steps": self.schedule.total_steps,
+                              "warmup_steps": self.schedule.warmup_steps,
+                              "min_ratio": self.schedule.min_ratio, "next_step": self.step},
+                 "config": self.setup.to_dict()}
+        self.last_checkpoint = save_training_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer,
+                                                        state, keep=self.cfg.keep_checkpoints)
+        log.info("checkpoint: %s", self.last_checkpoint)
+        return self.last_checkpoint
+
+    # ------------------------------------------------------------------------------------------ steps
+    def accumulate_gradients(self, batch: dict[str, torch.Tensor]) -> float:
+        """Forward and backward of ``batch`` in ``grad_accum`` micro-batches, each weighted by its share of
+        the scored items, so the accumulated ``.grad`` equals the whole batch's; returns the batch loss."""
+        cfg = self.cfg
+        micro = split_batch(batch, cfg.grad_accum)
+        weights = [batch_weight(self.task, mb) for mb in micro]
+        total = sum(weights)
+        loss_value = 0.0
+        for mb, w in zip(micro, weights, strict=True):
+            scale = w / total if total > 0 else 1.0 / len(micro)
+            with autocast_context(cfg.autocast):
+                if cfg.chunk_len is not None:
+                    loss_value += scale * self._chunked(mb, scale)
+                    continue
+                loss = task_loss(self.task, model_outputs(self.model, self.task, mb), mb)
+            (loss * scale).backward()
+            loss_value += scale * float(loss.detach())
+        return loss_value
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """One optimizer step on ``batch``: returns (batch loss, gradient norm before clipping)."""
+        loss_value = self.accumulate_gradients(batch)
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"non-finite training loss ({loss_value}) at step {self.step + 1}; "
+                                     f"try a lower train.lr (now {self.cfg.lr}) or train.grad_clip")
+        grad_norm = clip_gradients(self.model, self.cfg.grad_clip)
+        self.schedule.apply(self.optimizer, self.step)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, grad_norm
+
+    def _chunked(self, batch: dict[str, torch.Tensor], scale: float) -> float:
+        try:
+            from .chunked import chunked_loss_backward
+        except ImportError as e:
+            raise RuntimeError(f"train.chunk_len is set but chunked training is unavailable "
+                               f"(ssmkit.train.chunked: {e})") from e
+        stats = chunked_loss_backward(self.model, batch, self.cfg.chunk_len, loss_scale=scale)
+        return float(stats["loss"])
+
+    def evaluate(self, split: str = "val") -> dict[str, float]:
+        bs = self.cfg.eval_batch_size or self.cfg.batch_size
+        return evaluate_model(self.model, self.task, split, bs, self.cfg.eval_batches, self.cfg.autocast)
+
+    def _eval_and_log(self) -> dict[str, float]:
+        t = time.perf_counter()
+        metrics = self.evaluate("val")
+        self.last_eval = metrics
+        self.metrics.append({"step": self.step, "split": "val", **metrics,
+                             "eval_time": time.perf_counter() - t})
+        hook = getattr(self.source, "on_eval", None)
+        if callable(hook):
+            hook(self.step, metrics)
+        m = self.task.metric
+        log.info("step %d/%d  val %s %.4f%s", self.step, self.cfg.steps, m, metrics.get(m, math.nan),
+                 f"  loss {metrics['loss']:.4f}" if "loss" in metrics and m != "loss" else "")
+        return metrics
+
+    # ------------------------------------------------------------------------------------------ signals
+    def _install_signals(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._on_signal)
+        return old
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._signal is not None:  # a second signal: stop now
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self._signal = signum
+        log.warning("%s received: saving a checkpoint after this step (send again to stop immediately)",
+                    signal.Signals(signum).name)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def train(self, until: int | None = None) -> dict[str, float]:
+        """Train to ``cfg.steps`` (or stop after step ``until``, saving a checkpoint); returns the last
+        validation metrics. Raises :class:`TrainingInterrupted` after SIGINT/SIGTERM (checkpoint saved)."""
+        cfg = self.cfg
+        target = cfg.steps if until is None else min(until, cfg.steps)
+        old_handlers = self._install_signals()
+        old_threads = torch.get_num_threads()
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        bar = self._progress_bar()
+        self.model.train()
+        window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
+        stack = contextlib.ExitStack()
+        try:
+            if bar is not None:  # log lines go through tqdm.write so they do not break the bar
+                from tqdm.contrib.logging import logging_redirect_tqdm
+
+                stack.enter_context(logging_redirect_tqdm(loggers=[logging.getLogger("ssmkit")]))
+            while self.step < target:
+                t0 = time.perf_counter()
+                batch = self.source.next_batch()
+                loss, grad_norm = self.train_step(batch)
+                dt = time.perf_counter() - t0
+                tokens = batch_tokens(batch)
+                self.step += 1
+                self.tokens_seen += tokens
+                self.train_time += dt
+                window_loss, window_n = window_loss + loss, window_n + 1
+                window_tokens, window_time = window_tokens + tokens, window_time + dt
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    rec = {"step": self.step, "split": "train", "loss": window_loss / window_n,
+                           "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                           "tokens_per_s": window_tokens / max(window_time, 1e-9), "tokens": self.tokens_seen,
+                           "elapsed": self.elapsed()}
+                    self.metrics.append(rec)
+                    if bar is None:
+                        log.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s", self.step, cfg.steps,
+                                 rec["loss"], rec["lr"], rec["tokens_per_s"])
+                    window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
+                if bar is not None:
+                    bar.update(1)
+                    post = {"loss": f"{loss:.4f}"}
+                    if self.task.metric in self.last_eval:
+                        post[f"val_{self.task.metric}"] = f"{self.last_eval[self.task.metric]:.4f}"
+                    bar.set_postfix(post, refresh=False)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    self._eval_and_log()
+                    self.write_outputs(plots=False)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint()
+                    self.write_outputs()
+                if self._signal is not None:
+                    path = self.save_checkpoint()
+                    self.write_outputs(interrupted=True)
+                    raise TrainingInterrupted(self._signal, self.step, path)
+            if self.step < cfg.steps:  # stopped early on purpose (until)
+                self.save_checkpoint()
+                self.write_outputs(interrupted=True)
+                return self.last_eval
+            if not self._evaluated_at(self.step):
+                self._eval_and_log()
+            if self.last_checkpoint is None or self.last_checkpoint.name != step_dir_name(self.step):
+                self.save_checkpoint()
+            self.write_outputs()
+            return self.last_eval
+        finally:
+            stack.close()
+            if bar is not None:
+                bar.close()
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+            torch.set_num_threads(old_threads)
+            self._signal = None
+
+    def _evaluated_at(self, step: int) -> bool:
+        return any(r.get("split") == "val" and r.get("step") == step for r in self.metrics.records)
+
+    def _progress_bar(self):
+        if self.quiet or not sys.stderr.isatty():
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.steps, initial=self.step, unit="step",
+                    desc=f"{self.task.name}/{self.setup.model.preset}")
+
+    # ------------------------------------------------------------------------------------------ outputs
+    def report_info(self, interrupted: bool = False) -> dict[str, Any]:
+        task, spec = self.task, self.setup.model
+        return {
+            "task": task.name, "task_params": task.params.to_dict(), "kind": task.kind, "metric": task.metric,
+            "higher_is_better": task.higher_is_better, "chance": task.chance_level, "preset": spec.preset,
+            "head": spec.head, "model_summary": self.model.summary(),
+            "parameters": self.model.num_parameters(), "steps": self.cfg.steps, "steps_done": self.step,
+            "batch_size": self.cfg.batch_size, "lr": self.cfg.lr,
+            "final": self.last_eval, "wall_time": self.elapsed(),
+            "tokens_per_s": self.tokens_seen / max(self.train_time, 1e-9), "peak_rss_bytes": peak_rss_bytes(),
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "interrupted": interrupted,
+        }
+
+    def write_outputs(self, interrupted: bool = False, plots: bool = True) -> None:
+        """metrics.csv, report.md and (with ``plots``) loss.png / metric.png from the current state."""
+        self.metrics.write_csv()
+        if plots and self.cfg.plots:
+            title = f"{self.task.name} / {self.setup.model.preset}"
+            try:
+                write_plots(self.run_dir, self.metrics, self.task.metric, self.task.chance_level, title)
+            except Exception as e:  # noqa: BLE001 - a plotting failure must not lose a training run
+                log.warning("could not write plots: %s: %s", type(e).__name__, e)
+        write_report(self.run_dir, self.report_info(interrupted))
