@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..models.checkpoint import _fsync_dir
+
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 LATEST = "latest"
@@ -43,19 +45,6 @@ class ResumeError(ValueError):
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(path: Path) -> None:
