@@ -1,4 +1,4 @@
-"""The ``ssmkit`` command: train, eval, generate, tasks, models, bench and demo.
+"""The ``ssmkit`` command: train, eval, generate, tasks, models, bench, birdie and demo.
 
     ssmkit train --task mqar --model mamba --set task.seq_len=64 --set train.steps=500 --run-dir runs/mqar
     ssmkit eval runs/mqar
@@ -438,6 +438,65 @@ def _quote(a: str) -> str:
     return a if re.fullmatch(r"[A-Za-z0-9_./=,:+-]+", a) else "'" + a.replace("'", "'\\''") + "'"
 
 
+# ------------------------------------------------------------------------------------------- birdie
+def _default_text() -> str:
+    """../shared/data/tinyshakespeare.txt next to the working directory or to this checkout."""
+    here = Path(__file__).resolve()
+    for base in (Path.cwd(), *here.parents[:4]):
+        cand = base.parent / "shared" / "data" / "tinyshakespeare.txt"
+        if cand.is_file():
+            return str(cand)
+    raise FileNotFoundError("--text: no text given and ../shared/data/tinyshakespeare.txt was not found; pass "
+                            "--text PATH (a UTF-8 text file)")
+
+
+def _birdie_config(args: argparse.Namespace) -> Any:
+    import yaml
+
+    from .experiments.birdie_config import QUICK, RUNS, BirdieConfig
+
+    fields = dict(QUICK) if args.quick else {}
+    fields["text"] = args.text or _default_text()
+    if args.runs:
+        runs = tuple(r.strip() for r in args.runs.split(",") if r.strip())
+        unknown = [r for r in runs if r not in RUNS]
+        if unknown:
+            raise UsageError(f"--runs: unknown run(s) {unknown}; choose from {', '.join(RUNS)}")
+        fields["runs"] = runs
+    known = set(BirdieConfig.__dataclass_fields__)
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+        v = yaml.safe_load(value)
+        fields[key] = tuple(v) if isinstance(v, list) else v
+    return BirdieConfig.from_dict(fields)
+
+
+def cmd_birdie(args: argparse.Namespace) -> int:
+    from .experiments.birdie import collect_results, run_birdie
+    from .experiments.birdie_report import markdown_table, write_report
+    from .train.trainer import TrainingInterrupted
+
+    _setup_logging(args.quiet)
+    cfg = _birdie_config(args)
+    out = Path(args.out)
+    if args.report_only:
+        results = collect_results(cfg, out)
+        write_report(results, out)
+    else:
+        print(f"birdie: {len(cfg.runs)} run(s) of {cfg.steps} steps ({cfg.steps * cfg.batch_size * cfg.seq_len} "
+              f"tokens each) on {cfg.text} -> {out}/", flush=True)
+        try:
+            results = run_birdie(cfg, out, quiet=args.quiet)
+        except TrainingInterrupted as e:
+            print(f"ssmkit birdie: {e}; run the same command again to continue", file=sys.stderr)
+            return 130
+    print(markdown_table(results), end="")
+    print(f"results: {out / 'results.json'}, report and plots: {out}/")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
@@ -523,6 +582,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--builtin", action="store_true", help="run the small built-in timing")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="further arguments for bench_ops.py")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("birdie", help="the Birdie comparison: objective mixtures vs next-token pretraining",
+                       formatter_class=fmt, description=(
+        "Pretrain the same small model on one text with one token budget under each objective mixture (ntp,\n"
+        "ul2, fixed, birdie, birdie-causal) and a Transformer with ntp; then evaluate held-out perplexity,\n"
+        "infilling and phone-book retrieval (after a short phone-book fine-tune). Writes OUT/<run>/ (trainer\n"
+        "run directories with result.json), OUT/results.json, OUT/birdie_report.md and plots. Running the\n"
+        "same command again skips finished runs and resumes interrupted ones (Ctrl-C saves a checkpoint).\n"
+        "Several processes may share OUT with different --runs."), epilog=(
+        "examples:\n  ssmkit birdie --quick --out runs/birdie-smoke\n"
+        "  ssmkit birdie --runs ntp,birdie --set tokens=3000000 --set d_model=256\n"
+        "  ssmkit birdie --report-only --out runs/birdie\n\n"
+        "--set keys are the fields of ssmkit.experiments.birdie_config.BirdieConfig (tokens, seq_len,\n"
+        "batch_size, mixer, d_model, n_layers, lr, length_scale, controller_scale, phonebook_steps, ...)."))
+    p.add_argument("--text", help="UTF-8 text to pretrain on (default: ../shared/data/tinyshakespeare.txt)")
+    p.add_argument("--out", default="runs/birdie", help="output directory (default: runs/birdie)")
+    p.add_argument("--runs", help="comma-separated runs (default: all)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a BirdieConfig field")
+    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run (a few minutes)")
+    p.add_argument("--report-only", action="store_true", help="only gather finished runs and write the report")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no info logging")
+    p.set_defaults(func=cmd_birdie)
 
     p = sub.add_parser("demo", help="the main job: train, evaluate and generate (a few minutes)",
                        formatter_class=fmt, description=(

@@ -180,7 +180,7 @@ class Task:
     def _to_tensors(self, arrays: Mapping[str, np.ndarray]) -> Batch:
         out: Batch = {}
         for key, arr in arrays.items():
-            if key in ("mask", "reset"):
+            if key in ("mask", "reset", "prefix_mask"):
                 dtype = np.bool_
             elif key == "inputs" or (key == "labels" and self.kind == "forecast"):
                 dtype = np.float32

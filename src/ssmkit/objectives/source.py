@@ -19,8 +19,8 @@ is the callable's business): ``next_batch`` then measures :meth:`validation_loss
 ``on_eval(step, {"objective_losses": {arm name: loss}})``; other metrics passed to ``on_eval`` are ignored. Use
 one or the other: the controller rejects a second evaluation at the same step.
 
-``state_dict()`` holds plain Python values plus, for birdie, the reward model's tensors: save it with
-``torch.save`` alongside the trainer's checkpoint.
+``state_dict()`` holds plain Python values plus, for birdie, the reward model's tensors and optimizer state; the
+trainer's checkpoints store the tensors in safetensors and the rest as JSON (``ssmkit.train.checkpoints``).
 """
 
 from __future__ import annotations
@@ -122,6 +122,8 @@ class MixtureBatchSource:
             then not held out).
         val_rows: rows per arm in the validation set.
         loss_fn: optional, see the module docstring.
+        prefix_mask: put ``prefix_mask`` in the batches (and the validation set). False for causal-only models,
+            which reject it; ``reset`` still keeps every packed sample separate.
 
     Batches: input_ids, labels, reset_codes (batch_size, seq_len) int64; reset, prefix_mask bool (see
     :mod:`ssmkit.objectives.packing`). ``vocab_size`` is the embedding size a model needs.
@@ -141,6 +143,7 @@ class MixtureBatchSource:
         val_tokens: object | None = None,
         val_rows: int = 1,
         loss_fn: LossFn | None = None,
+        prefix_mask: bool = True,
     ) -> None:
         owner = type(self).__name__
         if not isinstance(mixture, Mixture):
@@ -164,6 +167,9 @@ class MixtureBatchSource:
         self._val_tokens = None if val_tokens is None else _token_array(owner, "val_tokens", val_tokens, base)
         self._val_set: dict[str, dict[str, Tensor]] | None = None
         self.loss_fn = loss_fn
+        if not isinstance(prefix_mask, bool):
+            raise TypeError(f"{owner}: prefix_mask must be a bool, got {type(prefix_mask).__name__}")
+        self.with_prefix_mask = prefix_mask
         self.rng = np.random.default_rng(self.seed)
         self.step = 0
         self.pending: int | None = None
@@ -198,8 +204,14 @@ class MixtureBatchSource:
         """The next batch (see the class docstring); first runs a due birdie evaluation if ``loss_fn`` is set."""
         if self.loss_fn is not None and self.mixture.needs_eval(self.step):
             self.mixture.on_eval(self.step, self.validation_losses(self.loss_fn))
-        batch = rows_to_batch([self._row() for _ in range(self.batch_size)])
+        batch = self._batch([self._row() for _ in range(self.batch_size)])
         self.step += 1
+        return batch
+
+    def _batch(self, rows: list[dict[str, np.ndarray]]) -> dict[str, Tensor]:
+        batch = rows_to_batch(rows)
+        if not self.with_prefix_mask:
+            del batch["prefix_mask"]
         return batch
 
     def __iter__(self):
@@ -238,7 +250,7 @@ class MixtureBatchSource:
                             break
                         row.add(pair)
                     rows.append(row.finish())
-                out[arm.name] = rows_to_batch(rows)
+                out[arm.name] = self._batch(rows)
             self._val_set = out
         return self._val_set
 

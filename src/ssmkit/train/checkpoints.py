@@ -7,6 +7,9 @@ Layout under ``RUN_DIR/checkpoints/``::
         trainer_state.safetensors          optimizer moments and RNG states (tensors)
         trainer_state.json                 step, optimizer hyper-parameters, scheduler, data position, Python
                                            RNG, counters, and the SHA-256 of trainer_state.safetensors
+                                           (tensors inside the trainer state, e.g. a batch source's reward
+                                           model, go to the safetensors file under "state.<n>", see
+                                           :func:`pack_state`)
     latest                                 text: the name of the newest complete checkpoint directory
 
 Writing is atomic: a step directory is written under a temporary name, fsynced and renamed into place
@@ -101,6 +104,61 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
 
 
+# ------------------------------------------------------------------------------------------- state
+_TENSOR, _ITEMS, _TUPLE, _NDARRAY = "__tensor__", "__items__", "__tuple__", "__ndarray__"
+
+
+def pack_state(value: Any, tensors: dict[str, torch.Tensor], prefix: str = "state.") -> Any:
+    """A JSON-serialisable copy of ``value`` whose tensors and numpy arrays are moved into ``tensors`` (under
+    ``prefix<n>``) and replaced by references; dicts with non-string keys and tuples are tagged so that
+    :func:`unpack_state` rebuilds them exactly. Other leaves must be JSON values (str, int, float, bool, None)."""
+    if isinstance(value, torch.Tensor):
+        key = f"{prefix}{len(tensors)}"
+        tensors[key] = value.detach().cpu().clone().contiguous()
+        return {_TENSOR: key}
+    if isinstance(value, np.ndarray):
+        key = f"{prefix}{len(tensors)}"
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(value).copy())
+        return {_NDARRAY: key}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value) and not ({_TENSOR, _ITEMS, _TUPLE, _NDARRAY} & set(value)):
+            return {k: pack_state(v, tensors, prefix) for k, v in value.items()}
+        return {_ITEMS: [[pack_state(k, tensors, prefix), pack_state(v, tensors, prefix)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {_TUPLE: [pack_state(v, tensors, prefix) for v in value]}
+    if isinstance(value, list):
+        return [pack_state(v, tensors, prefix) for v in value]
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise TypeError(f"pack_state: cannot store a {type(value).__name__} in a checkpoint (JSON values, tensors "
+                    f"and numpy arrays only)")
+
+
+def unpack_state(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`pack_state`."""
+    if isinstance(value, dict):
+        if len(value) == 1:
+            (tag, inner), = value.items()
+            if tag in (_TENSOR, _NDARRAY):
+                if inner not in tensors:
+                    raise ResumeError(f"checkpoint state refers to tensor {inner!r}, which is not in {STATE_TENSORS}")
+                return tensors[inner] if tag == _TENSOR else tensors[inner].numpy()
+            if tag == _ITEMS:
+                return {_hashable(unpack_state(k, tensors)): unpack_state(v, tensors) for k, v in inner}
+            if tag == _TUPLE:
+                return tuple(unpack_state(v, tensors) for v in inner)
+        return {k: unpack_state(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unpack_state(v, tensors) for v in value]
+    return value
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if isinstance(key, list) else key
+
+
 # ------------------------------------------------------------------------------------------- optimizer
 def _jsonable(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
@@ -162,7 +220,8 @@ def save_training_checkpoint(
 ) -> Path:
     """Write ``ckpt_root/step-XXXXXXXX`` atomically and point ``latest`` at it; keep the newest ``keep``.
 
-    ``state``: JSON-serialisable trainer state (step, scheduler, data source, counters...).
+    ``state``: trainer state (step, scheduler, data source, counters...): JSON values, plus tensors and numpy
+    arrays anywhere inside, which are stored in the safetensors file (:func:`pack_state`).
     """
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -172,9 +231,11 @@ def save_training_checkpoint(
         model.save_pretrained(tmp)
         opt_tensors, opt_meta = optimizer_to_flat(optimizer)
         rng_tensors, rng_meta = capture_rng()
-        save_file({**opt_tensors, **rng_tensors}, tmp / STATE_TENSORS, metadata={"format": "pt"})
+        state_tensors: dict[str, torch.Tensor] = {}
+        packed = pack_state(dict(state), state_tensors)
+        save_file({**opt_tensors, **rng_tensors, **state_tensors}, tmp / STATE_TENSORS, metadata={"format": "pt"})
         meta = {"ssmkit_trainer_format": FORMAT, "step": step, "optimizer": opt_meta, "rng": rng_meta,
-                "tensors_sha256": _sha256(tmp / STATE_TENSORS), **state}
+                "tensors_sha256": _sha256(tmp / STATE_TENSORS), **packed}
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
         _fsync_tree(tmp)
         if final.exists():  # e.g. an interrupt right after a periodic save of the same step
@@ -236,4 +297,4 @@ def read_training_state(ckpt: str | Path) -> tuple[dict[str, Any], dict[str, tor
         tensors = load_file(tpath, device="cpu")
     except Exception as e:  # safetensors raises its own error type on bad files
         raise ResumeError(f"{tpath}: cannot read: {type(e).__name__}: {e}") from e
-    return meta, tensors
+    return unpack_state(meta, tensors), tensors

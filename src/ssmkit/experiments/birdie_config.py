@@ -1,0 +1,153 @@
+"""The configuration of the CPU-scale Birdie comparison (:mod:`ssmkit.experiments.birdie`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+#: run name -> (mixture, model kind): "ssm" uses ``mixer`` (PrefixLM when the mixture is prefix-bidirectional,
+#: else CausalLM); "transformer" is a causal attention model of the same width and depth
+RUNS: dict[str, tuple[str, str]] = {
+    "ntp": ("ntp", "ssm"),
+    "ul2": ("ul2", "ssm"),
+    "fixed": ("fixed", "ssm"),
+    "birdie": ("birdie", "ssm"),
+    "birdie-causal": ("birdie-causal", "ssm"),
+    "transformer-ntp": ("ntp", "transformer"),
+}
+
+
+@dataclass(frozen=True)
+class BirdieConfig:
+    """Everything that defines the comparison; every run uses the same data, budget and model size.
+
+    Args:
+        text: UTF-8 text file to pretrain on (byte-level); the last ``val_fraction`` is held out.
+        runs: which runs (keys of :data:`RUNS`).
+        tokens: training token budget of every run (packed positions, padding included) -> ``steps``.
+        seq_len, batch_size: packed row length and rows per step.
+        mixer, d_model, n_layers, mlp_ratio: the SSM (SwiGLU MLP after every mixer); the Transformer uses
+            ``transformer_heads`` rotary attention heads with the same width, depth and MLP.
+        lr, warmup_steps: AdamW peak learning rate (cosine to 10%) and warm-up.
+        length_scale: scales every objective's text lengths (paper lengths are for 2k-token rows).
+        num_placeholders: infilling sentinels reserved in the vocabulary.
+        controller_scale: multiplies the controller's step schedule (warm-up 250, evaluations at 10, 50, 250,
+            ...) for short runs; ``explore_decay_steps`` is the length of the exploration decay (0.5 -> 0.2;
+            None: the whole run). reward_hidden / reward_layers / reward_fit_steps size the reward model.
+        val_rows: rows per arm in the controller's fixed validation set.
+        eval_every: perplexity evaluations during training (steps). eval_rows: held-out rows per evaluation.
+        infill_rows: rows of the infilling evaluation (15% masked, mean span 3).
+        phonebook_entries, phonebook_queries: book size and the query counts evaluated.
+        phonebook_steps, phonebook_batch, phonebook_lr: the fine-tune on phone books before the evaluation.
+        phonebook_examples: evaluated books per query count.
+        threads: torch threads (None: torch's default).
+    """
+
+    text: str
+    runs: tuple[str, ...] = tuple(RUNS)
+    tokens: int = 1_500_000
+    seq_len: int = 384
+    batch_size: int = 16
+    mixer: str = "gated"
+    d_model: int = 192
+    n_layers: int = 4
+    mlp_ratio: float = 2.0
+    transformer_heads: int = 4
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    length_scale: float = 0.25
+    num_placeholders: int = 64
+    controller_scale: float = 0.0625
+    explore_decay_steps: int | None = None
+    reward_hidden: int = 64
+    reward_layers: int = 2
+    reward_fit_steps: int = 200
+    val_rows: int = 2
+    val_fraction: float = 0.05
+    eval_every: int = 50
+    eval_rows: int = 64
+    infill_rows: int = 64
+    phonebook_entries: int = 16
+    phonebook_queries: tuple[int, ...] = (1, 2, 4, 8, 16)
+    phonebook_steps: int = 100
+    phonebook_batch: int = 8
+    phonebook_lr: float = 1e-3
+    phonebook_examples: int = 32
+    seed: int = 0
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        def fail(name: str, want: str) -> None:
+            raise ValueError(f"BirdieConfig: {name} must be {want}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.text, str) or not self.text:
+            fail("text", "a path to a text file")
+        if not isinstance(self.runs, tuple) or not self.runs or any(r not in RUNS for r in self.runs) or len(
+                set(self.runs)) != len(self.runs):
+            fail("runs", f"a non-empty tuple of distinct names from {list(RUNS)}")
+        ints = {"tokens": 1, "seq_len": 16, "batch_size": 1, "d_model": 8, "n_layers": 1, "transformer_heads": 1,
+                "warmup_steps": 0, "num_placeholders": 1, "reward_hidden": 1, "reward_layers": 1,
+                "reward_fit_steps": 0, "val_rows": 1, "eval_every": 1, "eval_rows": 1, "infill_rows": 1,
+                "phonebook_entries": 1, "phonebook_steps": 0, "phonebook_batch": 1, "phonebook_examples": 1,
+                "seed": 0}
+        for name, lo in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                fail(name, f"an int >= {lo}")
+        for name in ("mlp_ratio", "lr", "length_scale", "controller_scale", "phonebook_lr"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                fail(name, "a positive number")
+        if not 0 < self.val_fraction < 1:
+            fail("val_fraction", "in (0, 1)")
+        q = self.phonebook_queries
+        if (not isinstance(q, tuple) or not q or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in q)
+                or max(q) > self.phonebook_entries):
+            fail("phonebook_queries", f"a non-empty tuple of ints in [1, phonebook_entries={self.phonebook_entries}]")
+        if self.d_model % self.transformer_heads:
+            fail("transformer_heads", f"a divisor of d_model={self.d_model}")
+        if self.explore_decay_steps is not None and (isinstance(self.explore_decay_steps, bool) or not isinstance(
+                self.explore_decay_steps, int) or self.explore_decay_steps < 1):
+            fail("explore_decay_steps", "None or an int >= 1")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            fail("threads", "None or an int >= 1")
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps of every run: the token budget over the tokens per step (rounded up)."""
+        return -(-self.tokens // (self.batch_size * self.seq_len))
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a run's results depend on (not which runs are requested, nor the thread count)."""
+        d = self.to_dict()
+        del d["runs"], d["threads"]
+        return d
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["runs"], d["phonebook_queries"] = list(self.runs), list(self.phonebook_queries)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BirdieConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"BirdieConfig: unknown keys {unknown}; valid keys: {sorted(known)}")
+        kw = dict(d)
+        for k in ("runs", "phonebook_queries"):
+            if isinstance(kw.get(k), list):
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+
+#: a tiny configuration for smoke tests (a few minutes for all runs on 2 cores)
+QUICK: dict[str, Any] = {
+    "tokens": 60 * 4 * 128, "seq_len": 128, "batch_size": 4, "d_model": 32, "n_layers": 2, "eval_every": 30,
+    "eval_rows": 8, "infill_rows": 8, "length_scale": 0.1, "controller_scale": 0.02, "reward_hidden": 16,
+    "reward_fit_steps": 10, "val_rows": 1, "phonebook_entries": 4, "phonebook_queries": (1, 2, 4),
+    "phonebook_steps": 4, "phonebook_batch": 2, "phonebook_examples": 4,
+}
