@@ -84,18 +84,25 @@ def test_run_birdie_end_to_end_and_skips_finished_runs(tmp_path, text_file):
         assert r["steps"] == cfg.steps and r["tokens"] == cfg.steps * cfg.batch_size * cfg.seq_len
         assert np.isfinite(r["val"]["loss"]) and 0 <= r["infilling"]["token_accuracy"] <= 1
         assert set(r["phonebook"]["finetuned"]) == {"1", "2"} and set(r["phonebook"]["zero_shot"]) == {"1", "2"}
+        assert set(r["mqar"]["accuracy"]) == {"4", "8"} and all(0 <= v <= 1 for v in r["mqar"]["accuracy"].values())
         assert sum(r["arm_counts"].values()) > 0
     ntp_counts = results["ntp"]["arm_counts"]
     assert all(v == 0 for k, v in ntp_counts.items() if not k.startswith("next_token")), "ntp trains on ntp only"
     assert results["birdie"]["controller_log"] and len(results["birdie"]["arm_names"]) == 45
-    for f in ("results.json", "birdie_report.md", "phonebook.png", "val_loss.png", "mixture_birdie.png"):
+    for f in ("results.json", "birdie_report.md", "phonebook.png", "val_loss.png", "mixture_birdie.png", "mqar.png"):
         assert (tmp_path / f).is_file(), f
     # a second call finds the finished runs and trains nothing
     stamp = (tmp_path / "ntp" / "result.json").stat().st_mtime_ns
     again = run_birdie(dataclasses.replace(cfg, runs=("ntp",)), tmp_path, quiet=True)
     assert (tmp_path / "ntp" / "result.json").stat().st_mtime_ns == stamp
     assert list(again) == ["ntp", "birdie"], "results.json gathers every finished run of these settings"
+    # changed evaluation settings re-evaluate from the final checkpoint without training again
+    old = json.loads((tmp_path / "ntp" / "result.json").read_text())
+    changed = run_birdie(dataclasses.replace(cfg, runs=("ntp",), mqar_pairs=(2, 4)), tmp_path, quiet=True)["ntp"]
+    assert set(changed["mqar"]["accuracy"]) == {"2", "4"} and changed["phonebook"] == old["phonebook"]
+    assert changed["val"] == old["val"] and changed["train_time"] == old["train_time"]
     assert collect_results(dataclasses.replace(cfg, lr=1e-4), tmp_path) == {}
+    assert set(collect_results(dataclasses.replace(cfg, phonebook_steps=9), tmp_path)) == {"ntp", "birdie"}
     with pytest.raises(ValueError, match="another BirdieConfig"):
         run_birdie(dataclasses.replace(cfg, runs=("ntp",), lr=1e-4), tmp_path, quiet=True)
 

@@ -140,3 +140,20 @@ def test_objective_text_rows_match_training_packing(tmp_path):
     assert "prefix_mask" not in causal.sample(2, split="val")
     with pytest.raises(ValueError, match="seq_len"):
         ObjectiveText(path=str(path), seq_len=2)
+
+
+def test_mqar_pair_and_accuracy():
+    p = R.mqar_pair(VOCAB, np.random.default_rng(0), 6, 4)
+    inp, lab = p.input, p.label
+    assert inp[0] == VOCAB.paradigm_id("prefix_lm") and inp[13] == VOCAB.sep_id and lab[-1] == VOCAB.done_id
+    keys, values = inp[1:13:2], inp[2:13:2]
+    assert len(set(keys.tolist())) == 6 and (keys < 130).all() and (values >= 130).all() and (values < 260).all()
+    lookup = dict(zip(keys.tolist(), values.tolist(), strict=True))
+    assert lab[:-1].tolist() == [lookup[k] for k in inp[14:].tolist()]
+    with pytest.raises(ValueError, match="num_queries"):
+        R.mqar_pair(VOCAB, np.random.default_rng(0), 3, 4)
+    acc = R.mqar_accuracy(tiny(PrefixLM), VOCAB, num_pairs=4, num_examples=5, pad_id=256, batch_size=2)
+    assert 0 <= acc <= 1
+    model = tiny()
+    losses = R.finetune_mqar(model, VOCAB, steps=2, batch_size=2, lr=1e-3, max_pairs=4, pad_id=256)
+    assert len(losses) == 2 and all(np.isfinite(losses))

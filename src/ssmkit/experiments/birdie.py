@@ -11,11 +11,13 @@ schedule. Then, on held-out text and generated phone books, it measures
 * next-token loss / perplexity (:class:`~ssmkit.objectives.text_task.ObjectiveText` validation split);
 * infilling accuracy (15% masked, mean span 3; teacher-forced, :func:`.retrieval.infilling_accuracy`);
 * phone-book digit accuracy for each query count, before and after a short phone-book fine-tune (greedy
-  generation, :mod:`ssmkit.experiments.retrieval`).
+  generation, :mod:`ssmkit.experiments.retrieval`);
+* MQAR value accuracy per number of key-value pairs after a short MQAR fine-tune.
 
 Layout: ``OUT/<run>/`` is the trainer's run directory (checkpoints, metrics, report) plus ``result.json``;
-``OUT/results.json`` gathers every finished run. Runs are resumable: a run with ``result.json`` is skipped, one
-with a checkpoint continues from it (Ctrl-C saves a checkpoint).
+``OUT/results.json`` gathers every finished run. Runs are resumable: a run with ``result.json`` is only
+re-evaluated where an evaluation is missing or its settings changed, one with a checkpoint continues from it
+(Ctrl-C saves a checkpoint).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssmkit.models import CausalLM
+from ssmkit.models import CausalLM, load_pretrained
 from ssmkit.objectives import ControllerConfig, MixtureBatchSource, birdie_arms, make_mixture, per_row_lm_loss
 from ssmkit.objectives.mixtures import BirdieMixture
 from ssmkit.objectives.text_task import ObjectiveText
@@ -42,8 +44,15 @@ from ssmkit.train.config import TrainConfig
 from ssmkit.train.presets import resolve_model
 from ssmkit.train.run_dir import CHECKPOINTS
 
-from .birdie_config import RUNS, BirdieConfig
-from .retrieval import finetune_phonebook, infilling_accuracy, phonebook_digit_accuracy, phonebook_length
+from .birdie_config import EVALS, RUNS, BirdieConfig
+from .retrieval import (
+    finetune_mqar,
+    finetune_phonebook,
+    infilling_accuracy,
+    mqar_accuracy,
+    phonebook_digit_accuracy,
+    phonebook_length,
+)
 
 log = logging.getLogger("ssmkit.birdie")
 
@@ -109,16 +118,18 @@ def row_loss_fn(model: CausalLM):
     return fn
 
 
-def evaluate_run(cfg: BirdieConfig, model: CausalLM, task: ObjectiveText, quiet: bool = True) -> dict[str, Any]:
-    """Infilling and phone-book evaluations (the latter before and after a phone-book fine-tune of a copy)."""
+def eval_infilling(cfg: BirdieConfig, model: CausalLM, task: ObjectiveText, quiet: bool) -> dict[str, Any]:
+    return infilling_accuracy(model, task.vocab, task.split_tokens("val"), seq_len=cfg.seq_len, pad_id=task.pad_id,
+                              rows=cfg.infill_rows, seed=cfg.seed + 4321)
+
+
+def eval_phonebook(cfg: BirdieConfig, model: CausalLM, task: ObjectiveText, quiet: bool) -> dict[str, Any]:
+    """Digit accuracy per query count before (a quarter of the examples) and after a phone-book fine-tune of a
+    copy of ``model``."""
     vocab = task.vocab
-    out: dict[str, Any] = {}
-    t = time.perf_counter()
-    out["infilling"] = infilling_accuracy(model, vocab, task.split_tokens("val"), seq_len=cfg.seq_len,
-                                          pad_id=task.pad_id, rows=cfg.infill_rows, seed=cfg.seed + 4321)
-    pb = {"zero_shot": {}, "finetuned": {}}
+    out: dict[str, Any] = {"zero_shot": {}, "finetuned": {}}
     for q in cfg.phonebook_queries:
-        pb["zero_shot"][str(q)] = phonebook_digit_accuracy(
+        out["zero_shot"][str(q)] = phonebook_digit_accuracy(
             model, vocab, num_entries=cfg.phonebook_entries, num_queries=q,
             num_examples=max(8, cfg.phonebook_examples // 4), seed=cfg.seed + 99)
     tuned = copy.deepcopy(model)
@@ -126,50 +137,95 @@ def evaluate_run(cfg: BirdieConfig, model: CausalLM, task: ObjectiveText, quiet:
                                 lr=cfg.phonebook_lr, num_entries=cfg.phonebook_entries,
                                 max_queries=max(cfg.phonebook_queries), pad_id=task.pad_id, seed=cfg.seed,
                                 quiet=quiet)
-    pb["finetune_loss"] = {"first": losses[0] if losses else None, "last10": float(np.mean(losses[-10:]))
-                           if losses else None}
+    out["finetune_loss"] = _loss_summary(losses)
     for q in cfg.phonebook_queries:
-        pb["finetuned"][str(q)] = phonebook_digit_accuracy(
+        out["finetuned"][str(q)] = phonebook_digit_accuracy(
             tuned, vocab, num_entries=cfg.phonebook_entries, num_queries=q, num_examples=cfg.phonebook_examples,
             seed=cfg.seed + 1)
-    pb["max_length"] = phonebook_length(vocab, cfg.phonebook_entries, max(cfg.phonebook_queries))
-    out["phonebook"] = pb
-    out["eval_time"] = time.perf_counter() - t
+    out["max_length"] = phonebook_length(vocab, cfg.phonebook_entries, max(cfg.phonebook_queries))
     return out
 
 
+def eval_mqar(cfg: BirdieConfig, model: CausalLM, task: ObjectiveText, quiet: bool) -> dict[str, Any]:
+    """MQAR value accuracy per number of pairs after an MQAR fine-tune of a copy of ``model``."""
+    tuned = copy.deepcopy(model)
+    losses = finetune_mqar(tuned, task.vocab, steps=cfg.mqar_steps, batch_size=cfg.mqar_batch, lr=cfg.mqar_lr,
+                           max_pairs=max(cfg.mqar_pairs), pad_id=task.pad_id, seed=cfg.seed, quiet=quiet)
+    acc = {str(n): mqar_accuracy(tuned, task.vocab, num_pairs=n, num_examples=cfg.mqar_examples,
+                                 pad_id=task.pad_id, seed=cfg.seed + 2024) for n in cfg.mqar_pairs}
+    return {"accuracy": acc, "finetune_loss": _loss_summary(losses)}
+
+
+def _loss_summary(losses: list[float]) -> dict[str, float | None]:
+    return {"first": losses[0] if losses else None, "last10": float(np.mean(losses[-10:])) if losses else None}
+
+
+#: evaluation name -> function(cfg, model, task, quiet) -> JSON-able result (keys as in ``EVALS``)
+EVAL_FNS = {"infilling": eval_infilling, "phonebook": eval_phonebook, "mqar": eval_mqar}
+
+
+def _saved_settings(result: dict[str, Any], name: str) -> dict[str, Any] | None:
+    if name not in result:
+        return None
+    settings = result.get("eval_settings", {}).get(name)
+    if settings is None:  # results written before eval_settings existed kept them in "config"
+        settings = {k: result.get("config", {}).get(k) for k in EVALS[name]}
+    return settings
+
+
 def run_one(cfg: BirdieConfig, name: str, out_dir: str | Path, *, quiet: bool = False) -> dict[str, Any]:
-    """Train and evaluate run ``name`` in ``out_dir/name`` (resuming or skipping finished work)."""
+    """Train and evaluate run ``name`` in ``out_dir/name``: a finished run (``result.json``) is only
+    re-evaluated where evaluations are missing or their settings changed (from its final checkpoint); an
+    interrupted one resumes from its checkpoint."""
     run_dir = Path(out_dir) / name
     done = run_dir / RESULT
+    identity = cfg.identity()
     if done.is_file():
-        saved = json.loads(done.read_text(encoding="utf-8"))
-        if saved.get("config") == cfg.identity():
+        result = json.loads(done.read_text(encoding="utf-8"))
+        saved = {k: result.get("config", {}).get(k) for k in identity}
+        if saved != identity:
+            raise ValueError(f"{done} was produced with another BirdieConfig ("
+                             f"{', '.join(k for k in identity if saved[k] != identity[k])} differ); use another "
+                             f"output directory")
+        todo = [e for e in EVALS if _saved_settings(result, e) != cfg.eval_settings(e)]
+        if not todo:
             log.info("%s: already finished (%s)", name, done)
-            return saved
-        raise ValueError(f"{done} was produced with another BirdieConfig; use another output directory")
-    setup, source = build_run(cfg, name)
-    resume = latest_checkpoint(run_dir / CHECKPOINTS) is not None
-    trainer = Trainer(setup, run_dir, source=source, resume=resume, quiet=quiet)
-    source.loss_fn = row_loss_fn(trainer.model)
-    t = time.perf_counter()
-    final = trainer.train()
-    model = trainer.model.eval()
-    result: dict[str, Any] = {
-        "run": name, "mixture": RUNS[name][0], "model_kind": RUNS[name][1], "head": setup.model.head,
-        "model": model.summary(), "parameters": model.num_parameters(), "steps": trainer.step,
-        "tokens": trainer.tokens_seen, "train_time": trainer.train_time, "val": final,
-        "arm_counts": dict(zip(source.mixture.arm_names, source.counts.tolist(), strict=True)),
-    }
-    if isinstance(source.mixture, BirdieMixture):
-        result["controller_log"] = [{k: v for k, v in e.items() if k in ("step", "action", "explored", "losses",
-                                                                           "reward")}
-                                    for e in source.mixture.controller.log]
-    result.update(evaluate_run(cfg, model, setup.task, quiet=quiet))
-    result["wall_time"] = time.perf_counter() - t
-    result["arm_names"] = source.mixture.arm_names
-    result["config"] = cfg.identity()
-    write_text_atomic(done, json.dumps(result, indent=1) + "\n")
+            return result
+        ckpt = latest_checkpoint(run_dir / CHECKPOINTS)
+        if ckpt is None:
+            raise FileNotFoundError(f"{run_dir}: evaluations {todo} are due but no checkpoint is left")
+        model = load_pretrained(ckpt).eval()
+        task = build_task(cfg, prefix_mask=bool(model.backbone.accepts_prefix))
+        log.info("%s: evaluating %s from %s", name, ", ".join(todo), ckpt)
+    else:
+        setup, source = build_run(cfg, name)
+        resume = latest_checkpoint(run_dir / CHECKPOINTS) is not None
+        trainer = Trainer(setup, run_dir, source=source, resume=resume, quiet=quiet)
+        source.loss_fn = row_loss_fn(trainer.model)
+        final = trainer.train()
+        model, task = trainer.model.eval(), setup.task
+        result = {
+            "run": name, "mixture": RUNS[name][0], "model_kind": RUNS[name][1], "head": setup.model.head,
+            "model": model.summary(), "parameters": model.num_parameters(), "steps": trainer.step,
+            "tokens": trainer.tokens_seen, "train_time": trainer.train_time, "val": final,
+            "arm_names": source.mixture.arm_names,
+            "arm_counts": dict(zip(source.mixture.arm_names, source.counts.tolist(), strict=True)),
+        }
+        if isinstance(source.mixture, BirdieMixture):
+            result["controller_log"] = [{k: e[k] for k in ("step", "action", "explored", "losses", "reward")
+                                         if k in e} for e in source.mixture.controller.log]
+        todo = list(EVALS)
+    settings = result.setdefault("eval_settings", {})
+    for e in todo:
+        t = time.perf_counter()
+        result[e] = EVAL_FNS[e](cfg, model, task, quiet)
+        settings[e] = cfg.eval_settings(e)
+        result.setdefault("eval_time", {})
+        if not isinstance(result["eval_time"], dict):
+            result["eval_time"] = {}
+        result["eval_time"][e] = time.perf_counter() - t
+        result["config"] = identity
+        write_text_atomic(done, json.dumps(result, indent=1) + "\n")
     return result
 
 
@@ -183,7 +239,7 @@ def collect_results(cfg: BirdieConfig, out_dir: str | Path) -> dict[str, dict[st
         if not path.is_file():
             continue
         r = json.loads(path.read_text(encoding="utf-8"))
-        if r.get("config") != cfg.identity():
+        if {k: r.get("config", {}).get(k) for k in cfg.identity()} != cfg.identity():
             log.warning("%s: made with other settings; left out", path)
             continue
         results[name] = r

@@ -18,6 +18,14 @@ RUNS: dict[str, tuple[str, str]] = {
     "transformer-ntp": ("ntp", "transformer"),
 }
 
+#: evaluation -> the config fields it depends on (a finished run re-evaluates when they change)
+EVALS: dict[str, tuple[str, ...]] = {
+    "infilling": ("infill_rows",),
+    "phonebook": ("phonebook_entries", "phonebook_queries", "phonebook_steps", "phonebook_batch", "phonebook_lr",
+                  "phonebook_examples"),
+    "mqar": ("mqar_pairs", "mqar_steps", "mqar_batch", "mqar_lr", "mqar_examples"),
+}
+
 
 @dataclass(frozen=True)
 class BirdieConfig:
@@ -42,6 +50,8 @@ class BirdieConfig:
         phonebook_entries, phonebook_queries: book size and the query counts evaluated.
         phonebook_steps, phonebook_batch, phonebook_lr: the fine-tune on phone books before the evaluation.
         phonebook_examples: evaluated books per query count.
+        mqar_pairs, mqar_steps, mqar_batch, mqar_lr, mqar_examples: MQAR (every key queried) after a fine-tune
+            on 2..max(mqar_pairs) pairs; accuracy per number of pairs.
         threads: torch threads (None: torch's default).
     """
 
@@ -75,6 +85,11 @@ class BirdieConfig:
     phonebook_batch: int = 8
     phonebook_lr: float = 1e-3
     phonebook_examples: int = 32
+    mqar_pairs: tuple[int, ...] = (8, 16, 32, 64)
+    mqar_steps: int = 150
+    mqar_batch: int = 16
+    mqar_lr: float = 1e-3
+    mqar_examples: int = 64
     seed: int = 0
     threads: int | None = None
 
@@ -91,12 +106,12 @@ class BirdieConfig:
                 "warmup_steps": 0, "num_placeholders": 1, "reward_hidden": 1, "reward_layers": 1,
                 "reward_fit_steps": 0, "val_rows": 1, "eval_every": 1, "eval_rows": 1, "infill_rows": 1,
                 "phonebook_entries": 1, "phonebook_steps": 0, "phonebook_batch": 1, "phonebook_examples": 1,
-                "seed": 0}
+                "mqar_steps": 0, "mqar_batch": 1, "mqar_examples": 1, "seed": 0}
         for name, lo in ints.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 fail(name, f"an int >= {lo}")
-        for name in ("mlp_ratio", "lr", "length_scale", "controller_scale", "phonebook_lr"):
+        for name in ("mlp_ratio", "lr", "length_scale", "controller_scale", "phonebook_lr", "mqar_lr"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 fail(name, "a positive number")
@@ -106,6 +121,10 @@ class BirdieConfig:
         if (not isinstance(q, tuple) or not q or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in q)
                 or max(q) > self.phonebook_entries):
             fail("phonebook_queries", f"a non-empty tuple of ints in [1, phonebook_entries={self.phonebook_entries}]")
+        q = self.mqar_pairs
+        if (not isinstance(q, tuple) or not q or any(isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= 128
+                                                     for k in q)):
+            fail("mqar_pairs", "a non-empty tuple of ints in [2, 128] (keys are distinct byte ids below 128)")
         if self.d_model % self.transformer_heads:
             fail("transformer_heads", f"a divisor of d_model={self.d_model}")
         if self.explore_decay_steps is not None and (isinstance(self.explore_decay_steps, bool) or not isinstance(
@@ -121,14 +140,22 @@ class BirdieConfig:
         return -(-self.tokens // (self.batch_size * self.seq_len))
 
     def identity(self) -> dict[str, Any]:
-        """The settings a run's results depend on (not which runs are requested, nor the thread count)."""
+        """The settings a run's training depends on (not which runs are requested, the thread count or the
+        evaluation settings)."""
         d = self.to_dict()
-        del d["runs"], d["threads"]
+        for k in ("runs", "threads", *(f for fs in EVALS.values() for f in fs)):
+            del d[k]
         return d
+
+    def eval_settings(self, name: str) -> dict[str, Any]:
+        """The settings evaluation ``name`` (a key of :data:`EVALS`) depends on."""
+        d = self.to_dict()
+        return {k: d[k] for k in EVALS[name]}
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["runs"], d["phonebook_queries"] = list(self.runs), list(self.phonebook_queries)
+        d["runs"], d["phonebook_queries"], d["mqar_pairs"] = (list(self.runs), list(self.phonebook_queries),
+                                                              list(self.mqar_pairs))
         return d
 
     @classmethod
@@ -138,7 +165,7 @@ class BirdieConfig:
         if unknown:
             raise ValueError(f"BirdieConfig: unknown keys {unknown}; valid keys: {sorted(known)}")
         kw = dict(d)
-        for k in ("runs", "phonebook_queries"):
+        for k in ("runs", "phonebook_queries", "mqar_pairs"):
             if isinstance(kw.get(k), list):
                 kw[k] = tuple(kw[k])
         return cls(**kw)
@@ -149,5 +176,6 @@ QUICK: dict[str, Any] = {
     "tokens": 60 * 4 * 128, "seq_len": 128, "batch_size": 4, "d_model": 32, "n_layers": 2, "eval_every": 30,
     "eval_rows": 8, "infill_rows": 8, "length_scale": 0.1, "controller_scale": 0.02, "reward_hidden": 16,
     "reward_fit_steps": 10, "val_rows": 1, "phonebook_entries": 4, "phonebook_queries": (1, 2, 4),
-    "phonebook_steps": 4, "phonebook_batch": 2, "phonebook_examples": 4,
+    "phonebook_steps": 4, "phonebook_batch": 2, "phonebook_examples": 4, "mqar_pairs": (4, 8), "mqar_steps": 4,
+    "mqar_batch": 4, "mqar_examples": 8,
 }

@@ -40,6 +40,8 @@ def summary_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any
             row[f"pb{q}"] = m["digit_accuracy"]
         for q, m in r["phonebook"]["zero_shot"].items():
             row[f"pb{q}_zero"] = m["digit_accuracy"]
+        for n, acc in r.get("mqar", {}).get("accuracy", {}).items():
+            row[f"mqar{n}"] = acc
         rows.append(row)
     return rows
 
@@ -49,13 +51,15 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     if not rows:
         return "(no finished runs)\n"
     qs = [k for k in rows[0] if k.startswith("pb") and not k.endswith("_zero")]
+    ms = sorted({k for r in rows for k in r if k.startswith("mqar")}, key=lambda k: int(k[4:]))
     head = ["run", "model", "params", "val loss (nats/byte)", "val ppl", "infill tok acc", "infill span acc",
-            *[f"phone book {k[2:]} (digit acc)" for k in qs]]
+            *[f"phone book {k[2:]}" for k in qs], *[f"MQAR {k[4:]}" for k in ms]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["run"], r["head"], f"{r['parameters'] / 1e6:.2f}M", f"{r['val_loss']:.3f}", f"{r['val_ppl']:.2f}",
                  f"{r['infill_tok_acc']:.3f}", f"{r['infill_span_acc']:.3f}",
-                 *[f"{r[k]:.3f} ({r[k + '_zero']:.2f})" for k in qs]]
+                 *[f"{r[k]:.3f} ({r[k + '_zero']:.2f})" for k in qs],
+                 *[f"{r[k]:.3f}" if k in r else "-" for k in ms]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -103,6 +107,25 @@ def write_report(results: Mapping[str, Mapping[str, Any]], out_dir: str | Path) 
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
 
+    # MQAR accuracy per number of pairs
+    ms = sorted({k[4:] for r in rows for k in r if k.startswith("mqar")}, key=int)
+    if ms:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for r in rows:
+            have = [n for n in ms if f"mqar{n}" in r]
+            if have:
+                ax.plot([int(n) for n in have], [r[f"mqar{n}"] for n in have], marker="o", label=r["run"])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("key-value pairs")
+        ax.set_ylabel("value accuracy (teacher-forced)")
+        ax.set_title("MQAR after fine-tuning")
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out / "mqar.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+
     # validation loss during pretraining
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in results:
@@ -141,7 +164,8 @@ def write_report(results: Mapping[str, Mapping[str, Any]], out_dir: str | Path) 
         plt.close(fig)
 
     md = out / "birdie_report.md"
-    md.write_text("# Birdie comparison\n\n" + markdown_table(results) + "\nPhone-book cells: digit accuracy after the "
-                  "phone-book fine-tune (before it in parentheses).\n", encoding="utf-8")
+    md.write_text("# Birdie comparison\n\n" + markdown_table(results) + "\nPhone book N: digit accuracy with N "
+                  "queried numbers after the phone-book fine-tune (before it in parentheses); MQAR N: value "
+                  "accuracy with N key-value pairs after the MQAR fine-tune.\n", encoding="utf-8")
     written.append(md)
     return written

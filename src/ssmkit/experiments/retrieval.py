@@ -8,6 +8,8 @@ the prefix-LM paradigm for phone books, so a model pretrained on objective mixtu
 * :func:`finetune_phonebook` trains a model briefly on phone books with 1..max queried numbers.
 * :func:`phonebook_digit_accuracy` generates each answer greedily (prefill with the prompt as prefix, then
   recurrent steps) and scores the digits position by position against the target.
+* :func:`mqar_pair` / :func:`finetune_mqar` / :func:`mqar_accuracy`: multi-query associative recall in the same
+  prefix format (keys and values are byte ids), teacher-forced value accuracy after a short fine-tune.
 * :func:`infilling_accuracy` scores span-corruption labels teacher-forced: the share of masked-out text tokens
   (placeholders excluded) that the model predicts right, and the share of spans predicted entirely right.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,29 +81,29 @@ def _batch(pairs: Sequence[Pair], seq_len: int, pad_id: int, start_id: int, pref
     return batch
 
 
-def finetune_phonebook(model: CausalLM, vocab: ObjectiveVocab, *, steps: int, batch_size: int, lr: float,
-                       num_entries: int, max_queries: int, pad_id: int, seed: int = 0, quiet: bool = True
-                       ) -> list[float]:
-    """Fine-tune ``model`` in place on phone books with a uniform 1..``max_queries`` queried numbers.
+def finetune_on_pairs(model: CausalLM, vocab: ObjectiveVocab, make_pair: Callable[[np.random.Generator], Pair], *,
+                      steps: int, batch_size: int, lr: float, pad_id: int, seed: int = 0, desc: str = "fine-tune",
+                      quiet: bool = True) -> list[float]:
+    """Fine-tune ``model`` in place on pairs from ``make_pair(rng)``, packed one per row.
 
     AdamW (weight decay 0), linear warm-up over 10% of the steps then cosine to 10%; gradient clipping at 1.
-    Rows are padded to the longest sample of the batch. Returns the per-step training losses.
+    Rows are padded to the longest sample of the batch. Returns the per-step training losses; leaves the model
+    in eval mode.
     """
     if steps < 0 or batch_size < 1:
-        raise ValueError(f"finetune_phonebook: need steps >= 0 and batch_size >= 1, got {steps} and {batch_size}")
+        raise ValueError(f"finetune_on_pairs: need steps >= 0 and batch_size >= 1, got {steps} and {batch_size}")
     prefix = bool(model.backbone.accepts_prefix)
     rng = np.random.default_rng([seed, 7])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warm = max(1, steps // 10)
     losses: list[float] = []
     model.train()
-    for step in tqdm(range(steps), desc="phone-book fine-tune", disable=quiet):
+    for step in tqdm(range(steps), desc=desc, disable=quiet):
         scale = (step + 1) / warm if step < warm else 0.1 + 0.9 * 0.5 * (
             1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
         for g in opt.param_groups:
             g["lr"] = lr * scale
-        pairs = [phonebook_pair(vocab, rng, num_entries, int(rng.integers(1, max_queries + 1))).pair
-                 for _ in range(batch_size)]
+        pairs = [make_pair(rng) for _ in range(batch_size)]
         batch = _batch(pairs, max(p.packed_len for p in pairs), pad_id, vocab.start_id, prefix)
         kw = {"reset": batch["reset"]}
         if prefix:
@@ -114,6 +116,18 @@ def finetune_phonebook(model: CausalLM, vocab: ObjectiveVocab, *, steps: int, ba
         losses.append(float(out.loss.detach()))
     model.eval()
     return losses
+
+
+def finetune_phonebook(model: CausalLM, vocab: ObjectiveVocab, *, steps: int, batch_size: int, lr: float,
+                       num_entries: int, max_queries: int, pad_id: int, seed: int = 0, quiet: bool = True
+                       ) -> list[float]:
+    """:func:`finetune_on_pairs` on phone books of ``num_entries`` with a uniform 1..``max_queries`` queries."""
+
+    def make(rng: np.random.Generator) -> Pair:
+        return phonebook_pair(vocab, rng, num_entries, int(rng.integers(1, max_queries + 1))).pair
+
+    return finetune_on_pairs(model, vocab, make, steps=steps, batch_size=batch_size, lr=lr, pad_id=pad_id,
+                             seed=seed, desc="phone-book fine-tune", quiet=quiet)
 
 
 def phonebook_digit_accuracy(model: CausalLM, vocab: ObjectiveVocab, *, num_entries: int, num_queries: int,
@@ -213,3 +227,53 @@ def infilling_accuracy(model: CausalLM, vocab: ObjectiveVocab, tokens: np.ndarra
                 spans, spans_right = spans + 1, spans_right + run_ok
     return {"token_accuracy": right / max(tok, 1), "span_accuracy": spans_right / max(spans, 1),
             "loss": nll / max(tok, 1), "scored_tokens": float(tok)}
+
+
+# ------------------------------------------------------------------------------------------------- MQAR
+def mqar_pair(vocab: ObjectiveVocab, rng: np.random.Generator, num_pairs: int, num_queries: int | None = None
+              ) -> Pair:
+    """Multi-query associative recall as a prefix pair: input = <|PREFIX_LM|> k1 v1 ... kN vN [SEP] q1 ... qM,
+    label = the values of q1 ... qM, then [DONE]. Keys are distinct ids from [0, base/2), values from
+    [base/2, base) (base = ``vocab.base_vocab_size``); the M <= N queried keys are distinct, in random order."""
+    half = vocab.base_vocab_size // 2
+    m = num_pairs if num_queries is None else num_queries
+    if not 1 <= m <= num_pairs <= half:
+        raise ValueError(f"mqar_pair: need 1 <= num_queries ({m}) <= num_pairs ({num_pairs}) <= {half}")
+    keys = rng.choice(half, size=num_pairs, replace=False)
+    values = half + rng.integers(0, vocab.base_vocab_size - half, size=num_pairs)
+    asked = rng.choice(num_pairs, size=m, replace=False)
+    context = np.stack([keys, values], axis=1).reshape(-1)
+    inp = np.concatenate([[vocab.paradigm_id("prefix_lm")], context, [vocab.sep_id], keys[asked]])
+    label = np.concatenate([values[asked], [vocab.done_id]])
+    return Pair(inp.astype(np.int64), label.astype(np.int64), 0)
+
+
+def finetune_mqar(model: CausalLM, vocab: ObjectiveVocab, *, steps: int, batch_size: int, lr: float,
+                  max_pairs: int, pad_id: int, seed: int = 0, quiet: bool = True) -> list[float]:
+    """:func:`finetune_on_pairs` on MQAR with a uniform 2..``max_pairs`` pairs, every key queried."""
+
+    def make(rng: np.random.Generator) -> Pair:
+        return mqar_pair(vocab, rng, int(rng.integers(2, max_pairs + 1)))
+
+    return finetune_on_pairs(model, vocab, make, steps=steps, batch_size=batch_size, lr=lr, pad_id=pad_id,
+                             seed=seed, desc="MQAR fine-tune", quiet=quiet)
+
+
+@torch.no_grad()
+def mqar_accuracy(model: CausalLM, vocab: ObjectiveVocab, *, num_pairs: int, num_examples: int, pad_id: int,
+                  seed: int = 2024, batch_size: int = 32) -> float:
+    """Teacher-forced accuracy on the queried values (not [DONE]) of ``num_examples`` MQAR pairs."""
+    model.eval()
+    rng = np.random.default_rng([seed, num_pairs])
+    pairs = [mqar_pair(vocab, rng, num_pairs) for _ in range(num_examples)]
+    prefix = bool(model.backbone.accepts_prefix)
+    right = total = 0
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        b = _batch(chunk, max(p.packed_len for p in chunk), pad_id, vocab.start_id, prefix)
+        kw = {"reset": b["reset"], **({"prefix_mask": b["prefix_mask"]} if prefix else {})}
+        pred = model(b["input_ids"], **kw).logits.argmax(-1)
+        scored = (b["labels"] != IGNORE_INDEX) & (b["labels"] != vocab.done_id)
+        right += int(((pred == b["labels"]) & scored).sum())
+        total += int(scored.sum())
+    return right / total
