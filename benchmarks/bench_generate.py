@@ -10,6 +10,10 @@ MambaForCausalLM and converted with ssmkit.interop, so both sides hold identical
 - prefill of a 4096-token prompt, batch 1: the time to the first token's logits and the recurrent state
   (ssmkit: backbone forward with return_state + LM head on the last position; transformers: its forward with
   use_cache=True and logits_to_keep=1, i.e. what its generate runs first).
+- the same decode cases with ``ssmkit.infer.quantize_weights`` (int8 weight-only linear layers, float32
+  activations): opt-in, and not the same numerics, so its tokens may part from the float32 ones at near-ties;
+  ``rows_identical`` counts rows whose tokens equal transformers' (``first_differing_step`` is the earliest step
+  where any row differs).
 ``--quick`` uses 4 layers, a 64-token prompt, 32 new tokens and a 512-token prefill.
 Writes benchmarks/results/bench_generate.json. Never touches the hub.
 """
@@ -55,7 +59,7 @@ def prompt_ids(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tens
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def decode_case(hf, ours, batch: int, prompt: int, new: int, repeat: int) -> dict:
+def decode_case(hf, ours, batch: int, prompt: int, new: int, repeat: int, int8=None) -> list[dict]:
     from ssmkit.infer import generate
 
     ids = prompt_ids(batch, prompt, ours.config.vocab_size, seed=batch)
@@ -74,18 +78,27 @@ def decode_case(hf, ours, batch: int, prompt: int, new: int, repeat: int) -> dic
     generate(ours, ids[:, :8], 2, temperature=0)
     with torch.no_grad():
         hf.generate(ids[:, :8], max_new_tokens=2, do_sample=False, use_cache=True, pad_token_id=0)
+    def run_int8():
+        out["int8"] = generate(int8, ids, new, temperature=0)
+
     t_ours = best_time(run_ours, repeat=repeat, warmup=0)
     t_hf = best_time(run_hf, repeat=repeat, warmup=0)
-    same = bool(torch.equal(out["ours"], out["hf"]))
-    first_diff = None
-    if not same:
-        diff = (out["ours"] != out["hf"]).any(0).nonzero()
-        first_diff = int(diff[0]) if diff.numel() else None
     tokens = batch * new
-    return {"case": f"decode b{batch}", "batch": batch, "prompt": prompt, "new_tokens": new,
-            "ssmkit_s": t_ours, "transformers_s": t_hf, "ssmkit_tok_per_s": tokens / t_ours,
-            "transformers_tok_per_s": tokens / t_hf, "speedup": t_hf / t_ours, "same_tokens": same,
-            "first_differing_step": first_diff}
+
+    def row(case: str, t: float, got: torch.Tensor) -> dict:
+        same = bool(torch.equal(got, out["hf"]))
+        diff = (got != out["hf"]).any(0).nonzero()
+        return {"case": case, "batch": batch, "prompt": prompt, "new_tokens": new, "ssmkit_s": t,
+                "transformers_s": t_hf, "ssmkit_tok_per_s": tokens / t, "transformers_tok_per_s": tokens / t_hf,
+                "speedup": t_hf / t, "same_tokens": same,
+                "first_differing_step": int(diff[0]) if diff.numel() else None,
+                "rows_identical": int((got == out["hf"]).all(1).sum())}
+
+    rows = [row(f"decode b{batch}", t_ours, out["ours"])]
+    if int8 is not None:
+        generate(int8, ids[:, :8], 2, temperature=0)
+        rows.append(row(f"decode b{batch} int8", best_time(run_int8, repeat=repeat, warmup=0), out["int8"]))
+    return rows
 
 
 def prefill_case(hf, ours, length: int, repeat: int) -> dict:
@@ -125,10 +138,14 @@ def main() -> None:
     t0 = time.perf_counter()
     hf, ours = build(p["layers"])
     print(f"model: {ours.summary()}  (threads: {torch.get_num_threads()})")
-    rows = [decode_case(hf, ours, b, p["prompt"], p["new"], p["repeat"]) for b in p["batches"]]
+    from ssmkit.infer import quantize_weights
+
+    int8 = quantize_weights(ours)
+    rows = [r for b in p["batches"] for r in decode_case(hf, ours, b, p["prompt"], p["new"], p["repeat"], int8)]
     rows.append(prefill_case(hf, ours, p["prefill"], p["repeat"]))
     print_table(rows, ["case", "ssmkit_tok_per_s", "transformers_tok_per_s", "speedup", "ssmkit_s",
-                       "transformers_s", "same_tokens", "last_logits_rel_err"])
+                       "transformers_s", "same_tokens", "rows_identical", "first_differing_step",
+                       "last_logits_rel_err"])
     path = write_json("bench_generate", {
         "quick": args.quick, "threads": torch.get_num_threads(), "params": p, "model": ours.summary(), "rows": rows,
         "rss_bytes_end": current_rss_bytes(), "wall_s": time.perf_counter() - t0,

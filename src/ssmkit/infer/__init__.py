@@ -2,9 +2,12 @@
 
     from ssmkit.infer import generate, stream_generate
     new_tokens = generate(model, input_ids, 32, temperature=0)          # greedy, (batch, 32)
+    fast = quantize_weights(model)                                      # int8 weights for decoding
 """
 
 from .generate import generate, stream_generate
+from .quantize import Int8Linear, quantize_weights
 from .sampling import filter_logits, sample_from_logits, select_tokens
 
-__all__ = ["filter_logits", "generate", "sample_from_logits", "select_tokens", "stream_generate"]
+__all__ = ["Int8Linear", "filter_logits", "generate", "quantize_weights", "sample_from_logits", "select_tokens",
+           "stream_generate"]

@@ -208,9 +208,9 @@ class Attention(SequenceLayer):
         """
         name = type(self).__name__
         x = self.check_input(x)
-        if x.dtype != self.qkv.weight.dtype:
+        if x.dtype != self.param_dtype:
             raise TypeError(
-                f"{name}: x has dtype {x.dtype} but the layer's parameters are {self.qkv.weight.dtype}; "
+                f"{name}: x has dtype {x.dtype} but the layer's parameters are {self.param_dtype}; "
                 f"cast the input or the layer explicitly"
             )
         if not isinstance(return_state, bool):

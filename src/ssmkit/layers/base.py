@@ -11,6 +11,7 @@ own ``init_state`` on every call, so a state from another layer or batch size fa
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,22 @@ class SequenceLayer(nn.Module):
 
     d_model: int
     can_step: bool = True
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype of the layer's floating-point weights (parameters, else buffers such as the scales of
+        int8-quantized projections)."""
+        return self._first_float().dtype
+
+    @property
+    def param_device(self) -> torch.device:
+        return self._first_float().device
+
+    def _first_float(self) -> Tensor:
+        for t in itertools.chain(self.parameters(), self.buffers()):
+            if t.is_floating_point():
+                return t
+        raise RuntimeError(f"{type(self).__name__} holds no floating-point weights")
 
     def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None) -> LayerState:
         raise NotImplementedError

@@ -68,13 +68,13 @@ class _GatedBase(SequenceLayer):
     reverse: bool
 
     def _param_dtype(self) -> torch.dtype:
-        return self.out_proj.weight.dtype
+        return self.param_dtype
 
     def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None) -> LayerState:
         """Zero state h: (batch_size, d_state) in the compute dtype of ``dtype`` (default: the parameters)."""
         dt = compute_dtype(dtype or self._param_dtype())
         return self.state_cls(
-            h=torch.zeros(batch_size, self.d_state, dtype=dt, device=self.out_proj.weight.device)
+            h=torch.zeros(batch_size, self.d_state, dtype=dt, device=self.param_device)
         )
 
     def _check_x_dtype(self, x: Tensor, name: str) -> None:

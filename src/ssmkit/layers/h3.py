@@ -131,8 +131,8 @@ class H3(SequenceLayer):
 
     # -------------------------------------------------------------------------------------------- state
     def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None) -> H3State:
-        dtype = dtype or self.q_proj.weight.dtype
-        dev = self.q_proj.weight.device
+        dtype = dtype or self.param_dtype
+        dev = self.param_device
         P = self.head_dim
         return H3State(
             shift=torch.zeros(batch_size, self.d_model, self.shift_len - 1, dtype=dtype, device=dev),
@@ -141,9 +141,9 @@ class H3(SequenceLayer):
         )
 
     def _check_dtype(self, x: Tensor, name: str) -> None:
-        if x.dtype != self.q_proj.weight.dtype:
+        if x.dtype != self.param_dtype:
             raise TypeError(f"H3: {name} has dtype {x.dtype} but the layer's parameters are "
-                            f"{self.q_proj.weight.dtype}; cast the input or the layer explicitly")
+                            f"{self.param_dtype}; cast the input or the layer explicitly")
 
     def _checked_state(self, state: object, batch: int) -> H3State:
         st = self.check_state(state, batch)

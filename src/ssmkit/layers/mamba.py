@@ -163,9 +163,9 @@ class Mamba(SequenceLayer):
         )
 
     def _check_dtype(self, x: Tensor, name: str) -> None:
-        if x.dtype != self.in_proj.weight.dtype:
+        if x.dtype != self.param_dtype:
             raise TypeError(f"Mamba: {name} has dtype {x.dtype} but the layer's parameters are "
-                            f"{self.in_proj.weight.dtype}; convert one of them (nothing is cast silently)")
+                            f"{self.param_dtype}; convert one of them (nothing is cast silently)")
 
     def _check_state(self, state: object, x: Tensor) -> MambaState:
         self.check_state(state, x.shape[0])

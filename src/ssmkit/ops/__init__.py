@@ -5,8 +5,10 @@ Each op has a plain loop oracle in :mod:`ssmkit.ops.reference`.
 
 from . import reference
 from .fft_conv import fft_conv
+from .int8_linear import dequantize_int8, int8_linear, quantize_int8
 from .linear_scan import fused_kernels, linear_scan
 from .selective_scan import selective_scan
 from .ssd import ssd
 
-__all__ = ["fused_kernels", "linear_scan", "selective_scan", "ssd", "fft_conv", "reference"]
+__all__ = ["fused_kernels", "linear_scan", "selective_scan", "ssd", "fft_conv", "int8_linear", "quantize_int8",
+           "dequantize_int8", "reference"]

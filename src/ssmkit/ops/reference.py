@@ -196,3 +196,9 @@ def direct_conv_matrix(u: Tensor, k: Tensor) -> Tensor:
     valid = (lag >= 0) & (lag < K)
     T = torch.where(valid[None], k[:, lag.clamp(0, K - 1)], torch.zeros((), dtype=k.dtype, device=k.device))
     return torch.einsum("cts,bsc->btc", T, u.to(k.dtype))
+
+
+def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Oracle of :func:`ssmkit.ops.int8_linear`: dequantize (in x's dtype, e.g. float64) and multiply."""
+    w = q.to(x.dtype) * scale.to(x.dtype)[:, None]
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
