@@ -53,7 +53,7 @@ def test_schedule():
         ControllerConfig(explore_min=0.6)
     with pytest.raises(ValueError, match="unknown layer"):
         ControllerConfig(layer="mlp")
-    with pytest.raises(ValueError, match="unknown fields"):
+    with pytest.raises(ValueError, match="unknown keys"):
         ControllerConfig.from_dict({"warmup": 3})
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from ssmkit._dataclass_dict import dataclass_from_dict, dataclass_to_dict
 
 #: run name -> (mixture, model kind): "ssm" uses ``mixer`` (PrefixLM when the mixture is prefix-bidirectional,
 #: else CausalLM); "transformer" is a causal attention model of the same width and depth
@@ -153,22 +154,11 @@ class BirdieConfig:
         return {k: d[k] for k in EVALS[name]}
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["runs"], d["phonebook_queries"], d["mqar_pairs"] = (list(self.runs), list(self.phonebook_queries),
-                                                              list(self.mqar_pairs))
-        return d
+        return dataclass_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BirdieConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"BirdieConfig: unknown keys {unknown}; valid keys: {sorted(known)}")
-        kw = dict(d)
-        for k in ("runs", "phonebook_queries", "mqar_pairs"):
-            if isinstance(kw.get(k), list):
-                kw[k] = tuple(kw[k])
-        return cls(**kw)
+        return dataclass_from_dict(cls, d)
 
 
 #: a tiny configuration for smoke tests (a few minutes for all runs on 2 cores)

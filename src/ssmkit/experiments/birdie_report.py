@@ -76,6 +76,17 @@ def _val_curve(run_dir: Path) -> tuple[list[int], list[float]]:
     return steps, losses
 
 
+def _save(fig: Any, ax: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(results: Mapping[str, Mapping[str, Any]], out_dir: str | Path) -> list[Path]:
     """Write the plots and ``birdie_report.md`` into ``out_dir``; returns the files written."""
     import matplotlib
@@ -101,11 +112,7 @@ def write_report(results: Mapping[str, Mapping[str, Any]], out_dir: str | Path) 
     ax.set_xlabel("queried numbers")
     ax.set_ylabel("digit accuracy (greedy)")
     ax.set_title("phone book after fine-tuning")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(out / "phonebook.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_save(fig, ax, out / "phonebook.png"))
 
     # MQAR accuracy per number of pairs
     ms = sorted({k[4:] for r in rows for k in r if k.startswith("mqar")}, key=int)
@@ -120,11 +127,7 @@ def write_report(results: Mapping[str, Mapping[str, Any]], out_dir: str | Path) 
         ax.set_ylabel("value accuracy (teacher-forced)")
         ax.set_title("MQAR after fine-tuning")
         ax.set_ylim(0, 1.02)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out / "mqar.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_save(fig, ax, out / "mqar.png"))
 
     # validation loss during pretraining
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -134,11 +137,7 @@ def write_report(results: Mapping[str, Mapping[str, Any]], out_dir: str | Path) 
             ax.plot(steps, losses, marker=".", label=name)
     ax.set_xlabel("step")
     ax.set_ylabel("held-out next-token loss (nats/byte)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(out / "val_loss.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_save(fig, ax, out / "val_loss.png"))
 
     # mixture evolution of the controller runs: mass per objective family at each decision
     for name, r in results.items():

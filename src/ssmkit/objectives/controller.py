@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ssmkit._dataclass_dict import dataclass_from_dict, dataclass_to_dict
+
 from .arms import class_weights
 from .reward import LAYERS, RewardModel, birdie_reward
 
@@ -102,20 +104,11 @@ class ControllerConfig:
             explore_decay_steps=s(self.explore_decay_steps))
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["eval_steps"] = list(self.eval_steps)
-        return d
+        return dataclass_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ControllerConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"ControllerConfig: unknown fields {unknown}; expected some of {sorted(known)}")
-        kw = dict(d)
-        if "eval_steps" in kw and isinstance(kw["eval_steps"], list):
-            kw["eval_steps"] = tuple(kw["eval_steps"])
-        return cls(**kw)
+        return dataclass_from_dict(cls, d)
 
     # --------------------------------------------------------------------------------------- schedules
     def is_eval_step(self, step: int) -> bool:
