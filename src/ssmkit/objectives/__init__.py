@@ -33,6 +33,8 @@ Modules
     mixtures    ``ntp``, ``ul2``, ``fixed``, ``birdie``, ``birdie-causal`` (:func:`make_mixture`).
     source      :class:`MixtureBatchSource` (next_batch / state_dict / load_state_dict / on_eval) and the
                 validation helpers :func:`per_objective_losses`, :func:`per_row_lm_loss`.
+    text_task   :class:`ObjectiveText`: held-out text in the next-token pair format (perplexity of objective-
+                trained models; the trainer's evaluation task in ``ssmkit.experiments.birdie``).
 """
 
 from __future__ import annotations
