@@ -202,6 +202,75 @@ def selective_fwd(u, dt, At, Bm, Cm, Dv, z, keep, h0, blocks, reverse, has_D, ha
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
+def selective_fwd_tiled(u, dt, At, Bm, Cm, Dv, z, keep, h0, blocks, parts, reverse, has_D, has_z, save_ck, ck,
+                        out, hT):
+    """:func:`selective_fwd` with time tiles: each task owns a contiguous range of channel blocks
+    (``parts[p]:parts[p + 1]``) and sweeps time in tiles of SS_CHUNK steps, running every block of its range
+    over a tile before the next tile. A tile's rows of u, dt and z are then read whole (a few KB, contiguous)
+    by consecutive blocks instead of one 256-byte slice per row and page, and the states of all its blocks stay
+    in L2. Same arithmetic, same results."""
+    nbat, L, _ = u.shape
+    N = At.shape[0]
+    W = SS_BLOCK
+    T = SS_CHUNK
+    nparts = parts.shape[0] - 1
+    one = np.ones(1, dtype=u.dtype)[0]
+    for task in nb.prange(nbat * nparts):
+        bi = task // nparts
+        p0 = parts[task % nparts]
+        nk = parts[task % nparts + 1] - p0
+        h = np.zeros((nk, N, W), dtype=u.dtype)
+        Ab = np.zeros((nk, N, W), dtype=u.dtype)
+        dtj = np.zeros(W, dtype=u.dtype)
+        duj = np.zeros(W, dtype=u.dtype)
+        yj = np.zeros(W, dtype=u.dtype)
+        for k in range(nk):
+            d0 = blocks[p0 + k, 0]
+            for n in range(N):
+                for j in range(blocks[p0 + k, 1]):
+                    h[k, n, j] = h0[bi, n, d0 + j]
+                    Ab[k, n, j] = At[n, d0 + j]
+        for c0 in range(0, L, T):
+            c1 = min(L, c0 + T)
+            for k in range(nk):
+                d0 = blocks[p0 + k, 0]
+                w = blocks[p0 + k, 1]
+                g = blocks[p0 + k, 2]
+                if save_ck:
+                    for n in range(N):
+                        for j in range(w):
+                            ck[bi, c0 // T, n, d0 + j] = h[k, n, j]
+                for i in range(c0, c1):
+                    t = L - 1 - i if reverse else i
+                    kp = keep[bi, t]
+                    for j in range(w):
+                        dtj[j] = dt[bi, t, d0 + j]
+                        duj[j] = dtj[j] * u[bi, t, d0 + j]
+                    for j in range(W):
+                        yj[j] = 0.0
+                    for n in range(N):
+                        bn = Bm[bi, t, g, n]
+                        cn = Cm[bi, t, g, n]
+                        for j in range(W):
+                            hv = fast_exp(dtj[j] * Ab[k, n, j]) * h[k, n, j] * kp + duj[j] * bn
+                            h[k, n, j] = hv
+                            yj[j] += cn * hv
+                    for j in range(w):
+                        y = yj[j]
+                        if has_D:
+                            y += Dv[d0 + j] * u[bi, t, d0 + j]
+                        if has_z:
+                            zz = z[bi, t, d0 + j]
+                            y *= zz / (one + fast_exp(-zz))
+                        out[bi, t, d0 + j] = y
+        for k in range(nk):
+            d0 = blocks[p0 + k, 0]
+            for n in range(N):
+                for j in range(blocks[p0 + k, 1]):
+                    hT[bi, n, d0 + j] = h[k, n, j]
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
 def selective_bwd(u, dt, At, Bm, Cm, Dv, z, keep, ck, blocks, stripes, reverse, has_D, has_z, gout, ghT,
                   gu, gdt, gz, gA_part, gD_part, gB_part, gC_part, gh0):
     """Reverse-time pass. Each task owns one stripe of channel blocks of one (batch, group) and processes them one

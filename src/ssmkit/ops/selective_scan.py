@@ -31,6 +31,10 @@ def _stripes(blocks: np.ndarray, groups: int, parts: int) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64)
 
 
+#: which forward kernel runs: the time-tiled one (True) or one task per channel block over all steps (False)
+FWD_KERNEL = {"tiled": True}
+
+
 class _SelectiveScanFn(torch.autograd.Function):
     """Fused S6 core with D skip and silu(z) gate. Saves only inputs and (B, L/T, N, D) state checkpoints."""
 
@@ -50,13 +54,15 @@ class _SelectiveScanFn(torch.autograd.Function):
         out = torch.empty_like(u_)
         hT = torch.empty(batch, N, dim, dtype=u_.dtype)
         ctx.work = u_.numel() * N
-        with K.kernel_threads(ctx.work):
-            K.selective_fwd(
-                u_.numpy(), dt_.numpy(), At.numpy(), B_.numpy(), C_.numpy(),
-                (dummy if D_ is None else D_).numpy(), (dummy.reshape(1, 1, 1) if z_ is None else z_).numpy(),
-                keep_.numpy(), h0t.numpy(), blocks, reverse, D_ is not None, z_ is not None, save, ck.numpy(),
-                out.numpy(), hT.numpy(),
-            )
+        args = (u_.numpy(), dt_.numpy(), At.numpy(), B_.numpy(), C_.numpy(), (dummy if D_ is None else D_).numpy(),
+                (dummy.reshape(1, 1, 1) if z_ is None else z_).numpy(), keep_.numpy(), h0t.numpy(), blocks)
+        flags = (reverse, D_ is not None, z_ is not None, save, ck.numpy(), out.numpy(), hT.numpy())
+        with K.kernel_threads(ctx.work) as threads:
+            if FWD_KERNEL["tiled"]:
+                parts = np.linspace(0, len(blocks), min(threads, len(blocks)) + 1).round().astype(np.int64)
+                K.selective_fwd_tiled(*args, parts, *flags)
+            else:
+                K.selective_fwd(*args, *flags)
         ctx.reverse = reverse
         ctx.has = (D_ is not None, z_ is not None, h0_ is not None)
         ctx.blocks = blocks
