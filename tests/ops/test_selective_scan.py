@@ -53,6 +53,12 @@ def compare(inp, tol, **kw):
     assert rel_err(h, hr) < tol, "final state"
     for k in gr:
         assert rel_err(g[k], gr[k]) < tol, f"grad of {k}: {rel_err(g[k], gr[k]):.2e}"
+    # inference (no gradients): the kernel applies delta_bias and softplus itself
+    with torch.no_grad():
+        args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z")]
+        yn, hn = selective_scan(*args, delta_bias=inp["delta_bias"], initial_state=inp["initial_state"],
+                                return_final_state=True, **kw)
+    assert rel_err(yn, yr) < tol and rel_err(hn, hr) < tol, "no-grad forward"
 
 
 @given(
@@ -77,6 +83,20 @@ def test_matches_reference(batch, length, dim_mult, N, groups, dtype, flags, rev
     reset = (torch.rand(batch, length, generator=torch.Generator().manual_seed(seed)) < 0.1) if use_reset else None
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     compare(inp, tol, delta_softplus=softplus, reset=reset, reverse=reverse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_softplus_threshold_in_inference(dtype):
+    """Step sizes on both sides of softplus' linear threshold (20), through the kernel's own softplus."""
+    inp = make_inputs(2, 40, 70, 3, None, dtype, 5)
+    inp["delta"] = inp["delta"] * 30
+    inp["A"] = inp["A"] * 0.01
+    args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z")]
+    with torch.no_grad():
+        y = selective_scan(*args, delta_bias=inp["delta_bias"], delta_softplus=True)
+    yr = R.selective_scan(*[a.double() for a in args], delta_bias=inp["delta_bias"].double(), delta_softplus=True)
+    assert bool((inp["delta"] > 20).any() and (inp["delta"] < 20).any())
+    assert rel_err(y.double(), yr) < (1e-10 if dtype == torch.float64 else 1e-5)
 
 
 def test_many_blocks_and_groups_float32():

@@ -202,13 +202,14 @@ def selective_fwd(u, dt, At, Bm, Cm, Dv, z, keep, h0, blocks, reverse, has_D, ha
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
-def selective_fwd_tiled(u, dt, At, Bm, Cm, Dv, z, keep, h0, blocks, parts, reverse, has_D, has_z, save_ck, ck,
-                        out, hT):
+def selective_fwd_tiled(u, dt, At, Bm, Cm, Dv, z, keep, h0, blocks, parts, dbias, softplus, reverse, has_D, has_z,
+                        save_ck, ck, out, hT):
     """:func:`selective_fwd` with time tiles: each task owns a contiguous range of channel blocks
     (``parts[p]:parts[p + 1]``) and sweeps time in tiles of SS_CHUNK steps, running every block of its range
     over a tile before the next tile. A tile's rows of u, dt and z are then read whole (a few KB, contiguous)
     by consecutive blocks instead of one 256-byte slice per row and page, and the states of all its blocks stay
-    in L2. Same arithmetic, same results."""
+    in L2. Same arithmetic, same results. The step size is ``dt + dbias`` (dbias: (dim,)), passed through
+    softplus (torch's: identity above 20) when ``softplus``, so inference needs no separate pass for them."""
     nbat, L, _ = u.shape
     N = At.shape[0]
     W = SS_BLOCK
@@ -244,8 +245,11 @@ def selective_fwd_tiled(u, dt, At, Bm, Cm, Dv, z, keep, h0, blocks, parts, rever
                     t = L - 1 - i if reverse else i
                     kp = keep[bi, t]
                     for j in range(w):
-                        dtj[j] = dt[bi, t, d0 + j]
-                        duj[j] = dtj[j] * u[bi, t, d0 + j]
+                        v = dt[bi, t, d0 + j] + dbias[d0 + j]
+                        if softplus and v <= 20.0:
+                            v = np.log1p(fast_exp(v))
+                        dtj[j] = v
+                        duj[j] = v * u[bi, t, d0 + j]
                     for j in range(W):
                         yj[j] = 0.0
                     for n in range(N):

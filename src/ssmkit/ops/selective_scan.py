@@ -39,7 +39,10 @@ class _SelectiveScanFn(torch.autograd.Function):
     """Fused S6 core with D skip and silu(z) gate. Saves only inputs and (B, L/T, N, D) state checkpoints."""
 
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, D, z, keep, h0, reverse: bool):
+    def forward(ctx, u, dt, A, B, C, D, z, keep, h0, reverse: bool, dt_bias=None, softplus: bool = False):
+        # dt_bias / softplus: applied to dt inside the kernel; inference only (backward expects the final dt)
+        if (dt_bias is not None or softplus) and any(ctx.needs_input_grad):
+            raise RuntimeError("selective scan: the fused dt bias/softplus is for calls that need no gradients")
         det = [None if t is None else t.detach().contiguous() for t in (u, dt, A, B, C, D, z, keep, h0)]
         u_, dt_, A_, B_, C_, D_, z_, keep_, h0_ = det
         batch, length, dim = u_.shape
@@ -60,8 +63,11 @@ class _SelectiveScanFn(torch.autograd.Function):
         with K.kernel_threads(ctx.work) as threads:
             if FWD_KERNEL["tiled"]:
                 parts = np.linspace(0, len(blocks), min(threads, len(blocks)) + 1).round().astype(np.int64)
-                K.selective_fwd_tiled(*args, parts, *flags)
+                bias = torch.zeros(dim, dtype=u_.dtype) if dt_bias is None else dt_bias.detach().contiguous()
+                K.selective_fwd_tiled(*args, parts, bias.numpy(), softplus, *flags)
             else:
+                if dt_bias is not None or softplus:
+                    raise RuntimeError("selective scan: fused dt bias/softplus needs the tiled kernel")
                 K.selective_fwd(*args, *flags)
         ctx.reverse = reverse
         ctx.has = (D_ is not None, z_ is not None, h0_ is not None)
@@ -94,7 +100,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                 gu.numpy(), gdt.numpy(), gz.numpy(), gA.numpy(), gD.numpy(), gB.numpy(), gC.numpy(), gh0.numpy(),
             )
         return (gu, gdt, gA.sum(0).t(), gB.sum(0), gC.sum(0), gD.sum(0) if has_D else None,
-                gz if has_z else None, None, gh0.transpose(1, 2) if has_h0 else None, None)
+                gz if has_z else None, None, gh0.transpose(1, 2) if has_h0 else None, None, None, None)
 
 
 def _check_bc(name: str, M: Tensor, batch: int, length: int, dim: int, N: int) -> None:
@@ -177,17 +183,22 @@ def selective_scan(
     cast = (lambda t: None if t is None else t.to(cdt))  # noqa: E731
     uf, Af, Df, zf, h0 = cast(u), cast(A), cast(D), cast(z), cast(initial_state)
     dt = cast(delta)
-    if delta_bias is not None:
-        dt = dt + cast(delta_bias)
-    if delta_softplus:
-        dt = F.softplus(dt)
+    grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
+    fuse_dt = use_fused(uf) and FWD_KERNEL["tiled"] and not grads and (delta_bias is not None or delta_softplus)
+    if not fuse_dt:
+        if delta_bias is not None:
+            dt = dt + cast(delta_bias)
+        if delta_softplus:
+            dt = F.softplus(dt)
     B4 = cast(B) if B.ndim == 4 else cast(B).unsqueeze(2)
     C4 = cast(C) if C.ndim == 4 else cast(C).unsqueeze(2)
     r = None if reset is None else (reverse_reset(reset) if reverse else reset)
     keep = torch.ones(batch, length, dtype=cdt) if r is None else (~r).to(cdt)
 
     if use_fused(uf):
-        out, hT = _SelectiveScanFn.apply(uf, dt, Af, B4, C4, Df, zf, keep, h0, reverse)
+        extra = (cast(delta_bias), bool(delta_softplus)) if fuse_dt else ()
+        out, hT = _SelectiveScanFn.apply(uf, dt, Af, B4, C4, Df, zf, keep, h0, reverse, *extra)
     else:
         flip = (lambda t: t.flip(1)) if reverse else (lambda t: t)  # noqa: E731
         y, hT = selective_scan_chunked(flip(uf), flip(dt), Af, flip(B4), flip(C4),
