@@ -144,71 +144,17 @@ SS_CHUNK = 32  # steps between state checkpoints
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
-def selective_fwd(u, dt, At, Bm, Cm, Dv, z, keep, h0, blocks, reverse, has_D, has_z, save_ck, ck, out, hT):
-    """out = (C.h + D u) * silu(z) with h_t = exp(dt_t A) h_{t-1} keep_t + dt_t B_t u_t; hT = final state.
+def selective_fwd(u, dt, At, Bm, Cm, Dv, z, keep, h0, blocks, parts, dbias, softplus, reverse, has_D, has_z, save_ck,
+                  ck, out, hT):
+    """out = (C.h + D u) * silu(z) with h_t = exp(dt_t A) h_{t-1} keep_t + dt_t B_t u_t; hT = final state;
+    ck[:, c] = the state before step c * SS_CHUNK (when ``save_ck``). Padded lanes (beyond a block's width) carry
+    dt = u = A = 0, so their state stays exactly 0.
 
-    Padded lanes (beyond a block's width) carry dt = u = A = 0, so their state stays exactly 0.
-    """
-    nbat, L, _ = u.shape
-    N = At.shape[0]
-    W = SS_BLOCK
-    T = SS_CHUNK
-    nblk = blocks.shape[0]
-    one = np.ones(1, dtype=u.dtype)[0]
-    for task in nb.prange(nbat * nblk):
-        bi = task // nblk
-        d0 = blocks[task % nblk, 0]
-        w = blocks[task % nblk, 1]
-        g = blocks[task % nblk, 2]
-        h = np.zeros((N, W), dtype=u.dtype)
-        Ab = np.zeros((N, W), dtype=u.dtype)
-        dtj = np.zeros(W, dtype=u.dtype)
-        duj = np.zeros(W, dtype=u.dtype)
-        yj = np.zeros(W, dtype=u.dtype)
-        for n in range(N):
-            for j in range(w):
-                h[n, j] = h0[bi, n, d0 + j]
-                Ab[n, j] = At[n, d0 + j]
-        for i in range(L):
-            t = L - 1 - i if reverse else i
-            if save_ck and i % T == 0:
-                for n in range(N):
-                    for j in range(w):
-                        ck[bi, i // T, n, d0 + j] = h[n, j]
-            kp = keep[bi, t]
-            for j in range(w):
-                dtj[j] = dt[bi, t, d0 + j]
-                duj[j] = dtj[j] * u[bi, t, d0 + j]
-            for j in range(W):
-                yj[j] = 0.0
-            for n in range(N):
-                bn = Bm[bi, t, g, n]
-                cn = Cm[bi, t, g, n]
-                for j in range(W):
-                    hv = fast_exp(dtj[j] * Ab[n, j]) * h[n, j] * kp + duj[j] * bn
-                    h[n, j] = hv
-                    yj[j] += cn * hv
-            for j in range(w):
-                y = yj[j]
-                if has_D:
-                    y += Dv[d0 + j] * u[bi, t, d0 + j]
-                if has_z:
-                    zz = z[bi, t, d0 + j]
-                    y *= zz / (one + fast_exp(-zz))
-                out[bi, t, d0 + j] = y
-        for n in range(N):
-            for j in range(w):
-                hT[bi, n, d0 + j] = h[n, j]
-
-
-@nb.njit(parallel=True, fastmath=True, cache=True)
-def selective_fwd_tiled(u, dt, At, Bm, Cm, Dv, z, keep, h0, blocks, parts, dbias, softplus, reverse, has_D, has_z,
-                        save_ck, ck, out, hT):
-    """:func:`selective_fwd` with time tiles: each task owns a contiguous range of channel blocks
-    (``parts[p]:parts[p + 1]``) and sweeps time in tiles of SS_CHUNK steps, running every block of its range
-    over a tile before the next tile. A tile's rows of u, dt and z are then read whole (a few KB, contiguous)
-    by consecutive blocks instead of one 256-byte slice per row and page, and the states of all its blocks stay
-    in L2. Same arithmetic, same results. The step size is ``dt + dbias`` (dbias: (dim,)), passed through
+    Channel blocks of SS_BLOCK lanes; each task owns a contiguous range of blocks (``parts[p]:parts[p + 1]``)
+    and sweeps time in tiles of SS_CHUNK steps, running every block of its range over a tile before the next
+    tile: a tile's rows of u, dt and z are read whole (a few KB, contiguous) by consecutive blocks rather than
+    one 256-byte slice per row (a new page per step), and the states of all its blocks stay in L2 (1.4x faster
+    than one task per block over all steps at L=16384). The step size is ``dt + dbias`` (dbias: (dim,)), passed through
     softplus (torch's: identity above 20) when ``softplus``, so inference needs no separate pass for them."""
     nbat, L, _ = u.shape
     N = At.shape[0]

@@ -31,10 +31,6 @@ def _stripes(blocks: np.ndarray, groups: int, parts: int) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64)
 
 
-#: which forward kernel runs: the time-tiled one (True) or one task per channel block over all steps (False)
-FWD_KERNEL = {"tiled": True}
-
-
 class _SelectiveScanFn(torch.autograd.Function):
     """Fused S6 core with D skip and silu(z) gate. Saves only inputs and (B, L/T, N, D) state checkpoints."""
 
@@ -61,14 +57,9 @@ class _SelectiveScanFn(torch.autograd.Function):
                 (dummy.reshape(1, 1, 1) if z_ is None else z_).numpy(), keep_.numpy(), h0t.numpy(), blocks)
         flags = (reverse, D_ is not None, z_ is not None, save, ck.numpy(), out.numpy(), hT.numpy())
         with K.kernel_threads(ctx.work) as threads:
-            if FWD_KERNEL["tiled"]:
-                parts = np.linspace(0, len(blocks), min(threads, len(blocks)) + 1).round().astype(np.int64)
-                bias = torch.zeros(dim, dtype=u_.dtype) if dt_bias is None else dt_bias.detach().contiguous()
-                K.selective_fwd_tiled(*args, parts, bias.numpy(), softplus, *flags)
-            else:
-                if dt_bias is not None or softplus:
-                    raise RuntimeError("selective scan: fused dt bias/softplus needs the tiled kernel")
-                K.selective_fwd(*args, *flags)
+            parts = np.linspace(0, len(blocks), min(threads, len(blocks)) + 1).round().astype(np.int64)
+            bias = torch.zeros(dim, dtype=u_.dtype) if dt_bias is None else dt_bias.detach().contiguous()
+            K.selective_fwd(*args, parts, bias.numpy(), softplus, *flags)
         ctx.reverse = reverse
         ctx.has = (D_ is not None, z_ is not None, h0_ is not None)
         ctx.blocks = blocks
@@ -185,7 +176,7 @@ def selective_scan(
     dt = cast(delta)
     grads = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
-    fuse_dt = use_fused(uf) and FWD_KERNEL["tiled"] and not grads and (delta_bias is not None or delta_softplus)
+    fuse_dt = use_fused(uf) and not grads and (delta_bias is not None or delta_softplus)
     if not fuse_dt:
         if delta_bias is not None:
             dt = dt + cast(delta_bias)
