@@ -208,11 +208,7 @@ class Attention(SequenceLayer):
         """
         name = type(self).__name__
         x = self.check_input(x)
-        if x.dtype != self.param_dtype:
-            raise TypeError(
-                f"{name}: x has dtype {x.dtype} but the layer's parameters are {self.param_dtype}; "
-                f"cast the input or the layer explicitly"
-            )
+        self.check_dtype(x)
         if not isinstance(return_state, bool):
             raise TypeError(f"{name}: return_state must be a bool, got {type(return_state).__name__}")
         reset = self.check_reset(reset, x)

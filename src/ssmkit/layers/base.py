@@ -62,6 +62,12 @@ class SequenceLayer(nn.Module):
     def param_device(self) -> torch.device:
         return self._first_float().device
 
+    def check_dtype(self, x: Tensor, name: str = "x") -> None:
+        """TypeError unless ``x`` has the layer's parameter dtype (nothing is cast silently)."""
+        if x.dtype != self.param_dtype:
+            raise TypeError(f"{type(self).__name__}: {name} has dtype {x.dtype} but the layer's parameters are "
+                            f"{self.param_dtype}; cast the input or the layer explicitly")
+
     def _first_float(self) -> Tensor:
         for t in itertools.chain(self.parameters(), self.buffers()):
             if t.is_floating_point():

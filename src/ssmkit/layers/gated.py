@@ -67,22 +67,12 @@ class _GatedBase(SequenceLayer):
     d_state: int
     reverse: bool
 
-    def _param_dtype(self) -> torch.dtype:
-        return self.param_dtype
-
     def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None) -> LayerState:
         """Zero state h: (batch_size, d_state) in the compute dtype of ``dtype`` (default: the parameters)."""
-        dt = compute_dtype(dtype or self._param_dtype())
+        dt = compute_dtype(dtype or self.param_dtype)
         return self.state_cls(
             h=torch.zeros(batch_size, self.d_state, dtype=dt, device=self.param_device)
         )
-
-    def _check_x_dtype(self, x: Tensor, name: str) -> None:
-        if x.dtype != self._param_dtype():
-            raise TypeError(
-                f"{type(self).__name__}: {name} has dtype {x.dtype} but the layer's parameters are "
-                f"{self._param_dtype()}; cast the input or the layer explicitly"
-            )
 
     def _state_h(self, state: object, x: Tensor) -> Tensor:
         """Validate a state against this layer and the input ``x``; return its h tensor."""
@@ -99,7 +89,7 @@ class _GatedBase(SequenceLayer):
         self, x: object, state: object, reset: object
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         x = self.check_input(x)
-        self._check_x_dtype(x, "x")
+        self.check_dtype(x, "x")
         reset = self.check_reset(reset, x)
         h0 = None if state is None else self._state_h(state, x)
         return x, h0, reset
@@ -183,7 +173,7 @@ class GatedSSM(_GatedBase):
     def step(self, x_t: Tensor, state: GatedSSMState) -> tuple[Tensor, GatedSSMState]:
         """One token x_t: (batch, d_model) -> (y_t (batch, d_model), new state); O(1) in the length."""
         x_t = self.check_step_input(x_t)
-        self._check_x_dtype(x_t, "x_t")
+        self.check_dtype(x_t, "x_t")
         h = self._state_h(state, x_t)
         f, b, o = self._gates(x_t)
         h = f.to(h.dtype) * h + b.to(h.dtype)
@@ -287,7 +277,7 @@ class RGLRU(_GatedBase):
     def step(self, x_t: Tensor, state: RGLRUState) -> tuple[Tensor, RGLRUState]:
         """One token x_t: (batch, d_model) -> (y_t (batch, d_model), new state); O(1) in the length."""
         x_t = self.check_step_input(x_t)
-        self._check_x_dtype(x_t, "x_t")
+        self.check_dtype(x_t, "x_t")
         h = self._state_h(state, x_t)
         a, b, g = self._coeffs(x_t)
         h = a.to(h.dtype) * h + b.to(h.dtype)

@@ -140,11 +140,6 @@ class H3(SequenceLayer):
                             device=dev),
         )
 
-    def _check_dtype(self, x: Tensor, name: str) -> None:
-        if x.dtype != self.param_dtype:
-            raise TypeError(f"H3: {name} has dtype {x.dtype} but the layer's parameters are "
-                            f"{self.param_dtype}; cast the input or the layer explicitly")
-
     def _checked_state(self, state: object, batch: int) -> H3State:
         st = self.check_state(state, batch)
         want = self.init_state(batch)
@@ -187,7 +182,7 @@ class H3(SequenceLayer):
     ):
         """x: (batch, length, d_model) -> y (batch, length, d_model); (y, H3State) if return_state."""
         x = self.check_input(x)
-        self._check_dtype(x, "x")
+        self.check_dtype(x, "x")
         reset = self.check_reset(reset, x)
         mode = check_choice("H3", "mode", self.mode, MODES)
         batch, length, _ = x.shape
@@ -225,7 +220,7 @@ class H3(SequenceLayer):
     def step(self, x_t: Tensor, state: H3State) -> tuple[Tensor, H3State]:
         """One token: x_t (batch, d_model) -> (y_t (batch, d_model), new state); O(1) in the length."""
         x_t = self.check_step_input(x_t)
-        self._check_dtype(x_t, "x_t")
+        self.check_dtype(x_t, "x_t")
         batch = x_t.shape[0]
         P, H, N2 = self.head_dim, self.n_heads, self.d_state // 2
         st = self._checked_state(state, batch)

@@ -162,11 +162,6 @@ class Mamba(SequenceLayer):
             ssm=torch.zeros(batch_size, self.d_inner, self.d_state, dtype=state_dtype(dtype), device=dev),
         )
 
-    def _check_dtype(self, x: Tensor, name: str) -> None:
-        if x.dtype != self.param_dtype:
-            raise TypeError(f"Mamba: {name} has dtype {x.dtype} but the layer's parameters are "
-                            f"{self.param_dtype}; convert one of them (nothing is cast silently)")
-
     def _check_state(self, state: object, x: Tensor) -> MambaState:
         self.check_state(state, x.shape[0])
         check_state_dtypes("Mamba", state, self.expected_state(x.shape[0], x.dtype))
@@ -188,7 +183,7 @@ class Mamba(SequenceLayer):
         (zero for rows where x starts a segment, so nothing flows into the chunk before it).
         """
         x = self.check_input(x)
-        self._check_dtype(x, "x")
+        self.check_dtype(x, "x")
         reset = self.check_reset(reset, x)
         if state is not None:
             self._check_state(state, x)
@@ -219,7 +214,7 @@ class Mamba(SequenceLayer):
         With ``reverse=True`` feed tokens from last to first.
         """
         x_t = self.check_step_input(x_t)
-        self._check_dtype(x_t, "x_t")
+        self.check_dtype(x_t, "x_t")
         self._check_state(state, x_t)
         xi, z = self.in_proj(x_t).chunk(2, dim=-1)  # (batch, d_inner)
         u, conv_state = self.conv1d.step(xi, state.conv)

@@ -164,9 +164,7 @@ class Mamba2(SequenceLayer):
         )
 
     def _check(self, x: Tensor, name: str, state: object) -> None:
-        if x.dtype != self.param_dtype:
-            raise TypeError(f"Mamba2: {name} has dtype {x.dtype} but the layer's parameters are "
-                            f"{self.param_dtype}; convert one of them (nothing is cast silently)")
+        self.check_dtype(x, name)
         if state is not None:
             self.check_state(state, x.shape[0])
             check_state_dtypes("Mamba2", state, self.expected_state(x.shape[0], x.dtype))

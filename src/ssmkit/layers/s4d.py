@@ -315,13 +315,6 @@ class S4D(SequenceLayer):
         return S4DState(s=torch.zeros(batch_size, self.d_model, self.d_state // 2, dtype=ct,
                                       device=self.log_dt.device))
 
-    def _check_dtype(self, x: Tensor, name: str) -> None:
-        if x.dtype != self.log_dt.dtype:
-            raise TypeError(
-                f"{type(self).__name__}: {name} has dtype {x.dtype} but the layer's parameters are "
-                f"{self.log_dt.dtype}; cast the input or the layer explicitly"
-            )
-
     def _state_tensor(self, state: object, batch: int) -> Tensor:
         st = self.check_state(state, batch)
         want = self._dtypes()[2]
@@ -340,7 +333,7 @@ class S4D(SequenceLayer):
         """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, state) if ``return_state``."""
         name = type(self).__name__
         x = self.check_input(x)
-        self._check_dtype(x, "x")
+        self.check_dtype(x, "x")
         reset = self.check_reset(reset, x)
         return_state = check_flag(name, "return_state", return_state)
         mode = check_choice(name, "mode", self.mode, MODES)
@@ -356,7 +349,7 @@ class S4D(SequenceLayer):
     def step(self, x_t: Tensor, state: S4DState) -> tuple[Tensor, S4DState]:
         """One token x_t: (batch, d_model) -> (y_t, new state); O(1). reverse=True: feed tokens last first."""
         x_t = self.check_step_input(x_t)
-        self._check_dtype(x_t, "x_t")
+        self.check_dtype(x_t, "x_t")
         s = self._state_tensor(state, x_t.shape[0])
         _, rdt, _ = self._dtypes()
         dA, _, dB, C = self.discrete()

@@ -35,10 +35,9 @@ class _SelectiveScanFn(torch.autograd.Function):
     """Fused S6 core with D skip and silu(z) gate. Saves only inputs and (B, L/T, N, D) state checkpoints."""
 
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, D, z, keep, h0, reverse: bool, dt_bias=None, softplus: bool = False):
-        # dt_bias / softplus: applied to dt inside the kernel; inference only (backward expects the final dt)
-        if (dt_bias is not None or softplus) and any(ctx.needs_input_grad):
-            raise RuntimeError("selective scan: the fused dt bias/softplus is for calls that need no gradients")
+    def forward(ctx, u, dt, A, B, C, D, z, keep, h0, reverse: bool, grads: bool, dt_bias=None, softplus: bool = False):
+        # grads: the caller will differentiate (else no checkpoints are saved). dt_bias / softplus: applied to dt
+        # inside the kernel, only without grads (the backward takes the final dt)
         det = [None if t is None else t.detach().contiguous() for t in (u, dt, A, B, C, D, z, keep, h0)]
         u_, dt_, A_, B_, C_, D_, z_, keep_, h0_ = det
         batch, length, dim = u_.shape
@@ -47,7 +46,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         h0t = (torch.zeros(batch, N, dim, dtype=u_.dtype) if h0_ is None else h0_.transpose(1, 2).contiguous())
         dummy = torch.zeros(1, dtype=u_.dtype)
         blocks = _blocks(dim, groups)
-        save = any(ctx.needs_input_grad)
+        save = grads and any(ctx.needs_input_grad)
         nck = -(-length // K.SS_CHUNK)
         ck = torch.empty((batch, nck, N, dim) if save else (1, 1, 1, 1), dtype=u_.dtype)
         out = torch.empty_like(u_)
@@ -91,7 +90,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                 gu.numpy(), gdt.numpy(), gz.numpy(), gA.numpy(), gD.numpy(), gB.numpy(), gC.numpy(), gh0.numpy(),
             )
         return (gu, gdt, gA.sum(0).t(), gB.sum(0), gC.sum(0), gD.sum(0) if has_D else None,
-                gz if has_z else None, None, gh0.transpose(1, 2) if has_h0 else None, None, None, None)
+                gz if has_z else None, None, gh0.transpose(1, 2) if has_h0 else None, None, None, None, None)
 
 
 def _check_bc(name: str, M: Tensor, batch: int, length: int, dim: int, N: int) -> None:
@@ -189,7 +188,7 @@ def selective_scan(
 
     if use_fused(uf):
         extra = (cast(delta_bias), bool(delta_softplus)) if fuse_dt else ()
-        out, hT = _SelectiveScanFn.apply(uf, dt, Af, B4, C4, Df, zf, keep, h0, reverse, *extra)
+        out, hT = _SelectiveScanFn.apply(uf, dt, Af, B4, C4, Df, zf, keep, h0, reverse, grads, *extra)
     else:
         flip = (lambda t: t.flip(1)) if reverse else (lambda t: t)  # noqa: E731
         y, hT = selective_scan_chunked(flip(uf), flip(dt), Af, flip(B4), flip(C4),
