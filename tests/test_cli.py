@@ -130,6 +130,8 @@ def test_train_eval_generate_round_trip(tmp_path, capsys):
     assert main(["generate", run, "--example", "0", "1"]) == 0
     out = capsys.readouterr().out
     assert out.count("expected:") == 2 and "tokens match" in out
+    assert main(["generate", run, "--example", "0", "--int8"]) == 0
+    assert "expected:" in capsys.readouterr().out
     assert main(["generate", run, "--prompt", "3 99"]) == 2
     assert "outside [0, vocab_size=32)" in capsys.readouterr().err
 

@@ -259,7 +259,7 @@ def _example_prompt(task: Any, index: int) -> tuple[list[int], list[int]]:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .infer import generate
+    from .infer import generate, quantize_weights
     from .models import CausalLM
 
     _setup_logging(True)
@@ -267,6 +267,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not isinstance(model, CausalLM):
         raise UsageError(f"generate needs a language model; {run_dir} holds a {type(model).__name__} for the "
                          f"{task.kind} task {task.name!r} (use `ssmkit eval` instead)")
+    if args.int8:
+        model = quantize_weights(model)
     if (args.prompt is None) == (args.example is None):
         raise UsageError("give exactly one of --prompt TEXT_OR_IDS and --example INDEX")
     tok = _tokenizer_of(config)
@@ -562,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--escapes", action="store_true", help="decode backslash escapes (\\n) in a text --prompt")
+    p.add_argument("--int8", action="store_true", help="decode with int8 weight-only linear layers (faster, "
+                                                      "approximate: see ssmkit.infer.quantize)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("tasks", help="list the tasks and their parameters", description=(
