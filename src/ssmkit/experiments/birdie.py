@@ -216,6 +216,18 @@ def run_one(cfg: BirdieConfig, name: str, out_dir: str | Path, *, quiet: bool = 
                                          if k in e} for e in source.mixture.controller.log]
         todo = list(EVALS)
     settings = result.setdefault("eval_settings", {})
+    old_threads = torch.get_num_threads()
+    if cfg.threads is not None:  # the trainer restores its caller's thread count; evaluations use cfg's too
+        torch.set_num_threads(cfg.threads)
+    try:
+        _evaluate(cfg, model, task, result, settings, todo, identity, done, quiet)
+    finally:
+        torch.set_num_threads(old_threads)
+    return result
+
+
+def _evaluate(cfg: BirdieConfig, model: CausalLM, task: ObjectiveText, result: dict[str, Any],
+              settings: dict[str, Any], todo: list[str], identity: dict[str, Any], done: Path, quiet: bool) -> None:
     for e in todo:
         t = time.perf_counter()
         result[e] = EVAL_FNS[e](cfg, model, task, quiet)
@@ -226,7 +238,6 @@ def run_one(cfg: BirdieConfig, name: str, out_dir: str | Path, *, quiet: bool = 
         result["eval_time"][e] = time.perf_counter() - t
         result["config"] = identity
         write_text_atomic(done, json.dumps(result, indent=1) + "\n")
-    return result
 
 
 def collect_results(cfg: BirdieConfig, out_dir: str | Path) -> dict[str, dict[str, Any]]:
