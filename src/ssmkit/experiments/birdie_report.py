@@ -146,10 +146,12 @@ def write_report(results: Mapping[str, Mapping[str, Any]], out_dir: str | Path) 
             continue
         steps = [e["step"] for e in logs]
         shares = [class_shares(r["arm_names"], e["action"]) for e in logs]
+        if r.get("steps", 0) > steps[-1]:  # the last decision holds to the end of the run
+            steps, shares = [*steps, r["steps"]], [*shares, shares[-1]]
         fams = list(shares[0])
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.stackplot(steps, np.array([[s[f] for s in shares] for f in fams]), labels=fams, step="post")
-        for s, e in zip(steps, logs, strict=True):
+        for s, e in zip(steps, logs, strict=False):
             if e.get("explored"):
                 ax.axvline(s, color="k", lw=0.5, ls=":")
         ax.set_xlabel("training step (decision points; dotted: exploration)")
