@@ -31,7 +31,7 @@ from ssmkit.infer import generate
 from ssmkit.models import CausalLM
 from ssmkit.objectives import Infilling, ObjectiveVocab
 from ssmkit.objectives.objectives import Pair
-from ssmkit.objectives.packing import RowBuilder, masks_from_codes, rows_to_batch
+from ssmkit.objectives.packing import RowBuilder, rows_to_batch
 
 
 @dataclass(frozen=True)
@@ -67,18 +67,21 @@ def phonebook_length(vocab: ObjectiveVocab, num_entries: int, num_queries: int, 
     return max(phonebook_pair(vocab, rng, num_entries, num_queries).pair.packed_len for _ in range(samples))
 
 
-def _batch(pairs: Sequence[Pair], seq_len: int, pad_id: int, start_id: int, prefix_mask: bool
-           ) -> dict[str, torch.Tensor]:
+def _batch(pairs: Sequence[Pair], seq_len: int, pad_id: int, start_id: int) -> dict[str, torch.Tensor]:
     rows = []
     for p in pairs:
         row = RowBuilder(seq_len, pad_id, start_id)
         if not row.add(p):
             raise ValueError(f"a phone-book sample of packed length {p.packed_len} does not fit seq_len={seq_len}")
         rows.append(row.finish())
-    batch = rows_to_batch(rows)
-    if not prefix_mask:
-        del batch["prefix_mask"]
-    return batch
+    return rows_to_batch(rows)
+
+
+def _run(model: CausalLM, batch: dict[str, torch.Tensor], **kw):
+    """The model's output on a packed batch: ``reset`` always, ``prefix_mask`` for models with prefix layers."""
+    if model.backbone.accepts_prefix:
+        kw["prefix_mask"] = batch["prefix_mask"]
+    return model(batch["input_ids"], reset=batch["reset"], **kw)
 
 
 def finetune_on_pairs(model: CausalLM, vocab: ObjectiveVocab, make_pair: Callable[[np.random.Generator], Pair], *,
@@ -92,7 +95,6 @@ def finetune_on_pairs(model: CausalLM, vocab: ObjectiveVocab, make_pair: Callabl
     """
     if steps < 0 or batch_size < 1:
         raise ValueError(f"finetune_on_pairs: need steps >= 0 and batch_size >= 1, got {steps} and {batch_size}")
-    prefix = bool(model.backbone.accepts_prefix)
     rng = np.random.default_rng([seed, 7])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warm = max(1, steps // 10)
@@ -104,11 +106,8 @@ def finetune_on_pairs(model: CausalLM, vocab: ObjectiveVocab, make_pair: Callabl
         for g in opt.param_groups:
             g["lr"] = lr * scale
         pairs = [make_pair(rng) for _ in range(batch_size)]
-        batch = _batch(pairs, max(p.packed_len for p in pairs), pad_id, vocab.start_id, prefix)
-        kw = {"reset": batch["reset"]}
-        if prefix:
-            kw["prefix_mask"] = batch["prefix_mask"]
-        out = model(batch["input_ids"], labels=batch["labels"], **kw)
+        batch = _batch(pairs, max(p.packed_len for p in pairs), pad_id, vocab.start_id)
+        out = _run(model, batch, labels=batch["labels"])
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -200,13 +199,11 @@ def infilling_accuracy(model: CausalLM, vocab: ObjectiveVocab, tokens: np.ndarra
         row = RowBuilder(seq_len, pad_id, vocab.start_id)
         row.add(pair)
         built.append(row.finish())
-    prefix = bool(model.backbone.accepts_prefix)
     tok = right = spans = spans_right = 0
     nll = 0.0
     for i in range(0, rows, batch_size):
         b = rows_to_batch(built[i:i + batch_size])
-        reset, pm = masks_from_codes(b["reset_codes"])
-        logits = model(b["input_ids"], reset=reset, **({"prefix_mask": pm} if prefix else {})).logits.float()
+        logits = _run(model, b).logits.float()
         labels = b["labels"]
         scored = (labels != IGNORE_INDEX) & (labels < vocab.base_vocab_size)
         pred = logits.argmax(-1)
@@ -266,13 +263,11 @@ def mqar_accuracy(model: CausalLM, vocab: ObjectiveVocab, *, num_pairs: int, num
     model.eval()
     rng = np.random.default_rng([seed, num_pairs])
     pairs = [mqar_pair(vocab, rng, num_pairs) for _ in range(num_examples)]
-    prefix = bool(model.backbone.accepts_prefix)
     right = total = 0
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        b = _batch(chunk, max(p.packed_len for p in chunk), pad_id, vocab.start_id, prefix)
-        kw = {"reset": b["reset"], **({"prefix_mask": b["prefix_mask"]} if prefix else {})}
-        pred = model(b["input_ids"], **kw).logits.argmax(-1)
+        b = _batch(chunk, max(p.packed_len for p in chunk), pad_id, vocab.start_id)
+        pred = _run(model, b).logits.argmax(-1)
         scored = (b["labels"] != IGNORE_INDEX) & (b["labels"] != vocab.done_id)
         right += int(((pred == b["labels"]) & scored).sum())
         total += int(scored.sum())

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..ops._checks import reverse_reset
+
 
 @dataclass
 class LayerState:
@@ -149,6 +151,22 @@ class SequenceLayer(nn.Module):
                     f"{None if g is None else tuple(g.shape)}; was this state made by another layer or batch size?"
                 )
         return state
+
+
+def flip_reset(reset: Tensor | None) -> Tensor | None:
+    """Segment starts of the time-flipped sequence: reset (batch, length) -> (batch, length). A segment
+    starting at t means nothing flows from t into t - 1 right to left, so flipped position L - t starts one;
+    flipped position 0 never does (the state handed in, the context to the right, flows into it)."""
+    return None if reset is None else reverse_reset(reset).flip(1)
+
+
+def check_state_dtypes(owner: str, state: LayerState, expected: LayerState) -> None:
+    """Every state tensor must have the dtype and device of the layer's own ``init_state`` for this input."""
+    want = expected.tensors()
+    for name, t in state.tensors().items():
+        if t.dtype != want[name].dtype or t.device != want[name].device:
+            raise TypeError(f"{owner}: state.{name} must have dtype {want[name].dtype} on "
+                            f"{want[name].device} for this input, got {t.dtype} on {t.device}")
 
 
 def check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> str:

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import selective_scan
-from .base import LayerState, SequenceLayer, check_d_model
-from .short_conv import ShortConv, flip_reset
+from .base import LayerState, SequenceLayer, check_d_model, check_state_dtypes, flip_reset
+from .short_conv import ShortConv
 
 
 @dataclass
@@ -56,15 +56,6 @@ def init_dt_bias(bias: Tensor, dt_min: float, dt_max: float, dt_init_floor: floa
         u = torch.rand(bias.shape, dtype=torch.float32, device=bias.device)
         dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
         bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-
-
-def check_state_dtypes(owner: str, state: LayerState, expected: LayerState) -> None:
-    """Every state tensor must have the dtype and device of the layer's own ``init_state`` for this input."""
-    want = expected.tensors()
-    for name, t in state.tensors().items():
-        if t.dtype != want[name].dtype or t.device != want[name].device:
-            raise TypeError(f"{owner}: state.{name} must have dtype {want[name].dtype} on "
-                            f"{want[name].device} for this input, got {t.dtype} on {t.device}")
 
 
 def cut_at_segment_start(state: LayerState, reset: Tensor | None) -> LayerState:

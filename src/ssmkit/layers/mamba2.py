@@ -15,17 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import ssd
-from .base import LayerState, SequenceLayer, check_d_model
+from .base import LayerState, SequenceLayer, check_d_model, check_state_dtypes, flip_reset
 from .mamba import (
     _positive_int,
     check_dt_range,
-    check_state_dtypes,
     cut_at_segment_start,
     init_dt_bias,
     inner_size,
     state_dtype,
 )
-from .short_conv import ShortConv, flip_reset
+from .short_conv import ShortConv
 
 
 @dataclass

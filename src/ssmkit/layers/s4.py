@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from ..init import check_dt_range, log_uniform_dt, nplr, ptd
 from ..ops import fft_conv
 from ..ops.linear_scan import compute_dtype
-from .base import LayerState, SequenceLayer, check_choice, check_d_model
+from .base import LayerState, SequenceLayer, check_choice, check_d_model, flip_reset
 from .s4d import (
     MODES,
     OUTPUTS,
@@ -51,7 +51,6 @@ from .s4d import (
     diagonal_kernel,
     diagonal_step,
     discretize,
-    flip_reset,
     make_output,
     run_diagonal,
 )

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from ..init import S4D_INITS, check_dt_range, log_uniform_dt, s4d_init
 from ..ops import fft_conv, linear_scan
 from ..ops.linear_scan import compute_dtype
-from .base import LayerState, SequenceLayer, check_choice, check_d_model
+from .base import LayerState, SequenceLayer, check_choice, check_d_model, flip_reset
 
 MODES = ("auto", "conv", "scan")
 DISCS = ("zoh", "bilinear")
@@ -87,16 +87,6 @@ def make_output(d_model: int, output: str, **kw) -> nn.Module:
     if output == "glu":
         return nn.Sequential(nn.GELU(), nn.Linear(d_model, 2 * d_model, **kw), nn.GLU(dim=-1))
     return nn.Identity()
-
-
-def flip_reset(reset: Tensor | None) -> Tensor | None:
-    """Segment starts of the time-reversed sequence: reversed position i (original t = L−1−i) starts a
-    segment when original t+1 does (the segment before it ends at t)."""
-    if reset is None:
-        return None
-    shifted = torch.zeros_like(reset)
-    shifted[:, :-1] = reset[:, 1:]
-    return shifted.flip(1)
 
 
 # ----------------------------------------------------------------------------------- diagonal SSM machinery

@@ -20,20 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.linear_scan import use_fused
-
-
-def flip_reset(reset: Tensor | None) -> Tensor | None:
-    """Segment starts for the time-flipped sequence: reset (batch, length) -> (batch, length).
-
-    A segment starting at t (left to right) means nothing flows from t into t - 1 when running right to left,
-    so in flipped coordinates a new segment starts at s = length - t. Position 0 of the flipped sequence never
-    starts one: the state handed in (the context to the right) flows into it.
-    """
-    if reset is None:
-        return None
-    out = torch.zeros_like(reset)
-    out[:, 1:] = reset[:, 1:].flip(1)
-    return out
+from .base import flip_reset
 
 
 def _check_conv_args(
