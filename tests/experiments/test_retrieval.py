@@ -157,3 +157,27 @@ def test_mqar_pair_and_accuracy():
     model = tiny()
     losses = R.finetune_mqar(model, VOCAB, steps=2, batch_size=2, lr=1e-3, max_pairs=4, pad_id=256)
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_mqar_accuracy_scores_values_only(monkeypatch):
+    captured = []
+    real = R.rows_to_batch
+
+    def spy(rows):
+        b = real(rows)
+        captured.append(b["labels"])
+        return b
+    monkeypatch.setattr(R, "rows_to_batch", spy)
+    kw = dict(num_pairs=4, num_examples=5, pad_id=256, batch_size=2)
+    R.mqar_accuracy(tiny(), VOCAB, **kw)  # learn the labels
+    model = Oracle()
+    model.labels = _padded(captured)
+    assert R.mqar_accuracy(model, VOCAB, **kw) == 1.0
+    wrong = Oracle(wrong_every=1)  # predicts token 1 everywhere: no value right
+    wrong.labels = _padded(captured)
+    assert R.mqar_accuracy(wrong, VOCAB, **kw) == 0.0
+
+
+def _padded(batches):
+    width = max(b.shape[1] for b in batches)
+    return torch.cat([torch.nn.functional.pad(b, (0, width - b.shape[1]), value=IGNORE_INDEX) for b in batches])
