@@ -180,3 +180,14 @@ def check_d_model(owner: str, d_model: object) -> int:
     if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
         raise ValueError(f"{owner}: d_model must be a positive int, got {d_model!r}")
     return d_model
+
+
+def linear_weights(module: nn.Module) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(weight, per-row scale or None, bias or None) of a linear layer: an ``nn.Linear`` (float weight) or an
+    int8 weight-only layer holding ``qweight`` (out, in) int8 and ``scale`` (out,) (ssmkit.infer's Int8Linear)."""
+    if isinstance(module, nn.Linear):
+        return module.weight, None, module.bias
+    q, scale = getattr(module, "qweight", None), getattr(module, "scale", None)
+    if isinstance(q, Tensor) and q.dtype == torch.int8 and isinstance(scale, Tensor):
+        return q, scale, getattr(module, "bias", None)
+    raise TypeError(f"linear_weights: expected nn.Linear or an int8 linear layer, got {type(module).__name__}")

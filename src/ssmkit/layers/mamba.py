@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import selective_scan
-from .base import LayerState, SequenceLayer, check_d_model, check_state_dtypes, flip_reset
+from ..ops.mamba_step import MambaStepWeights, mamba_step
+from .base import LayerState, SequenceLayer, check_d_model, check_state_dtypes, flip_reset, linear_weights
 from .short_conv import ShortConv
 
 
@@ -207,19 +208,20 @@ class Mamba(SequenceLayer):
         x_t = self.check_step_input(x_t)
         self.check_dtype(x_t, "x_t")
         self._check_state(state, x_t)
-        xi, z = self.in_proj(x_t).chunk(2, dim=-1)  # (batch, d_inner)
-        u, conv_state = self.conv1d.step(xi, state.conv)
-        u = F.silu(u)
-        dt_r, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        h = state.ssm.contiguous()
-        acc = h.dtype
-        dt = F.softplus(self.dt_proj(dt_r).to(acc))  # (batch, d_inner)
-        uf = u.to(acc)
-        dA = torch.exp(dt.unsqueeze(-1) * -torch.exp(self.A_log.to(acc)))  # (batch, d_inner, N)
-        h = torch.addcmul(h * dA, (dt * uf).unsqueeze(-1), B.to(acc).unsqueeze(1))
-        y = torch.bmm(h, C.to(acc).unsqueeze(-1)).squeeze(-1)
-        y = torch.addcmul(y, uf, self.D.to(acc)) * F.silu(z.to(acc))
-        return self.out_proj(y.to(x_t.dtype)), MambaState(conv=conv_state, ssm=h)
+        y, conv, ssm = mamba_step(x_t, self.step_weights(), state.conv, state.ssm, owner=self)
+        return y, MambaState(conv=conv, ssm=ssm)
+
+    def step_weights(self) -> MambaStepWeights:
+        """The parameters as :func:`ssmkit.ops.mamba_step` takes them (linear layers may be int8 weight-only)."""
+        in_w, in_s, in_b = linear_weights(self.in_proj)
+        x_w, x_s, x_b = linear_weights(self.x_proj)
+        out_w, out_s, out_b = linear_weights(self.out_proj)
+        if x_b is not None:
+            raise ValueError("Mamba.step: x_proj must have no bias")
+        return MambaStepWeights(
+            in_w=in_w, in_b=in_b, conv_w=self.conv1d.weight[:, 0], conv_b=self.conv1d.bias, x_w=x_w,
+            dt_w=self.dt_proj.weight, dt_b=self.dt_proj.bias, a_log=self.A_log, d=self.D, out_w=out_w, out_b=out_b,
+            in_scale=in_s, x_scale=x_s, out_scale=out_s)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, "

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .blocks import Block, Norm
 from .config import ModelConfig
+from .fused_decode import fused_step
 from .outputs import ModelState
 from .registry import build_mixer
 
@@ -178,6 +179,9 @@ class Backbone(nn.Module):
         inputs_t = self.check_inputs(inputs_t, input_name, step=True)
         states = self._check_state(state).layers
         h = self.embed(inputs_t)
+        fused = fused_step(self, h, state)
+        if fused is not None:
+            return fused
         new_states = []
         for block, s in zip(self.blocks, states, strict=True):
             h, s = block.step(h, s)

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers.base import linear_weights
+from ..ops.decode_linear import decode_linear
 from .backbone import Backbone, check_mask
 from .config import ModelConfig, compress_pattern
 from .outputs import ClassifierOutput, LMOutput, ModelState, RegressionOutput
@@ -234,7 +236,8 @@ class CausalLM(SequenceModel):
     def step(self, token_ids: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
         """One token per sequence: token_ids (batch,) -> (logits (batch, vocab_size), new state)."""
         hidden, state = self.backbone.step(token_ids, state, input_name="token_ids")
-        return self.lm_head(hidden), state
+        weight, scale, bias = linear_weights(self.lm_head)
+        return decode_linear(hidden, weight, bias, scale=scale), state
 
 
 class PrefixLM(CausalLM):

@@ -6,21 +6,20 @@
 Decoding one token reads every weight once, so its speed is set by memory bandwidth; int8 weights move a
 quarter of the bytes of float32 ones. Activations and accumulation stay float32 (weight-only quantization):
 ``int8_linear`` equals ``F.linear(x, q * scale[:, None], bias)`` up to float32 summation order. On CPU, inputs
-with few rows (decode batches, at most :data:`GEMV_MAX_ROWS`) run the fused numba kernel; larger inputs (a
-prefill) dequantize the weight and use ``F.linear``; so do other devices and inputs that need gradients.
+with few rows (decode batches, at most :data:`GEMV_MAX_ROWS`) run the fused kernel of
+:func:`ssmkit.ops.decode_linear.decode_linear`; larger inputs (a prefill) dequantize the weight and use
+``F.linear``; so do other devices and inputs that need gradients.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import _numba_kernels as K
-from .linear_scan import use_fused
+from .decode_linear import DECODE_MAX_ROWS, decode_linear
 
 #: rows (product of the leading dims of x) up to which the fused matrix-vector kernel runs
-GEMV_MAX_ROWS = 32
+GEMV_MAX_ROWS = DECODE_MAX_ROWS
 
 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -67,16 +66,4 @@ def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None)
     """``x @ (q * scale[:, None]).T + bias``: x (..., in) float32, q (out, in) int8, scale (out,) float32,
     bias (out,) float32 or None -> (..., out) float32 (see the module docstring)."""
     _check(x, q, scale, bias)
-    rows = x.numel() // x.shape[-1]
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    if needs_grad or rows > GEMV_MAX_ROWS or rows == 0 or not use_fused(x, q):
-        return F.linear(x, dequantize_int8(q, scale), bias)
-    x2 = x.detach().reshape(rows, x.shape[-1]).contiguous()
-    out = torch.empty(rows, q.shape[0], dtype=torch.float32)
-    with K.kernel_threads(q.numel()):
-        from ._numba_int8 import int8_gemv
-
-        int8_gemv(x2.numpy(), q.contiguous().numpy(), scale.contiguous().numpy(), out.numpy())
-    if bias is not None:
-        out += bias
-    return out.reshape(*x.shape[:-1], q.shape[0])
+    return decode_linear(x, q, bias, scale=scale)

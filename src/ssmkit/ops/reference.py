@@ -202,3 +202,31 @@ def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None)
     """Oracle of :func:`ssmkit.ops.int8_linear`: dequantize (in x's dtype, e.g. float64) and multiply."""
     w = q.to(x.dtype) * scale.to(x.dtype)[:, None]
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def mamba_step(x: Tensor, w, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Oracle of :func:`ssmkit.ops.mamba_step` (w: a MambaStepWeights), one formula per line in x's dtype."""
+    dt_ = x.dtype
+
+    def lin(v: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor:
+        wf = weight.to(dt_) if scale is None else weight.to(dt_) * scale.to(dt_)[:, None]
+        out = torch.einsum("bk,ok->bo", v, wf)
+        return out if bias is None else out + bias.to(dt_)
+
+    def silu(v: Tensor) -> Tensor:
+        return v * torch.sigmoid(v)
+
+    di, rank, n = w.d.shape[0], w.dt_w.shape[1], w.a_log.shape[1]
+    xz = lin(x, w.in_w, w.in_scale, w.in_b)
+    x_in, z = xz[:, :di], xz[:, di:]
+    window = torch.cat([conv_state.to(dt_), x_in[:, :, None]], dim=2)  # oldest first, newest last
+    conv = torch.einsum("bck,ck->bc", window, w.conv_w.to(dt_))
+    u = silu(conv if w.conv_b is None else conv + w.conv_b.to(dt_))
+    proj = lin(u, w.x_w, w.x_scale, None)
+    dt_low, B, C = proj[:, :rank], proj[:, rank:rank + n], proj[:, rank + n:]
+    dt = F.softplus(lin(dt_low, w.dt_w, None, w.dt_b))
+    A = -torch.exp(w.a_log.to(dt_))  # (Di, N)
+    h = torch.exp(dt[:, :, None] * A) * ssm_state.to(dt_) + (dt * u)[:, :, None] * B[:, None, :]
+    y = (h * C[:, None, :]).sum(-1) + w.d.to(dt_) * u
+    y = y * silu(z)
+    return lin(y, w.out_w, w.out_scale, w.out_b), window[:, :, 1:], h

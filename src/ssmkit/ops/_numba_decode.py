@@ -1,0 +1,245 @@
+"""Numba kernels for decoding (a few rows at a time): the fused Mamba recurrent step and a row-parallel linear.
+
+Each kernel is one parallel launch: ``prange(n_threads)`` workers share every stage's chunks through the atomic
+counters of :mod:`._numba_atomics` and wait for a stage to finish before the next one reads its results.
+Arrays are C-contiguous; float32 or float64 throughout (one dtype per call).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+from ._numba_atomics import atomic_add, atomic_load, cpu_relax
+from ._numba_kernels import fast_exp
+
+#: counter slots of the linear kernel (mamba_stack needs 2 per stage: 2 (5 L + 1))
+N_COUNTERS = 8
+
+_ROWS_IN = 32  # in_proj rows per chunk
+_ROWS_X = 4  # x_proj rows per chunk
+_CHANNELS = 64  # scan channels per chunk
+_ROWS_OUT = 16  # out_proj rows per chunk
+_ROWS_LINEAR = 64  # rows per chunk of the plain linear kernel
+
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _dot_row(x, b, w, o, scale, bias):
+    """sum_k x[b, k] * w[o, k] (times scale[o] for int8 weights) + bias[o], in x's dtype; scale and bias
+    of length 0 mean none."""
+    acc = x[b, 0] - x[b, 0]  # a zero of x's dtype; a loop from k = 0 vectorises better than one from 1
+    for k in range(x.shape[1]):
+        acc += x[b, k] * w[o, k]
+    if scale.shape[0] > 0:
+        acc *= scale[o]
+    if bias.shape[0] > 0:
+        acc += bias[o]
+    return acc
+
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _rows_times_weight(x, w, o, scale, bias, out):
+    """out[b] = _dot_row(x, b, w, o, scale, bias) for every row b of x; rows go four at a time so each load
+    of the weight row feeds four products (decode batches make the product compute-bound, not load-bound)."""
+    n = x.shape[0]
+    b = 0
+    while b + 4 <= n:
+        a0 = x[b, 0] - x[b, 0]
+        a1 = a0
+        a2 = a0
+        a3 = a0
+        for k in range(x.shape[1]):
+            wv = w[o, k]
+            a0 += x[b, k] * wv
+            a1 += x[b + 1, k] * wv
+            a2 += x[b + 2, k] * wv
+            a3 += x[b + 3, k] * wv
+        if scale.shape[0] > 0:
+            s = scale[o]
+            a0 *= s
+            a1 *= s
+            a2 *= s
+            a3 *= s
+        if bias.shape[0] > 0:
+            a0 += bias[o]
+            a1 += bias[o]
+            a2 += bias[o]
+            a3 += bias[o]
+        out[b], out[b + 1], out[b + 2], out[b + 3] = a0, a1, a2, a3
+        b += 4
+    while b < n:
+        out[b] = _dot_row(x, b, w, o, scale, bias)
+        b += 1
+
+
+@nb.njit(inline="always", cache=True)
+def _finish_stage(counters, stage):
+    """Count one finished chunk of ``stage``."""
+    atomic_add(counters, 2 * stage + 1, 1)
+
+
+@nb.njit(inline="always", cache=True)
+def _wait_stage(counters, stage, n_chunks):
+    while atomic_load(counters, 2 * stage + 1) < n_chunks:
+        cpu_relax()
+
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _silu(v):
+    return v / (1 + fast_exp(-v))
+
+
+@nb.njit(inline="always", cache=True)
+def _claim(counters, stage):
+    """The next chunk index of ``stage`` for this thread."""
+    return atomic_add(counters, 2 * stage, 1)
+
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _rms_norm(h, w, eps, out):
+    """out = h * rsqrt(mean(h^2) + eps) * w per row; a length-0 w copies h."""
+    for b in range(h.shape[0]):
+        if w.shape[0] == 0:
+            for k in range(h.shape[1]):
+                out[b, k] = h[b, k]
+            continue
+        ms = h[b, 0] * h[b, 0]
+        for k in range(1, h.shape[1]):
+            ms += h[b, k] * h[b, k]
+        inv = 1 / math.sqrt(ms / h.shape[1] + eps)
+        for k in range(h.shape[1]):
+            out[b, k] = h[b, k] * inv * w[k]
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, conv_w, conv_b, conv_state, w_x, s_x,
+                w_dt, b_dt, a_log, d_skip, w_out, s_out, b_out, ssm_state, conv_new, ssm_new, xn, xz, u, xdbl, y,
+                out, counters, n_threads):
+    """One token through a stack of Mamba blocks, h <- h + mamba_l(norm_l(h)) for l = 0..L-1, then
+    out = final_norm(h) (RMSNorm). Per-layer weights are numba typed Lists of L arrays (a tuple of arrays indexed
+    at run time makes LLVM compile a switch per access, which takes minutes); states are stacked over layers.
+
+    h (B, d_model) is the residual stream, updated in place; with ``residual=False`` (a single mixer, no
+    block) each layer's output replaces h instead of adding to it. norm_w / final_w: RMSNorm weights (d_model,) or
+    length 0 for no norm (the block's input is h itself); final_w of length 0 copies h to out. Layer weights:
+    w_in (2 Di, d_model), w_x (R + 2N, Di), w_dt (Di, R), w_out (d_model, Di), conv_w (Di, K): float, or int8
+    with per-row scales s_in / s_x / s_out (length 0 for float); biases b_in (2 Di,), conv_b (Di,),
+    b_out (d_model,) may have length 0; b_dt (Di,); a_log (Di, N); d_skip (Di,). States conv (L, B, Di, K - 1),
+    ssm (L, B, Di, N); the new ones go to conv_new / ssm_new. Scratch: xn (B, d_model), xz (B, 2 Di), u (B, Di),
+    xdbl (B, R + 2N), y (B, Di). counters: int64 zeros, 2 per stage (5 L + 1 stages).
+
+    All work happens inside claimed chunks and every shared buffer is rewritten only after a stage barrier
+    that needs every chunk reading it, so a thread that starts late (or never) changes nothing.
+    """
+    nb_rows, d_model = h.shape
+    n_layers = len(w_in)
+    di = u.shape[1]
+    for _ in nb.prange(n_threads):
+        col = np.empty(nb_rows, dtype=h.dtype)  # this thread's products of one weight row
+        for layer in range(n_layers):
+            st = 5 * layer
+            wi, si, bi = w_in[layer], s_in[layer], b_in[layer]
+            cw, cb, cs, cn = conv_w[layer], conv_b[layer], conv_state[layer], conv_new[layer]
+            wx, sx, wdt, bdt = w_x[layer], s_x[layer], w_dt[layer], b_dt[layer]
+            al, dsk, ss, sn = a_log[layer], d_skip[layer], ssm_state[layer], ssm_new[layer]
+            wo, so, bo, nw = w_out[layer], s_out[layer], b_out[layer], norm_w[layer]
+            n_state, rank, width = al.shape[1], wdt.shape[1], cw.shape[1]
+            # stage 0: the block's norm (one chunk: it needs the whole row)
+            if _claim(counters, st) == 0:
+                _rms_norm(h, nw, eps, xn)
+                if not residual:
+                    h[:, :] = 0
+                _finish_stage(counters, st)
+            _wait_stage(counters, st, 1)
+            # stage 1: in_proj; the x half goes straight through the causal conv and SiLU
+            n1 = (wi.shape[0] + _ROWS_IN - 1) // _ROWS_IN
+            while True:
+                chunk = _claim(counters, st + 1)
+                if chunk >= n1:
+                    break
+                for o in range(chunk * _ROWS_IN, min(wi.shape[0], chunk * _ROWS_IN + _ROWS_IN)):
+                    _rows_times_weight(xn, wi, o, si, bi, col)
+                    for b in range(nb_rows):
+                        v = col[b]
+                        xz[b, o] = v
+                        if o < di:
+                            acc = cw[o, width - 1] * v
+                            for j in range(width - 1):
+                                acc += cw[o, j] * cs[b, o, j]
+                            for j in range(width - 2):
+                                cn[b, o, j] = cs[b, o, j + 1]
+                            if width > 1:
+                                cn[b, o, width - 2] = v
+                            if cb.shape[0] > 0:
+                                acc += cb[o]
+                            u[b, o] = _silu(acc)
+                _finish_stage(counters, st + 1)
+            _wait_stage(counters, st + 1, n1)
+            # stage 2: x_proj -> (dt_low, B, C)
+            n2 = (wx.shape[0] + _ROWS_X - 1) // _ROWS_X
+            while True:
+                chunk = _claim(counters, st + 2)
+                if chunk >= n2:
+                    break
+                for r in range(chunk * _ROWS_X, min(wx.shape[0], chunk * _ROWS_X + _ROWS_X)):
+                    for b in range(nb_rows):
+                        xdbl[b, r] = _dot_row(u, b, wx, r, sx, bdt[:0])
+                _finish_stage(counters, st + 2)
+            _wait_stage(counters, st + 2, n2)
+            # stage 3: dt = softplus(dt_proj(dt_low)), state update, readout, skip and gate
+            n3 = (di + _CHANNELS - 1) // _CHANNELS
+            while True:
+                chunk = _claim(counters, st + 3)
+                if chunk >= n3:
+                    break
+                for c in range(chunk * _CHANNELS, min(di, chunk * _CHANNELS + _CHANNELS)):
+                    for b in range(nb_rows):
+                        dv = bdt[c]
+                        for r in range(rank):
+                            dv += wdt[c, r] * xdbl[b, r]
+                        dt = dv if dv > 20 else math.log1p(math.exp(dv))
+                        uc = u[b, c]
+                        du = dt * uc
+                        acc = dsk[c] * uc
+                        for n in range(n_state):
+                            hv = ss[b, c, n] * fast_exp(-dt * fast_exp(al[c, n])) + du * xdbl[b, rank + n]
+                            sn[b, c, n] = hv
+                            acc += hv * xdbl[b, rank + n_state + n]
+                        y[b, c] = acc * _silu(xz[b, di + c])
+                _finish_stage(counters, st + 3)
+            _wait_stage(counters, st + 3, n3)
+            # stage 4: out_proj into the residual stream
+            n4 = (wo.shape[0] + _ROWS_OUT - 1) // _ROWS_OUT
+            while True:
+                chunk = _claim(counters, st + 4)
+                if chunk >= n4:
+                    break
+                for o in range(chunk * _ROWS_OUT, min(wo.shape[0], chunk * _ROWS_OUT + _ROWS_OUT)):
+                    _rows_times_weight(y, wo, o, so, bo, col)
+                    for b in range(nb_rows):
+                        h[b, o] += col[b]
+                _finish_stage(counters, st + 4)
+            _wait_stage(counters, st + 4, n4)
+        if _claim(counters, 5 * n_layers) == 0:
+            _rms_norm(h, final_w, final_eps, out)
+            _finish_stage(counters, 5 * n_layers)
+        _wait_stage(counters, 5 * n_layers, 1)
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def linear(x, w, scale, bias, out, counters, n_threads):
+    """out[b, o] = sum_k x[b, k] w[o, k] (* scale[o]) (+ bias[o]); x (B, K), w (O, K) float or int8, out (B, O);
+    scale and bias of length 0 mean none. counters: int64 zeros (N_COUNTERS,)."""
+    n_chunks = (w.shape[0] + _ROWS_LINEAR - 1) // _ROWS_LINEAR
+    for _ in nb.prange(n_threads):
+        col = np.empty(x.shape[0], dtype=out.dtype)
+        while True:
+            chunk = atomic_add(counters, 0, 1)
+            if chunk >= n_chunks:
+                break
+            for o in range(chunk * _ROWS_LINEAR, min(w.shape[0], chunk * _ROWS_LINEAR + _ROWS_LINEAR)):
+                _rows_times_weight(x, w, o, scale, bias, col)
+                for b in range(x.shape[0]):
+                    out[b, o] = col[b]

@@ -1,0 +1,80 @@
+"""``F.linear`` for decode-sized inputs (a few rows), e.g. the LM head of a generation step.
+
+    y = decode_linear(x, weight, bias)                 # x (..., in) -> (..., out)
+    y = decode_linear(x, q, bias, scale=scale)         # int8 weight-only: q (out, in) int8, scale (out,)
+
+A decode step reads every weight once for a handful of rows, so it is bound by memory bandwidth. On CPU, float32
+and float64 inputs with at most :data:`DECODE_MAX_ROWS` rows that need no gradient run one numba launch in which
+the threads claim chunks of output rows; each weight row is read once for all input rows. Everything else calls
+``F.linear`` (on the dequantized weight for int8). Oracles: ``F.linear`` and
+:func:`ssmkit.ops.reference.int8_linear`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _numba_kernels as K
+from .linear_scan import use_fused
+
+#: rows (product of the leading dims of x) up to which the fused kernel runs
+DECODE_MAX_ROWS = 32
+
+
+def _check(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor | None) -> None:
+    def desc(t: object) -> str:
+        return f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+
+    if not isinstance(weight, Tensor) or weight.ndim != 2:
+        raise ValueError(f"decode_linear: weight must be a tensor (out, in), got {desc(weight)}")
+    out_f, in_f = weight.shape
+    if not isinstance(x, Tensor) or x.ndim < 1 or x.shape[-1] != in_f or not x.is_floating_point():
+        raise ValueError(f"decode_linear: x must be a float tensor (..., {in_f}), got {desc(x)}")
+    if scale is None:
+        if weight.dtype != x.dtype:
+            raise ValueError(f"decode_linear: weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    else:
+        if weight.dtype != torch.int8:
+            raise ValueError(f"decode_linear: with a scale, weight must be int8, got {weight.dtype}")
+        if not isinstance(scale, Tensor) or tuple(scale.shape) != (out_f,) or not scale.is_floating_point():
+            raise ValueError(f"decode_linear: scale must be a float tensor ({out_f},), got {desc(scale)}")
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (out_f,)):
+        raise ValueError(f"decode_linear: bias must be None or a tensor ({out_f},), got {desc(bias)}")
+    devices = {t.device for t in (x, weight, bias, scale) if t is not None}
+    if len(devices) > 1:
+        raise ValueError("decode_linear: x, weight, bias and scale must be on one device, "
+                         f"got {sorted(map(str, devices))}")
+
+
+def _fusable(x: Tensor, tensors: list[Tensor], rows: int) -> bool:
+    if x.dtype not in (torch.float32, torch.float64) or not 0 < rows <= DECODE_MAX_ROWS:
+        return False
+    if any(t.dtype not in (x.dtype, torch.int8) for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return use_fused(*tensors)
+
+
+def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, scale: Tensor | None = None) -> Tensor:
+    """``x @ w.T + bias`` with w = weight, or ``weight * scale[:, None]`` for int8 weights: x (..., in) ->
+    (..., out) (see the module docstring)."""
+    _check(x, weight, bias, scale)
+    tensors = [t for t in (x, weight, bias, scale) if t is not None]
+    rows = x.numel() // x.shape[-1]
+    if not _fusable(x, tensors, rows):
+        w = weight if scale is None else weight.to(x.dtype) * scale.to(x.dtype)[:, None]
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    from . import _numba_decode as D
+
+    def arr(t: Tensor | None):
+        return x.new_empty(0).numpy() if t is None else t.detach().contiguous().numpy()
+
+    out = x.new_empty(rows, weight.shape[0])
+    counters = torch.zeros(D.N_COUNTERS, dtype=torch.int64)
+    with K.kernel_threads(weight.numel() * rows) as threads:
+        D.linear(arr(x.reshape(rows, x.shape[-1])), arr(weight), arr(scale), arr(bias), out.numpy(),
+                 counters.numpy(), threads)
+    return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,189 @@
+"""The fused Mamba decode step and block stack: against the oracle (float32 and float64, biases, int8 weights,
+any batch), the torch path, one-thread execution, state reuse, gradients, errors."""
+
+from __future__ import annotations
+
+import numba
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ssmkit.ops import _numba_kernels as K
+from ssmkit.ops import fused_kernels, quantize_int8, reference
+from ssmkit.ops.mamba_step import MambaStackPlan, MambaStepWeights, cached_plan, mamba_stack_step, mamba_step
+
+
+def make_weights(d_model, di, n, rank, width, *, bias, conv_bias, int8=False, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    w = dict(in_w=r(2 * di, d_model, scale=d_model ** -0.5), in_b=r(2 * di) if bias else None,
+             conv_w=r(di, width, scale=0.5), conv_b=r(di) if conv_bias else None,
+             x_w=r(rank + 2 * n, di, scale=di ** -0.5), dt_w=r(di, rank, scale=rank ** -0.5), dt_b=r(di) - 2,
+             a_log=r(di, n, scale=0.5), d=r(di), out_w=r(d_model, di, scale=di ** -0.5),
+             out_b=r(d_model) if bias else None)
+    if int8:
+        for name in ("in", "x", "out"):
+            q, s = quantize_int8(w[f"{name}_w"].float())
+            w[f"{name}_w"], w[f"{name}_scale"] = q, s.to(dtype)
+    return MambaStepWeights(**w)
+
+
+def states(batch, di, n, width, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, di, width - 1, generator=g, dtype=torch.float64).to(dtype),
+            torch.randn(batch, di, n, generator=g, dtype=torch.float64).to(dtype))
+
+
+def assert_all_close(got, want, tol):
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 9), d_model=st.integers(1, 40), di=st.integers(1, 70), n=st.integers(1, 9),
+       rank=st.integers(1, 6), width=st.integers(1, 5), bias=st.booleans(), conv_bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_fused_step_matches_oracle(batch, d_model, di, n, rank, width, bias, conv_bias, dtype):
+    w = make_weights(d_model, di, n, rank, width, bias=bias, conv_bias=conv_bias, dtype=dtype)
+    x = torch.randn(batch, d_model, dtype=dtype)
+    conv, ssm = states(batch, di, n, width, dtype)
+    want = reference.mamba_step(x, w, conv, ssm)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert_all_close(mamba_step(x, w, conv, ssm), want, tol)
+    with fused_kernels(False):  # the torch path
+        assert_all_close(mamba_step(x, w, conv, ssm), want, tol)
+
+
+@pytest.mark.parametrize("batch", [1, 6])
+def test_int8_weights_match_oracle(batch):
+    w = make_weights(24, 48, 8, 3, 4, bias=True, conv_bias=True, int8=True)
+    x = torch.randn(batch, 24)
+    conv, ssm = states(batch, 48, 8, 4, torch.float32)
+    want = reference.mamba_step(x.double(), w, conv.double(), ssm.double())
+    for got in (mamba_step(x, w, conv, ssm), mamba_step(x, w, conv, ssm, owner=torch.nn.Module())):
+        assert_all_close([t.double() for t in got], want, 1e-5)
+
+
+def _stack(n_layers, d_model=16, di=32, n=4, rank=2, width=4, dtype=torch.float64, bias=True):
+    layers = [make_weights(d_model, di, n, rank, width, bias=bias, conv_bias=True, dtype=dtype, seed=i)
+              for i in range(n_layers)]
+    g = torch.Generator().manual_seed(99)
+    norms = [(1 + 0.1 * torch.randn(d_model, generator=g, dtype=torch.float64)).to(dtype) for _ in layers]
+    final = (1 + 0.1 * torch.randn(d_model, generator=g, dtype=torch.float64)).to(dtype)
+    return layers, norms, final
+
+
+def _oracle_stack(h, layers, norms, final, eps, convs, ssms):
+    def rms(v, w):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    new_c, new_s = [], []
+    for w, nw, c, s in zip(layers, norms, convs, ssms, strict=True):
+        y, c2, s2 = reference.mamba_step(rms(h, nw), w, c, s)
+        h = h + y
+        new_c.append(c2)
+        new_s.append(s2)
+    return rms(h, final), new_c, new_s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_stack_matches_oracle_and_reuses_its_states(dtype, batch):
+    layers, norms, final = _stack(3, dtype=dtype)
+    plan = MambaStackPlan(layers, norms, 1e-5, final, 1e-5)
+    assert plan.fusable
+    convs, ssms = zip(*(states(batch, 32, 4, 4, dtype, seed=i) for i in range(3)), strict=True)
+    convs, ssms = list(convs), list(ssms)
+    h = torch.randn(batch, 16, dtype=dtype)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    want_c, want_s = convs, ssms
+    for step in range(3):  # later steps get the views of the stacked states the kernel returned
+        x = h + step
+        out, convs, ssms = mamba_stack_step(x, plan, convs, ssms)
+        want, want_c, want_s = _oracle_stack(x, layers, norms, final, 1e-5, want_c, want_s)
+        assert_all_close([out, *convs, *ssms], [want, *want_c, *want_s], tol)
+    assert convs[1]._base is not None, "the kernel's states are views of one stacked tensor"
+    with fused_kernels(False):
+        got = mamba_stack_step(h, plan, convs, ssms)
+    want = _oracle_stack(h, layers, norms, final, 1e-5, want_c, want_s)
+    assert_all_close([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]], tol)
+
+
+def test_one_thread_runs_every_chunk_itself():
+    """The work counters let one thread do all chunks (no deadlock when the launch runs serially)."""
+    layers, norms, final = _stack(2, dtype=torch.float32)
+    plan = MambaStackPlan(layers, norms, 1e-5, final, 1e-5)
+    convs, ssms = zip(*(states(2, 32, 4, 4, torch.float32, seed=i) for i in range(2)), strict=True)
+    h = torch.randn(2, 16)
+    results = []
+    for min_work in (1 << 62, 0):  # one thread, then as many as torch uses
+        old = K.PARALLEL_MIN_WORK
+        K.PARALLEL_MIN_WORK = min_work
+        try:
+            out = mamba_stack_step(h, plan, list(convs), list(ssms))
+        finally:
+            K.PARALLEL_MIN_WORK = old
+        results.append(out)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    old_threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        torch.testing.assert_close(mamba_stack_step(h, plan, list(convs), list(ssms))[0], results[0][0],
+                                   rtol=1e-6, atol=1e-6)
+    finally:
+        numba.set_num_threads(old_threads)
+
+
+def test_gradients_take_the_torch_path():
+    w = make_weights(8, 16, 4, 2, 4, bias=True, conv_bias=True, dtype=torch.float64)
+    w = w._replace(in_w=w.in_w.clone().requires_grad_())
+    x = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    conv, ssm = states(2, 16, 4, 4, torch.float64)
+    y, _, s = mamba_step(x, w, conv, ssm)
+    (y.sum() + s.sum()).backward()
+    assert x.grad is not None and w.in_w.grad is not None
+    torch.autograd.gradcheck(lambda v: mamba_step(v, w, conv, ssm)[0], (x,))
+
+
+def test_cached_plan_follows_the_weights_storage():
+    layers, norms, final = _stack(1, dtype=torch.float32)
+    owner = torch.nn.Module()
+    p1 = cached_plan(owner, layers, residual=False)
+    assert cached_plan(owner, layers, residual=False) is p1
+    layers[0].in_w.mul_(2)  # in place: the plan's views see it
+    assert cached_plan(owner, layers, residual=False) is p1
+    moved = [layers[0]._replace(in_w=layers[0].in_w.clone())]
+    assert cached_plan(owner, moved, residual=False) is not p1
+
+
+def test_bad_arguments_name_what_is_wrong():
+    w = make_weights(8, 16, 4, 2, 4, bias=False, conv_bias=True)
+    conv, ssm = states(2, 16, 4, 4, torch.float32)
+    with pytest.raises(ValueError, match="x must be"):
+        mamba_step(torch.randn(8), w, conv, ssm)
+    with pytest.raises(ValueError, match="weights.in_w"):
+        mamba_step(torch.randn(2, 9), w, conv, ssm)
+    with pytest.raises(ValueError, match="conv_state"):
+        mamba_step(torch.randn(2, 8), w, conv[:, :, :2], ssm)
+    with pytest.raises(ValueError, match="ssm_state"):
+        mamba_step(torch.randn(2, 8), w, conv, ssm[:1])
+    with pytest.raises(ValueError, match="weights.x_w"):
+        mamba_step(torch.randn(2, 8), w._replace(x_w=w.x_w[:-1]), conv, ssm)
+    with pytest.raises(ValueError, match="in_scale"):
+        mamba_step(torch.randn(2, 8), w._replace(in_scale=torch.ones(32)), conv, ssm)
+    with pytest.raises(TypeError, match="MambaStepWeights"):
+        mamba_step(torch.randn(2, 8), tuple(w), conv, ssm)
+    layers, norms, final = _stack(2, dtype=torch.float32)
+    mixed = [layers[0], layers[1]._replace(in_b=None)]
+    with pytest.raises(ValueError, match=r"layers\[1\].in_b"):
+        MambaStackPlan(mixed, norms, 1e-5, final, 1e-5)  # layer 0 has biases, layer 1 not
+    with pytest.raises(ValueError, match="norm_weights"):
+        MambaStackPlan(layers[:1], norms, 1e-5, final, 1e-5)
+    plan = MambaStackPlan(layers[:1], norms[:1], 1e-5, final, 1e-5)
+    with pytest.raises(ValueError, match="need 1 conv and ssm states"):
+        mamba_stack_step(torch.randn(2, 16), plan, [], [])
