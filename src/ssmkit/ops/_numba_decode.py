@@ -1,7 +1,8 @@
 """Numba kernels for decoding (a few rows at a time): the fused Mamba recurrent step and a row-parallel linear.
 
 Each kernel is one parallel launch: ``prange(n_threads)`` workers share every stage's chunks through the atomic
-counters of :mod:`._numba_atomics` and wait for a stage to finish before the next one reads its results.
+counters of :mod:`._numba_atomics` and wait for a stage to finish before the next one reads its results. Worker
+t first claims chunks of its own contiguous region of a stage, then helps with the others.
 Arrays are C-contiguous; float32 or float64 throughout (one dtype per call).
 """
 
@@ -15,8 +16,11 @@ import numpy as np
 from ._numba_atomics import atomic_add, atomic_load, cpu_relax
 from ._numba_kernels import fast_exp
 
-#: counter slots of the linear kernel (mamba_stack needs 2 per stage: 2 (5 L + 1))
-N_COUNTERS = 8
+
+def counter_slots(n_stages: int, n_threads: int) -> int:
+    """Length of a kernel's counters array: per stage, a claim counter per thread's region and a done counter
+    (the linear kernel has 1 stage, mamba_stack 5 per layer + 1)."""
+    return n_stages * (n_threads + 1)
 
 _ROWS_IN = 32  # in_proj rows per chunk
 _ROWS_X = 4  # x_proj rows per chunk
@@ -75,26 +79,33 @@ def _rows_times_weight(x, w, o, scale, bias, out):
 
 
 @nb.njit(inline="always", cache=True)
-def _finish_stage(counters, stage):
-    """Count one finished chunk of ``stage``."""
-    atomic_add(counters, 2 * stage + 1, 1)
+def _claim(counters, stage, region, n_threads):
+    """The next unclaimed chunk of ``region`` of ``stage``, counted from the region's start."""
+    return atomic_add(counters, stage * (n_threads + 1) + region, 1)
 
 
 @nb.njit(inline="always", cache=True)
-def _wait_stage(counters, stage, n_chunks):
-    while atomic_load(counters, 2 * stage + 1) < n_chunks:
+def _region(n_chunks, region, n_threads):
+    """Chunks [lo, hi) of ``region``: thread t first takes chunks from region t (a contiguous share, which the
+    hardware prefetcher streams well), then helps with the other regions."""
+    return region * n_chunks // n_threads, (region + 1) * n_chunks // n_threads
+
+
+@nb.njit(inline="always", cache=True)
+def _finish_stage(counters, stage, n_threads):
+    """Count one finished chunk of ``stage``."""
+    atomic_add(counters, stage * (n_threads + 1) + n_threads, 1)
+
+
+@nb.njit(inline="always", cache=True)
+def _wait_stage(counters, stage, n_chunks, n_threads):
+    while atomic_load(counters, stage * (n_threads + 1) + n_threads) < n_chunks:
         cpu_relax()
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _silu(v):
     return v / (1 + fast_exp(-v))
-
-
-@nb.njit(inline="always", cache=True)
-def _claim(counters, stage):
-    """The next chunk index of ``stage`` for this thread."""
-    return atomic_add(counters, 2 * stage, 1)
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
@@ -128,7 +139,7 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
     with per-row scales s_in / s_x / s_out (length 0 for float); biases b_in (2 Di,), conv_b (Di,),
     b_out (d_model,) may have length 0; b_dt (Di,); a_log (Di, N); d_skip (Di,). States conv (L, B, Di, K - 1),
     ssm (L, B, Di, N); the new ones go to conv_new / ssm_new. Scratch: xn (B, d_model), xz (B, 2 Di), u (B, Di),
-    xdbl (B, R + 2N), y (B, Di). counters: int64 zeros, 2 per stage (5 L + 1 stages).
+    xdbl (B, R + 2N), y (B, Di). counters: int64 zeros (counter_slots(5 L + 1, n_threads),).
 
     All work happens inside claimed chunks and every shared buffer is rewritten only after a stage barrier
     that needs every chunk reading it, so a thread that starts late (or never) changes nothing.
@@ -136,7 +147,7 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
     nb_rows, d_model = h.shape
     n_layers = len(w_in)
     di = u.shape[1]
-    for _ in nb.prange(n_threads):
+    for t in nb.prange(n_threads):
         col = np.empty(nb_rows, dtype=h.dtype)  # this thread's products of one weight row
         for layer in range(n_layers):
             st = 5 * layer
@@ -147,99 +158,114 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
             wo, so, bo, nw = w_out[layer], s_out[layer], b_out[layer], norm_w[layer]
             n_state, rank, width = al.shape[1], wdt.shape[1], cw.shape[1]
             # stage 0: the block's norm (one chunk: it needs the whole row)
-            if _claim(counters, st) == 0:
+            if _claim(counters, st, 0, n_threads) == 0:
                 _rms_norm(h, nw, eps, xn)
                 if not residual:
                     h[:, :] = 0
-                _finish_stage(counters, st)
-            _wait_stage(counters, st, 1)
+                _finish_stage(counters, st, n_threads)
+            _wait_stage(counters, st, 1, n_threads)
             # stage 1: in_proj; the x half goes straight through the causal conv and SiLU
             n1 = (wi.shape[0] + _ROWS_IN - 1) // _ROWS_IN
-            while True:
-                chunk = _claim(counters, st + 1)
-                if chunk >= n1:
-                    break
-                for o in range(chunk * _ROWS_IN, min(wi.shape[0], chunk * _ROWS_IN + _ROWS_IN)):
-                    _rows_times_weight(xn, wi, o, si, bi, col)
-                    for b in range(nb_rows):
-                        v = col[b]
-                        xz[b, o] = v
-                        if o < di:
-                            acc = cw[o, width - 1] * v
-                            for j in range(width - 1):
-                                acc += cw[o, j] * cs[b, o, j]
-                            for j in range(width - 2):
-                                cn[b, o, j] = cs[b, o, j + 1]
-                            if width > 1:
-                                cn[b, o, width - 2] = v
-                            if cb.shape[0] > 0:
-                                acc += cb[o]
-                            u[b, o] = _silu(acc)
-                _finish_stage(counters, st + 1)
-            _wait_stage(counters, st + 1, n1)
+            for rr in range(n_threads):
+                region = (t + rr) % n_threads
+                lo, hi = _region(n1, region, n_threads)
+                while True:
+                    chunk = lo + _claim(counters, st + 1, region, n_threads)
+                    if chunk >= hi:
+                        break
+                    for o in range(chunk * _ROWS_IN, min(wi.shape[0], chunk * _ROWS_IN + _ROWS_IN)):
+                        _rows_times_weight(xn, wi, o, si, bi, col)
+                        for b in range(nb_rows):
+                            v = col[b]
+                            xz[b, o] = v
+                            if o < di:
+                                acc = cw[o, width - 1] * v
+                                for j in range(width - 1):
+                                    acc += cw[o, j] * cs[b, o, j]
+                                for j in range(width - 2):
+                                    cn[b, o, j] = cs[b, o, j + 1]
+                                if width > 1:
+                                    cn[b, o, width - 2] = v
+                                if cb.shape[0] > 0:
+                                    acc += cb[o]
+                                u[b, o] = _silu(acc)
+                    _finish_stage(counters, st + 1, n_threads)
+            _wait_stage(counters, st + 1, n1, n_threads)
             # stage 2: x_proj -> (dt_low, B, C)
             n2 = (wx.shape[0] + _ROWS_X - 1) // _ROWS_X
-            while True:
-                chunk = _claim(counters, st + 2)
-                if chunk >= n2:
-                    break
-                for r in range(chunk * _ROWS_X, min(wx.shape[0], chunk * _ROWS_X + _ROWS_X)):
-                    for b in range(nb_rows):
-                        xdbl[b, r] = _dot_row(u, b, wx, r, sx, bdt[:0])
-                _finish_stage(counters, st + 2)
-            _wait_stage(counters, st + 2, n2)
+            for rr in range(n_threads):
+                region = (t + rr) % n_threads
+                lo, hi = _region(n2, region, n_threads)
+                while True:
+                    chunk = lo + _claim(counters, st + 2, region, n_threads)
+                    if chunk >= hi:
+                        break
+                    for r in range(chunk * _ROWS_X, min(wx.shape[0], chunk * _ROWS_X + _ROWS_X)):
+                        for b in range(nb_rows):
+                            xdbl[b, r] = _dot_row(u, b, wx, r, sx, bdt[:0])
+                    _finish_stage(counters, st + 2, n_threads)
+            _wait_stage(counters, st + 2, n2, n_threads)
             # stage 3: dt = softplus(dt_proj(dt_low)), state update, readout, skip and gate
             n3 = (di + _CHANNELS - 1) // _CHANNELS
-            while True:
-                chunk = _claim(counters, st + 3)
-                if chunk >= n3:
-                    break
-                for c in range(chunk * _CHANNELS, min(di, chunk * _CHANNELS + _CHANNELS)):
-                    for b in range(nb_rows):
-                        dv = bdt[c]
-                        for r in range(rank):
-                            dv += wdt[c, r] * xdbl[b, r]
-                        dt = dv if dv > 20 else math.log1p(math.exp(dv))
-                        uc = u[b, c]
-                        du = dt * uc
-                        acc = dsk[c] * uc
-                        for n in range(n_state):
-                            hv = ss[b, c, n] * fast_exp(-dt * fast_exp(al[c, n])) + du * xdbl[b, rank + n]
-                            sn[b, c, n] = hv
-                            acc += hv * xdbl[b, rank + n_state + n]
-                        y[b, c] = acc * _silu(xz[b, di + c])
-                _finish_stage(counters, st + 3)
-            _wait_stage(counters, st + 3, n3)
+            for rr in range(n_threads):
+                region = (t + rr) % n_threads
+                lo, hi = _region(n3, region, n_threads)
+                while True:
+                    chunk = lo + _claim(counters, st + 3, region, n_threads)
+                    if chunk >= hi:
+                        break
+                    for c in range(chunk * _CHANNELS, min(di, chunk * _CHANNELS + _CHANNELS)):
+                        for b in range(nb_rows):
+                            dv = bdt[c]
+                            for r in range(rank):
+                                dv += wdt[c, r] * xdbl[b, r]
+                            dt = dv if dv > 20 else math.log1p(math.exp(dv))
+                            uc = u[b, c]
+                            du = dt * uc
+                            acc = dsk[c] * uc
+                            for n in range(n_state):
+                                hv = ss[b, c, n] * fast_exp(-dt * fast_exp(al[c, n])) + du * xdbl[b, rank + n]
+                                sn[b, c, n] = hv
+                                acc += hv * xdbl[b, rank + n_state + n]
+                            y[b, c] = acc * _silu(xz[b, di + c])
+                    _finish_stage(counters, st + 3, n_threads)
+            _wait_stage(counters, st + 3, n3, n_threads)
             # stage 4: out_proj into the residual stream
             n4 = (wo.shape[0] + _ROWS_OUT - 1) // _ROWS_OUT
-            while True:
-                chunk = _claim(counters, st + 4)
-                if chunk >= n4:
-                    break
-                for o in range(chunk * _ROWS_OUT, min(wo.shape[0], chunk * _ROWS_OUT + _ROWS_OUT)):
-                    _rows_times_weight(y, wo, o, so, bo, col)
-                    for b in range(nb_rows):
-                        h[b, o] += col[b]
-                _finish_stage(counters, st + 4)
-            _wait_stage(counters, st + 4, n4)
-        if _claim(counters, 5 * n_layers) == 0:
+            for rr in range(n_threads):
+                region = (t + rr) % n_threads
+                lo, hi = _region(n4, region, n_threads)
+                while True:
+                    chunk = lo + _claim(counters, st + 4, region, n_threads)
+                    if chunk >= hi:
+                        break
+                    for o in range(chunk * _ROWS_OUT, min(wo.shape[0], chunk * _ROWS_OUT + _ROWS_OUT)):
+                        _rows_times_weight(y, wo, o, so, bo, col)
+                        for b in range(nb_rows):
+                            h[b, o] += col[b]
+                    _finish_stage(counters, st + 4, n_threads)
+            _wait_stage(counters, st + 4, n4, n_threads)
+        if _claim(counters, 5 * n_layers, 0, n_threads) == 0:
             _rms_norm(h, final_w, final_eps, out)
-            _finish_stage(counters, 5 * n_layers)
-        _wait_stage(counters, 5 * n_layers, 1)
+            _finish_stage(counters, 5 * n_layers, n_threads)
+        _wait_stage(counters, 5 * n_layers, 1, n_threads)
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def linear(x, w, scale, bias, out, counters, n_threads):
     """out[b, o] = sum_k x[b, k] w[o, k] (* scale[o]) (+ bias[o]); x (B, K), w (O, K) float or int8, out (B, O);
-    scale and bias of length 0 mean none. counters: int64 zeros (N_COUNTERS,)."""
+    scale and bias of length 0 mean none. counters: int64 zeros (counter_slots(1, n_threads),)."""
     n_chunks = (w.shape[0] + _ROWS_LINEAR - 1) // _ROWS_LINEAR
-    for _ in nb.prange(n_threads):
+    for t in nb.prange(n_threads):
         col = np.empty(x.shape[0], dtype=out.dtype)
-        while True:
-            chunk = atomic_add(counters, 0, 1)
-            if chunk >= n_chunks:
-                break
-            for o in range(chunk * _ROWS_LINEAR, min(w.shape[0], chunk * _ROWS_LINEAR + _ROWS_LINEAR)):
-                _rows_times_weight(x, w, o, scale, bias, col)
-                for b in range(x.shape[0]):
-                    out[b, o] = col[b]
+        for rr in range(n_threads):
+            region = (t + rr) % n_threads
+            lo, hi = _region(n_chunks, region, n_threads)
+            while True:
+                chunk = lo + _claim(counters, 0, region, n_threads)
+                if chunk >= hi:
+                    break
+                for o in range(chunk * _ROWS_LINEAR, min(w.shape[0], chunk * _ROWS_LINEAR + _ROWS_LINEAR)):
+                    _rows_times_weight(x, w, o, scale, bias, col)
+                    for b in range(x.shape[0]):
+                        out[b, o] = col[b]

@@ -73,8 +73,8 @@ def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, scal
         return x.new_empty(0).numpy() if t is None else t.detach().contiguous().numpy()
 
     out = x.new_empty(rows, weight.shape[0])
-    counters = torch.zeros(D.N_COUNTERS, dtype=torch.int64)
     with K.kernel_threads(weight.numel() * rows) as threads:
+        counters = torch.zeros(D.counter_slots(1, threads), dtype=torch.int64)
         D.linear(arr(x.reshape(rows, x.shape[-1])), arr(weight), arr(scale), arr(bias), out.numpy(),
                  counters.numpy(), threads)
     return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -259,8 +259,8 @@ def mamba_stack_step(h: Tensor, plan: MambaStackPlan, conv_states: list[Tensor],
     conv_new, ssm_new = torch.empty_like(conv_all), torch.empty_like(ssm_all)
     out = torch.empty_like(resid)
     scratch = [h.new_empty(batch, n) for n in (h.shape[1], 2 * di, di, rank + 2 * n_state, di)]
-    counters = torch.zeros(2 * (5 * n_layers + 1), dtype=torch.int64)
     with K.kernel_threads(w0.in_w.numel() * batch * n_layers) as threads:
+        counters = torch.zeros(D.counter_slots(5 * n_layers + 1, threads), dtype=torch.int64)
         D.mamba_stack(
             resid.numpy(), plan.residual, a["norm_w"], plan.eps, a["final_w"], plan.final_eps,
             a["in_w"], a["in_scale"], a["in_b"], a["conv_w"], a["conv_b"], conv_all.numpy(),
