@@ -78,17 +78,8 @@ def _stack(n_layers, d_model=16, di=32, n=4, rank=2, width=4, dtype=torch.float6
     return layers, norms, final
 
 
-def _oracle_stack(h, layers, norms, final, eps, convs, ssms):
-    def rms(v, w):
-        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * w
-
-    new_c, new_s = [], []
-    for w, nw, c, s in zip(layers, norms, convs, ssms, strict=True):
-        y, c2, s2 = reference.mamba_step(rms(h, nw), w, c, s)
-        h = h + y
-        new_c.append(c2)
-        new_s.append(s2)
-    return rms(h, final), new_c, new_s
+def _oracle_stack(h, layers, norms, final, eps, convs, ssms, head=None):
+    return reference.mamba_stack_step(h, layers, norms, eps, final, eps, convs, ssms, head)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -104,14 +95,35 @@ def test_stack_matches_oracle_and_reuses_its_states(dtype, batch):
     want_c, want_s = convs, ssms
     for step in range(3):  # later steps get the views of the stacked states the kernel returned
         x = h + step
-        out, convs, ssms = mamba_stack_step(x, plan, convs, ssms)
-        want, want_c, want_s = _oracle_stack(x, layers, norms, final, 1e-5, want_c, want_s)
+        out, convs, ssms, logits = mamba_stack_step(x, plan, convs, ssms)
+        assert logits is None
+        want, want_c, want_s, _ = _oracle_stack(x, layers, norms, final, 1e-5, want_c, want_s)
         assert_all_close([out, *convs, *ssms], [want, *want_c, *want_s], tol)
     assert convs[1]._base is not None, "the kernel's states are views of one stacked tensor"
     with fused_kernels(False):
         got = mamba_stack_step(h, plan, convs, ssms)
     want = _oracle_stack(h, layers, norms, final, 1e-5, want_c, want_s)
     assert_all_close([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]], tol)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_stack_with_head_matches_oracle(int8, bias):
+    layers, norms, final = _stack(2, dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    hw, hb = torch.randn(203, 16, generator=g), (torch.randn(203, generator=g) if bias else None)
+    head = (*quantize_int8(hw), hb) if int8 else (hw, None, hb)
+    plan = MambaStackPlan(layers, norms, 1e-5, final, 1e-5, head=head)
+    convs, ssms = zip(*(states(3, 32, 4, 4, torch.float32, seed=i) for i in range(2)), strict=True)
+    h = torch.randn(3, 16)
+    want = _oracle_stack(h.double(), layers, norms, final, 1e-5, [c.double() for c in convs],
+                         [s.double() for s in ssms], head)
+    got = mamba_stack_step(h, plan, list(convs), list(ssms))
+    torch.testing.assert_close(got[3].double(), want[3], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-5)
+    with fused_kernels(False):
+        torch.testing.assert_close(mamba_stack_step(h, plan, list(convs), list(ssms))[3].double(), want[3],
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_one_thread_runs_every_chunk_itself():

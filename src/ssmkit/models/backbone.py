@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..layers.base import linear_weights
+from ..ops.decode_linear import decode_linear
 from .blocks import Block, Norm
 from .config import ModelConfig
 from .fused_decode import fused_step
@@ -176,14 +178,27 @@ class Backbone(nn.Module):
         self, inputs_t: Tensor, state: ModelState, *, input_name: str = "inputs_t"
     ) -> tuple[Tensor, ModelState]:
         """One position: ids (batch,) or floats (batch, d_input) -> (hidden_t (batch, d_model), state)."""
+        return self.step_with_head(inputs_t, state, None, input_name=input_name)[:2]
+
+    def step_with_head(
+        self, inputs_t: Tensor, state: ModelState, head: nn.Module | None, *, input_name: str = "inputs_t"
+    ) -> tuple[Tensor, ModelState, Tensor | None]:
+        """:meth:`step`, then ``head`` (a linear layer or None) on the hidden state: (hidden_t, state,
+        head(hidden_t) or None). A pure-Mamba backbone runs all of it in one kernel launch
+        (:mod:`ssmkit.models.fused_decode`)."""
         inputs_t = self.check_inputs(inputs_t, input_name, step=True)
         states = self._check_state(state).layers
         h = self.embed(inputs_t)
-        fused = fused_step(self, h, state)
+        fused = fused_step(self, h, state, head)
         if fused is not None:
             return fused
         new_states = []
         for block, s in zip(self.blocks, states, strict=True):
             h, s = block.step(h, s)
             new_states.append(s)
-        return self.final_norm(h), ModelState(new_states)
+        hidden = self.final_norm(h)
+        out = None
+        if head is not None:
+            weight, scale, bias = linear_weights(head)
+            out = decode_linear(hidden, weight, bias, scale=scale)
+        return hidden, ModelState(new_states), out

@@ -26,8 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers.base import linear_weights
-from ..ops.decode_linear import decode_linear
 from .backbone import Backbone, check_mask
 from .config import ModelConfig, compress_pattern
 from .outputs import ClassifierOutput, LMOutput, ModelState, RegressionOutput
@@ -235,9 +233,8 @@ class CausalLM(SequenceModel):
 
     def step(self, token_ids: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
         """One token per sequence: token_ids (batch,) -> (logits (batch, vocab_size), new state)."""
-        hidden, state = self.backbone.step(token_ids, state, input_name="token_ids")
-        weight, scale, bias = linear_weights(self.lm_head)
-        return decode_linear(hidden, weight, bias, scale=scale), state
+        _, state, logits = self.backbone.step_with_head(token_ids, state, self.lm_head, input_name="token_ids")
+        return logits, state
 
 
 class PrefixLM(CausalLM):

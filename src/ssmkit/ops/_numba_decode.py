@@ -19,7 +19,7 @@ from ._numba_kernels import fast_exp
 
 def counter_slots(n_stages: int, n_threads: int) -> int:
     """Length of a kernel's counters array: per stage, a claim counter per thread's region and a done counter
-    (the linear kernel has 1 stage, mamba_stack 5 per layer + 1)."""
+    (the linear kernel has 1 stage, mamba_stack 5 per layer + 2)."""
     return n_stages * (n_threads + 1)
 
 _ROWS_IN = 32  # in_proj rows per chunk
@@ -127,10 +127,12 @@ def _rms_norm(h, w, eps, out):
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, conv_w, conv_b, conv_state, w_x, s_x,
                 w_dt, b_dt, a_log, d_skip, w_out, s_out, b_out, ssm_state, conv_new, ssm_new, xn, xz, u, xdbl, y,
-                out, counters, n_threads):
+                out, w_head, s_head, b_head, logits, counters, n_threads):
     """One token through a stack of Mamba blocks, h <- h + mamba_l(norm_l(h)) for l = 0..L-1, then
-    out = final_norm(h) (RMSNorm). Per-layer weights are numba typed Lists of L arrays (a tuple of arrays indexed
-    at run time makes LLVM compile a switch per access, which takes minutes); states are stacked over layers.
+    out = final_norm(h) (RMSNorm) and, when w_head (V, d_model) has rows, logits (B, V) = head(out) (float or
+    int8 with s_head; b_head may have length 0): the LM head in the same launch. Per-layer weights are numba
+    typed Lists of L arrays (a tuple of arrays indexed at run time makes LLVM compile a switch per access, which
+    takes minutes); states are stacked over layers.
 
     h (B, d_model) is the residual stream, updated in place; with ``residual=False`` (a single mixer, no
     block) each layer's output replaces h instead of adding to it. norm_w / final_w: RMSNorm weights (d_model,) or
@@ -139,7 +141,7 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
     with per-row scales s_in / s_x / s_out (length 0 for float); biases b_in (2 Di,), conv_b (Di,),
     b_out (d_model,) may have length 0; b_dt (Di,); a_log (Di, N); d_skip (Di,). States conv (L, B, Di, K - 1),
     ssm (L, B, Di, N); the new ones go to conv_new / ssm_new. Scratch: xn (B, d_model), xz (B, 2 Di), u (B, Di),
-    xdbl (B, R + 2N), y (B, Di). counters: int64 zeros (counter_slots(5 L + 1, n_threads),).
+    xdbl (B, R + 2N), y (B, Di). counters: int64 zeros (counter_slots(5 L + 2, n_threads),).
 
     All work happens inside claimed chunks and every shared buffer is rewritten only after a stage barrier
     that needs every chunk reading it, so a thread that starts late (or never) changes nothing.
@@ -249,23 +251,31 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
             _rms_norm(h, final_w, final_eps, out)
             _finish_stage(counters, 5 * n_layers, n_threads)
         _wait_stage(counters, 5 * n_layers, 1, n_threads)
+        _rows_stage(out, w_head, s_head, b_head, logits, counters, 5 * n_layers + 1, t, n_threads, col)
+
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _rows_stage(x, w, scale, bias, out, counters, stage, t, n_threads, col):
+    """out[:, o] = x @ w[o] (scaled, biased) for every row o of w, shared by the threads (no barrier after: the
+    launch ends when every thread is done)."""
+    n_chunks = (w.shape[0] + _ROWS_LINEAR - 1) // _ROWS_LINEAR
+    for rr in range(n_threads):
+        region = (t + rr) % n_threads
+        lo, hi = _region(n_chunks, region, n_threads)
+        while True:
+            chunk = lo + _claim(counters, stage, region, n_threads)
+            if chunk >= hi:
+                break
+            for o in range(chunk * _ROWS_LINEAR, min(w.shape[0], chunk * _ROWS_LINEAR + _ROWS_LINEAR)):
+                _rows_times_weight(x, w, o, scale, bias, col)
+                for b in range(x.shape[0]):
+                    out[b, o] = col[b]
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def linear(x, w, scale, bias, out, counters, n_threads):
     """out[b, o] = sum_k x[b, k] w[o, k] (* scale[o]) (+ bias[o]); x (B, K), w (O, K) float or int8, out (B, O);
     scale and bias of length 0 mean none. counters: int64 zeros (counter_slots(1, n_threads),)."""
-    n_chunks = (w.shape[0] + _ROWS_LINEAR - 1) // _ROWS_LINEAR
     for t in nb.prange(n_threads):
         col = np.empty(x.shape[0], dtype=out.dtype)
-        for rr in range(n_threads):
-            region = (t + rr) % n_threads
-            lo, hi = _region(n_chunks, region, n_threads)
-            while True:
-                chunk = lo + _claim(counters, 0, region, n_threads)
-                if chunk >= hi:
-                    break
-                for o in range(chunk * _ROWS_LINEAR, min(w.shape[0], chunk * _ROWS_LINEAR + _ROWS_LINEAR)):
-                    _rows_times_weight(x, w, o, scale, bias, col)
-                    for b in range(x.shape[0]):
-                        out[b, o] = col[b]
+        _rows_stage(x, w, scale, bias, out, counters, 0, t, n_threads, col)

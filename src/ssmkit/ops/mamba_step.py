@@ -156,13 +156,16 @@ class MambaStackPlan:
     :func:`mamba_stack_step`: the weights as numpy views, built once and reused for every token.
 
     layers: one MambaStepWeights per block, all with the same shapes and dtypes; norm_weights: the blocks'
-    RMSNorm weights (d_model,), or None for a bare mixer; final_weight: the final RMSNorm weight or None.
+    RMSNorm weights (d_model,), or None for a bare mixer; final_weight: the final RMSNorm weight or None;
+    head: an optional output layer (weight (V, d_model) float or int8, per-row scale or None, bias or None)
+    run in the same launch (an LM head).
     ``key`` lists the weights' storage addresses: a plan stays valid while the key is unchanged (in-place
     updates of the weights are seen by the views).
     """
 
     def __init__(self, layers: list[MambaStepWeights], norm_weights: list[Tensor] | None, eps: float,
-                 final_weight: Tensor | None, final_eps: float, *, residual: bool = True) -> None:
+                 final_weight: Tensor | None, final_eps: float, *, residual: bool = True,
+                 head: tuple[Tensor, Tensor | None, Tensor | None] | None = None) -> None:
         if not layers:
             raise ValueError("MambaStackPlan: layers is empty")
         first = layers[0]
@@ -180,14 +183,19 @@ class MambaStackPlan:
         if final_weight is not None and tuple(final_weight.shape) != (d_model,):
             raise ValueError(f"MambaStackPlan: final_weight must have shape ({d_model},), "
                              f"got {tuple(final_weight.shape)}")
-        self.layers, self.residual = list(layers), residual
+        if head is not None:
+            hw, hs, hb = head
+            if hw.ndim != 2 or hw.shape[1] != d_model or (hw.dtype == torch.int8) != (hs is not None):
+                raise ValueError(f"MambaStackPlan: head weight must be (V, {d_model}), int8 exactly when a scale "
+                                 f"is given, got {tuple(hw.shape)} {hw.dtype}")
+        self.layers, self.residual, self.head = list(layers), residual, head
         self.norm_weights = None if norm_weights is None else list(norm_weights)
         self.eps, self.final_weight, self.final_eps = eps, final_weight, final_eps
         tensors = [t for w in layers for t in w if t is not None] + list(norm_weights or [])
         self.key = tuple(t.data_ptr() for t in tensors)
-        if final_weight is not None:
-            tensors.append(final_weight)
-            self.key += (final_weight.data_ptr(),)
+        extra = ([final_weight] if final_weight is not None else []) + [t for t in (head or ()) if t is not None]
+        tensors += extra
+        self.key += tuple(t.data_ptr() for t in extra)
         self.dtype, self.device = like.dtype, like.device
         self.fusable = (like.dtype in (torch.float32, torch.float64) and use_fused(*tensors)
                         and all(t.dtype in (like.dtype, torch.int8) for t in tensors))
@@ -198,6 +206,8 @@ class MambaStackPlan:
             self.arrays = {name: List([_np(getattr(w, name), like) for w in layers]) for name in _LAYER_FIELDS}
             self.arrays["norm_w"] = List([_np(n, like) for n in norms])
             self.arrays["final_w"] = _np(final_weight, like)
+            hw, hs, hb = head if head is not None else (like.new_empty(0, d_model), None, None)
+            self.arrays["head"] = (_np(hw, like), _np(hs, like), _np(hb, like))
 
     def stale(self, key: tuple[int, ...]) -> bool:
         """Whether weights with storage addresses ``key`` need a new plan."""
@@ -219,10 +229,11 @@ def _stacked(states: list[Tensor]) -> Tensor:
 
 
 def mamba_stack_step(h: Tensor, plan: MambaStackPlan, conv_states: list[Tensor], ssm_states: list[Tensor]
-                     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+                     ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor | None]:
     """One token through the stack of ``plan``: h (batch, d_model) residual stream -> (final-normed hidden
-    (batch, d_model), new conv states, new ssm states). One kernel launch on CPU for float32/float64 inputs
-    that need no gradient; torch ops otherwise. Oracle: :func:`ssmkit.ops.reference.mamba_stack_step`."""
+    (batch, d_model), new conv states, new ssm states, the head's output (batch, V) or None without a head).
+    One kernel launch on CPU for float32/float64 inputs that need no gradient; torch ops otherwise.
+    Oracle: :func:`ssmkit.ops.reference.mamba_stack_step`."""
     if not isinstance(plan, MambaStackPlan):
         raise TypeError(f"mamba_stack_step: plan must be a MambaStackPlan, got {type(plan).__name__}")
     n_layers = len(plan.layers)
@@ -248,7 +259,12 @@ def mamba_stack_step(h: Tensor, plan: MambaStackPlan, conv_states: list[Tensor],
             h = h + y if plan.residual else y
             convs.append(c)
             ssms.append(s)
-        return _rms_norm(h, plan.final_weight, plan.final_eps), convs, ssms
+        hidden = _rms_norm(h, plan.final_weight, plan.final_eps)
+        logits = None
+        if plan.head is not None:
+            hw, hs, hb = plan.head
+            logits = F.linear(hidden, _weight(hw, hs, hidden.dtype), hb)
+        return hidden, convs, ssms, logits
     from . import _numba_decode as D
 
     a = plan.arrays
@@ -258,16 +274,19 @@ def mamba_stack_step(h: Tensor, plan: MambaStackPlan, conv_states: list[Tensor],
     conv_all, ssm_all = _stacked(conv_states), _stacked(ssm_states)
     conv_new, ssm_new = torch.empty_like(conv_all), torch.empty_like(ssm_all)
     out = torch.empty_like(resid)
+    head_w, head_s, head_b = a["head"]
+    logits = h.new_empty(batch, head_w.shape[0])
     scratch = [h.new_empty(batch, n) for n in (h.shape[1], 2 * di, di, rank + 2 * n_state, di)]
     with K.kernel_threads(w0.in_w.numel() * batch * n_layers) as threads:
-        counters = torch.zeros(D.counter_slots(5 * n_layers + 1, threads), dtype=torch.int64)
+        counters = torch.zeros(D.counter_slots(5 * n_layers + 2, threads), dtype=torch.int64)
         D.mamba_stack(
             resid.numpy(), plan.residual, a["norm_w"], plan.eps, a["final_w"], plan.final_eps,
             a["in_w"], a["in_scale"], a["in_b"], a["conv_w"], a["conv_b"], conv_all.numpy(),
             a["x_w"], a["x_scale"], a["dt_w"], a["dt_b"], a["a_log"], a["d"], a["out_w"], a["out_scale"], a["out_b"],
             ssm_all.numpy(), conv_new.numpy(), ssm_new.numpy(),
-            *(t.numpy() for t in scratch), out.numpy(), counters.numpy(), threads)
-    return out, list(conv_new.unbind(0)), list(ssm_new.unbind(0))
+            *(t.numpy() for t in scratch), out.numpy(), head_w, head_s, head_b, logits.numpy(), counters.numpy(),
+            threads)
+    return (out, list(conv_new.unbind(0)), list(ssm_new.unbind(0)), logits if plan.head is not None else None)
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -275,14 +294,16 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def cached_plan(owner: object, layers: list[MambaStepWeights], norm_weights: list[Tensor] | None = None,
                 eps: float = 0.0, final_weight: Tensor | None = None, final_eps: float = 0.0, *,
-                residual: bool = True) -> MambaStackPlan:
+                residual: bool = True, head: tuple[Tensor, Tensor | None, Tensor | None] | None = None
+                ) -> MambaStackPlan:
     """The plan of ``owner`` (e.g. the module the weights belong to), rebuilt when a weight's storage changed.
     Plans live as long as their owner (a weak-keyed cache, so copies and pickles of the owner never see them)."""
     tensors = [t for w in layers for t in w if t is not None] + list(norm_weights or [])
-    key = tuple(t.data_ptr() for t in tensors) + ((final_weight.data_ptr(),) if final_weight is not None else ())
+    tensors += ([final_weight] if final_weight is not None else []) + [t for t in (head or ()) if t is not None]
+    key = tuple(t.data_ptr() for t in tensors)
     plan = _PLANS.get(owner)
     if plan is None or plan.stale(key):
-        plan = MambaStackPlan(layers, norm_weights, eps, final_weight, final_eps, residual=residual)
+        plan = MambaStackPlan(layers, norm_weights, eps, final_weight, final_eps, residual=residual, head=head)
         _PLANS[owner] = plan
     return plan
 
@@ -298,5 +319,5 @@ def mamba_step(x: Tensor, weights: MambaStepWeights, conv_state: Tensor, ssm_sta
         plan = MambaStackPlan([weights], None, 0.0, None, 0.0, residual=False)
     else:
         plan = cached_plan(owner, [weights], residual=False)
-    y, (conv,), (ssm,) = mamba_stack_step(x, plan, [conv_state], [ssm_state])
+    y, (conv,), (ssm,), _ = mamba_stack_step(x, plan, [conv_state], [ssm_state])
     return y, conv, ssm

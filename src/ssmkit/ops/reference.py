@@ -230,3 +230,27 @@ def mamba_step(x: Tensor, w, conv_state: Tensor, ssm_state: Tensor) -> tuple[Ten
     y = (h * C[:, None, :]).sum(-1) + w.d.to(dt_) * u
     y = y * silu(z)
     return lin(y, w.out_w, w.out_scale, w.out_b), window[:, :, 1:], h
+
+
+def mamba_stack_step(h: Tensor, layers, norm_weights, eps: float, final_weight: Tensor | None, final_eps: float,
+                     conv_states, ssm_states, head=None):
+    """Oracle of :func:`ssmkit.ops.mamba_stack_step`: h <- h + mamba_step(rmsnorm(h)) block by block, the final
+    RMSNorm, then the optional head (weight, scale or None, bias or None). Returns (hidden, convs, ssms, logits)."""
+
+    def rms(v: Tensor, w: Tensor | None, e: float) -> Tensor:
+        return v if w is None else v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + e) * w.to(v.dtype)
+
+    convs, ssms = [], []
+    for i, w in enumerate(layers):
+        y, c, s = mamba_step(rms(h, None if norm_weights is None else norm_weights[i], eps), w, conv_states[i],
+                             ssm_states[i])
+        h = h + y
+        convs.append(c)
+        ssms.append(s)
+    hidden = rms(h, final_weight, final_eps)
+    logits = None
+    if head is not None:
+        hw, hs, hb = head
+        wf = hw.to(h.dtype) if hs is None else hw.to(h.dtype) * hs.to(h.dtype)[:, None]
+        logits = torch.einsum("bk,vk->bv", hidden, wf) + (0 if hb is None else hb.to(h.dtype))
+    return hidden, convs, ssms, logits
