@@ -100,3 +100,28 @@ def test_copies_of_a_stepped_model_are_independent():
         want, _ = blockwise_step(twin, torch.tensor([2]), twin.init_state(1))
     torch.testing.assert_close(b, want, rtol=2e-5, atol=2e-5)
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("change", ["parameter", "data", "load_assign", "eps"])
+def test_the_cached_plan_follows_changes_to_the_model(change):
+    torch.manual_seed(3)
+    model = CausalLM(ModelConfig(d_model=16, n_layers=2, vocab_size=30)).eval()
+    ids = torch.tensor([4])
+    with torch.no_grad():
+        model.step(ids, model.init_state(1))  # builds and caches the plan
+        mixer = model.backbone.blocks[1].mixer
+        new = torch.randn_like(mixer.in_proj.weight)
+        if change == "parameter":
+            mixer.in_proj.weight = torch.nn.Parameter(new)
+        elif change == "data":
+            mixer.in_proj.weight.data = new
+        elif change == "load_assign":
+            sd = {k: v.clone() * 1.5 for k, v in model.state_dict().items()}
+            model.load_state_dict(sd, assign=True)
+        else:
+            for block in model.backbone.blocks:
+                block.norm.eps = 0.5
+            model.backbone.final_norm.eps = 0.5
+        got, _ = model.step(ids, model.init_state(1))
+        want, _ = blockwise_step(model, ids, model.init_state(1))
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)

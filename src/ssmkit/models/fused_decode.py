@@ -9,12 +9,42 @@ against the ops' oracles). Any other backbone, or a call that needs gradients, t
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
 from ..layers.base import linear_weights
 from ..layers.mamba import Mamba, MambaState
-from ..ops.mamba_step import MambaStackPlan, cached_plan, mamba_stack_step
+from ..ops.mamba_step import MambaStackPlan, mamba_stack_step
 from .outputs import ModelState
+
+# Parameters, buffers and submodules are (re)registered on any module only when a model is built or changed
+# (a new layer, load_state_dict(assign=True), ...). Counting registrations lets a decode step check its cached
+# plan in microseconds instead of walking every block (about 1 ms per token for 24 blocks, 4% of a step).
+_REGISTRATIONS = [0]
+
+
+def _count_registration(module: nn.Module, name: str, value: object) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+for _register in (nn.modules.module.register_module_parameter_registration_hook,
+                  nn.modules.module.register_module_buffer_registration_hook,
+                  nn.modules.module.register_module_module_registration_hook):
+    _register(_count_registration)
+
+
+@dataclass
+class _Cached:
+    registrations: int
+    settings: tuple  # per block (training, norm eps) and the final norm eps: plain attributes, no hooks see them
+    storage: tuple  # data_ptr of every weight: a `.data` swap or a dtype/device move changes them
+    tensors: list[Tensor]
+    plan: MambaStackPlan | None
+
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _eligible(backbone) -> bool:
@@ -29,17 +59,35 @@ def _eligible(backbone) -> bool:
     return True
 
 
+def _settings(backbone, norms: list[nn.Module]) -> tuple:
+    return (tuple(b.training for b in backbone.blocks._modules.values()), tuple(n.eps for n in norms),
+            backbone.final_norm.eps)
+
+
 def stack_plan(backbone, head: nn.Module | None = None) -> MambaStackPlan | None:
     """The backbone's (cached) plan, with ``head`` (a linear layer, e.g. the LM head) in the same launch;
-    rebuilt when a weight's storage changed; None if the backbone is not eligible."""
+    rebuilt when the model changed; None if the backbone is not eligible."""
+    owner = backbone if head is None else head
+    cached = _CACHE.get(owner)
+    if cached is not None and cached.registrations == _REGISTRATIONS[0]:
+        norms = [b._modules["norm"] for b in backbone.blocks._modules.values()]
+        if (cached.settings == _settings(backbone, norms)
+                and cached.storage == tuple(t.data_ptr() for t in cached.tensors)):
+            return cached.plan
+    registrations = _REGISTRATIONS[0]
+    norms = [block.norm for block in backbone.blocks]
+    settings = _settings(backbone, norms)
     if not _eligible(backbone):
+        _CACHE[owner] = _Cached(registrations, settings, (), [], None)
         return None
     layers = [block.mixer.step_weights() for block in backbone.blocks]
-    norms = [block.norm.weight for block in backbone.blocks]
     final = backbone.final_norm
-    owner = backbone if head is None else head
-    return cached_plan(owner, layers, norms, final.eps, final.weight, final.eps,
-                       head=None if head is None else linear_weights(head))
+    head_weights = None if head is None else linear_weights(head)
+    plan = MambaStackPlan(layers, [n.weight for n in norms], final.eps, final.weight, final.eps, head=head_weights)
+    tensors = [t for w in layers for t in w if t is not None] + [n.weight for n in norms] + [final.weight]
+    tensors += [t for t in (head_weights or ()) if t is not None]
+    _CACHE[owner] = _Cached(registrations, settings, tuple(t.data_ptr() for t in tensors), tensors, plan)
+    return plan
 
 
 def fused_step(backbone, h: Tensor, state: ModelState, head: nn.Module | None = None
