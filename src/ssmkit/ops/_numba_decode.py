@@ -14,7 +14,7 @@ import numba as nb
 import numpy as np
 
 from ._numba_atomics import atomic_add, atomic_load, cpu_relax
-from ._numba_kernels import fast_exp
+from ._numba_kernels import fast_exp, fast_softplus
 
 
 def counter_slots(n_stages: int, n_threads: int) -> int:
@@ -221,7 +221,7 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
                             dv = bdt[c]
                             for r in range(rank):
                                 dv += wdt[c, r] * xdbl[b, r]
-                            dt = dv if dv > 20 else math.log1p(math.exp(dv))
+                            dt = fast_softplus(dv)
                             uc = u[b, c]
                             du = dt * uc
                             acc = dsk[c] * uc

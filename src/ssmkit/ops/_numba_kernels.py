@@ -66,6 +66,37 @@ def _fast_exp_overload(v):
     return lambda v: math.exp(v)
 
 
+@nb.njit(fastmath=True, inline="always", cache=True)
+def _softplus32(v):
+    """softplus for float32 that LLVM can vectorise: max(v, 0) + log1p(exp(-|v|)), with log1p(a) for a in (0, 1]
+    as 2 atanh(a / (2 + a)) by its odd series (no cancellation for small a); about 2e-7 relative error. Equals
+    torch's softplus, which returns v itself above 20 (the log1p term is below float32 resolution there)."""
+    a = _exp32(-abs(v))
+    s = a / (np.float32(2.0) + a)
+    z = s * s
+    p = np.float32(1.0 / 15.0)
+    p = p * z + np.float32(1.0 / 13.0)
+    p = p * z + np.float32(1.0 / 11.0)
+    p = p * z + np.float32(1.0 / 9.0)
+    p = p * z + np.float32(1.0 / 7.0)
+    p = p * z + np.float32(1.0 / 5.0)
+    p = p * z + np.float32(1.0 / 3.0)
+    p = p * z + np.float32(1.0)
+    return max(v, np.float32(0.0)) + np.float32(2.0) * s * p
+
+
+def fast_softplus(v):
+    """softplus dispatched on dtype inside kernels: the vectorisable form for float32, libm for float64."""
+    return v if v > 20 else math.log1p(math.exp(v))
+
+
+@overload(fast_softplus, inline="always")
+def _fast_softplus_overload(v):
+    if isinstance(v, types.Float) and v.bitwidth == 32:
+        return lambda v: _softplus32(v)
+    return lambda v: v if v > 20 else math.log1p(math.exp(v))
+
+
 PARALLEL_MIN_WORK = 1 << 17  # below this many state updates, waking a second thread costs more than it saves
 
 
@@ -192,8 +223,8 @@ def selective_fwd(u, dt, At, Bm, Cm, Dv, z, keep, h0, blocks, parts, dbias, soft
                     kp = keep[bi, t]
                     for j in range(w):
                         v = dt[bi, t, d0 + j] + dbias[d0 + j]
-                        if softplus and v <= 20.0:
-                            v = np.log1p(fast_exp(v))
+                        if softplus:
+                            v = fast_softplus(v)
                         dtj[j] = v
                         duj[j] = v * u[bi, t, d0 + j]
                     for j in range(W):
