@@ -4,11 +4,14 @@ Each op has a plain loop oracle in :mod:`ssmkit.ops.reference`.
 """
 
 from . import reference
+from .decode_linear import decode_linear
 from .fft_conv import fft_conv
 from .int8_linear import dequantize_int8, int8_linear, quantize_int8
 from .linear_scan import fused_kernels, linear_scan
+from .mamba_step import MambaStackPlan, MambaStepWeights, mamba_stack_step, mamba_step
 from .selective_scan import selective_scan
 from .ssd import ssd
 
 __all__ = ["fused_kernels", "linear_scan", "selective_scan", "ssd", "fft_conv", "int8_linear", "quantize_int8",
-           "dequantize_int8", "reference"]
+           "dequantize_int8", "reference", "mamba_step", "mamba_stack_step", "MambaStepWeights", "MambaStackPlan",
+           "decode_linear"]
