@@ -92,6 +92,20 @@ def _region(n_chunks, region, n_threads):
 
 
 @nb.njit(inline="always", cache=True)
+def _next_chunk(counters, stage, n_chunks, t, n_threads, cursor):
+    """The next chunk of ``stage`` for thread t, or -1 when every chunk is claimed. ``cursor[0]`` (set to 0 before
+    a stage) counts the regions this thread has emptied: its own first, then the next ones."""
+    while cursor[0] < n_threads:
+        region = (t + cursor[0]) % n_threads
+        lo, hi = _region(n_chunks, region, n_threads)
+        chunk = lo + _claim(counters, stage, region, n_threads)
+        if chunk < hi:
+            return chunk
+        cursor[0] += 1
+    return -1
+
+
+@nb.njit(inline="always", cache=True)
 def _finish_stage(counters, stage, n_threads):
     """Count one finished chunk of ``stage``."""
     atomic_add(counters, stage * (n_threads + 1) + n_threads, 1)
@@ -151,6 +165,7 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
     di = u.shape[1]
     for t in nb.prange(n_threads):
         col = np.empty(nb_rows, dtype=h.dtype)  # this thread's products of one weight row
+        cursor = np.zeros(1, dtype=np.int64)
         for layer in range(n_layers):
             st = 5 * layer
             wi, si, bi = w_in[layer], s_in[layer], b_in[layer]
@@ -168,108 +183,98 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
             _wait_stage(counters, st, 1, n_threads)
             # stage 1: in_proj; the x half goes straight through the causal conv and SiLU
             n1 = (wi.shape[0] + _ROWS_IN - 1) // _ROWS_IN
-            for rr in range(n_threads):
-                region = (t + rr) % n_threads
-                lo, hi = _region(n1, region, n_threads)
-                while True:
-                    chunk = lo + _claim(counters, st + 1, region, n_threads)
-                    if chunk >= hi:
-                        break
-                    for o in range(chunk * _ROWS_IN, min(wi.shape[0], chunk * _ROWS_IN + _ROWS_IN)):
-                        _rows_times_weight(xn, wi, o, si, bi, col)
-                        for b in range(nb_rows):
-                            v = col[b]
-                            xz[b, o] = v
-                            if o < di:
-                                acc = cw[o, width - 1] * v
-                                for j in range(width - 1):
-                                    acc += cw[o, j] * cs[b, o, j]
-                                for j in range(width - 2):
-                                    cn[b, o, j] = cs[b, o, j + 1]
-                                if width > 1:
-                                    cn[b, o, width - 2] = v
-                                if cb.shape[0] > 0:
-                                    acc += cb[o]
-                                u[b, o] = _silu(acc)
-                    _finish_stage(counters, st + 1, n_threads)
+            cursor[0] = 0
+            while True:
+                chunk = _next_chunk(counters, st + 1, n1, t, n_threads, cursor)
+                if chunk < 0:
+                    break
+                for o in range(chunk * _ROWS_IN, min(wi.shape[0], chunk * _ROWS_IN + _ROWS_IN)):
+                    _rows_times_weight(xn, wi, o, si, bi, col)
+                    for b in range(nb_rows):
+                        v = col[b]
+                        xz[b, o] = v
+                        if o < di:
+                            acc = cw[o, width - 1] * v
+                            for j in range(width - 1):
+                                acc += cw[o, j] * cs[b, o, j]
+                            for j in range(width - 2):
+                                cn[b, o, j] = cs[b, o, j + 1]
+                            if width > 1:
+                                cn[b, o, width - 2] = v
+                            if cb.shape[0] > 0:
+                                acc += cb[o]
+                            u[b, o] = _silu(acc)
+                _finish_stage(counters, st + 1, n_threads)
             _wait_stage(counters, st + 1, n1, n_threads)
             # stage 2: x_proj -> (dt_low, B, C)
             n2 = (wx.shape[0] + _ROWS_X - 1) // _ROWS_X
-            for rr in range(n_threads):
-                region = (t + rr) % n_threads
-                lo, hi = _region(n2, region, n_threads)
-                while True:
-                    chunk = lo + _claim(counters, st + 2, region, n_threads)
-                    if chunk >= hi:
-                        break
-                    for r in range(chunk * _ROWS_X, min(wx.shape[0], chunk * _ROWS_X + _ROWS_X)):
-                        for b in range(nb_rows):
-                            xdbl[b, r] = _dot_row(u, b, wx, r, sx, bdt[:0])
-                    _finish_stage(counters, st + 2, n_threads)
+            cursor[0] = 0
+            while True:
+                chunk = _next_chunk(counters, st + 2, n2, t, n_threads, cursor)
+                if chunk < 0:
+                    break
+                for r in range(chunk * _ROWS_X, min(wx.shape[0], chunk * _ROWS_X + _ROWS_X)):
+                    for b in range(nb_rows):
+                        xdbl[b, r] = _dot_row(u, b, wx, r, sx, bdt[:0])
+                _finish_stage(counters, st + 2, n_threads)
             _wait_stage(counters, st + 2, n2, n_threads)
             # stage 3: dt = softplus(dt_proj(dt_low)), state update, readout, skip and gate
             n3 = (di + _CHANNELS - 1) // _CHANNELS
-            for rr in range(n_threads):
-                region = (t + rr) % n_threads
-                lo, hi = _region(n3, region, n_threads)
-                while True:
-                    chunk = lo + _claim(counters, st + 3, region, n_threads)
-                    if chunk >= hi:
-                        break
-                    for c in range(chunk * _CHANNELS, min(di, chunk * _CHANNELS + _CHANNELS)):
-                        for b in range(nb_rows):
-                            dv = bdt[c]
-                            for r in range(rank):
-                                dv += wdt[c, r] * xdbl[b, r]
-                            dt = fast_softplus(dv)
-                            uc = u[b, c]
-                            du = dt * uc
-                            acc = dsk[c] * uc
-                            for n in range(n_state):
-                                hv = ss[b, c, n] * fast_exp(-dt * fast_exp(al[c, n])) + du * xdbl[b, rank + n]
-                                sn[b, c, n] = hv
-                                acc += hv * xdbl[b, rank + n_state + n]
-                            y[b, c] = acc * _silu(xz[b, di + c])
-                    _finish_stage(counters, st + 3, n_threads)
+            cursor[0] = 0
+            while True:
+                chunk = _next_chunk(counters, st + 3, n3, t, n_threads, cursor)
+                if chunk < 0:
+                    break
+                for c in range(chunk * _CHANNELS, min(di, chunk * _CHANNELS + _CHANNELS)):
+                    for b in range(nb_rows):
+                        dv = bdt[c]
+                        for r in range(rank):
+                            dv += wdt[c, r] * xdbl[b, r]
+                        dt = fast_softplus(dv)
+                        uc = u[b, c]
+                        du = dt * uc
+                        acc = dsk[c] * uc
+                        for n in range(n_state):
+                            hv = ss[b, c, n] * fast_exp(-dt * fast_exp(al[c, n])) + du * xdbl[b, rank + n]
+                            sn[b, c, n] = hv
+                            acc += hv * xdbl[b, rank + n_state + n]
+                        y[b, c] = acc * _silu(xz[b, di + c])
+                _finish_stage(counters, st + 3, n_threads)
             _wait_stage(counters, st + 3, n3, n_threads)
             # stage 4: out_proj into the residual stream
             n4 = (wo.shape[0] + _ROWS_OUT - 1) // _ROWS_OUT
-            for rr in range(n_threads):
-                region = (t + rr) % n_threads
-                lo, hi = _region(n4, region, n_threads)
-                while True:
-                    chunk = lo + _claim(counters, st + 4, region, n_threads)
-                    if chunk >= hi:
-                        break
-                    for o in range(chunk * _ROWS_OUT, min(wo.shape[0], chunk * _ROWS_OUT + _ROWS_OUT)):
-                        _rows_times_weight(y, wo, o, so, bo, col)
-                        for b in range(nb_rows):
-                            h[b, o] += col[b]
-                    _finish_stage(counters, st + 4, n_threads)
+            cursor[0] = 0
+            while True:
+                chunk = _next_chunk(counters, st + 4, n4, t, n_threads, cursor)
+                if chunk < 0:
+                    break
+                for o in range(chunk * _ROWS_OUT, min(wo.shape[0], chunk * _ROWS_OUT + _ROWS_OUT)):
+                    _rows_times_weight(y, wo, o, so, bo, col)
+                    for b in range(nb_rows):
+                        h[b, o] += col[b]
+                _finish_stage(counters, st + 4, n_threads)
             _wait_stage(counters, st + 4, n4, n_threads)
         if _claim(counters, 5 * n_layers, 0, n_threads) == 0:
             _rms_norm(h, final_w, final_eps, out)
             _finish_stage(counters, 5 * n_layers, n_threads)
         _wait_stage(counters, 5 * n_layers, 1, n_threads)
-        _rows_stage(out, w_head, s_head, b_head, logits, counters, 5 * n_layers + 1, t, n_threads, col)
+        _rows_stage(out, w_head, s_head, b_head, logits, counters, 5 * n_layers + 1, t, n_threads, col, cursor)
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
-def _rows_stage(x, w, scale, bias, out, counters, stage, t, n_threads, col):
+def _rows_stage(x, w, scale, bias, out, counters, stage, t, n_threads, col, cursor):
     """out[:, o] = x @ w[o] (scaled, biased) for every row o of w, shared by the threads (no barrier after: the
     launch ends when every thread is done)."""
     n_chunks = (w.shape[0] + _ROWS_LINEAR - 1) // _ROWS_LINEAR
-    for rr in range(n_threads):
-        region = (t + rr) % n_threads
-        lo, hi = _region(n_chunks, region, n_threads)
-        while True:
-            chunk = lo + _claim(counters, stage, region, n_threads)
-            if chunk >= hi:
-                break
-            for o in range(chunk * _ROWS_LINEAR, min(w.shape[0], chunk * _ROWS_LINEAR + _ROWS_LINEAR)):
-                _rows_times_weight(x, w, o, scale, bias, col)
-                for b in range(x.shape[0]):
-                    out[b, o] = col[b]
+    cursor[0] = 0
+    while True:
+        chunk = _next_chunk(counters, stage, n_chunks, t, n_threads, cursor)
+        if chunk < 0:
+            break
+        for o in range(chunk * _ROWS_LINEAR, min(w.shape[0], chunk * _ROWS_LINEAR + _ROWS_LINEAR)):
+            _rows_times_weight(x, w, o, scale, bias, col)
+            for b in range(x.shape[0]):
+                out[b, o] = col[b]
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
@@ -278,4 +283,5 @@ def linear(x, w, scale, bias, out, counters, n_threads):
     scale and bias of length 0 mean none. counters: int64 zeros (counter_slots(1, n_threads),)."""
     for t in nb.prange(n_threads):
         col = np.empty(x.shape[0], dtype=out.dtype)
-        _rows_stage(x, w, scale, bias, out, counters, 0, t, n_threads, col)
+        cursor = np.zeros(1, dtype=np.int64)
+        _rows_stage(x, w, scale, bias, out, counters, 0, t, n_threads, col, cursor)
