@@ -89,16 +89,22 @@ class Oracle(torch.nn.Module):
         return type("O", (), {"logits": torch.nn.functional.one_hot(target, VOCAB.vocab_size).float() * 10})()
 
 
-def test_infilling_accuracy_scores_only_span_text(monkeypatch):
-    tokens = np.random.default_rng(0).integers(0, 256, 5000)
-    captured = []
+@pytest.fixture
+def captured(monkeypatch):
+    """The labels of every batch the retrieval evaluations build, in order."""
+    seen = []
     real = R.rows_to_batch
 
     def spy(rows):
         b = real(rows)
-        captured.append(b["labels"])
+        seen.append(b["labels"])
         return b
     monkeypatch.setattr(R, "rows_to_batch", spy)
+    return seen
+
+
+def test_infilling_accuracy_scores_only_span_text(captured):
+    tokens = np.random.default_rng(0).integers(0, 256, 5000)
     kw = dict(seq_len=128, pad_id=256, rows=6, batch_size=4)
     model = Oracle()
     # first pass to learn the labels, then score a model that predicts them
@@ -159,15 +165,7 @@ def test_mqar_pair_and_accuracy():
     assert len(losses) == 2 and all(np.isfinite(losses))
 
 
-def test_mqar_accuracy_scores_values_only(monkeypatch):
-    captured = []
-    real = R.rows_to_batch
-
-    def spy(rows):
-        b = real(rows)
-        captured.append(b["labels"])
-        return b
-    monkeypatch.setattr(R, "rows_to_batch", spy)
+def test_mqar_accuracy_scores_values_only(captured):
     kw = dict(num_pairs=4, num_examples=5, pad_id=256, batch_size=2)
     R.mqar_accuracy(tiny(), VOCAB, **kw)  # learn the labels
     model = Oracle()

@@ -165,12 +165,12 @@ def test_gradients_take_the_torch_path():
 def test_cached_plan_follows_the_weights_storage():
     layers, norms, final = _stack(1, dtype=torch.float32)
     owner = torch.nn.Module()
-    p1 = cached_plan(owner, layers, residual=False)
-    assert cached_plan(owner, layers, residual=False) is p1
+    p1 = cached_plan(owner, layers[0])
+    assert cached_plan(owner, layers[0]) is p1
     layers[0].in_w.mul_(2)  # in place: the plan's views see it
-    assert cached_plan(owner, layers, residual=False) is p1
+    assert cached_plan(owner, layers[0]) is p1
     moved = [layers[0]._replace(in_w=layers[0].in_w.clone())]
-    assert cached_plan(owner, moved, residual=False) is not p1
+    assert cached_plan(owner, moved[0]) is not p1
 
 
 def test_bad_arguments_name_what_is_wrong():

@@ -48,10 +48,10 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor | None)
                          f"got {sorted(map(str, devices))}")
 
 
-def _fusable(x: Tensor, tensors: list[Tensor], rows: int) -> bool:
-    if x.dtype not in (torch.float32, torch.float64) or not 0 < rows <= DECODE_MAX_ROWS:
-        return False
-    if any(t.dtype not in (x.dtype, torch.int8) for t in tensors):
+def decode_fusable(x: Tensor, tensors: list[Tensor]) -> bool:
+    """Whether the decode kernels can take these tensors: CPU, x float32/float64 and every tensor x's dtype or
+    int8 (weights), kernels switched on, and no gradient needed."""
+    if x.dtype not in (torch.float32, torch.float64) or any(t.dtype not in (x.dtype, torch.int8) for t in tensors):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
@@ -64,7 +64,7 @@ def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, scal
     _check(x, weight, bias, scale)
     tensors = [t for t in (x, weight, bias, scale) if t is not None]
     rows = x.numel() // x.shape[-1]
-    if not _fusable(x, tensors, rows):
+    if not (0 < rows <= DECODE_MAX_ROWS and decode_fusable(x, tensors)):
         w = weight if scale is None else weight.to(x.dtype) * scale.to(x.dtype)[:, None]
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     from . import _numba_decode as D

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _numba_kernels as K
+from .decode_linear import decode_fusable
 from .linear_scan import use_fused
 
 
@@ -129,15 +130,6 @@ def _torch_step(x: Tensor, w: MambaStepWeights, conv_state: Tensor, ssm_state: T
     y = torch.bmm(h, C.to(acc).unsqueeze(-1)).squeeze(-1)
     y = torch.addcmul(y, uf, w.d.to(acc)) * F.silu(z.to(acc))
     return F.linear(y.to(x.dtype), _weight(w.out_w, w.out_scale, x.dtype), w.out_b), window[:, :, 1:], h
-
-
-def _fusable(x: Tensor, w: MambaStepWeights, conv_state: Tensor, ssm_state: Tensor) -> bool:
-    tensors = [t for t in (x, *w, conv_state, ssm_state) if t is not None]
-    if x.dtype not in (torch.float32, torch.float64) or any(t.dtype not in (x.dtype, torch.int8) for t in tensors):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return x.shape[0] > 0 and use_fused(*tensors)
 
 
 def _np(t: Tensor | None, like: Tensor):
@@ -292,18 +284,14 @@ def mamba_stack_step(h: Tensor, plan: MambaStackPlan, conv_states: list[Tensor],
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def cached_plan(owner: object, layers: list[MambaStepWeights], norm_weights: list[Tensor] | None = None,
-                eps: float = 0.0, final_weight: Tensor | None = None, final_eps: float = 0.0, *,
-                residual: bool = True, head: tuple[Tensor, Tensor | None, Tensor | None] | None = None
-                ) -> MambaStackPlan:
-    """The plan of ``owner`` (e.g. the module the weights belong to), rebuilt when a weight's storage changed.
-    Plans live as long as their owner (a weak-keyed cache, so copies and pickles of the owner never see them)."""
-    tensors = [t for w in layers for t in w if t is not None] + list(norm_weights or [])
-    tensors += ([final_weight] if final_weight is not None else []) + [t for t in (head or ()) if t is not None]
-    key = tuple(t.data_ptr() for t in tensors)
+def cached_plan(owner: object, weights: MambaStepWeights) -> MambaStackPlan:
+    """The one-mixer plan of ``owner`` (e.g. the layer the weights belong to), rebuilt when a weight's storage
+    changed. Plans live as long as their owner (a weak-keyed cache, so copies and pickles of the owner never see
+    them)."""
+    key = tuple(t.data_ptr() for t in weights if t is not None)
     plan = _PLANS.get(owner)
     if plan is None or plan.stale(key):
-        plan = MambaStackPlan(layers, norm_weights, eps, final_weight, final_eps, residual=residual, head=head)
+        plan = MambaStackPlan([weights], None, 0.0, None, 0.0, residual=False)
         _PLANS[owner] = plan
     return plan
 
@@ -313,11 +301,12 @@ def mamba_step(x: Tensor, weights: MambaStepWeights, conv_state: Tensor, ssm_sta
     """One token: x (batch, d_model) -> (y (batch, d_model), new conv_state, new ssm_state) (module docstring).
     ``owner`` (e.g. the layer) caches the prepared weights between calls (:func:`cached_plan`)."""
     check_step_args(x, weights, conv_state, ssm_state)
-    if not _fusable(x, weights, conv_state, ssm_state):
+    tensors = [t for t in (x, *weights, conv_state, ssm_state) if t is not None]
+    if x.shape[0] == 0 or not decode_fusable(x, tensors):
         return _torch_step(x, weights, conv_state, ssm_state)
     if owner is None:
         plan = MambaStackPlan([weights], None, 0.0, None, 0.0, residual=False)
     else:
-        plan = cached_plan(owner, [weights], residual=False)
+        plan = cached_plan(owner, weights)
     y, (conv,), (ssm,), _ = mamba_stack_step(x, plan, [conv_state], [ssm_state])
     return y, conv, ssm
