@@ -109,6 +109,27 @@ def test_from_transformers_matches_logits_and_round_trips_exactly(name):
             assert getattr(back.config, key) == getattr(hf.config, key), key
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_every_config_field_round_trips(seed):
+    """transformers -> ssmkit -> transformers keeps every config field but the token ids (which ssmkit does not
+    hold), including Mamba-2's time_step_rank, which no Mamba-2 computation reads."""
+    g = torch.Generator().manual_seed(seed)
+    pick = (lambda *xs: xs[int(torch.randint(len(xs), (1,), generator=g))])  # noqa: E731
+    heads, groups = pick(4, 8), pick(1, 2, 4)
+    common = dict(hidden_size=16, state_size=pick(2, 4), num_hidden_layers=pick(1, 2), vocab_size=VOCAB,
+                  time_step_rank=(7, 3, "auto")[seed], conv_kernel=pick(2, 4), layer_norm_epsilon=pick(1e-5, 1e-3),
+                  tie_word_embeddings=pick(True, False), use_bias=pick(True, False))
+    for cls, cfg in ((MambaForCausalLM, MambaConfig(**common)),
+                     (Mamba2ForCausalLM, Mamba2Config(**common, num_heads=heads, head_dim=32 // heads,
+                                                      n_groups=groups, chunk_size=pick(4, 256)))):
+        back = to_transformers(from_transformers(cls(cfg).eval())).config.to_dict()
+        want = cfg.to_dict()
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            want.pop(key), back.pop(key)
+        assert back == want, {k: (want.get(k), back.get(k)) for k in set(want) | set(back)
+                              if want.get(k) != back.get(k)}
+
+
 @pytest.mark.parametrize("name", ["mamba-bias-untied", "mamba2-g2-tied"])
 def test_greedy_generation_is_identical_to_transformers_generate(name):
     hf = HF_MODELS[name]()

@@ -63,7 +63,7 @@ def _mamba2_kwargs(mixer: nn.Module) -> dict:
         dt_max=float(mixer.time_step_max), dt_init_floor=float(mixer.time_step_floor),
         dt_limit=(float(lo), float(hi)),
         conv_bias=mixer.conv1d.bias is not None, bias=mixer.in_proj.bias is not None,
-        norm_eps=float(mixer.norm.variance_epsilon),
+        norm_eps=float(mixer.norm.variance_epsilon), dt_rank=int(mixer.time_step_rank),
     )
 
 

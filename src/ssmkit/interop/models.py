@@ -80,7 +80,7 @@ def _mixer_options(kind: str, hf_cfg: Any) -> dict[str, Any]:
     lo, hi = hf_cfg.time_step_limit
     return {**common, "headdim": int(hf_cfg.head_dim), "ngroups": int(hf_cfg.n_groups),
             "chunk_size": int(hf_cfg.chunk_size), "dt_limit": (float(lo), float(hi)),
-            "norm_eps": float(hf_cfg.layer_norm_epsilon)}
+            "norm_eps": float(hf_cfg.layer_norm_epsilon), "dt_rank": int(hf_cfg.time_step_rank)}
 
 
 def config_from_transformers(hf_config: Any) -> ModelConfig:
@@ -173,6 +173,8 @@ def transformers_config(model: CausalLM, **overrides: Any):
                         f"({cfg.norm_eps}): transformers uses one layer_norm_epsilon for both")
         derived.update(num_heads=first.nheads, head_dim=first.headdim, n_groups=first.ngroups,
                        chunk_size=first.chunk_size, time_step_limit=tuple(first.dt_limit))
+        if first.dt_rank is not None:  # unused by Mamba-2's math; kept so that the config round-trips
+            derived["time_step_rank"] = first.dt_rank
     clash = sorted(set(overrides) & set(derived))
     if clash:
         raise _fail(f"config_overrides cannot set {', '.join(clash)}: they are derived from the model")

@@ -80,6 +80,8 @@ class Mamba2(SequenceLayer):
         dt_limit: (lo, hi) clamp of dt after the softplus.
         conv_bias: bias in the conv; bias: biases in in_proj and out_proj.
         norm_eps: epsilon of the gated RMSNorm.
+        dt_rank: carried only for transformers' ``Mamba2Config.time_step_rank``, which no Mamba-2 computation
+            reads (dt comes straight from in_proj); None means transformers' default ceil(d_model / 16).
         reverse: run right to left (anti-causal conv, reversed scan), honouring segment starts.
 
     forward: x (batch, length, d_model) -> y (batch, length, d_model).
@@ -101,6 +103,7 @@ class Mamba2(SequenceLayer):
         conv_bias: bool = True,
         bias: bool = False,
         norm_eps: float = 1e-5,
+        dt_rank: int | None = None,
         reverse: bool = False,
     ) -> None:
         super().__init__()
@@ -122,6 +125,7 @@ class Mamba2(SequenceLayer):
             raise ValueError(f"{owner}: ngroups={ngroups} must divide nheads = d_inner / headdim "
                              f"= {self.nheads}")
         self.chunk_size = _positive_int(owner, "chunk_size", chunk_size)
+        self.dt_rank = None if dt_rank is None else _positive_int(owner, "dt_rank", dt_rank)
         check_dt_range(owner, dt_min, dt_max, dt_init_floor)
         if len(dt_limit) != 2 or not 0.0 <= dt_limit[0] <= dt_limit[1]:
             raise ValueError(f"{owner}: dt_limit must be (lo, hi) with 0 <= lo <= hi, got {dt_limit!r}")
