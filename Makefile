@@ -1,5 +1,7 @@
 # Two entry points for a fresh machine: `make demo` (set up, run the main job) and `make test` (set up, run the suite).
 # Set-up is idempotent: it creates .venv when missing and reinstalls only when pyproject.toml changes.
+# torch comes from PyTorch's CPU wheel index when reachable (scripts/install_torch.py says which index it used and
+# why; SSMKIT_TORCH_INDEX=<url> or =default overrides); a torch 2.13.x already in .venv is kept.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,10 +11,10 @@ STAMP := $(VENV)/.ssmkit-installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/install_torch.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) scripts/install_torch.py
 	$(PY) -m pip install -q -e '.[dev,data]'
 	touch $(STAMP)
 
@@ -26,4 +28,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_ops.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
