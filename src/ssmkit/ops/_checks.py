@@ -43,6 +43,23 @@ def check_same(ref_name: str, ref: Tensor, **others: Tensor | None) -> None:
             raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; cast them explicitly")
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def check_params(act_name: str, act: Tensor, **params: Tensor | None) -> None:
+    """Mixed precision as in mamba_ssm: each parameter has the activations' dtype or, when the activations are
+    16-bit (float16/bfloat16), float32. Anything else (e.g. float64 parameters with float32 activations) is a
+    TypeError: nothing is cast down silently. Devices must match."""
+    for name, t in params.items():
+        if t is None:
+            continue
+        if t.device != act.device:
+            raise ValueError(f"{name} is on device {t.device} but {act_name} is on {act.device}; move them together")
+        if t.dtype != act.dtype and not (act.dtype in _HALF and t.dtype == torch.float32):
+            raise TypeError(f"{name} has dtype {t.dtype} but {act_name} has dtype {act.dtype}; parameters must "
+                            f"have the activations' dtype, or float32 with 16-bit activations")
+
+
 def check_reset(reset: object, batch: int, length: int, device: torch.device) -> Tensor | None:
     """Validate a ``reset`` mask: a bool tensor of shape (batch, length) on ``device``."""
     if reset is None:

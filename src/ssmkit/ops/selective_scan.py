@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _numba_kernels as K
-from ._checks import check_flag, check_reset, check_same, check_shape, check_tensor, reverse_reset
+from ._checks import check_flag, check_params, check_reset, check_same, check_shape, check_tensor, reverse_reset
 from ._torch_scan import selective_scan_chunked
 from .linear_scan import check_state, compute_dtype, use_fused
 
@@ -126,11 +126,14 @@ def selective_scan(
     h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t;  y_t = C_t · h_t + D u_t;  out = y * silu(z) when z is given.
 
     Args:
-        u, delta, z: (batch, length, dim).
+        u, delta, z: (batch, length, dim), the activations: one dtype.
         A: (dim, N), real.
         B, C: (batch, length, N), or (batch, length, groups, N) with groups dividing dim; channel d reads group
-            d // (dim / groups).
+            d // (dim / groups); the activations' dtype.
         D, delta_bias: (dim,).
+        A, D and delta_bias (the parameters) have the activations' dtype or, with float16/bfloat16
+        activations, float32 (as in mamba_ssm): the scan then runs in float32, ``out`` comes back in u's dtype
+        and the parameters' gradients in float32. Any other mix is a TypeError.
         initial_state: (batch, dim, N).
         reset: bool (batch, length); True at t zeroes the state before step t (segment start).
         reverse: scan right to left.
@@ -162,7 +165,8 @@ def selective_scan(
     if z is not None:
         check_tensor("z", z, ndim=3, what="(batch, length, dim)")
         check_shape("z", z, u.shape, "(same as u)")
-    check_same("u", u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    check_same("u", u, delta=delta, B=B, C=C, z=z)
+    check_params("u", u, A=A, D=D, delta_bias=delta_bias)
     check_flag("delta_softplus", delta_softplus)
     reverse = check_flag("reverse", reverse)
     check_flag("return_final_state", return_final_state)

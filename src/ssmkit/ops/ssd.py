@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_flag, check_reset, check_same, check_shape, check_tensor, reverse_reset
+from ._checks import check_flag, check_params, check_reset, check_same, check_shape, check_tensor, reverse_reset
 from .linear_scan import check_state, compute_dtype
 
 
@@ -206,6 +206,9 @@ def ssd(
         A: (heads,), a scalar decay rate per head (negative for a stable recurrence).
         B, C: (batch, length, groups, N) with groups dividing heads; head h reads group h // (heads / groups).
         D: (heads,) skip.
+        x, dt, B and C (the activations) share one dtype; A and D (the parameters) have that dtype or, with
+        float16/bfloat16 activations, float32 (as in mamba_ssm): the scan runs in float32, y comes back in
+        x's dtype and the parameters' gradients in float32. Any other mix is a TypeError.
         chunk_size: chunk length Q; length need not be a multiple of it.
         initial_state: (batch, heads, head_dim, N).
         reset: bool (batch, length); True at t zeroes the state before step t (segment start).
@@ -232,7 +235,8 @@ def ssd(
     if D is not None:
         check_tensor("D", D, ndim=1, what="(heads,)")
         check_shape("D", D, (heads,), "(heads,)")
-    check_same("x", x, dt=dt, A=A, B=B, C=C, D=D)
+    check_same("x", x, dt=dt, B=B, C=C)
+    check_params("x", x, A=A, D=D)
     Q = _check_chunk_size(chunk_size)
     reverse = check_flag("reverse", reverse)
     check_flag("return_final_state", return_final_state)
