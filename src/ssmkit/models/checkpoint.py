@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import torch
@@ -54,12 +54,63 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _temp_name(path: Path, suffix: str) -> Path:
+    return path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"
+
+
+def _new_temp_file(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
+    """(fd open for writing, name) of a new empty file next to ``path``. Unlike ``tempfile.mkstemp`` (mode
+    0600) it is created with mode 0666 minus the umask, like any file ``open()`` creates, so the file renamed
+    into place has the usual permissions."""
+    for _ in range(100):
+        tmp = _temp_name(path, suffix)
+        try:
+            return os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file next to {path}")
+
+
+def _new_temp_dir(path: Path, suffix: str = ".tmp") -> Path:
+    """A new empty directory next to ``path`` with mode 0777 minus the umask (``tempfile.mkdtemp``: 0700)."""
+    for _ in range(100):
+        tmp = _temp_name(path, suffix)
+        try:
+            os.mkdir(tmp, 0o777)
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary directory next to {path}")
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where /proc allows (else set and restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _chmod_as_created(path: str | Path) -> None:
+    """Give ``path`` the mode ``open()`` would have created it with (0666 minus the umask): writers such as
+    safetensors' ``save_file`` create their files with mode 0600."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, fsync it, rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, fsync it, rename it over ``path``. The
+    file gets mode 0666 minus the umask, whatever ``write`` does."""
+    fd, tmp = _new_temp_file(path)
     os.close(fd)
     try:
         write(tmp)
+        _chmod_as_created(tmp)
         with open(tmp, "rb+") as f:
             f.flush()
             os.fsync(f.fileno())

@@ -25,7 +25,8 @@ import os
 import random
 import re
 import shutil
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..models.checkpoint import _fsync_dir
+from ..models.checkpoint import _chmod_as_created, _fsync_dir, _new_temp_dir, _new_temp_file
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -67,9 +68,9 @@ def _sha256(path: Path) -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (mode 0666 minus the umask)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _new_temp_file(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -83,25 +84,77 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- RNG
-def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The global torch, numpy and Python RNG states as (tensors, JSON)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    tensors = {"rng.torch": torch.get_rng_state(),
-               "rng.numpy.key": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))}
-    meta = {"numpy": {"algorithm": np_state[0], "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                      "cached_gaussian": float(np_state[4])},
-            "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]}}
-    return tensors, meta
+class RngStates:
+    """The torch (CPU), numpy and Python RNG states a training run owns, kept apart from the process's.
 
+    ``with rng.active():`` swaps them into the global generators for the block (model init, dropout, a batch
+    source that draws from them) and, on exit, stores the advanced states back here and restores the caller's.
+    So a run is reproducible from its seed and resumes exactly, while the caller's global RNGs are left as they
+    were.
+    """
 
-def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    n = meta["numpy"]
-    key = tensors["rng.numpy.key"].numpy().astype(np.uint32)
-    np.random.set_state((n["algorithm"], key, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = meta["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    def __init__(self, torch_state: torch.Tensor, numpy_state: tuple, python_state: tuple) -> None:
+        self.torch_state, self.numpy_state, self.python_state = torch_state, numpy_state, python_state
+        self._active = False
+
+    @classmethod
+    def capture_global(cls) -> RngStates:
+        return cls(torch.get_rng_state(), np.random.get_state(), random.getstate())
+
+    @classmethod
+    def seeded(cls, seed: int) -> RngStates:
+        """The states the global generators would have after seeding each with ``seed`` (the caller's are
+        untouched)."""
+        saved = cls.capture_global()
+        try:
+            torch.default_generator.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+            return cls.capture_global()
+        finally:
+            saved.apply_global()
+
+    def apply_global(self) -> None:
+        torch.set_rng_state(self.torch_state)
+        np.random.set_state(self.numpy_state)
+        random.setstate(self.python_state)
+
+    def current(self) -> RngStates:
+        """The run's states now: the global ones inside :meth:`active`, else the stored ones."""
+        return RngStates.capture_global() if self._active else self
+
+    @contextmanager
+    def active(self) -> Iterator[RngStates]:
+        if self._active:  # nested: already in place
+            yield self
+            return
+        saved = RngStates.capture_global()
+        self.apply_global()
+        self._active = True
+        try:
+            yield self
+        finally:
+            self._active = False
+            now = RngStates.capture_global()
+            self.torch_state, self.numpy_state, self.python_state = now.torch_state, now.numpy_state, now.python_state
+            saved.apply_global()
+
+    def to_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON) for a training checkpoint."""
+        np_state, py_state = self.numpy_state, self.python_state
+        tensors = {"rng.torch": self.torch_state.clone(),
+                   "rng.numpy.key": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))}
+        meta = {"numpy": {"algorithm": np_state[0], "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                          "cached_gaussian": float(np_state[4])},
+                "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]}}
+        return tensors, meta
+
+    @classmethod
+    def from_checkpoint(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> RngStates:
+        n, p = meta["numpy"], meta["python"]
+        key = tensors["rng.numpy.key"].numpy().astype(np.uint32)
+        return cls(tensors["rng.torch"].clone(), (n["algorithm"], key, n["pos"], n["has_gauss"], n["cached_gaussian"]),
+                   (p["version"], tuple(p["state"]), p["gauss_next"]))
 
 
 # ------------------------------------------------------------------------------------------- state
@@ -216,30 +269,32 @@ def optimizer_from_flat(
 # ------------------------------------------------------------------------------------------- save / load
 def save_training_checkpoint(
     ckpt_root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    state: dict[str, Any], *, keep: int = 2,
+    state: dict[str, Any], *, rng: RngStates | None = None, keep: int = 2,
 ) -> Path:
     """Write ``ckpt_root/step-XXXXXXXX`` atomically and point ``latest`` at it; keep the newest ``keep``.
 
     ``state``: trainer state (step, scheduler, data source, counters...): JSON values, plus tensors and numpy
-    arrays anywhere inside, which are stored in the safetensors file (:func:`pack_state`).
+    arrays anywhere inside, which are stored in the safetensors file (:func:`pack_state`). ``rng``: the run's
+    RNG states (default: the process's global ones).
     """
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    tmp = _new_temp_dir(final)
     try:
         model.save_pretrained(tmp)
         opt_tensors, opt_meta = optimizer_to_flat(optimizer)
-        rng_tensors, rng_meta = capture_rng()
+        rng_tensors, rng_meta = (rng or RngStates.capture_global()).to_checkpoint()
         state_tensors: dict[str, torch.Tensor] = {}
         packed = pack_state(dict(state), state_tensors)
         save_file({**opt_tensors, **rng_tensors, **state_tensors}, tmp / STATE_TENSORS, metadata={"format": "pt"})
+        _chmod_as_created(tmp / STATE_TENSORS)
         meta = {"ssmkit_trainer_format": FORMAT, "step": step, "optimizer": opt_meta, "rng": rng_meta,
                 "tensors_sha256": _sha256(tmp / STATE_TENSORS), **packed}
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
         _fsync_tree(tmp)
         if final.exists():  # e.g. an interrupt right after a periodic save of the same step
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=root))
+            trash = _new_temp_dir(final, ".old")
             os.replace(final, trash / final.name)
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(tmp, final)

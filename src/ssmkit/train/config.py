@@ -31,6 +31,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "float64")
 AUTOCASTS = ("none", "bf16")
 SECTIONS = ("task", "model", "train")
+#: warm-up length when train.warmup_steps is not given (capped at train.steps)
+DEFAULT_WARMUP_STEPS = 100
 #: model-section keys that are not ModelConfig fields
 MODEL_EXTRA_KEYS = ("preset", "head")
 #: ModelConfig fields the task decides
@@ -51,7 +53,8 @@ class TrainConfig:
         grad_accum: micro-batches per step; must divide ``batch_size``.
         lr: peak learning rate.
         min_lr_ratio: final learning rate as a fraction of ``lr`` (cosine/linear schedules).
-        warmup_steps: linear warm-up from lr/warmup_steps to lr.
+        warmup_steps: linear warm-up from lr/warmup_steps to lr, at most ``steps`` (equal: the peak lr is
+            reached at the last step). None (the default): min(100, steps), see :attr:`warmup`.
         schedule: "cosine" | "linear" | "constant" after the warm-up.
         weight_decay: AdamW decoupled weight decay on matrices (never on norms, biases and SSM dynamics).
         beta1, beta2, eps: AdamW moments.
@@ -77,7 +80,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
+    warmup_steps: int | None = None
     schedule: str = "cosine"
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -103,15 +106,17 @@ class TrainConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             setattr(self, f.name, coerce_value(f"train.{f.name}", getattr(self, f.name), hints[f.name]))
-        for name, lo in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0),
-                         ("seed", 0), ("eval_every", 0), ("eval_batches", 0), ("log_every", 1),
-                         ("save_every", 0), ("keep_checkpoints", 1)):
+        for name, lo in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("seed", 0), ("eval_every", 0),
+                         ("eval_batches", 0), ("log_every", 1), ("save_every", 0), ("keep_checkpoints", 1)):
             if getattr(self, name) < lo:
                 raise _fail(name, f"must be an int >= {lo}, got {getattr(self, name)}")
         for name in ("eval_batch_size", "chunk_len", "threads"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise _fail(name, f"must be None or an int >= 1, got {v}")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"train.warmup_steps={self.warmup_steps} is invalid: must be None or an int in [0, "
+                             f"steps={self.steps}] (more than steps never reaches the peak lr; None = min(100, steps))")
         if self.batch_size % self.grad_accum:
             raise _fail("grad_accum", f"={self.grad_accum} must divide batch_size={self.batch_size} (each "
                                       f"micro-batch holds batch_size / grad_accum examples)")
@@ -133,6 +138,11 @@ class TrainConfig:
                 raise _fail(name, f"got {getattr(self, name)!r}; expected one of {expected}")
         if self.autocast == "bf16" and self.dtype != "float32":
             raise _fail("autocast", f"='bf16' needs dtype='float32', got dtype={self.dtype!r}")
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps in effect: ``warmup_steps``, or min(100, steps) when it is None."""
+        return min(DEFAULT_WARMUP_STEPS, self.steps) if self.warmup_steps is None else self.warmup_steps
 
     @property
     def micro_batch_size(self) -> int:

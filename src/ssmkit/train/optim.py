@@ -107,7 +107,7 @@ class LRSchedule:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> LRSchedule:
-        return cls(cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
+        return cls(cfg.steps, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         """Set every group's lr to ``base_lr * factor(step)``; returns the factor."""

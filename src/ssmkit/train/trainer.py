@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import signal
 import sys
 import threading
@@ -27,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..data import Task
@@ -36,10 +34,10 @@ from .activation import enable_activation_checkpointing
 from .build import RunSetup
 from .checkpoints import (
     ResumeError,
+    RngStates,
     latest_checkpoint,
     optimizer_from_flat,
     read_training_state,
-    restore_rng,
     save_training_checkpoint,
     step_dir_name,
 )
@@ -72,6 +70,8 @@ def evaluate_model(model: SequenceModel, task: Task, split: str = "val", batch_s
                    max_batches: int = 0, autocast: str = "none") -> dict[str, float]:
     """The task's metrics of ``model`` on ``split`` (at most ``max_batches`` batches; 0 = all), in eval mode.
     Uses no global RNG; the model's training mode is restored."""
+    if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 0:
+        raise ValueError(f"max_batches must be an int >= 0 (0 = all), got {max_batches!r}")
     was_training = model.training
     model.eval()
     ev = task.evaluator()
@@ -101,19 +101,22 @@ class Trainer:
                  resume: bool = False, quiet: bool = False) -> None:
         self.setup, self.task, self.cfg = setup, setup.task, setup.train
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_root = self.run_dir / CHECKPOINTS
         self.quiet = quiet
         cfg = self.cfg
-        ckpt = None
+        ckpt, saved = None, None
         if resume:
             ckpt = latest_checkpoint(self.ckpt_root)
             if ckpt is None:
                 raise ResumeError(f"--resume: no checkpoint in {self.ckpt_root}")
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        random.seed(cfg.seed)
-        self.model = setup.build_model() if ckpt is None else self._load_model(ckpt)
+            saved = read_training_state(ckpt)
+            if int(saved[0]["step"]) > cfg.steps:
+                raise ResumeError(f"train.steps={cfg.steps} is below the checkpoint's step {saved[0]['step']} "
+                                  f"({ckpt}); resume with train.steps >= {saved[0]['step']}")
+        # the run's own RNG states (seeded by cfg.seed); the caller's global RNGs are never changed
+        self.rng = RngStates.seeded(cfg.seed)
+        with self.rng.active():
+            self.model = setup.build_model() if ckpt is None else self._load_model(ckpt)
         self.model.train()
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(self.model)
@@ -121,7 +124,6 @@ class Trainer:
         self.schedule = LRSchedule.from_config(cfg)
         self.source: BatchSource = source if source is not None else TaskBatchSource(
             self.task, cfg.batch_size, cfg.seed, fresh_data=cfg.fresh_data)
-        self.metrics = MetricsLog(self.run_dir)
         self.step = 0
         self.tokens_seen = 0
         self.train_time = 0.0  # seconds spent in training steps (all sessions)
@@ -130,8 +132,11 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._signal: int | None = None
         self._session_start = time.perf_counter()
+        # everything above only reads; the run directory is created (or changed) from here on
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(self.run_dir)
         if ckpt is not None:
-            self._restore(ckpt)
+            self._restore(ckpt, *saved)
         else:
             self.metrics.reset()
         write_config(self.run_dir, setup.to_dict())
@@ -145,8 +150,7 @@ class Trainer:
                               f"run's model config; resume with the run's own config")
         return model
 
-    def _restore(self, ckpt: Path) -> None:
-        meta, tensors = read_training_state(ckpt)
+    def _restore(self, ckpt: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         saved = meta.get("config", {})
         now = self.setup.to_dict()
         for section in ("task", "model"):
@@ -165,7 +169,7 @@ class Trainer:
         self.elapsed_before = float(meta["elapsed"])
         self.last_eval = dict(meta.get("last_eval") or {})
         self.metrics.truncate_after(self.step)
-        restore_rng(tensors, meta["rng"])
+        self.rng = RngStates.from_checkpoint(tensors, meta["rng"])
         self.last_checkpoint = ckpt
         log.info("resumed from %s at step %d", ckpt, self.step)
 
@@ -182,7 +186,8 @@ class Trainer:
                               "min_ratio": self.schedule.min_ratio, "next_step": self.step},
                  "config": self.setup.to_dict()}
         self.last_checkpoint = save_training_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer,
-                                                        state, keep=self.cfg.keep_checkpoints)
+                                                        state, rng=self.rng.current(),
+                                                        keep=self.cfg.keep_checkpoints)
         log.info("checkpoint: %s", self.last_checkpoint)
         return self.last_checkpoint
 
@@ -267,7 +272,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ loop
     def train(self, until: int | None = None) -> dict[str, float]:
         """Train to ``cfg.steps`` (or stop after step ``until``, saving a checkpoint); returns the last
-        validation metrics. Raises :class:`TrainingInterrupted` after SIGINT/SIGTERM (checkpoint saved)."""
+        validation metrics. Raises :class:`TrainingInterrupted` after SIGINT/SIGTERM (checkpoint saved).
+        The run's RNG states are in place for the whole loop (see :class:`RngStates`)."""
+        with self.rng.active():
+            return self._train(until)
+
+    def _train(self, until: int | None) -> dict[str, float]:
         cfg = self.cfg
         target = cfg.steps if until is None else min(until, cfg.steps)
         old_handlers = self._install_signals()
