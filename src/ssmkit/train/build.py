@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..data import Task, get_task
+from ..data import Task, get_task, get_task_class
 from ..models import SequenceModel, model_class
 from .config import TrainConfig
 from .presets import ModelSpec, resolve_model
@@ -43,6 +44,10 @@ def resolve_task(section: dict[str, Any]) -> Task:
 
         raise ValueError(f"no task given (use --task NAME or task.name in the config); valid tasks: "
                          f"{', '.join(TASKS)}")
+    for f in dataclasses.fields(get_task_class(name).Params):
+        if f.name not in section and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ValueError(f"task {name!r} needs task.{f.name} ({f.metadata.get('help', 'required')}): add "
+                             f"--set task.{f.name}=... or put {f.name} in the config's task section")
     return get_task(name, **section)
 
 

@@ -43,10 +43,10 @@ class TaskBatchSource:
     def __init__(self, task: Task, batch_size: int, seed: int = 0, *, fresh_data: bool = True) -> None:
         if not isinstance(task, Task):
             raise TypeError(f"task must be an ssmkit.data Task, got {type(task).__name__}")
-        n = task.num_examples("train")
-        if batch_size > n:
-            raise ValueError(f"batch_size={batch_size} is larger than the {n} training examples of task "
-                             f"{task.name!r}; lower train.batch_size or raise the task's num_train")
+        try:
+            task.check_train_batch_size(batch_size)
+        except ValueError as e:
+            raise ValueError(f"train.batch_size: {e}") from None
         self.task, self.batch_size, self.seed = task, batch_size, seed
         self.fresh_data = fresh_data and isinstance(task, GeneratedTask)
         self.epoch, self.position = 0, 0
