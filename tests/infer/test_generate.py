@@ -169,14 +169,20 @@ def test_stream_does_not_leak_no_grad_and_validates_eagerly():
         stream_generate(model, ids(1, 3), -1)  # raised at the call, before iterating
 
 
-def test_zero_new_tokens_and_default_sampling():
+def test_zero_new_tokens_greedy_default_and_global_rng_sampling():
     model = tiny_model("mamba*2")
     assert generate(model, ids(2, 3), 0).shape == (2, 0)
+    greedy = generate(model, ids(2, 3), 6, temperature=0)
+    rng = torch.get_rng_state()
+    assert torch.equal(generate(model, ids(2, 3), 6), greedy)  # the default is greedy and draws nothing
+    assert torch.equal(torch.stack(list(stream_generate(model, ids(2, 3), 6)), 1), greedy)
+    assert torch.equal(torch.get_rng_state(), rng)
     torch.manual_seed(0)
-    a = generate(model, ids(2, 3), 6)  # temperature 1.0: sampling from torch's global generator
+    a = generate(model, ids(2, 3), 6, temperature=1.0)  # sampling from torch's global generator
     torch.manual_seed(0)
-    assert torch.equal(a, generate(model, ids(2, 3), 6))
-    assert torch.equal(generate(model, ids(2, 3), 6, seed=5), generate(model, ids(2, 3), 6, seed=5))
+    assert torch.equal(a, generate(model, ids(2, 3), 6, temperature=1.0))
+    assert torch.equal(generate(model, ids(2, 3), 6, temperature=1.0, seed=5),
+                       generate(model, ids(2, 3), 6, temperature=1.0, seed=5))
 
 
 def test_float32_model_and_the_model_left_unchanged():

@@ -1,7 +1,7 @@
 """Inference: autoregressive generation (prefill with the parallel forward, then O(1) recurrent steps).
 
     from ssmkit.infer import generate, stream_generate
-    new_tokens = generate(model, input_ids, 32, temperature=0)          # greedy, (batch, 32)
+    new_tokens = generate(model, input_ids, 32)                         # greedy (default), (batch, 32)
     fast = quantize_weights(model)                                      # int8 weights for decoding
 """
 

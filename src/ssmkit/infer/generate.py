@@ -4,7 +4,7 @@ The prompt is prefilled with the parallel forward (``return_state=True``); then 
 recurrent ``step`` per layer (attention layers append to their KV cache). Nothing grows with the generated
 length except attention caches: no logits, states or token history are kept by the decode loop.
 
-    tokens = generate(model, input_ids, 64, temperature=0)                    # greedy, (batch, 64)
+    tokens = generate(model, input_ids, 64)                                   # greedy (the default), (batch, 64)
     for tok in stream_generate(model, input_ids, 64, temperature=0.7, top_p=0.9, seed=[1, 2]):
         ...                                                                    # tok: (batch,) per step
 
@@ -12,6 +12,10 @@ Ragged batches: give ``prompt_lengths`` (left-aligned prompts) or an ``attention
 ones per row, left or right padding). Rows are prefilled in groups of equal prompt length, each exactly over its
 own tokens, so a row's result does not depend on the rest of the batch (with ``seed`` a list of per-row seeds
 when sampling).
+
+Decoding is greedy by default (``temperature=0``), as transformers' ``generate`` is, so
+``generate(from_transformers(hf), ids, n)`` gives ``hf.generate(ids, max_new_tokens=n)``'s new tokens (up to
+near-ties in float32); ``temperature > 0`` samples.
 
 Output: ``generate`` returns the new tokens only, (batch, max_new_tokens) int64. A row stops at its first
 ``eos_token_id`` (which is included); its later positions hold ``pad_token_id``. Finished rows are dropped from
@@ -126,7 +130,8 @@ def _plan(model: object, input_ids: object, max_new_tokens: object, *, temperatu
     eos = _check_token_ids("eos_token_id", eos_token_id, vocab, many=True)
     pad = _check_token_ids("pad_token_id", pad_token_id, vocab, many=False)
     pad_id = pad[0] if pad is not None else (eos[0] if eos is not None else 0)
-    rng = RowRandom(seed, prompts.batch) if temperature > 0 else None
+    rng = RowRandom(seed, prompts.batch)  # validates seed even when decoding greedily
+    rng = rng if temperature > 0 else None
     _check_cache_limits(model, prompts, max_new_tokens)
     return _Plan(model, prompts, max_new_tokens, float(temperature), top_k, top_p, eos, pad_id, rng)
 
@@ -136,7 +141,7 @@ def stream_generate(
     input_ids: Tensor,
     max_new_tokens: int,
     *,
-    temperature: float = 1.0,
+    temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     eos_token_id: int | Sequence[int] | None = None,
@@ -191,7 +196,7 @@ def generate(
     input_ids: Tensor,
     max_new_tokens: int,
     *,
-    temperature: float = 1.0,
+    temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     eos_token_id: int | Sequence[int] | None = None,
@@ -207,7 +212,8 @@ def generate(
         model: an ssmkit CausalLM (or PrefixLM), in eval mode if it has dropout.
         input_ids: (batch, length) int prompts (only each row's prompt positions are read).
         max_new_tokens: number of tokens to generate per row (>= 0).
-        temperature: 0 = greedy (argmax); > 0 = sample from softmax(logits / temperature).
+        temperature: 0 = greedy (argmax, the default, like transformers' ``generate``); > 0 = sample from
+            softmax(logits / temperature) (top_k, top_p and seed apply only then).
         top_k: sample among the k most likely tokens only.
         top_p: sample among the smallest set of most likely tokens with total probability >= top_p.
         eos_token_id: an id or list of ids; a row stops after producing one.
