@@ -1,6 +1,6 @@
 """Speed and memory of the ops against peers, in one process (ratios), plus peak memory in child processes.
 
-    python benchmarks/bench_ops.py [--lengths 4096 16384] [--quick] [--no-memory]
+    python benchmarks/bench_ops.py [--lengths 4096 16384] [--quick] [--no-memory] [--max-gib 4]
 
 Cases:
 - selective scan, batch 1, dim 1536, N 16: ssmkit (fused numba kernel) vs mambapy's pscan selective scan and
@@ -10,6 +10,9 @@ Cases:
   (its chunked algorithm; the mixer also does its projections, conv and norm, reported separately);
 - this machine's bounds measured in the same run: copy bandwidth and exp throughput, and the fraction of the
   bound the fused scan reaches.
+Peers that materialise (length, dim, N) tensors need GiBs at long lengths (mambapy's forward+backward about 14 GiB
+at L=16384): a peer whose estimated peak (see PEAK_UNITS) exceeds --max-gib (default 4) is skipped at that length,
+with a printed line saying so before anything runs; --max-gib 16 runs every case.
 Writes benchmarks/results/bench_ops.json.
 """
 
@@ -34,6 +37,31 @@ from common import (  # noqa: E402
 )
 
 DIM, N = 1536, 16
+DEFAULT_MAX_GIB = 4.0
+#: peak extra memory of one call, in units of one (length, DIM, N) float32 tensor (batch 1). Measured at L = 1024
+#: and 2048 on this project's machine (mambapy: forward 5.6, forward+backward 8.5-9.1; transformers' loop:
+#: forward 5.0-5.8; ssmkit: 0.28, its fused kernel keeps O(L * DIM) plus state checkpoints every 32 steps) and
+#: rounded up. transformers' backward is never run (see bench_scan).
+PEAK_UNITS = {"ssmkit": {"fwd": 0.5, "fwd_bwd": 0.5}, "mambapy": {"fwd": 6.0, "fwd_bwd": 9.5},
+              "transformers": {"fwd": 6.5}}
+
+
+def estimated_peak_gib(impl: str, length: int) -> float:
+    """Estimated peak extra memory (GiB) of the costliest pass ``impl`` runs at ``length``."""
+    unit = length * DIM * N * 4
+    return max(PEAK_UNITS[impl].values()) * unit / 2**30
+
+
+def plan_scan(lengths: list[int], max_gib: float) -> dict[tuple[str, int], str]:
+    """(impl, length) -> why it is skipped, for every case whose estimated peak exceeds ``max_gib``."""
+    skipped = {}
+    for length in lengths:
+        for impl in IMPLS:
+            est = estimated_peak_gib(impl, length)
+            if est > max_gib:
+                skipped[(impl, length)] = (f"skipped: needs about {est:.1f} GiB > --max-gib {max_gib:g} "
+                                           f"(pass --max-gib {int(est) + 1} to run it)")
+    return skipped
 
 
 def scan_inputs(length: int, requires_grad: bool = False, seed: int = 0) -> dict:
@@ -92,7 +120,7 @@ def child(impl: str, length: int) -> None:
     print(json.dumps({"impl": impl, "length": length, "peak_extra_bytes": peak_rss_bytes() - base}))
 
 
-def bench_scan(lengths: list[int], quick: bool, memory: bool) -> list[dict]:
+def bench_scan(lengths: list[int], quick: bool, memory: bool, skipped: dict[tuple[str, int], str]) -> list[dict]:
     rows = []
     for length in lengths:
         t = scan_inputs(length)
@@ -100,6 +128,9 @@ def bench_scan(lengths: list[int], quick: bool, memory: bool) -> list[dict]:
         base = {}
         for impl, fn in IMPLS.items():
             row = {"case": f"selective_scan L={length}", "impl": impl}
+            if (impl, length) in skipped:
+                rows.append({**row, "note": skipped[(impl, length)]})
+                continue
             heavy = impl == "transformers"
             with torch.no_grad():
                 row["fwd_s"] = best_time(lambda fn=fn, t=t: fn(t), repeat=1 if heavy or quick else 3,
@@ -116,9 +147,9 @@ def bench_scan(lengths: list[int], quick: bool, memory: bool) -> list[dict]:
             if impl == "ssmkit":
                 base = row
         for row in rows[-len(IMPLS):]:
-            if row["impl"] != "ssmkit":
+            if row["impl"] != "ssmkit" and "fwd_s" in row and "fwd_s" in base:
                 row["fwd_speedup_of_ssmkit"] = row["fwd_s"] / base["fwd_s"]
-                if "fwd_bwd_s" in row:
+                if "fwd_bwd_s" in row and "fwd_bwd_s" in base:
                     row["fwd_bwd_speedup_of_ssmkit"] = row["fwd_bwd_s"] / base["fwd_bwd_s"]
     return rows
 
@@ -171,13 +202,24 @@ def main() -> None:
     parser.add_argument("--ssd-length", type=int, default=4096)
     parser.add_argument("--quick", action="store_true", help="one repeat per case")
     parser.add_argument("--no-memory", action="store_true", help="skip the child-process peak-memory runs")
+    parser.add_argument("--max-gib", type=float, default=DEFAULT_MAX_GIB,
+                        help="skip a selective-scan case whose estimated peak extra memory exceeds this many GiB "
+                             f"(default {DEFAULT_MAX_GIB:g}; mambapy at L=16384 needs about 14)")
     args = parser.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]))
         return
+    bad = [n for n in args.lengths if n < 1]
+    if bad:
+        parser.error(f"--lengths: expected positive integers, got {bad}")
+    if not args.max_gib > 0:
+        parser.error(f"--max-gib: expected a positive number of GiB, got {args.max_gib:g}")
+    skipped = plan_scan(args.lengths, args.max_gib)
+    for (impl, length), why in skipped.items():
+        print(f"selective_scan L={length} {impl}: {why}", flush=True)
     torch.manual_seed(0)
     bounds = machine_bounds()
-    rows = bench_scan(args.lengths, args.quick, not args.no_memory)
+    rows = bench_scan(args.lengths, args.quick, not args.no_memory, skipped)
     for row in rows:
         if row["impl"] == "ssmkit" and "L=" in row["case"]:
             length = int(row["case"].split("L=")[1])
@@ -194,7 +236,7 @@ def main() -> None:
     print(f"machine: copy {bounds['copy_GBps']:.1f} GB/s, torch.exp {bounds['exp_Gelem_per_s']:.2f} Gelem/s, "
           f"{bounds['threads']} threads")
     print_table(rows, cols)
-    path = write_json("bench_ops", {"bounds": bounds, "rows": rows})
+    path = write_json("bench_ops", {"bounds": bounds, "max_gib": args.max_gib, "rows": rows})
     print(f"wrote {path}")
 
 
