@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import LayerState, SequenceLayer, check_choice, check_d_model
+from .base import LayerState, SequenceLayer, check_choice, check_d_model, to_compute
 from .bidirectional import check_prefix_mask
 
 MASKS = ("causal", "prefix", "sliding")
@@ -219,14 +219,16 @@ class Attention(SequenceLayer):
         prefix = check_prefix_mask(name, prefix_mask, x, reset, state is not None)
         batch, length, _ = x.shape
         if state is not None:
-            state = self.check_state(state, batch, dtype=x.dtype)
+            state = self.check_state(state, batch, dtype=self.act_dtype(x))
         cache_len = 0 if state is None else state.k.shape[2]
         if self.max_cache is not None and self.window is None and cache_len + length > self.max_cache:
             raise ValueError(
                 f"{name}: {cache_len} cached + {length} new tokens exceed max_cache={self.max_cache}"
             )
 
-        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # under autocast q, k, v (and the cache) are float32; the attention itself runs in autocast's dtype
+        qkv = to_compute(self, self.qkv(x))
+        q, k, v = qkv.view(batch, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         idx = torch.arange(length, device=x.device)
         pos0 = (
             torch.zeros(batch, 1, dtype=torch.long, device=x.device) if state is None else state.pos[:, None]

@@ -65,10 +65,22 @@ class SequenceLayer(nn.Module):
         return self._first_float().device
 
     def check_dtype(self, x: Tensor, name: str = "x") -> None:
-        """TypeError unless ``x`` has the layer's parameter dtype (nothing is cast silently)."""
-        if x.dtype != self.param_dtype:
-            raise TypeError(f"{type(self).__name__}: {name} has dtype {x.dtype} but the layer's parameters are "
-                            f"{self.param_dtype}; cast the input or the layer explicitly")
+        """TypeError unless ``x`` has the layer's parameter dtype (nothing is cast silently), or, inside
+        ``torch.autocast`` for x's device with float32 parameters, the autocast dtype."""
+        if x.dtype == self.param_dtype or (x.dtype == autocast_dtype(x) and self.param_dtype == torch.float32):
+            return
+        raise TypeError(f"{type(self).__name__}: {name} has dtype {x.dtype} but the layer's parameters are "
+                        f"{self.param_dtype}; cast the input or the layer explicitly")
+
+    def act_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype of the layer's activations and states for input x: float32 under autocast, else x's."""
+        return torch.float32 if self.under_autocast(x) else x.dtype
+
+    def under_autocast(self, x: Tensor) -> bool:
+        """True inside ``torch.autocast`` for x's device with float32 parameters: the layer then runs its
+        projections in the autocast dtype (torch's autocast does that) and everything else (convolutions,
+        scans, norms, gates, states) in float32; see :func:`to_compute`."""
+        return autocast_dtype(x) is not None and self.param_dtype == torch.float32
 
     def _first_float(self) -> Tensor:
         for t in itertools.chain(self.parameters(), self.buffers()):
@@ -151,6 +163,29 @@ class SequenceLayer(nn.Module):
                     f"{None if g is None else tuple(g.shape)}; was this state made by another layer or batch size?"
                 )
         return state
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The lower-precision dtype of ``torch.autocast`` when it is enabled for x's device type, else None."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+def no_autocast(x: Tensor):
+    """Context manager switching ``torch.autocast`` off for x's device type: an SSM core (kernel generation,
+    FFT convolution, scan) runs in its compute dtype even inside an autocast region."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def to_compute(layer: SequenceLayer, *ts: Tensor | None):
+    """Inside ``torch.autocast`` (float32 layer): every floating tensor cast to float32, so that a projection's
+    bfloat16/float16 output meets the convolutions, scans and norms in float32, as mamba_ssm runs its scan
+    (gradients flow back through the cast). Outside autocast: the tensors unchanged (nothing is cast silently).
+    Returns one tensor for one argument, else a tuple."""
+    live = next((t for t in ts if t is not None), None)
+    on = live is not None and layer.under_autocast(live)
+    out = tuple(t.float() if on and t is not None and t.is_floating_point() else t for t in ts)
+    return out[0] if len(out) == 1 else out
 
 
 def flip_reset(reset: Tensor | None) -> Tensor | None:

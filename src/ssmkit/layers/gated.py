@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ssmkit.ops import linear_scan
 from ssmkit.ops.linear_scan import compute_dtype
 
-from .base import LayerState, SequenceLayer, check_d_model
+from .base import LayerState, SequenceLayer, check_d_model, to_compute
 
 
 @dataclass
@@ -149,7 +149,7 @@ class GatedSSM(_GatedBase):
 
     def _gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (..., d_model) -> decay f, input i ⊙ z and output gate GeLU(o), each (..., d_state)."""
-        i, z, o, f = self.in_proj(x).chunk(4, dim=-1)
+        i, z, o, f = to_compute(self, *self.in_proj(x).chunk(4, dim=-1))  # float32 under autocast
         return torch.sigmoid(f), torch.sigmoid(i) * z, F.gelu(o)
 
     def forward(
@@ -246,9 +246,9 @@ class RGLRU(_GatedBase):
 
     def _coeffs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """x (..., d_model) -> decay a, input √(1-a²) i u and gate branch (or None), each (..., d_state)."""
-        proj = self.in_proj(x)
+        proj = to_compute(self, self.in_proj(x))  # float32 under autocast
         u, g = proj.chunk(2, dim=-1) if self.gate else (proj, None)
-        r, i = torch.sigmoid(self.gate_proj(u)).chunk(2, dim=-1)
+        r, i = torch.sigmoid(to_compute(self, self.gate_proj(u))).chunk(2, dim=-1)
         log_a = -self.c * r * F.softplus(self.lam)
         mult = torch.sqrt(-torch.expm1(2 * log_a))
         return torch.exp(log_a), mult * (i * u), None if g is None else F.gelu(g)

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ..init import S4D_INITS
 from ..ops.linear_scan import compute_dtype
-from .base import LayerState, SequenceLayer, check_choice, check_d_model
+from .base import LayerState, SequenceLayer, check_choice, check_d_model, no_autocast, to_compute
 from .s4d import DISCS, S4D, check_state_size, complex_dtype, diagonal_step, run_diagonal
 from .short_conv import ShortConv
 
@@ -191,26 +191,27 @@ class H3(SequenceLayer):
         if state is not None:
             st = self._checked_state(state, batch)
             shift0, s = st.shift, st.ssm.reshape(batch * P * P, H, N2)
-        rdt = compute_dtype(x.dtype)
+        rdt = compute_dtype(self.act_dtype(x))
 
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = to_compute(self, self.q_proj(x), self.k_proj(x), self.v_proj(x))  # float32 under autocast
         k, shift_state = self.shift(k, shift0, reset=reset)
         u = self._outer(k.to(rdt), v.to(rdt))  # (batch·P·P, length, H)
         r = None if reset is None else reset.repeat_interleave(P * P, 0)
 
-        dA, log_dA, dB, C = self.ssm.discrete()
-        D = self.ssm.D.to(rdt)
-        ssm_mode = "scan" if mode == "scan" else "conv"
-        block = length if self.block_len is None else self.block_len
-        us = u.split(block, 1)
-        rs = [None] * len(us) if r is None else r.split(block, 1)
-        ys = []
-        for n, (ub, rb) in enumerate(zip(us, rs, strict=True)):
-            last = n == len(us) - 1
-            rb = rb if rb is not None and bool(rb.any()) else None  # reset-free blocks keep the FFT path
-            yb, s = run_diagonal(ub, dA, log_dA, dB, C, s0=s, reset=rb, mode=ssm_mode,
-                                 want_state=return_state or not last, reverse=False)
-            ys.append(yb + ub * D)
+        with no_autocast(x):  # the SSM in its compute dtype; the projections follow autocast
+            dA, log_dA, dB, C = self.ssm.discrete()
+            D = self.ssm.D.to(rdt)
+            ssm_mode = "scan" if mode == "scan" else "conv"
+            block = length if self.block_len is None else self.block_len
+            us = u.split(block, 1)
+            rs = [None] * len(us) if r is None else r.split(block, 1)
+            ys = []
+            for n, (ub, rb) in enumerate(zip(us, rs, strict=True)):
+                last = n == len(us) - 1
+                rb = rb if rb is not None and bool(rb.any()) else None  # reset-free blocks keep the FFT path
+                yb, s = run_diagonal(ub, dA, log_dA, dB, C, s0=s, reset=rb, mode=ssm_mode,
+                                     want_state=return_state or not last, reverse=False)
+                ys.append(yb + ub * D)
         o = self._contract(torch.cat(ys, 1), q.to(rdt))
         y = self.out_proj(o.to(x.dtype))
         if not return_state:

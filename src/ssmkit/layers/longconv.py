@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..ops import fft_conv
 from ..ops.linear_scan import compute_dtype
-from .base import LayerState, SequenceLayer, check_choice, check_d_model
+from .base import LayerState, SequenceLayer, autocast_dtype, check_choice, check_d_model, no_autocast
 
 MODES = ("auto", "conv", "scan")
 AUTO_DIRECT_TAPS = 32
@@ -134,7 +134,9 @@ class LongConv(SequenceLayer):
         )
 
     def _check_dtype(self, x: Tensor, name: str) -> None:
-        if x.dtype != self.kernel.dtype:
+        """x must have the kernel's dtype, or inside torch.autocast (float32 kernel) the autocast dtype."""
+        if x.dtype != self.kernel.dtype and not (self.kernel.dtype == torch.float32
+                                                 and x.dtype == autocast_dtype(x)):
             raise TypeError(
                 f"LongConv: {name} has dtype {x.dtype} but the layer's parameters are {self.kernel.dtype}; "
                 "cast the input or the layer explicitly"
@@ -164,12 +166,13 @@ class LongConv(SequenceLayer):
         if buf is not None and reset is not None:
             buf = buf * (~reset[:, 0]).to(buf.dtype)[:, None, None]
         acc = compute_dtype(x.dtype)  # 16-bit inputs accumulate in float32
-        k = self.effective_kernel().to(acc)
-        xa, ba = x.to(acc), None if buf is None else buf.to(acc)
-        if reset is None or not bool(reset[:, 1:].any()):
-            y = self._conv_rows(xa, ba, k, mode)
-        else:
-            y = self._conv_segments(xa, ba, k, reset, mode)
+        with no_autocast(x):  # the convolution in the compute dtype, even inside torch.autocast
+            k = self.effective_kernel().to(acc)
+            xa, ba = x.to(acc), None if buf is None else buf.to(acc)
+            if reset is None or not bool(reset[:, 1:].any()):
+                y = self._conv_rows(xa, ba, k, mode)
+            else:
+                y = self._conv_segments(xa, ba, k, reset, mode)
         y = y.to(x.dtype)
         if not return_state:
             return y

@@ -15,7 +15,15 @@ from torch import Tensor, nn
 
 from ..ops import selective_scan
 from ..ops.mamba_step import MambaStepWeights, mamba_step
-from .base import LayerState, SequenceLayer, check_d_model, check_state_dtypes, flip_reset, linear_weights
+from .base import (
+    LayerState,
+    SequenceLayer,
+    check_d_model,
+    check_state_dtypes,
+    flip_reset,
+    linear_weights,
+    to_compute,
+)
 from .short_conv import ShortConv
 
 
@@ -156,7 +164,7 @@ class Mamba(SequenceLayer):
 
     def _check_state(self, state: object, x: Tensor) -> MambaState:
         self.check_state(state, x.shape[0])
-        check_state_dtypes("Mamba", state, self.expected_state(x.shape[0], x.dtype))
+        check_state_dtypes("Mamba", state, self.expected_state(x.shape[0], self.act_dtype(x)))
         return state
 
     # ---------------------------------------------------------------------------------------- forward
@@ -182,11 +190,12 @@ class Mamba(SequenceLayer):
         reset_in = reset
         if self.reverse:  # all other maps are per token: flipping in and out makes the block right-to-left
             x, reset = x.flip(1), flip_reset(reset)
-        xi, z = self.in_proj(x).chunk(2, dim=-1)  # (batch, length, d_inner) each
+        # under autocast the projections run in its dtype and to_compute brings their outputs back to float32
+        xi, z = to_compute(self, *self.in_proj(x).chunk(2, dim=-1))  # (batch, length, d_inner) each
         u, conv_state = self.conv1d(xi, None if state is None else state.conv, reset=reset)
         u = F.silu(u)
-        dt_r, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt_r, self.dt_proj.weight)
+        dt_r, B, C = to_compute(self, *self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1))
+        delta = to_compute(self, F.linear(dt_r, self.dt_proj.weight))
         A = -torch.exp(self.A_log)
         y, ssm_state = selective_scan(
             u, delta, A, B, C, self.D, z, delta_bias=self.dt_proj.bias, delta_softplus=True,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import ssd
-from .base import LayerState, SequenceLayer, check_d_model, check_state_dtypes, flip_reset
+from .base import LayerState, SequenceLayer, check_d_model, check_state_dtypes, flip_reset, to_compute
 from .mamba import (
     _positive_int,
     check_dt_range,
@@ -170,7 +170,7 @@ class Mamba2(SequenceLayer):
         self.check_dtype(x, name)
         if state is not None:
             self.check_state(state, x.shape[0])
-            check_state_dtypes("Mamba2", state, self.expected_state(x.shape[0], x.dtype))
+            check_state_dtypes("Mamba2", state, self.expected_state(x.shape[0], self.act_dtype(x)))
 
     def _dt(self, dt: Tensor) -> Tensor:
         dt = F.softplus(dt + self.dt_bias)
@@ -202,7 +202,8 @@ class Mamba2(SequenceLayer):
             x, reset = x.flip(1), flip_reset(reset)
         batch, length, _ = x.shape
         H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
-        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
+        # under autocast in_proj runs in its dtype and to_compute brings the outputs back to float32
+        z, xBC, dt = to_compute(self, *self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1))
         xBC, conv_state = self.conv1d(xBC, None if state is None else state.conv, reset=reset)
         xs, B, C = F.silu(xBC).split([self.d_inner, G * N, G * N], dim=-1)
         y, ssm_state = ssd(

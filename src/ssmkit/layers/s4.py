@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from ..init import check_dt_range, log_uniform_dt, nplr, ptd
 from ..ops import fft_conv
 from ..ops.linear_scan import compute_dtype
-from .base import LayerState, SequenceLayer, check_choice, check_d_model, flip_reset
+from .base import LayerState, SequenceLayer, check_choice, check_d_model, flip_reset, no_autocast
 from .s4d import (
     MODES,
     OUTPUTS,
@@ -321,15 +321,17 @@ class S4(SequenceLayer):
         mode = check_choice(name, "mode", self.mode, MODES)
         s0 = None if state is None else self._state_tensor(state, x.shape[0])
         rdt = compute_dtype(x.dtype)
-        xc = x.to(rdt)
-        if self.diagonal:
-            dt, Lam, _, B, C = self.ssm_parameters()
-            dA, log_dA, dB = discretize(dt, Lam, B, "bilinear")
-            y, s = run_diagonal(xc, dA, log_dA, dB, C, s0=s0, reset=reset, mode=mode, want_state=return_state,
-                                reverse=self.reverse)
-        else:
-            y, s = self._run_dplr(xc, s0, reset, mode, return_state)
-        y = self.out((y + xc * self.D.to(rdt)).to(x.dtype))
+        with no_autocast(x):  # the SSM in its compute dtype; only the output projection follows autocast
+            xc = x.to(rdt)
+            if self.diagonal:
+                dt, Lam, _, B, C = self.ssm_parameters()
+                dA, log_dA, dB = discretize(dt, Lam, B, "bilinear")
+                y, s = run_diagonal(xc, dA, log_dA, dB, C, s0=s0, reset=reset, mode=mode,
+                                    want_state=return_state, reverse=self.reverse)
+            else:
+                y, s = self._run_dplr(xc, s0, reset, mode, return_state)
+            y = y + xc * self.D.to(rdt)
+        y = self.out(y.to(x.dtype))
         return (y, S4State(s=s)) if return_state else y
 
     def _run_dplr(
@@ -354,16 +356,18 @@ class S4(SequenceLayer):
         self.check_dtype(x_t, "x_t")
         s = self._state_tensor(state, x_t.shape[0])
         rdt = compute_dtype(x_t.dtype)
-        xc = x_t.to(rdt)
-        if self.diagonal:
-            dt, Lam, _, B, C = self.ssm_parameters()
-            dA, _, dB = discretize(dt, Lam, B, "bilinear")
-            y, s = diagonal_step(xc, s, dA, dB, C)
-        else:
-            _, _, _, _, C, dA, dB = self._dense()
-            u = torch.einsum("hij,bhj->bhi", dA.to(rdt), _to_real(s)) + dB.to(rdt) * xc[..., None]
-            y, s = (u * c_real(C).to(rdt)).sum(-1), _to_complex(u)
-        return self.out((y + xc * self.D.to(rdt)).to(x_t.dtype)), S4State(s=s)
+        with no_autocast(x_t):
+            xc = x_t.to(rdt)
+            if self.diagonal:
+                dt, Lam, _, B, C = self.ssm_parameters()
+                dA, _, dB = discretize(dt, Lam, B, "bilinear")
+                y, s = diagonal_step(xc, s, dA, dB, C)
+            else:
+                _, _, _, _, C, dA, dB = self._dense()
+                u = torch.einsum("hij,bhj->bhi", dA.to(rdt), _to_real(s)) + dB.to(rdt) * xc[..., None]
+                y, s = (u * c_real(C).to(rdt)).sum(-1), _to_complex(u)
+            y = y + xc * self.D.to(rdt)
+        return self.out(y.to(x_t.dtype)), S4State(s=s)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_state={self.d_state}, init={self.init!r}, rank={self.rank}, "

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from ..init import S4D_INITS, check_dt_range, log_uniform_dt, s4d_init
 from ..ops import fft_conv, linear_scan
 from ..ops.linear_scan import compute_dtype
-from .base import LayerState, SequenceLayer, check_choice, check_d_model, flip_reset
+from .base import LayerState, SequenceLayer, check_choice, check_d_model, flip_reset, no_autocast
 
 MODES = ("auto", "conv", "scan")
 DISCS = ("zoh", "bilinear")
@@ -329,11 +329,13 @@ class S4D(SequenceLayer):
         mode = check_choice(name, "mode", self.mode, MODES)
         s0 = None if state is None else self._state_tensor(state, x.shape[0])
         _, rdt, _ = self._dtypes()
-        dA, log_dA, dB, C = self.discrete()
-        xc = x.to(rdt)
-        y, s = run_diagonal(xc, dA, log_dA, dB, C, s0=s0, reset=reset, mode=mode, want_state=return_state,
-                            reverse=self.reverse)
-        y = self.out((y + xc * self.D.to(rdt)).to(x.dtype))
+        with no_autocast(x):  # the SSM in its compute dtype; only the output projection follows autocast
+            dA, log_dA, dB, C = self.discrete()
+            xc = x.to(rdt)
+            y, s = run_diagonal(xc, dA, log_dA, dB, C, s0=s0, reset=reset, mode=mode, want_state=return_state,
+                                reverse=self.reverse)
+            y = y + xc * self.D.to(rdt)
+        y = self.out(y.to(x.dtype))
         return (y, S4DState(s=s)) if return_state else y
 
     def step(self, x_t: Tensor, state: S4DState) -> tuple[Tensor, S4DState]:
@@ -342,10 +344,12 @@ class S4D(SequenceLayer):
         self.check_dtype(x_t, "x_t")
         s = self._state_tensor(state, x_t.shape[0])
         _, rdt, _ = self._dtypes()
-        dA, _, dB, C = self.discrete()
-        xc = x_t.to(rdt)
-        y, s = diagonal_step(xc, s, dA, dB, C)
-        return self.out((y + xc * self.D.to(rdt)).to(x_t.dtype)), S4DState(s=s)
+        with no_autocast(x_t):
+            dA, _, dB, C = self.discrete()
+            xc = x_t.to(rdt)
+            y, s = diagonal_step(xc, s, dA, dB, C)
+            y = y + xc * self.D.to(rdt)
+        return self.out(y.to(x_t.dtype)), S4DState(s=s)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_state={self.d_state}, init={self.init!r}, disc={self.disc!r}, "

@@ -91,6 +91,11 @@ class _StatePass(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gyo: Tensor | None, ghT: Tensor | None):
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):  # the out= GEMMs keep one dtype
+            return _StatePass._backward(ctx, gyo, ghT)
+
+    @staticmethod
+    def _backward(ctx, gyo: Tensor | None, ghT: Tensor | None):
         xw, B, C, a, starts = ctx.saved_tensors
         chunks = xw.shape[1]
         gh = torch.zeros_like(starts[0]) if ghT is None else ghT.contiguous()
@@ -244,6 +249,13 @@ def ssd(
     check_state("initial_state", initial_state, (batch, heads, head_dim, N), x)
     reset = check_reset(reset, batch, length, x.device)
 
+    with torch.autocast(x.device.type, enabled=False):  # SSD's GEMMs accumulate in the compute dtype
+        return _ssd(x, dt, A, B, C, D, Q, initial_state, reset, reverse, return_final_state)
+
+
+def _ssd(x, dt, A, B, C, D, Q, initial_state, reset, reverse, return_final_state):
+    """:func:`ssd` on checked arguments."""
+    length = x.shape[1]
     cdt = compute_dtype(x.dtype)
     xf, dtf, Af, Bf, Cf = (t.to(cdt) for t in (x, dt, A, B, C))
     h0 = None if initial_state is None else initial_state.to(cdt)
