@@ -40,7 +40,7 @@ def forward_and_grads(fn, inp, **kw):
     y, h = fn(*args, delta_bias=leaves["delta_bias"], initial_state=leaves["initial_state"],
               return_final_state=True, **kw)
     gy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)
-    loss = (y * gy).sum() + (h * h).sum()
+    loss = (y * gy).sum() + (h * h.conj()).real.sum()  # |h|^2, for a complex state too
     live = [k for k in NAMES if leaves[k] is not None]
     grads = torch.autograd.grad(loss, [leaves[k] for k in live])
     return y, h, dict(zip(live, grads, strict=True))
@@ -213,3 +213,73 @@ def test_bad_input_errors():
         selective_scan(u, delta, A, B, C, initial_state=torch.zeros(1, 4, 3))
     with pytest.raises(ValueError, match=r"C must have shape \(2, 5, 3\)"):
         selective_scan(u, delta, A, B, C[:, :, :2])
+
+
+# ------------------------------------------------------------------------------------- complex A (Mamba's variant)
+CPLX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def complex_inputs(batch, length, dim, N, groups, dtype, seed):
+    """Real u, delta, z, D, delta_bias in ``dtype``; A, B, C, initial_state in the matching complex dtype."""
+    inp = make_inputs(batch, length, dim, N, groups, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    im = (lambda t: torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype))  # noqa: E731
+    for k in ("A", "B", "C", "initial_state"):
+        inp[k] = torch.complex(inp[k], im(inp[k]) * (3.0 if k == "A" else 1.0))
+    return inp
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("groups,reverse,use_reset", [(None, False, False), (2, True, True), (None, True, False),
+                                                      (2, False, True)])
+def test_complex_A_matches_loop_oracle(dtype, tol, groups, reverse, use_reset):
+    inp = complex_inputs(2, 70, 4, 3, groups, dtype, seed=5)  # 70 > the torch path's 64-step chunk
+    reset = torch.rand(2, 70, generator=torch.Generator().manual_seed(2)) < 0.1 if use_reset else None
+    kw = dict(delta_softplus=True, reverse=reverse, reset=reset)
+    y, h, g = forward_and_grads(selective_scan, inp, **kw)
+    yr, hr, gr = forward_and_grads(R.selective_scan, inp, **kw)
+    assert y.dtype == dtype and h.dtype == CPLX[dtype]
+    assert rel_err(y, yr) < tol and rel_err(h, hr) < tol
+    for k in gr:
+        assert g[k].dtype == inp[k].dtype and rel_err(g[k], gr[k]) < tol, k
+
+
+def test_complex_A_gradcheck_complex128():
+    inp = complex_inputs(1, 6, 2, 2, None, torch.float64, seed=3)
+    names = [k for k in NAMES if inp[k] is not None]
+    reset = torch.tensor([[False, False, False, True, False, False]])
+
+    def fn(*xs):
+        d = dict(zip(names, xs, strict=True))
+        return selective_scan(d["u"], d["delta"], d["A"], d["B"], d["C"], d["D"], d["z"], delta_bias=d["delta_bias"],
+                              delta_softplus=True, initial_state=d["initial_state"], reset=reset,
+                              return_final_state=True)
+
+    torch.autograd.gradcheck(fn, tuple(inp[k].requires_grad_() for k in names))
+
+
+def test_complex_A_with_real_values_is_twice_the_real_scan():
+    """A real A, B, C written as complex numbers: the conjugate-pair convention doubles the C·h term, so the
+    complex path equals 2x the fused real kernel's output (without D and z, which are not doubled)."""
+    inp = make_inputs(2, 40, 8, 4, 2, torch.float64, seed=9)
+    args = [inp[k] for k in ("u", "delta", "A", "B", "C")]
+    as_c = [a if i < 2 else a.to(torch.complex128) for i, a in enumerate(args)]
+    y_real = selective_scan(*args, delta_bias=inp["delta_bias"], delta_softplus=True)
+    y_c = selective_scan(*as_c, delta_bias=inp["delta_bias"], delta_softplus=True)
+    torch.testing.assert_close(y_c, 2 * y_real, rtol=1e-12, atol=1e-12)
+
+
+def test_complex_A_bad_dtypes():
+    inp = complex_inputs(1, 5, 4, 3, None, torch.float32, seed=0)
+    u, delta, A, B, C = (inp[k] for k in ("u", "delta", "A", "B", "C"))
+    with pytest.raises(TypeError, match=r"^A has dtype torch.complex64 but a complex A with u torch.float64 needs A "
+                                        r"torch.complex128$"):
+        selective_scan(u.double(), delta.double(), A, B.to(torch.complex128), C.to(torch.complex128))
+    with pytest.raises(TypeError, match=r"B has dtype torch.float32 but a complex A with u torch.float32 needs B"):
+        selective_scan(u, delta, A, B.real.contiguous(), C)  # nothing is cast to complex silently
+    with pytest.raises(TypeError, match=r"a complex A needs float32 or float64 u .*got u torch.bfloat16"):
+        selective_scan(u.bfloat16(), delta.bfloat16(), A, B, C)
+    with pytest.raises(TypeError, match=r"u must be real"):
+        selective_scan(u.to(torch.complex64), delta, A, B, C)
+    with pytest.raises(TypeError, match=r"initial_state must have dtype torch.complex64"):
+        selective_scan(u, delta, A, B, C, initial_state=inp["initial_state"].real.contiguous())

@@ -32,12 +32,13 @@ def selective_scan_chunked(
     """S6 core y_t = C_t h_t with h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, processed chunk by chunk.
 
     u, dt: (batch, length, dim); A: (dim, N); B, C: (batch, length, groups, N); keep: (batch, length) 0/1
-    multiplier of the carried state, or None. Only one chunk's (batch, chunk, dim, N) tensors exist at a time in
-    the forward pass. Returns y (batch, length, dim) and the final state (batch, dim, N).
+    multiplier of the carried state, or None. A, B, C (and h0) may be complex: y and the state are then complex.
+    Only one chunk's (batch, chunk, dim, N) tensors exist at a time in the forward pass.
+    Returns y (batch, length, dim) and the final state (batch, dim, N).
     """
     batch, length, dim = u.shape
     rep = dim // B.shape[2]
-    h = u.new_zeros(batch, dim, A.shape[1]) if h0 is None else h0
+    h = u.new_zeros(batch, dim, A.shape[1], dtype=A.dtype) if h0 is None else h0
     ys = []
     for s in range(0, length, chunk):
         e = min(s + chunk, length)

@@ -75,20 +75,21 @@ def selective_scan(
 
     dt = softplus(delta + delta_bias); h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t; y_t = C_t h_t + D u_t;
     out = y * silu(z). u, delta, z: (batch, length, dim); A: (dim, N); B, C: (batch, length[, groups], N);
-    state: (batch, dim, N).
+    state: (batch, dim, N). Complex A, B, C (and state): y_t = 2 Re(C_t · h_t) + D u_t.
     """
     acc = _acc(u)
+    sacc = _acc(A) if A.is_complex() else acc  # the state's dtype
     dim = u.shape[2]
     dt = delta.to(acc)
     if delta_bias is not None:
         dt = dt + delta_bias.to(acc)
     if delta_softplus:
         dt = F.softplus(dt)
-    Af = A.to(acc)
-    Bx, Cx = _expand_groups(B.to(acc), dim), _expand_groups(C.to(acc), dim)
+    Af = A.to(sacc)
+    Bx, Cx = _expand_groups(B.to(sacc), dim), _expand_groups(C.to(sacc), dim)
     uf = u.to(acc)
     r = reverse_reset(reset) if reverse else reset
-    h = u.new_zeros(u.shape[0], dim, A.shape[1], dtype=acc) if initial_state is None else initial_state.to(acc)
+    h = u.new_zeros(u.shape[0], dim, A.shape[1], dtype=sacc) if initial_state is None else initial_state.to(sacc)
     dts, us, Bs, Cs = dt.unbind(1), uf.unbind(1), Bx.unbind(1), Cx.unbind(1)
     ys: list[Tensor | None] = [None] * u.shape[1]
     for t in _time_order(u.shape[1], reverse):
@@ -98,6 +99,8 @@ def selective_scan(
         h = decay * h + (dts[t] * us[t]).unsqueeze(-1) * Bs[t]
         ys[t] = (h * Cs[t]).sum(-1)
     y = torch.stack(ys, 1)
+    if y.is_complex():
+        y = 2 * y.real
     if D is not None:
         y = y + uf * D.to(acc)
     if z is not None:

@@ -104,6 +104,21 @@ def _check_bc(name: str, M: Tensor, batch: int, length: int, dim: int, N: int) -
     check_shape(name, M, (batch, length, groups, N), "(batch, length, groups, N)")
 
 
+_COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def _check_complex(u: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
+    """Complex A (Mamba's complex variant): float32/64 u with A, B, C in the matching complex dtype."""
+    want = _COMPLEX.get(u.dtype)
+    if want is None:
+        raise TypeError(f"a complex A needs float32 or float64 u (complex64 / complex128 A, B, C), got u {u.dtype}")
+    for name, t in (("A", A), ("B", B), ("C", C)):
+        if t.dtype != want:
+            raise TypeError(f"{name} has dtype {t.dtype} but a complex A with u {u.dtype} needs {name} {want}")
+        if t.device != u.device:
+            raise ValueError(f"{name} is on device {t.device} but u is on {u.device}; move them together")
+
+
 def selective_scan(
     u: Tensor,
     delta: Tensor,
@@ -127,13 +142,19 @@ def selective_scan(
 
     Args:
         u, delta, z: (batch, length, dim), the activations: one dtype.
-        A: (dim, N), real.
+        A: (dim, N), real, or complex (Mamba's complex variant, see below).
         B, C: (batch, length, N), or (batch, length, groups, N) with groups dividing dim; channel d reads group
             d // (dim / groups); the activations' dtype.
         D, delta_bias: (dim,).
         A, D and delta_bias (the parameters) have the activations' dtype or, with float16/bfloat16
         activations, float32 (as in mamba_ssm): the scan then runs in float32, ``out`` comes back in u's dtype
         and the parameters' gradients in float32. Any other mix is a TypeError.
+
+    Complex A (as mamba_ssm's complex variant): A, B, C (and initial_state) complex64 with float32 u, delta, z,
+    D, delta_bias, or complex128 with float64 ones; h is complex and the N complex modes stand for 2N real
+    ones (conjugate pairs), so y_t = 2 Re(C_t · h_t) + D u_t, real, as in mamba_ssm's reference. This runs
+    the plain-PyTorch chunked path on every device (the fused numba kernels are real-only), differentiably;
+    the final state is complex.
         initial_state: (batch, dim, N).
         reset: bool (batch, length); True at t zeroes the state before step t (segment start).
         reverse: scan right to left.
@@ -149,8 +170,9 @@ def selective_scan(
     check_tensor("delta", delta, ndim=3, what="(batch, length, dim)")
     check_shape("delta", delta, u.shape, "(same as u)")
     check_tensor("A", A, ndim=2, what="(dim, N)")
-    if A.is_complex() or u.is_complex():
-        raise TypeError(f"selective_scan takes real tensors, got u {u.dtype} and A {A.dtype}")
+    if u.is_complex():
+        raise TypeError(f"u must be real (only A, B, C and the state may be complex), got dtype {u.dtype}")
+    cplx = A.is_complex()
     if A.shape[0] != dim:
         raise ValueError(f"A must have shape (dim, N) with dim={dim}, got {tuple(A.shape)}")
     N = A.shape[1]
@@ -165,32 +187,38 @@ def selective_scan(
     if z is not None:
         check_tensor("z", z, ndim=3, what="(batch, length, dim)")
         check_shape("z", z, u.shape, "(same as u)")
-    check_same("u", u, delta=delta, B=B, C=C, z=z)
-    check_params("u", u, A=A, D=D, delta_bias=delta_bias)
+    if cplx:
+        _check_complex(u, A, B, C)
+        check_same("u", u, delta=delta, z=z)
+    else:
+        check_same("u", u, delta=delta, B=B, C=C, z=z)
+    check_params("u", u, A=None if cplx else A, D=D, delta_bias=delta_bias)
     check_flag("delta_softplus", delta_softplus)
     reverse = check_flag("reverse", reverse)
     check_flag("return_final_state", return_final_state)
-    check_state("initial_state", initial_state, (batch, dim, N), u)
+    check_state("initial_state", initial_state, (batch, dim, N), A if cplx else u)
     reset = check_reset(reset, batch, length, u.device)
 
     cdt = compute_dtype(u.dtype)
     cast = (lambda t: None if t is None else t.to(cdt))  # noqa: E731
-    uf, Af, Df, zf, h0 = cast(u), cast(A), cast(D), cast(z), cast(initial_state)
+    keep_c = (lambda t: t) if cplx else cast  # noqa: E731  complex A, B, C and state stay as they are
+    uf, Af, Df, zf, h0 = cast(u), keep_c(A), cast(D), cast(z), keep_c(initial_state)
     dt = cast(delta)
     grads = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
-    fuse_dt = use_fused(uf) and not grads and (delta_bias is not None or delta_softplus)
+    fused = use_fused(uf) and not cplx  # the numba kernels are real-only
+    fuse_dt = fused and not grads and (delta_bias is not None or delta_softplus)
     if not fuse_dt:
         if delta_bias is not None:
             dt = dt + cast(delta_bias)
         if delta_softplus:
             dt = F.softplus(dt)
-    B4 = cast(B) if B.ndim == 4 else cast(B).unsqueeze(2)
-    C4 = cast(C) if C.ndim == 4 else cast(C).unsqueeze(2)
+    B4 = keep_c(B) if B.ndim == 4 else keep_c(B).unsqueeze(2)
+    C4 = keep_c(C) if C.ndim == 4 else keep_c(C).unsqueeze(2)
     r = None if reset is None else (reverse_reset(reset) if reverse else reset)
     keep = torch.ones(batch, length, dtype=cdt) if r is None else (~r).to(cdt)
 
-    if use_fused(uf):
+    if fused:
         extra = (cast(delta_bias), bool(delta_softplus)) if fuse_dt else ()
         out, hT = _SelectiveScanFn.apply(uf, dt, Af, B4, C4, Df, zf, keep, h0, reverse, grads, *extra)
     else:
@@ -198,6 +226,8 @@ def selective_scan(
         y, hT = selective_scan_chunked(flip(uf), flip(dt), Af, flip(B4), flip(C4),
                                        None if r is None else flip(keep), h0)
         y = flip(y)
+        if cplx:  # N complex modes standing for 2N real ones (conjugate pairs), as in mamba_ssm
+            y = 2 * y.real
         if Df is not None:
             y = y + uf * Df
         out = y if zf is None else y * F.silu(zf)
