@@ -214,6 +214,7 @@ def ssd(
         x, dt, B and C (the activations) share one dtype; A and D (the parameters) have that dtype or, with
         float16/bfloat16 activations, float32 (as in mamba_ssm): the scan runs in float32, y comes back in
         x's dtype and the parameters' gradients in float32. Any other mix is a TypeError.
+        Inside ``torch.autocast`` the GEMMs still run in the compute dtype (autocast is switched off here).
         chunk_size: chunk length Q; length need not be a multiple of it.
         initial_state: (batch, heads, head_dim, N).
         reset: bool (batch, length); True at t zeroes the state before step t (segment start).
@@ -253,7 +254,8 @@ def ssd(
         return _ssd(x, dt, A, B, C, D, Q, initial_state, reset, reverse, return_final_state)
 
 
-def _ssd(x, dt, A, B, C, D, Q, initial_state, reset, reverse, return_final_state):
+def _ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, Q: int,
+         initial_state: Tensor | None, reset: Tensor | None, reverse: bool, return_final_state: bool):
     """:func:`ssd` on checked arguments."""
     length = x.shape[1]
     cdt = compute_dtype(x.dtype)
