@@ -129,3 +129,18 @@ def test_forbidden_mixes_are_one_line_errors():
         ssd(sa["x"], sa["dt"].float(), sp["A"], sa["B"], sa["C"])
     with pytest.raises(TypeError, match=r"D has dtype torch.float64 but x has dtype torch.float32"):
         ssd(sa["x"].float(), sa["dt"].float(), sp["A"], sa["B"].float(), sa["C"].float(), D=sp["D"].double())
+
+
+def test_ops_ignore_an_enclosing_autocast():
+    """Inside torch.autocast the ops still compute in their compute dtype: the same bits as outside."""
+    sa, sp = _ssd_inputs(torch.float32, seed=4)
+    acts, params = _ss_inputs(torch.float32, seed=4)
+    args = (acts["u"], acts["delta"], params["A"], acts["B"], acts["C"], params["D"], acts["z"])
+    for fused in (True, False):
+        with fused_kernels(fused):
+            want_ss = selective_scan(*args)
+            want_ssd = ssd(sa["x"], sa["dt"], sp["A"], sa["B"], sa["C"], D=sp["D"], chunk_size=8)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got_ss = selective_scan(*args)
+                got_ssd = ssd(sa["x"], sa["dt"], sp["A"], sa["B"], sa["C"], D=sp["D"], chunk_size=8)
+        assert torch.equal(got_ss, want_ss) and torch.equal(got_ssd, want_ssd)
