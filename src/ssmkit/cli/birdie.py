@@ -29,7 +29,8 @@ def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--runs", help="comma-separated runs (default: all)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a BirdieConfig field")
     p.add_argument("--quick", action="store_true",
-                   help="tiny settings for a smoke run (about 15 s on 2 cores; checks the pipeline, not results)")
+                   help="tiny settings for a smoke run: six 60-step runs that check the pipeline, not results "
+                        "(about one CPU-minute)")
     p.add_argument("--report-only", action="store_true", help="only gather finished runs and write the report")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no info logging")
     p.set_defaults(func=run)

@@ -93,7 +93,8 @@ def build_run(cfg: BirdieConfig, name: str) -> tuple[RunSetup, MixtureBatchSourc
     spec = resolve_model(model, task)
     eval_batch = 16
     train = TrainConfig.from_dict({
-        "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "warmup_steps": cfg.warmup_steps,
+        "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+        "warmup_steps": min(cfg.warmup_steps, cfg.steps),
         "seed": cfg.seed, "eval_every": cfg.eval_every, "eval_batch_size": eval_batch,
         "eval_batches": -(-cfg.eval_rows // eval_batch), "log_every": 10, "save_every": max(cfg.eval_every, 50),
         "threads": cfg.threads, "plots": True})

@@ -39,7 +39,8 @@ class BirdieConfig:
         seq_len, batch_size: packed row length and rows per step.
         mixer, d_model, n_layers, mlp_ratio: the SSM (SwiGLU MLP after every mixer); the Transformer uses
             ``transformer_heads`` rotary attention heads with the same width, depth and MLP.
-        lr, warmup_steps: AdamW peak learning rate (cosine to 10%) and warm-up.
+        lr, warmup_steps: AdamW peak learning rate (cosine to 10%) and warm-up (a run shorter than
+            warmup_steps warms up over all its steps).
         length_scale: scales every objective's text lengths (paper lengths are for 2k-token rows).
         num_placeholders: infilling sentinels reserved in the vocabulary.
         controller_scale: multiplies the controller's step schedule (warm-up 250, evaluations at 10, 50, 250,
