@@ -15,7 +15,7 @@ TIERS = {
     "layers": 1,
     "models": 2, "data": 2,
     "objectives": 3, "train": 3, "infer": 3, "interop": 3,
-    "experiments": 4,
+    "experiments": 4, "export": 4,
     "cli": 5, "selfcheck": 5,
 }
 #: imports allowed within one tier (tier 0 shares private helpers; nothing else is sideways)
