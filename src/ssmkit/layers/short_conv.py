@@ -182,20 +182,12 @@ def _conv_bwd(xp, wt, segp, use_seg, g, gxp, gw_part):  # pragma: no cover - com
 
 @contextlib.contextmanager
 def _threads(work: int):
-    """Use one numba thread for small problems (waking more costs more than it saves), else torch's count.
+    """ssmkit's one thread policy for numba kernels (:func:`ssmkit.ops.threads.kernel_threads`): one thread for
+    small problems, torch's count otherwise, launches serialised by the process-wide kernel lock."""
+    from ..ops.threads import kernel_threads
 
-    With numba's OpenMP layer the thread count is shared with torch's OpenMP runtime, so torch's own setting
-    is restored afterwards.
-    """
-    torch_threads = torch.get_num_threads()  # read first: starting numba's OpenMP pool resets it
-    old = nb.get_num_threads()
-    nb.set_num_threads(1 if work < (1 << 16) else max(1, min(torch_threads, nb.config.NUMBA_NUM_THREADS)))
-    try:
+    with kernel_threads(work):
         yield
-    finally:
-        nb.set_num_threads(old)
-        if torch.get_num_threads() != torch_threads:
-            torch.set_num_threads(torch_threads)
 
 
 class _ShortConvFn(torch.autograd.Function):

@@ -6,11 +6,20 @@ work through an int64 counter (``claim``: an atomic fetch-add) and wait for the 
 (``wait_for``: spin on an acquire load) before the next stage reads its results. A thread only ever waits for
 chunks that another thread has already claimed and is running, so the scheme cannot deadlock, also when the
 launch runs its iterations one after another on a single thread.
+
+Memory ordering. A thread writes a chunk's results with plain stores, then counts the chunk done with
+:func:`atomic_add` (sequentially consistent, so also a *release*: the stores before it cannot move after it).
+A waiter reads the done counter with :func:`atomic_load` (*acquire*: the loads after it cannot move before it).
+When the waiter reads a count that includes a chunk's increment, the read synchronises with that increment
+(later fetch-adds by other threads continue its release sequence), so every store of every counted chunk is
+visible to the waiter's next loads. Claims need only atomicity: each fetch-add hands out a distinct chunk index.
+Counters are never reset within a launch: every stage has its own.
 """
 
 from __future__ import annotations
 
 import platform
+import sys
 
 from llvmlite import ir
 from numba import types
@@ -63,6 +72,26 @@ def cpu_relax(typingctx):
         if _X86:
             fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
                                                 "llvm.x86.sse2.pause")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@intrinsic
+def thread_yield(typingctx):
+    """``sched_yield()``: give the core to another runnable thread (a spin-wait's back-off when the thread it
+    waits for may have been descheduled, e.g. on a busy machine). A ``pause`` on Windows, which has no
+    sched_yield."""
+
+    def codegen(context, builder, sig, args):
+        if sys.platform == "win32":
+            if _X86:
+                fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                    "llvm.x86.sse2.pause")
+                builder.call(fn, [])
+        else:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
             builder.call(fn, [])
         return context.get_dummy_value()
 

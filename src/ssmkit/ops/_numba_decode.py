@@ -13,14 +13,23 @@ import math
 import numba as nb
 import numpy as np
 
-from ._numba_atomics import atomic_add, atomic_load, cpu_relax
+from ._numba_atomics import atomic_add, atomic_load, cpu_relax, thread_yield
 from ._numba_kernels import fast_exp, fast_softplus
+
+_PAD = 8  # int64 slots per counter: each counter owns a 64-byte cache line (no false sharing between threads)
+_SPINS = 64  # pause-spins of a stage wait before it starts yielding the core
 
 
 def counter_slots(n_stages: int, n_threads: int) -> int:
-    """Length of a kernel's counters array: per stage, a claim counter per thread's region and a done counter
-    (the linear kernel has 1 stage, mamba_stack 5 per layer + 2)."""
-    return n_stages * (n_threads + 1)
+    """Length of a kernel's int64 counters array: per stage, a claim counter per thread's region and a done counter
+    (the linear kernel has 1 stage, mamba_stack 5 per layer + 2), each on its own 64-byte line."""
+    return n_stages * (n_threads + 1) * _PAD
+
+
+@nb.njit(inline="always", cache=True)
+def _slot(stage, index, n_threads):
+    """The counters index of counter ``index`` (a region, or n_threads for the done counter) of ``stage``."""
+    return (stage * (n_threads + 1) + index) * _PAD
 
 _ROWS_IN = 32  # in_proj rows per chunk
 _ROWS_X = 4  # x_proj rows per chunk
@@ -81,7 +90,7 @@ def _rows_times_weight(x, w, o, scale, bias, out):
 @nb.njit(inline="always", cache=True)
 def _claim(counters, stage, region, n_threads):
     """The next unclaimed chunk of ``region`` of ``stage``, counted from the region's start."""
-    return atomic_add(counters, stage * (n_threads + 1) + region, 1)
+    return atomic_add(counters, _slot(stage, region, n_threads), 1)
 
 
 @nb.njit(inline="always", cache=True)
@@ -107,14 +116,24 @@ def _next_chunk(counters, stage, n_chunks, t, n_threads, cursor):
 
 @nb.njit(inline="always", cache=True)
 def _finish_stage(counters, stage, n_threads):
-    """Count one finished chunk of ``stage``."""
-    atomic_add(counters, stage * (n_threads + 1) + n_threads, 1)
+    """Count one finished chunk of ``stage``: a seq_cst fetch-add, which releases the chunk's stores (the memory
+    ordering argument is in :mod:`._numba_atomics`)."""
+    atomic_add(counters, _slot(stage, n_threads, n_threads), 1)
 
 
 @nb.njit(inline="always", cache=True)
 def _wait_stage(counters, stage, n_chunks, n_threads):
-    while atomic_load(counters, stage * (n_threads + 1) + n_threads) < n_chunks:
-        cpu_relax()
+    """Return once all ``n_chunks`` chunks of ``stage`` are done. The acquire load of the done counter makes every
+    counted chunk's stores visible here. Spins with ``pause`` for _SPINS rounds (a stage usually ends within
+    microseconds), then yields the core each round, so a waiter does not starve a descheduled thread it waits
+    for on a busy machine."""
+    spins = 0
+    while atomic_load(counters, _slot(stage, n_threads, n_threads)) < n_chunks:
+        if spins < _SPINS:
+            cpu_relax()
+            spins += 1
+        else:
+            thread_yield()
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)

@@ -9,19 +9,28 @@ Time runs over processing steps i = 0..L-1, with t = i (forward) or t = L-1-i (r
 the carried state is zeroed before step t, 1 elsewhere (reverse-direction resets are shifted by the caller).
 The selective-scan backward never stores (L, D, N): it recomputes each chunk's states from checkpoints that the
 forward pass saves every ``T`` steps, (B, ceil(L/T), N, D).
+
+Bitwise reproducibility: the kernels never let LLVM reorder or fuse floating-point operations (no ``reassoc`` or
+``contract`` fast-math flags; see :data:`EXACT_MATH`). With those flags the code LLVM generates differs between a
+fresh compilation and the copy loaded from numba's on-disk cache (the parallel body is optimised once on its own,
+and once more after linking), and so did the last bits of the gradients: training runs gave different losses
+depending on the cache state. Products that should be fused are written as explicit :func:`fma` calls, and
+sums across vector lanes as fixed pairwise trees (:func:`_lane_sum`), so every result has one exact definition.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
 import numba as nb
 import numpy as np
-import torch
+from llvmlite import ir
 from numba import types
-from numba.extending import overload
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from .threads import PARALLEL_MIN_WORK, kernel_threads  # noqa: F401  (the one thread policy, re-exported)
 
 # numba's OpenMP layer loads a second OpenMP runtime beside torch's; on 2 busy cores their spinning pools made small
 # torch ops up to 1000x slower after the first kernel call. The workqueue layer has no such pool. An explicit
@@ -29,12 +38,33 @@ from numba.extending import overload
 if "NUMBA_THREADING_LAYER" not in os.environ:
     nb.config.THREADING_LAYER = "workqueue"
 
+#: fast-math flags that let LLVM assume finite values but never change a result: no ``reassoc`` (reordering
+#: sums), ``contract`` (fusing a*b+c), ``arcp`` or ``afn``, whose use depends on how the code was optimised
+EXACT_MATH = {"nnan", "ninf"}
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """``a * b + c`` rounded once (llvm.fma): the same bits on every compilation, unlike a contractible a*b+c.
+    All three of one float type."""
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ty = context.get_value_type(sig.return_type)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty, ty, ty]),
+                                            f"llvm.fma.f{sig.return_type.bitwidth}")
+        return builder.call(fn, args)
+
+    return a(a, b, c), codegen
+
+
 _F32_LOG2E = np.float32(1.4426950408889634)
 _F32_LN2_HI = np.float32(0.693359375)
 _F32_LN2_LO = np.float32(-2.12194440e-4)
 
 
-@nb.njit(fastmath=True, inline="always", cache=True)
+@nb.njit(fastmath=EXACT_MATH, inline="always", cache=True)
 def _exp32(v):
     """exp for float32 that LLVM can vectorise (numba's own exp is a scalar libm call here).
 
@@ -44,12 +74,12 @@ def _exp32(v):
     n = np.floor(v * _F32_LOG2E + np.float32(0.5))
     r = v - n * _F32_LN2_HI - n * _F32_LN2_LO
     p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    p = p * r * r + r + np.float32(1.0)
+    p = fma(p, r, np.float32(1.3981999507e-3))
+    p = fma(p, r, np.float32(8.3334519073e-3))
+    p = fma(p, r, np.float32(4.1665795894e-2))
+    p = fma(p, r, np.float32(1.6666665459e-1))
+    p = fma(p, r, np.float32(5.0000001201e-1))
+    p = fma(p * r, r, r) + np.float32(1.0)
     scale = np.int32((np.int32(n) + np.int32(127)) << 23).view(np.float32)
     return p * scale
 
@@ -66,7 +96,7 @@ def _fast_exp_overload(v):
     return lambda v: math.exp(v)
 
 
-@nb.njit(fastmath=True, inline="always", cache=True)
+@nb.njit(fastmath=EXACT_MATH, inline="always", cache=True)
 def _softplus32(v):
     """softplus for float32 that LLVM can vectorise: max(v, 0) + log1p(exp(-|v|)), with log1p(a) for a in (0, 1]
     as 2 atanh(a / (2 + a)) by its odd series (no cancellation for small a); about 2e-7 relative error. Equals
@@ -75,13 +105,13 @@ def _softplus32(v):
     s = a / (np.float32(2.0) + a)
     z = s * s
     p = np.float32(1.0 / 15.0)
-    p = p * z + np.float32(1.0 / 13.0)
-    p = p * z + np.float32(1.0 / 11.0)
-    p = p * z + np.float32(1.0 / 9.0)
-    p = p * z + np.float32(1.0 / 7.0)
-    p = p * z + np.float32(1.0 / 5.0)
-    p = p * z + np.float32(1.0 / 3.0)
-    p = p * z + np.float32(1.0)
+    p = fma(p, z, np.float32(1.0 / 13.0))
+    p = fma(p, z, np.float32(1.0 / 11.0))
+    p = fma(p, z, np.float32(1.0 / 9.0))
+    p = fma(p, z, np.float32(1.0 / 7.0))
+    p = fma(p, z, np.float32(1.0 / 5.0))
+    p = fma(p, z, np.float32(1.0 / 3.0))
+    p = fma(p, z, np.float32(1.0))
     return max(v, np.float32(0.0)) + np.float32(2.0) * s * p
 
 
@@ -97,22 +127,19 @@ def _fast_softplus_overload(v):
     return lambda v: v if v > 20 else math.log1p(math.exp(v))
 
 
-PARALLEL_MIN_WORK = 1 << 17  # below this many state updates, waking a second thread costs more than it saves
-
-
-@contextlib.contextmanager
-def kernel_threads(work: int):
-    """Run the enclosed kernel calls on one thread for small problems, else on as many as torch uses."""
-    torch_threads = torch.get_num_threads()  # read first: starting numba's thread pool can reset torch's count
-    old = nb.get_num_threads()
-    want = 1 if work < PARALLEL_MIN_WORK else max(1, min(torch_threads, nb.config.NUMBA_NUM_THREADS))
-    nb.set_num_threads(want)
-    try:
-        yield want
-    finally:
-        nb.set_num_threads(old)
-        if torch.get_num_threads() != torch_threads:
-            torch.set_num_threads(torch_threads)
+@nb.njit(fastmath=EXACT_MATH, inline="always", cache=True)
+def _lane_sum(p):
+    """sum(p) of a scratch vector of 64 lanes (SS_BLOCK) as a fixed pairwise tree: constant-length levels that
+    vectorise without reordering anything; p is overwritten."""
+    for j in range(32):
+        p[j] += p[j + 32]
+    for j in range(16):
+        p[j] += p[j + 16]
+    for j in range(8):
+        p[j] += p[j + 8]
+    for j in range(4):
+        p[j] += p[j + 4]
+    return (p[0] + p[2]) + (p[1] + p[3])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -170,16 +197,17 @@ def linear_scan_bwd(a, h, h0, g, g_final, reverse, ga, gb, gh0):
 # Selective scan (S6), fused with the D skip and the silu(z) gate
 # ----------------------------------------------------------------------------------------------------------------
 
-SS_BLOCK = 64  # channels per task (a compile-time lane count; short blocks are padded with inert zero lanes)
+SS_BLOCK = 64  # channels per task: a compile-time lane count (_lane_sum sums 64); short blocks get inert zero lanes
 SS_CHUNK = 32  # steps between state checkpoints
 
 
-@nb.njit(parallel=True, fastmath=True, cache=True)
+@nb.njit(parallel=True, fastmath=EXACT_MATH, cache=True)
 def selective_fwd(u, dt, At, Bm, Cm, Dv, z, keep, h0, blocks, parts, dbias, softplus, reverse, has_D, has_z, save_ck,
                   ck, out, hT):
     """out = (C.h + D u) * silu(z) with h_t = exp(dt_t A) h_{t-1} keep_t + dt_t B_t u_t; hT = final state;
     ck[:, c] = the state before step c * SS_CHUNK (when ``save_ck``). Padded lanes (beyond a block's width) carry
-    dt = u = A = 0, so their state stays exactly 0.
+    dt = u = A = 0 (the per-step scratch is zeroed beyond each block's width, since blocks of one task can differ in
+    width), so their state stays exactly 0.
 
     Channel blocks of SS_BLOCK lanes; each task owns a contiguous range of blocks (``parts[p]:parts[p + 1]``)
     and sweeps time in tiles of SS_CHUNK steps, running every block of its range over a tile before the next
@@ -227,19 +255,22 @@ def selective_fwd(u, dt, At, Bm, Cm, Dv, z, keep, h0, blocks, parts, dbias, soft
                             v = fast_softplus(v)
                         dtj[j] = v
                         duj[j] = v * u[bi, t, d0 + j]
+                    for j in range(w, W):
+                        dtj[j] = 0.0
+                        duj[j] = 0.0
                     for j in range(W):
                         yj[j] = 0.0
                     for n in range(N):
                         bn = Bm[bi, t, g, n]
                         cn = Cm[bi, t, g, n]
                         for j in range(W):
-                            hv = fast_exp(dtj[j] * Ab[k, n, j]) * h[k, n, j] * kp + duj[j] * bn
+                            hv = fma(fast_exp(dtj[j] * Ab[k, n, j]) * h[k, n, j], kp, duj[j] * bn)
                             h[k, n, j] = hv
-                            yj[j] += cn * hv
+                            yj[j] = fma(cn, hv, yj[j])
                     for j in range(w):
                         y = yj[j]
                         if has_D:
-                            y += Dv[d0 + j] * u[bi, t, d0 + j]
+                            y = fma(Dv[d0 + j], u[bi, t, d0 + j], y)
                         if has_z:
                             zz = z[bi, t, d0 + j]
                             y *= zz / (one + fast_exp(-zz))
@@ -251,7 +282,7 @@ def selective_fwd(u, dt, At, Bm, Cm, Dv, z, keep, h0, blocks, parts, dbias, soft
                     hT[bi, n, d0 + j] = h[k, n, j]
 
 
-@nb.njit(parallel=True, fastmath=True, cache=True)
+@nb.njit(parallel=True, fastmath=EXACT_MATH, cache=True)
 def selective_bwd(u, dt, At, Bm, Cm, Dv, z, keep, ck, blocks, stripes, reverse, has_D, has_z, gout, ghT,
                   gu, gdt, gz, gA_part, gD_part, gB_part, gC_part, gh0):
     """Reverse-time pass. Each task owns one stripe of channel blocks of one (batch, group) and processes them one
@@ -264,7 +295,6 @@ def selective_bwd(u, dt, At, Bm, Cm, Dv, z, keep, ck, blocks, stripes, reverse, 
     nchunk = ck.shape[1]
     nstripe = stripes.shape[0]
     one = np.ones(1, dtype=u.dtype)[0]
-    zero = np.zeros(1, dtype=u.dtype)[0]
     for task in nb.prange(nbat * nstripe):
         bi = task // nstripe
         sidx = task % nstripe
@@ -280,6 +310,8 @@ def selective_bwd(u, dt, At, Bm, Cm, Dv, z, keep, ck, blocks, stripes, reverse, 
         gdtj = np.zeros(W, dtype=u.dtype)
         guj = np.zeros(W, dtype=u.dtype)
         gDb = np.zeros(W, dtype=u.dtype)
+        pB = np.zeros(W, dtype=u.dtype)  # per-lane terms of the gB and gC sums over channels
+        pC = np.zeros(W, dtype=u.dtype)
         for blk in range(stripes[sidx, 2], stripes[sidx, 3]):
             d0 = blocks[blk, 0]
             w = blocks[blk, 1]
@@ -289,6 +321,7 @@ def selective_bwd(u, dt, At, Bm, Cm, Dv, z, keep, ck, blocks, stripes, reverse, 
             dtc[:, :] = 0.0
             uc[:, :] = 0.0
             gDb[:] = 0.0
+            hs[:, :, :] = 0.0
             for n in range(N):
                 for j in range(w):
                     gh[n, j] = ghT[bi, n, d0 + j]
@@ -312,8 +345,8 @@ def selective_bwd(u, dt, At, Bm, Cm, Dv, z, keep, ck, blocks, stripes, reverse, 
                     for n in range(N):
                         bn = Bm[bi, t, g, n]
                         for j in range(W):
-                            hs[k + 1, n, j] = (fast_exp(dtc[k, j] * Ab[n, j]) * hs[k, n, j] * kp
-                                               + dtc[k, j] * uc[k, j] * bn)
+                            hs[k + 1, n, j] = fma(fast_exp(dtc[k, j] * Ab[n, j]) * hs[k, n, j], kp,
+                                                  dtc[k, j] * uc[k, j] * bn)
                 for i in range(i1 - 1, i0 - 1, -1):
                     t = L - 1 - i if reverse else i
                     kp = keep[bi, t]
@@ -327,11 +360,11 @@ def selective_bwd(u, dt, At, Bm, Cm, Dv, z, keep, ck, blocks, stripes, reverse, 
                         for n in range(N):
                             cn = Cm[bi, t, g, n]
                             for j in range(W):
-                                gyj[j] += cn * hs[k + 1, n, j]
+                                gyj[j] = fma(cn, hs[k + 1, n, j], gyj[j])
                         for j in range(w):
                             y = gyj[j]
                             if has_D:
-                                y += Dv[d0 + j] * uc[k, j]
+                                y = fma(Dv[d0 + j], uc[k, j], y)
                             zz = z[bi, t, d0 + j]
                             sg = one / (one + fast_exp(-zz))
                             go = gout[bi, t, d0 + j]
@@ -344,25 +377,24 @@ def selective_bwd(u, dt, At, Bm, Cm, Dv, z, keep, ck, blocks, stripes, reverse, 
                             gyj[j] = gout[bi, t, d0 + j]
                     if has_D:
                         for j in range(w):
-                            gDb[j] += gyj[j] * uc[k, j]
-                            guj[j] += gyj[j] * Dv[d0 + j]
+                            gDb[j] = fma(gyj[j], uc[k, j], gDb[j])
+                            guj[j] = fma(gyj[j], Dv[d0 + j], guj[j])
                     for n in range(N):
                         bn = Bm[bi, t, g, n]
                         cn = Cm[bi, t, g, n]
-                        accB = zero
-                        accC = zero
                         for j in range(W):
-                            ghn = gh[n, j] + gyj[j] * cn
-                            accC += gyj[j] * hs[k + 1, n, j]
+                            ghn = fma(gyj[j], cn, gh[n, j])
+                            pC[j] = gyj[j] * hs[k + 1, n, j]
                             dA = fast_exp(dtc[k, j] * Ab[n, j])
                             hp = hs[k, n, j] * kp
-                            gdtj[j] += ghn * (bn * uc[k, j] + Ab[n, j] * dA * hp)
-                            gAb[n, j] += ghn * dA * hp * dtc[k, j]
-                            guj[j] += ghn * dtc[k, j] * bn
-                            accB += ghn * dtc[k, j] * uc[k, j]
+                            gdtj[j] = fma(ghn, fma(bn, uc[k, j], Ab[n, j] * dA * hp), gdtj[j])
+                            gAb[n, j] = fma(ghn * dA * hp, dtc[k, j], gAb[n, j])
+                            gd = ghn * dtc[k, j]
+                            guj[j] = fma(gd, bn, guj[j])
+                            pB[j] = gd * uc[k, j]
                             gh[n, j] = ghn * dA * kp
-                        gB_part[part, bi, t, g, n] += accB
-                        gC_part[part, bi, t, g, n] += accC
+                        gB_part[part, bi, t, g, n] += _lane_sum(pB)
+                        gC_part[part, bi, t, g, n] += _lane_sum(pC)
                     for j in range(w):
                         gdt[bi, t, d0 + j] = gdtj[j]
                         gu[bi, t, d0 + j] = guj[j]
