@@ -54,7 +54,7 @@ class Backbone(nn.Module):
         d = config.d_model
         if config.vocab_size is not None:
             self.embedding = nn.Embedding(config.vocab_size, d)
-            nn.init.normal_(self.embedding.weight, std=config.init_std)
+            nn.init.normal_(self.embedding.weight, std=config.embedding_std)
             self.input_proj = None
         else:
             self.embedding = None

@@ -218,7 +218,8 @@ class ModelConfig:
         num_classes: SequenceClassifier's number of classes (>= 2).
         pooling: SequenceClassifier's pooling over positions, "mean" | "last".
         d_output: Regressor/Forecaster's per-step output width.
-        init_std: std of the normal init of the embedding and (untied) LM head.
+        init_std: std of the normal init of the embedding and an untied LM head; None (default) =
+            ``d_model ** -0.5`` (see :attr:`embedding_std` and docs/init.md); 0.02 was the old default.
     """
 
     d_model: int
@@ -238,7 +239,7 @@ class ModelConfig:
     num_classes: int | None = None
     pooling: str = "mean"
     d_output: int | None = None
-    init_std: float = 0.02
+    init_std: float | None = None
 
     def __post_init__(self) -> None:
         self.d_model = _pos_int("d_model", self.d_model)
@@ -265,7 +266,8 @@ class ModelConfig:
         self.num_classes = _pos_int("num_classes", self.num_classes, optional=True, minimum=2)
         self.pooling = _choice("pooling", self.pooling, POOLINGS)
         self.d_output = _pos_int("d_output", self.d_output, optional=True)
-        self.init_std = _number("init_std", self.init_std, 0.0, 1e3, lo_open=True, hi_open=False)
+        if self.init_std is not None:
+            self.init_std = _number("init_std", self.init_std, 0.0, 1e3, lo_open=True, hi_open=False)
 
     def _check_pattern(self) -> None:
         p = self.pattern
@@ -346,6 +348,14 @@ class ModelConfig:
                                             f"{', '.join(registry.PREFIXABLE)} (or give layer indices)")
             names[i] = f"prefix-{names[i]}"
         return names
+
+    @property
+    def embedding_std(self) -> float:
+        """Std of the embedding (and untied LM head) init: ``init_std``, or ``d_model ** -0.5`` when None.
+
+        With a tied head the logits at init are then O(1) (a unit-RMS final norm dotted with rows of std
+        d^-1/2), and a token's embedding is not drowned by the first block's output (docs/init.md)."""
+        return self.d_model ** -0.5 if self.init_std is None else self.init_std
 
     @property
     def d_mlp(self) -> int:

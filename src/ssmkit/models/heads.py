@@ -195,7 +195,7 @@ class CausalLM(SequenceModel):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
         else:
-            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+            nn.init.normal_(self.lm_head.weight, std=cfg.embedding_std)
 
     @property
     def tied_weights(self) -> dict[str, str]:
