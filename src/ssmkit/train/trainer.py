@@ -95,6 +95,10 @@ class Trainer:
         source: what to train on (default: the task's train split, see :mod:`ssmkit.train.sources`).
         resume: continue from the newest checkpoint in ``run_dir/checkpoints``.
         quiet: no progress bar (it is also off when stderr is not a terminal).
+
+    The run owns its torch/numpy/Python RNG states (:class:`~ssmkit.train.checkpoints.RngStates`, seeded by
+    ``train.seed`` and saved in checkpoints): model initialisation, dropout and anything a batch source draws
+    from the global generators use them, and the caller's global RNG states are left untouched.
     """
 
     def __init__(self, setup: RunSetup, run_dir: str | Path, *, source: BatchSource | None = None,
@@ -213,7 +217,8 @@ class Trainer:
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
         """One optimizer step on ``batch``: returns (batch loss, gradient norm before clipping)."""
-        loss_value = self.accumulate_gradients(batch)
+        with self.rng.active():  # dropout draws from the run's RNG (a no-op inside train())
+            loss_value = self.accumulate_gradients(batch)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"non-finite training loss ({loss_value}) at step {self.step + 1}; "
                                      f"try a lower train.lr (now {self.cfg.lr}) or train.grad_clip")
