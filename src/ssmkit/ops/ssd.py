@@ -49,17 +49,17 @@ def _chunk_masks(reset: Tensor | None, batch: int, chunks: int, Q: int, device: 
     return intra.unsqueeze(2), to_end.unsqueeze(-1), from_start.unsqueeze(-1), from_start[..., -1:]
 
 
-def _segsum(a: Tensor) -> Tensor:
-    """Segment sums of log decays: a (..., Q) -> (..., Q, Q) with out[t, s] = sum_{s<r<=t} a_r for t > s and
-    0 on and above the diagonal (exp gives 1 there; callers mask those entries).
+def _segsum_t(a: Tensor) -> Tensor:
+    """Segment sums of log decays, transposed: a (..., Q) -> (..., Q, Q) with out[s, t] = sum_{s<r<=t} a_r for
+    t > s and 0 for t <= s (exp gives 1 there; callers mask those entries).
 
-    Each segment is summed directly, by a cumulative sum down a lower-triangular copy of ``a``, rather than as
-    the difference of two running sums: in float32, cumsum_t - cumsum_s loses everything below eps * |cumsum|,
-    which at chunk 256 with dt ~ 1 is ~1e-5 in every exponent, even for neighbouring t and s.
+    Each segment is summed directly, by a cumulative sum along an upper-triangular copy of ``a``, rather than
+    as the difference of two running sums: in float32, cumsum_t - cumsum_s loses everything below
+    eps * |cumsum|, which at chunk 256 with dt ~ 1 is ~1e-5 in every exponent, even for neighbouring t and s.
     """
     Q = a.shape[-1]
-    strict = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril(-1)  # t > s
-    return a.unsqueeze(-1).expand(*a.shape, Q).masked_fill(~strict, 0).cumsum(-2)
+    later = torch.ones(Q, Q, dtype=torch.bool, device=a.device).triu(1)  # t > s
+    return a.unsqueeze(-2).expand(*a.shape[:-1], Q, Q).masked_fill(~later, 0).cumsum(-1)
 
 
 class _StatePass(torch.autograd.Function):
@@ -70,7 +70,9 @@ class _StatePass(torch.autograd.Function):
     xw: (b, c, G, Q, R*P); B, C: (b, c, G, Q, N); a: (b, c, G, 1, R*P); h0: (b, G, N, R*P).
     Returns yo (b, c, G, Q, R*P) and the final state (b, G, N, R*P). The only state-sized tensor built is the
     entering states (b, c, G, N, R*P), saved for backward (not at all without grad); the working set stays in
-    cache. Backward runs the recurrence right to left (no double backward).
+    cache. Backward runs the recurrence right to left (no double backward). Results are assigned, never
+    written through ``out=``, which a TorchFunctionMode that casts arguments (e.g. a bfloat16-matmul mode)
+    would silently redirect into a temporary copy.
     """
 
     @staticmethod
@@ -84,14 +86,14 @@ class _StatePass(torch.autograd.Function):
         for c in range(chunks):
             if starts is not None:
                 starts[c] = h
-            torch.matmul(C[:, c], h, out=yo[c])
+            yo[c] = torch.matmul(C[:, c], h)
             h = torch.matmul(Bt[:, c], xw[:, c]).addcmul_(a[:, c], h)
         ctx.save_for_backward(xw, B, C, a, starts)
         return yo.transpose(0, 1), h
 
     @staticmethod
     def backward(ctx, gyo: Tensor | None, ghT: Tensor | None):
-        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):  # the out= GEMMs keep one dtype
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):  # GEMMs in the compute dtype
             return _StatePass._backward(ctx, gyo, ghT)
 
     @staticmethod
@@ -104,13 +106,13 @@ class _StatePass(torch.autograd.Function):
         gC = C.new_zeros(major(C))
         for c in range(chunks - 1, -1, -1):
             # gh is dL/dh_{c+1}; h_{c+1} = a_c h_c + B_c^T xw_c
-            torch.matmul(B[:, c], gh, out=gxw[c])
-            torch.matmul(xw[:, c], gh.transpose(-1, -2), out=gB[c])
-            torch.sum(gh * starts[c], -2, keepdim=True, out=ga[c])
+            gxw[c] = torch.matmul(B[:, c], gh)
+            gB[c] = torch.matmul(xw[:, c], gh.transpose(-1, -2))
+            ga[c] = (gh * starts[c]).sum(-2, keepdim=True)
             gh = gh * a[:, c]
             if gyo is not None:  # yo_c = C_c h_c
                 g = gyo[:, c]
-                torch.matmul(g, starts[c].transpose(-1, -2), out=gC[c])
+                gC[c] = torch.matmul(g, starts[c].transpose(-1, -2))
                 gh = gh.add_(torch.matmul(C[:, c].transpose(-1, -2), g))
         return gxw.transpose(0, 1), gB.transpose(0, 1), gC.transpose(0, 1), ga.transpose(0, 1), gh
 
@@ -146,18 +148,19 @@ def _ssd_chunked(
     Cc = C.reshape(batch, chunks, Q, G, N).transpose(2, 3)
 
     # 1. intra-chunk: y_t = sum_{s<=t} (C_t . B_s) exp(seg_ts) dt_s x_s with seg_ts = sum_{s<r<=t} a_r
-    keep = intra.to(acs.dtype)
-    seg = _segsum(a.transpose(2, 3))  # (b, c, H, Q, Q)
+    # Built transposed, (s, t), so that the segment sums run along the contiguous last axis.
+    keep_t = intra.to(acs.dtype).transpose(-1, -2)
+    seg_t = _segsum_t(a.transpose(2, 3))  # (b, c, H, Q_s, Q_t)
     if reset is not None:  # exponent 0 across segment starts too: zeroed below, never overflowing
-        seg.mul_(keep)
-    seg = seg.exp_()
-    CB = torch.matmul(Cc, Bc.transpose(-1, -2)) * keep  # (b, c, G, Q, Q)
-    scores = (seg.view(batch, chunks, G, R, Q, Q) * CB.unsqueeze(3)).view(batch, chunks, heads, Q, Q)
-    y_intra = torch.matmul(scores, xdt.transpose(2, 3))  # (b, c, H, Q, P)
+        seg_t.mul_(keep_t)
+    seg_t = seg_t.exp_()
+    BC = torch.matmul(Bc, Cc.transpose(-1, -2)) * keep_t  # (b, c, G, Q_s, Q_t)
+    scores_t = (seg_t.view(batch, chunks, G, R, Q, Q) * BC.unsqueeze(3)).view(batch, chunks, heads, Q, Q)
+    y_intra = torch.matmul(scores_t.transpose(-1, -2), xdt.transpose(2, 3))  # (b, c, H, Q, P)
 
     # 2. chunk end-states from the chunk's own inputs, S_c = sum_s B_s^T exp(acs_end - acs_s) dt_s x_s;
     # 3. a short sequential recurrence across chunks; 4. the entering state's contribution C_t . h_start
-    # the decay after s to the chunk end, summed from the right (not acs_end - acs_s, see _segsum)
+    # the decay after s to the chunk end, summed from the right (not acs_end - acs_s, see _segsum_t)
     w_end = F.pad(a[:, :, 1:], (0, 0, 0, 1)).flip(2).cumsum(2).flip(2).exp()  # (b, c, Q, H)
     if to_end is not None:
         w_end = w_end * to_end
