@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ssmkit.ops import fused_kernels, selective_scan, ssd
 from ssmkit.ops import reference as R
@@ -144,3 +145,26 @@ def test_ops_ignore_an_enclosing_autocast():
                 got_ss = selective_scan(*args)
                 got_ssd = ssd(sa["x"], sa["dt"], sp["A"], sa["B"], sa["C"], D=sp["D"], chunk_size=8)
         assert torch.equal(got_ss, want_ss) and torch.equal(got_ssd, want_ssd)
+
+
+class _MatmulOnCopies(TorchFunctionMode):
+    """Runs every matmul on copies of its tensor arguments (out= included), as an argument-casting mode does."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__):
+            args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+            kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+def test_ssd_under_a_mode_that_copies_matmul_arguments():
+    """ssd never relies on out= (a casting mode would write into a temporary and leave garbage)."""
+    sa, sp = _ssd_inputs(torch.float32, seed=6)
+    leaves = [t.clone().requires_grad_() for t in (sa["x"], sa["dt"], sp["A"], sa["B"], sa["C"])]
+    want = ssd(*leaves, chunk_size=8)
+    want_g = torch.autograd.grad(want.square().sum(), leaves)
+    with _MatmulOnCopies():
+        got = ssd(*leaves, chunk_size=8)
+        got_g = torch.autograd.grad(got.square().sum(), leaves)
+    assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(got_g, want_g, strict=True))
