@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import UsageError, setup_logging
+from .common import UsageError, removed_on_failure, setup_logging
 
 
 def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"birdie: {len(cfg.runs)} run(s) of {cfg.steps} steps ({cfg.steps * cfg.batch_size * cfg.seq_len} "
               f"tokens each) on {cfg.text} -> {out}/", flush=True)
         try:
-            results = run_birdie(cfg, out, quiet=args.quiet)
+            with removed_on_failure(out, keep=lambda: out.is_dir() and any(out.iterdir())):
+                results = run_birdie(cfg, out, quiet=args.quiet)
         except TrainingInterrupted as e:
             print(f"ssmkit birdie: {e}; run the same command again to continue", file=sys.stderr)
             return 130

@@ -87,7 +87,7 @@ def quote(a: str) -> str:
 
 @contextmanager
 def removed_on_failure(directory: Path, *, keep: Callable[[], bool]) -> Iterator[None]:
-    """Create ``directory`` lazily elsewhere; if the block raises, remove ``directory`` and the parents that
+    """For a block that may create ``directory``: if the block raises, remove ``directory`` and the parents that
     did not exist on entry, unless ``keep()`` says something worth keeping was written. A directory that
     existed on entry is never removed."""
     missing = []
