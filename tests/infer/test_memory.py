@@ -70,7 +70,9 @@ def small_lm(pattern: str) -> CausalLM:
 
 def _run(model, prompt_len: int, n_short: int, n_long: int, consume=None) -> tuple[int, int]:
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    for _ in stream_generate(model, prompt[:, :16], 4, temperature=0):  # warm-up: lazy imports, kernel loading
+    # warm-up on the measured prompt: lazy imports, and numba compiling (or loading) every kernel the prefill and
+    # the steps use, which with a cold cache would otherwise land inside the measurement
+    for _ in stream_generate(model, prompt, 4, temperature=0):
         pass
     samples = np.zeros(n_long, dtype=np.int64)
     before = heap_in_use()

@@ -59,3 +59,13 @@ def test_bad_inputs():
         decode_linear(torch.randn(2, 4), quantize_int8(w)[0], scale=torch.ones(5))
     with pytest.raises(ValueError, match="bias must be"):
         decode_linear(torch.randn(2, 4), w, torch.ones(5))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_zero_input_features_give_the_bias(bias):
+    w, b = torch.randn(5, 0), (torch.randn(5) if bias else None)
+    x = torch.randn(3, 0)
+    want = b.expand(3, 5) if bias else torch.zeros(3, 5)
+    torch.testing.assert_close(decode_linear(x, w, b), want)
+    q, s = quantize_int8(torch.randn(5, 0))
+    torch.testing.assert_close(decode_linear(x, q, b, scale=s), want)

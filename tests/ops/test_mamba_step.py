@@ -3,15 +3,19 @@ any batch), the torch path, one-thread execution, state reuse, gradients, errors
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+
 import numba
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ssmkit.ops import _numba_kernels as K
 from ssmkit.ops import fused_kernels, quantize_int8, reference
 from ssmkit.ops.mamba_step import MambaStackPlan, MambaStepWeights, cached_plan, mamba_stack_step, mamba_step
+
+mamba_step_module = importlib.import_module("ssmkit.ops.mamba_step")  # ssmkit.ops.mamba_step is also the function
 
 
 def make_weights(d_model, di, n, rank, width, *, bias, conv_bias, int8=False, dtype=torch.float32, seed=0):
@@ -86,7 +90,7 @@ def _oracle_stack(h, layers, norms, final, eps, convs, ssms, head=None):
 @pytest.mark.parametrize("batch", [1, 5])
 def test_stack_matches_oracle_and_reuses_its_states(dtype, batch):
     layers, norms, final = _stack(3, dtype=dtype)
-    plan = MambaStackPlan(layers, norms, 1e-5, final, 1e-5)
+    plan = MambaStackPlan(layers, norms, final, norm_eps=1e-5, final_eps=1e-5)
     assert plan.fusable
     convs, ssms = zip(*(states(batch, 32, 4, 4, dtype, seed=i) for i in range(3)), strict=True)
     convs, ssms = list(convs), list(ssms)
@@ -113,7 +117,7 @@ def test_stack_with_head_matches_oracle(int8, bias):
     g = torch.Generator().manual_seed(5)
     hw, hb = torch.randn(203, 16, generator=g), (torch.randn(203, generator=g) if bias else None)
     head = (*quantize_int8(hw), hb) if int8 else (hw, None, hb)
-    plan = MambaStackPlan(layers, norms, 1e-5, final, 1e-5, head=head)
+    plan = MambaStackPlan(layers, norms, final, norm_eps=1e-5, final_eps=1e-5, head=head)
     convs, ssms = zip(*(states(3, 32, 4, 4, torch.float32, seed=i) for i in range(2)), strict=True)
     h = torch.randn(3, 16)
     want = _oracle_stack(h.double(), layers, norms, final, 1e-5, [c.double() for c in convs],
@@ -126,29 +130,58 @@ def test_stack_with_head_matches_oracle(int8, bias):
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_one_thread_runs_every_chunk_itself():
-    """The work counters let one thread do all chunks (no deadlock when the launch runs serially)."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_any_number_of_regions_on_fewer_threads_gives_the_same_bits(threads, monkeypatch):
+    """The kernel splits each stage into one region per nominal thread; the threads that actually run claim
+    chunks of their own region and then steal. With more regions than running threads (down to truly one
+    thread, which then runs every iteration itself) nothing deadlocks and every row is computed in the same
+    order, so the result is bitwise the same."""
     layers, norms, final = _stack(2, dtype=torch.float32)
-    plan = MambaStackPlan(layers, norms, 1e-5, final, 1e-5)
+    plan = MambaStackPlan(layers, norms, final, norm_eps=1e-5, final_eps=1e-5)
     convs, ssms = zip(*(states(2, 32, 4, 4, torch.float32, seed=i) for i in range(2)), strict=True)
     h = torch.randn(2, 16)
-    results = []
-    for min_work in (1 << 62, 0):  # one thread, then as many as torch uses
-        old = K.PARALLEL_MIN_WORK
-        K.PARALLEL_MIN_WORK = min_work
+    want = mamba_stack_step(h, plan, list(convs), list(ssms))
+    seen, regions = [], [1]
+
+    @contextlib.contextmanager
+    def regions_on_threads(work):
+        old = numba.get_num_threads()
+        numba.set_num_threads(threads)
         try:
-            out = mamba_stack_step(h, plan, list(convs), list(ssms))
+            seen.append((regions[0], numba.get_num_threads()))
+            yield regions[0]
         finally:
-            K.PARALLEL_MIN_WORK = old
-        results.append(out)
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
-    old_threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        torch.testing.assert_close(mamba_stack_step(h, plan, list(convs), list(ssms))[0], results[0][0],
-                                   rtol=1e-6, atol=1e-6)
-    finally:
-        numba.set_num_threads(old_threads)
+            numba.set_num_threads(old)
+
+    monkeypatch.setattr(mamba_step_module, "kernel_threads", regions_on_threads)
+    for regions[0] in (1, 3, 5, 8):
+        got = mamba_stack_step(h, plan, list(convs), list(ssms))
+        for a, b in zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]], strict=True):
+            assert torch.equal(a, b)
+    assert seen == [(r, threads) for r in (1, 3, 5, 8)]
+
+
+def test_in_place_updates_of_a_copied_weight_rebuild_the_plan():
+    """A non-contiguous weight is copied into the plan, so its in-place updates must change the plan's key."""
+    w = make_weights(8, 16, 4, 2, 4, bias=True, conv_bias=True)
+    w = w._replace(in_w=w.in_w.t().contiguous().t())  # same values, transposed strides
+    assert not w.in_w.is_contiguous()
+    owner = torch.nn.Module()
+    x = torch.randn(2, 8)
+    conv, ssm = states(2, 16, 4, 4, torch.float32)
+    p1 = cached_plan(owner, w)
+    assert cached_plan(owner, w) is p1
+    with torch.no_grad():
+        w.in_w.mul_(-0.5)
+    assert cached_plan(owner, w) is not p1
+    want = reference.mamba_step(x.double(), w, conv.double(), ssm.double())
+    assert_all_close([t.double() for t in mamba_step(x, w, conv, ssm, owner=owner)], want, 1e-5)
+
+
+def test_plan_epsilons_are_keyword_only():
+    layers, norms, final = _stack(1, dtype=torch.float32)
+    with pytest.raises(TypeError):
+        MambaStackPlan(layers, norms, final, 1e-5, 1e-5)
 
 
 def test_gradients_take_the_torch_path():
@@ -193,9 +226,9 @@ def test_bad_arguments_name_what_is_wrong():
     layers, norms, final = _stack(2, dtype=torch.float32)
     mixed = [layers[0], layers[1]._replace(in_b=None)]
     with pytest.raises(ValueError, match=r"layers\[1\].in_b"):
-        MambaStackPlan(mixed, norms, 1e-5, final, 1e-5)  # layer 0 has biases, layer 1 not
+        MambaStackPlan(mixed, norms, final, norm_eps=1e-5, final_eps=1e-5)  # layer 0 has biases, layer 1 not
     with pytest.raises(ValueError, match="norm_weights"):
-        MambaStackPlan(layers[:1], norms, 1e-5, final, 1e-5)
-    plan = MambaStackPlan(layers[:1], norms[:1], 1e-5, final, 1e-5)
+        MambaStackPlan(layers[:1], norms, final, norm_eps=1e-5, final_eps=1e-5)
+    plan = MambaStackPlan(layers[:1], norms[:1], final, norm_eps=1e-5, final_eps=1e-5)
     with pytest.raises(ValueError, match="need 1 conv and ssm states"):
         mamba_stack_step(torch.randn(2, 16), plan, [], [])

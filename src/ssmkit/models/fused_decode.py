@@ -16,30 +16,49 @@ from torch import Tensor, nn
 
 from ..layers.base import linear_weights
 from ..layers.mamba import Mamba, MambaState
-from ..ops.mamba_step import MambaStackPlan, mamba_stack_step
+from ..ops.mamba_step import MambaStackPlan, mamba_stack_step, weights_key
 from .outputs import ModelState
 
-# Parameters, buffers and submodules are (re)registered on any module only when a model is built or changed
-# (a new layer, load_state_dict(assign=True), ...). Counting registrations lets a decode step check its cached
-# plan in microseconds instead of walking every block (about 1 ms per token for 24 blocks, 4% of a step).
+# Parameters, buffers and submodules are (re)registered on a module only when a model is built or changed (a new
+# layer, load_state_dict(assign=True), ...). Counting registrations lets a decode step check its cached plan in
+# microseconds instead of walking every block (about 1 ms per token for 24 blocks, 4% of a step). torch offers
+# such hooks only process-wide, so they are installed only while some model holds a fused plan and removed when
+# the last such model is gone: importing this module, or using ssmkit without fused decoding, changes nothing.
 _REGISTRATIONS = [0]
+_HOOKS: list = []  # the handles of the installed hooks
+_HOLDERS = [0]  # live owners of a cached plan
 
 
 def _count_registration(module: nn.Module, name: str, value: object) -> None:
     _REGISTRATIONS[0] += 1
 
 
-for _register in (nn.modules.module.register_module_parameter_registration_hook,
-                  nn.modules.module.register_module_buffer_registration_hook,
-                  nn.modules.module.register_module_module_registration_hook):
-    _register(_count_registration)
+def _hold(owner: object) -> None:
+    """Install the registration hooks (if not yet) for as long as ``owner`` lives."""
+    if not _HOOKS:
+        _HOOKS.extend(register(_count_registration) for register in (
+            nn.modules.module.register_module_parameter_registration_hook,
+            nn.modules.module.register_module_buffer_registration_hook,
+            nn.modules.module.register_module_module_registration_hook))
+        _REGISTRATIONS[0] += 1  # registrations made while no hook counted them: no older plan may be trusted
+    _HOLDERS[0] += 1
+    weakref.finalize(owner, _release)
+
+
+def _release() -> None:
+    _HOLDERS[0] -= 1
+    if _HOLDERS[0] == 0:
+        for handle in _HOOKS:
+            handle.remove()
+        _HOOKS.clear()
 
 
 @dataclass
 class _Cached:
     registrations: int
     settings: tuple  # per block (training, norm eps) and the final norm eps: plain attributes, no hooks see them
-    storage: tuple  # data_ptr of every weight: a `.data` swap or a dtype/device move changes them
+    storage: tuple  # weights_key of the weights: a `.data` swap, a dtype/device move or an in-place update of a
+    # copied (non-contiguous) weight changes it
     tensors: list[Tensor]
     plan: MambaStackPlan | None
 
@@ -72,8 +91,10 @@ def stack_plan(backbone, head: nn.Module | None = None) -> MambaStackPlan | None
     if cached is not None and cached.registrations == _REGISTRATIONS[0]:
         norms = [b._modules["norm"] for b in backbone.blocks._modules.values()]
         if (cached.settings == _settings(backbone, norms)
-                and cached.storage == tuple(t.data_ptr() for t in cached.tensors)):
+                and cached.storage == weights_key(cached.tensors)):
             return cached.plan
+    if cached is None:
+        _hold(owner)
     registrations = _REGISTRATIONS[0]
     norms = [block.norm for block in backbone.blocks]
     settings = _settings(backbone, norms)
@@ -83,10 +104,11 @@ def stack_plan(backbone, head: nn.Module | None = None) -> MambaStackPlan | None
     layers = [block.mixer.step_weights() for block in backbone.blocks]
     final = backbone.final_norm
     head_weights = None if head is None else linear_weights(head)
-    plan = MambaStackPlan(layers, [n.weight for n in norms], final.eps, final.weight, final.eps, head=head_weights)
+    plan = MambaStackPlan(layers, [n.weight for n in norms], final.weight, norm_eps=final.eps, final_eps=final.eps,
+                          head=head_weights)
     tensors = [t for w in layers for t in w if t is not None] + [n.weight for n in norms] + [final.weight]
     tensors += [t for t in (head_weights or ()) if t is not None]
-    _CACHE[owner] = _Cached(registrations, settings, tuple(t.data_ptr() for t in tensors), tensors, plan)
+    _CACHE[owner] = _Cached(registrations, settings, weights_key(tensors), tensors, plan)
     return plan
 
 

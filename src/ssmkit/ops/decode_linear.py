@@ -12,12 +12,14 @@ the threads claim chunks of output rows; each weight row is read once for all in
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _numba_kernels as K
 from .linear_scan import use_fused
+from .threads import kernel_threads
 
 #: rows (product of the leading dims of x) up to which the fused kernel runs
 DECODE_MAX_ROWS = 32
@@ -63,8 +65,9 @@ def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, scal
     (..., out) (see the module docstring)."""
     _check(x, weight, bias, scale)
     tensors = [t for t in (x, weight, bias, scale) if t is not None]
-    rows = x.numel() // x.shape[-1]
-    if not (0 < rows <= DECODE_MAX_ROWS and decode_fusable(x, tensors)):
+    rows = math.prod(x.shape[:-1])
+    # the kernel needs a row to read (in_features 0 gives bias, or zeros, through F.linear)
+    if not (0 < rows <= DECODE_MAX_ROWS and weight.shape[1] > 0 and decode_fusable(x, tensors)):
         w = weight if scale is None else weight.to(x.dtype) * scale.to(x.dtype)[:, None]
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     from . import _numba_decode as D
@@ -73,7 +76,7 @@ def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, scal
         return x.new_empty(0).numpy() if t is None else t.detach().contiguous().numpy()
 
     out = x.new_empty(rows, weight.shape[0])
-    with K.kernel_threads(weight.numel() * rows) as threads:
+    with kernel_threads(weight.numel() * rows) as threads:
         counters = torch.zeros(D.counter_slots(1, threads), dtype=torch.int64)
         D.linear(arr(x.reshape(rows, x.shape[-1])), arr(weight), arr(scale), arr(bias), out.numpy(),
                  counters.numpy(), threads)

@@ -31,7 +31,7 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     w = weight.detach().float()
     if not bool(torch.isfinite(w).all()):
         raise ValueError("quantize_int8: weight holds non-finite values")
-    amax = w.abs().amax(dim=1)
+    amax = w.abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])  # no inputs: all-zero rows
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale

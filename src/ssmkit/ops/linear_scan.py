@@ -11,6 +11,7 @@ from torch import Tensor
 from . import _numba_kernels as K
 from ._checks import check_flag, check_reset, check_same, check_shape, check_tensor, reverse_reset
 from ._torch_scan import doubling_scan
+from .threads import kernel_threads
 
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128)
 
@@ -62,7 +63,7 @@ class _LinearScanFn(torch.autograd.Function):
     def forward(ctx, a: Tensor, b: Tensor, h0: Tensor, reverse: bool) -> Tensor:
         a_, b_, h0_ = a.detach().contiguous(), b.detach().contiguous(), h0.detach().contiguous()
         out = torch.empty_like(b_)
-        with K.kernel_threads(b_.numel()):
+        with kernel_threads(b_.numel()):
             K.linear_scan_fwd(a_.numpy(), b_.numpy(), h0_.numpy(), reverse, out.numpy())
         ctx.save_for_backward(a_, out, h0_)
         ctx.reverse = reverse
@@ -73,7 +74,7 @@ class _LinearScanFn(torch.autograd.Function):
         a, h, h0 = ctx.saved_tensors
         g = g.contiguous()
         ga, gb, gh0 = torch.empty_like(a), torch.empty_like(h), torch.empty_like(h0)
-        with K.kernel_threads(h.numel()):
+        with kernel_threads(h.numel()):
             K.linear_scan_bwd(a.numpy(), h.numpy(), h0.numpy(), g.numpy(), torch.zeros_like(h0).numpy(),
                               ctx.reverse, ga.numpy(), gb.numpy(), gh0.numpy())
         return ga, gb, gh0, None

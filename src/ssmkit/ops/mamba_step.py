@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _numba_kernels as K
 from .decode_linear import decode_fusable
 from .linear_scan import use_fused
+from .threads import kernel_threads
 
 
 class MambaStepWeights(NamedTuple):
@@ -132,6 +132,13 @@ def _torch_step(x: Tensor, w: MambaStepWeights, conv_state: Tensor, ssm_state: T
     return F.linear(y.to(x.dtype), _weight(w.out_w, w.out_scale, x.dtype), w.out_b), window[:, :, 1:], h
 
 
+def weights_key(tensors: list[Tensor]) -> tuple:
+    """What a plan built from ``tensors`` depends on: each tensor's storage address; for a non-contiguous tensor
+    (which the plan copies, so its in-place updates would not reach the plan) also its strides and version
+    counter, which every in-place update bumps. A contiguous tensor's in-place updates reach the plan's views."""
+    return tuple(t.data_ptr() if t.is_contiguous() else (t.data_ptr(), t.stride(), t._version) for t in tensors)
+
+
 def _np(t: Tensor | None, like: Tensor):
     """A contiguous numpy view (a length-0 array for a missing bias or scale)."""
     if t is None:
@@ -150,14 +157,14 @@ class MambaStackPlan:
     layers: one MambaStepWeights per block, all with the same shapes and dtypes; norm_weights: the blocks'
     RMSNorm weights (d_model,), or None for a bare mixer; final_weight: the final RMSNorm weight or None;
     head: an optional output layer (weight (V, d_model) float or int8, per-row scale or None, bias or None)
-    run in the same launch (an LM head).
-    ``key`` lists the weights' storage addresses: a plan stays valid while the key is unchanged (in-place
-    updates of the weights are seen by the views).
+    run in the same launch (an LM head). norm_eps / final_eps: the epsilons of the block norms and the final norm.
+    ``key`` is :func:`weights_key` of the weights: a plan stays valid while the key is unchanged (in-place
+    updates of contiguous weights are seen by the views; those of copied, non-contiguous ones change the key).
     """
 
-    def __init__(self, layers: list[MambaStepWeights], norm_weights: list[Tensor] | None, eps: float,
-                 final_weight: Tensor | None, final_eps: float, *, residual: bool = True,
-                 head: tuple[Tensor, Tensor | None, Tensor | None] | None = None) -> None:
+    def __init__(self, layers: list[MambaStepWeights], norm_weights: list[Tensor] | None = None,
+                 final_weight: Tensor | None = None, *, norm_eps: float = 1e-5, final_eps: float = 1e-5,
+                 residual: bool = True, head: tuple[Tensor, Tensor | None, Tensor | None] | None = None) -> None:
         if not layers:
             raise ValueError("MambaStackPlan: layers is empty")
         first = layers[0]
@@ -182,12 +189,10 @@ class MambaStackPlan:
                                  f"is given, got {tuple(hw.shape)} {hw.dtype}")
         self.layers, self.residual, self.head = list(layers), residual, head
         self.norm_weights = None if norm_weights is None else list(norm_weights)
-        self.eps, self.final_weight, self.final_eps = eps, final_weight, final_eps
+        self.eps, self.final_weight, self.final_eps = norm_eps, final_weight, final_eps
         tensors = [t for w in layers for t in w if t is not None] + list(norm_weights or [])
-        self.key = tuple(t.data_ptr() for t in tensors)
-        extra = ([final_weight] if final_weight is not None else []) + [t for t in (head or ()) if t is not None]
-        tensors += extra
-        self.key += tuple(t.data_ptr() for t in extra)
+        tensors += ([final_weight] if final_weight is not None else []) + [t for t in (head or ()) if t is not None]
+        self.key = weights_key(tensors)
         self.dtype, self.device = like.dtype, like.device
         self.fusable = (like.dtype in (torch.float32, torch.float64) and use_fused(*tensors)
                         and all(t.dtype in (like.dtype, torch.int8) for t in tensors))
@@ -201,8 +206,8 @@ class MambaStackPlan:
             hw, hs, hb = head if head is not None else (like.new_empty(0, d_model), None, None)
             self.arrays["head"] = (_np(hw, like), _np(hs, like), _np(hb, like))
 
-    def stale(self, key: tuple[int, ...]) -> bool:
-        """Whether weights with storage addresses ``key`` need a new plan."""
+    def stale(self, key: tuple) -> bool:
+        """Whether weights with :func:`weights_key` ``key`` need a new plan."""
         return key != self.key
 
 
@@ -269,7 +274,7 @@ def mamba_stack_step(h: Tensor, plan: MambaStackPlan, conv_states: list[Tensor],
     head_w, head_s, head_b = a["head"]
     logits = h.new_empty(batch, head_w.shape[0])
     scratch = [h.new_empty(batch, n) for n in (h.shape[1], 2 * di, di, rank + 2 * n_state, di)]
-    with K.kernel_threads(w0.in_w.numel() * batch * n_layers) as threads:
+    with kernel_threads(w0.in_w.numel() * batch * n_layers) as threads:
         counters = torch.zeros(D.counter_slots(5 * n_layers + 2, threads), dtype=torch.int64)
         D.mamba_stack(
             resid.numpy(), plan.residual, a["norm_w"], plan.eps, a["final_w"], plan.final_eps,
@@ -285,13 +290,13 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def cached_plan(owner: object, weights: MambaStepWeights) -> MambaStackPlan:
-    """The one-mixer plan of ``owner`` (e.g. the layer the weights belong to), rebuilt when a weight's storage
-    changed. Plans live as long as their owner (a weak-keyed cache, so copies and pickles of the owner never see
-    them)."""
-    key = tuple(t.data_ptr() for t in weights if t is not None)
+    """The one-mixer plan of ``owner`` (e.g. the layer the weights belong to), rebuilt when the weights'
+    :func:`weights_key` changed. Plans live as long as their owner (a weak-keyed cache, so copies and pickles of
+    the owner never see them)."""
+    key = weights_key([t for t in weights if t is not None])
     plan = _PLANS.get(owner)
     if plan is None or plan.stale(key):
-        plan = MambaStackPlan([weights], None, 0.0, None, 0.0, residual=False)
+        plan = MambaStackPlan([weights], residual=False)
         _PLANS[owner] = plan
     return plan
 
@@ -305,7 +310,7 @@ def mamba_step(x: Tensor, weights: MambaStepWeights, conv_state: Tensor, ssm_sta
     if x.shape[0] == 0 or not decode_fusable(x, tensors):
         return _torch_step(x, weights, conv_state, ssm_state)
     if owner is None:
-        plan = MambaStackPlan([weights], None, 0.0, None, 0.0, residual=False)
+        plan = MambaStackPlan([weights], residual=False)
     else:
         plan = cached_plan(owner, weights)
     y, (conv,), (ssm,), _ = mamba_stack_step(x, plan, [conv_state], [ssm_state])
