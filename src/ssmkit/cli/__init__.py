@@ -1,4 +1,4 @@
-"""The ``ssmkit`` command: train, eval, generate, tasks, models, bench, birdie and demo.
+"""The ``ssmkit`` command: train, eval, generate, tasks, models, bench, birdie, demo, export and import-gguf.
 
     ssmkit train --task mqar --model mamba --set task.seq_len=64 --set train.steps=500 --run-dir runs/mqar
     ssmkit eval runs/mqar
@@ -16,12 +16,12 @@ import argparse
 import os
 import sys
 
-from . import bench, birdie, demo, eval, generate, models, tasks, train
+from . import bench, birdie, demo, eval, export, generate, import_gguf, models, tasks, train
 from .common import EXIT_USAGE, Parser, UsageError
 
 __all__ = ["EXIT_USAGE", "UsageError", "build_parser", "main"]
 
-_COMMANDS = (train, eval, generate, tasks, models, bench, birdie, demo)
+_COMMANDS = (train, eval, generate, tasks, models, bench, birdie, demo, export, import_gguf)
 
 
 def build_parser() -> argparse.ArgumentParser:

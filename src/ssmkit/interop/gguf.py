@@ -201,7 +201,10 @@ def read_gguf(path: str | Path) -> tuple[CausalLM, dict[str, Any]]:
                               f"values for {ours} {shape}")
         t = torch.from_numpy(arr.copy()).reshape(shape)
         if ours.endswith("A_log"):
-            t = _a_log(t, kv.get(A_LOG_KEY.format(bid=ours.split(".")[2])))
+            try:
+                t = _a_log(t, kv.get(A_LOG_KEY.format(bid=ours.split(".")[2])))
+            except ValueError as e:
+                raise _fail(path, f"{theirs}: {e}") from None
         out[ours] = t
     load_state(model, out, where=f"GGUF {path}")
     return model.eval(), kv
@@ -229,3 +232,31 @@ def tokenizer_of(kv: dict[str, Any]) -> str | None:
     """The ssmkit tokenizer name recorded by ssmkit's exporter ('byte', 'gpt2'), if any."""
     name = kv.get(TOKENIZER_KEY)
     return name if name in ("byte", "gpt2") else None
+
+
+def tokenizer_json(kv: dict[str, Any]) -> str | None:
+    """A Hugging Face tokenizer.json (byte-level BPE) rebuilt from a GGUF ``gpt2`` vocabulary with merges, or
+    None for other vocabularies. Needs the ``tokenizers`` package."""
+    if kv.get("tokenizer.ggml.model") != "gpt2" or "tokenizer.ggml.merges" not in kv:
+        return None
+    import tokenizers
+
+    tokens = list(kv["tokenizer.ggml.tokens"])
+    types = list(kv.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    merges = []
+    for m in kv["tokenizer.ggml.merges"]:
+        cut = m.find(" ", 1)
+        if cut > 0:
+            merges.append((m[:cut], m[cut + 1:]))
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    control = 3  # gguf.TokenType.CONTROL
+    special = [tokenizers.AddedToken(t, special=True) for t, ty in zip(tokens, types, strict=False)
+               if int(ty) == control]
+    if special:
+        tok.add_special_tokens(special)
+    return tok.to_str()
