@@ -49,6 +49,9 @@ def test_generate_text_from_a_converted_model_dir(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"prompt ({ids.shape[1]} tokens): {prompt!r}" in out
     assert f"generated ({len(new)} tokens): {tok.decode(new)!r}" in out
+    (model_dir / "tokenizer.json").write_bytes(tj.read_bytes())  # a model directory's own tokenizer is used
+    assert main(["generate", str(model_dir), "--prompt", prompt, "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == out.splitlines()[1:]
 
     # a bare model directory has no task for --example; a tokenizer larger than the model is refused
     assert main(["generate", str(model_dir), "--example", "0"]) == 2

@@ -23,14 +23,15 @@ def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         "examples:\n  ssmkit generate runs/demo --example 0 1 2\n"
         "  ssmkit generate runs/demo --prompt '0 0 5 0 7 0 0 1'\n"
         "  ssmkit generate runs/text --prompt 'Once upon a time' --max-new-tokens 100 --temperature 0.8\n"
-        "  ssmkit generate models/mamba-130m --tokenizer models/mamba-130m/tokenizer.json --prompt 'Hello'"))
+        "  ssmkit generate models/mamba-130m --prompt 'Hello'   (a model directory with its tokenizer.json)"))
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (or one of its checkpoints/step-* dirs), "
                                                       "or a model directory (config.json + model.safetensors)")
     p.add_argument("--prompt", help="prompt text (with a tokenizer) or token ids (synthetic tasks)")
     p.add_argument("--example", type=int_at_least(0), nargs="+", metavar="INDEX",
                    help="use validation example(s) INDEX as prompts and show the expected tokens")
     p.add_argument("--tokenizer", metavar="NAME_OR_PATH",
-                   help="'byte', 'gpt2' or a tokenizer.json file (default: the run's task tokenizer, if any)")
+                   help="'byte', 'gpt2' or a tokenizer.json file (default: the run's task tokenizer, or a model "
+                        "directory's own tokenizer.json)")
     p.add_argument("--max-new-tokens", type=int_at_least(1),
                    help="tokens to generate (default: the expected answer's length with --example, 64 for "
                         "text, 8 for ids)")
@@ -64,16 +65,20 @@ def _load(path: str) -> tuple[Path, Any, Any, dict | None]:
     return ckpt, task, model, config
 
 
-def _tokenizer(args: argparse.Namespace, config: dict | None, vocab_size: int) -> Any:
+def _tokenizer(args: argparse.Namespace, ckpt: Path, config: dict | None, vocab_size: int) -> Any:
+    """--tokenizer; else a bare model directory's own tokenizer.json; else the run's task tokenizer; else None."""
     from ..data import get_tokenizer
 
-    if args.tokenizer is not None:
+    name = args.tokenizer
+    if name is None and config is None and (ckpt / "tokenizer.json").is_file():
+        name = str(ckpt / "tokenizer.json")
+    if name is not None:
         try:
-            tok = get_tokenizer(args.tokenizer)
+            tok = get_tokenizer(name)
         except (ValueError, FileNotFoundError) as e:
-            raise UsageError(f"--tokenizer {args.tokenizer!r}: {e}") from None
+            raise UsageError(f"--tokenizer {name!r}: {e}") from None
         if tok.vocab_size > vocab_size:
-            raise UsageError(f"--tokenizer {args.tokenizer!r} has {tok.vocab_size} tokens, more than the model's "
+            raise UsageError(f"--tokenizer {name!r} has {tok.vocab_size} tokens, more than the model's "
                              f"vocab_size={vocab_size}")
         return tok
     params = (config or {}).get("task", {})
@@ -149,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     if args.int8:
         model = quantize_weights(model)
     vocab = model.config.vocab_size
-    tok = _tokenizer(args, config, vocab)
+    tok = _tokenizer(args, ckpt, config, vocab)
     if args.top_k is not None and args.top_k > vocab:
         raise UsageError(f"--top-k {args.top_k} is larger than the model's vocab_size={vocab}")
     if args.example is not None:
