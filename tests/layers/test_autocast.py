@@ -1,5 +1,6 @@
-"""``torch.autocast("cpu", dtype=torch.bfloat16)`` through every mixer of the registry and a whole CausalLM,
-forward and backward, against the same float32 modules without autocast.
+"""``torch.autocast("cpu", dtype=torch.bfloat16)`` (and float16, for a whole model and sampled layers)
+through every mixer of the registry and a whole CausalLM, forward and backward, against the same float32
+modules without autocast.
 
 Under autocast a float32 layer runs its projections in bfloat16 (torch's autocast does that) and everything else
 (convolutions, scans, SSM kernels, norms, gates, states) in float32. Tolerances, stated against the float32 run
@@ -28,18 +29,18 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
 
 
-def _forward_backward(module, x, *, autocast: bool):
+def _forward_backward(module, x, *, autocast: bool, dtype: torch.dtype = torch.bfloat16):
     module.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast("cpu", dtype=dtype, enabled=autocast):
         y = module(x)
     y = y.logits if hasattr(y, "logits") else y
     y.float().pow(2).mean().backward()
     return y.detach(), {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
 
 
-def check_autocast_close(module, x, what: str) -> None:
+def check_autocast_close(module, x, what: str, dtype: torch.dtype = torch.bfloat16) -> None:
     y32, g32 = _forward_backward(module, x, autocast=False)
-    y, g = _forward_backward(module, x, autocast=True)
+    y, g = _forward_backward(module, x, autocast=True, dtype=dtype)
     assert torch.isfinite(y).all() and rel_l2(y, y32) <= OUT_TOL, (what, rel_l2(y, y32))
     assert set(g) == set(g32) and g32, what
     assert all(p.dtype == torch.float32 for p in module.parameters()), what
@@ -70,11 +71,11 @@ def test_other_modes_under_autocast(make):
 
 @settings(max_examples=6, deadline=None)
 @given(name=st.sampled_from(["mamba", "mamba2", "h3", "rglru", "attn", "s4d"]), batch=st.integers(1, 2),
-       length=st.integers(1, 33), seed=st.integers(0, 99))
-def test_autocast_small_shapes(name, batch, length, seed):
+       length=st.integers(1, 33), seed=st.integers(0, 99), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_autocast_small_shapes(name, batch, length, seed, dtype):
     torch.manual_seed(seed)
     layer = build_mixer(name, 8, {})
-    check_autocast_close(layer, torch.randn(batch, length, 8), f"{name} {batch}x{length}")
+    check_autocast_close(layer, torch.randn(batch, length, 8), f"{name} {batch}x{length} {dtype}", dtype)
 
 
 @pytest.mark.parametrize("name", [n for n in mixer_names() if not n.startswith("bi-")])
@@ -105,10 +106,11 @@ def test_outside_autocast_a_dtype_mismatch_is_still_an_error():
         layer(torch.randn(1, 4, 16).half())  # only autocast's own dtype is let through
 
 
-def test_whole_causal_lm_under_autocast():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_whole_causal_lm_under_autocast(dtype):
     torch.manual_seed(3)
     cfg = ModelConfig(d_model=16, pattern="mamba,mamba2,s4d,s4,h3,longconv,gated,rglru,attn", vocab_size=32,
                       mlp="gelu")
     model = CausalLM(cfg)
     ids = torch.randint(0, 32, (2, 20), generator=torch.Generator().manual_seed(0))
-    check_autocast_close(model, ids, "CausalLM")
+    check_autocast_close(model, ids, "CausalLM", dtype)

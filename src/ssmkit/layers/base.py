@@ -4,6 +4,11 @@
     step(x_t, state) -> (y_t, state)                                               x_t: (batch, d_model)
     init_state(batch_size, *, dtype=None) -> state                                 a LayerState dataclass
 
+Mixed precision: outside ``torch.autocast`` x must have the parameters' dtype (TypeError otherwise). Inside
+``torch.autocast`` a float32 layer also accepts x in the autocast dtype; its projections run in that dtype
+(torch's autocast) and everything else (short convolutions, scans, SSM kernels, norms, gates, states) in
+float32 (:func:`to_compute`, :func:`no_autocast`); parameters and their gradients stay float32.
+
 States are small dataclasses of tensors (subclasses of :class:`LayerState`). A state is checked against the layer's
 own ``init_state`` on every call, so a state from another layer or batch size fails with a named error.
 """
