@@ -4,12 +4,15 @@ backbones that do not fit (MLPs, LayerNorm, other mixers, active dropout) keep t
 from __future__ import annotations
 
 import copy
+import gc
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from ssmkit.infer import quantize_weights
-from ssmkit.models import CausalLM, ModelConfig
+from ssmkit.models import CausalLM, ModelConfig, fused_decode
 from ssmkit.models.fused_decode import fused_step, stack_plan
 from ssmkit.models.outputs import ModelState
 from ssmkit.ops import fused_kernels
@@ -125,3 +128,26 @@ def test_the_cached_plan_follows_changes_to_the_model(change):
         got, _ = model.step(ids, model.init_state(1))
         want, _ = blockwise_step(model, ids, model.init_state(1))
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_torch_hooks_only_while_a_model_holds_a_fused_plan():
+    """torch's module/parameter/buffer registration hooks are process-wide: importing ssmkit must not install
+    them, and they go away with the last model that holds a fused plan."""
+    code = ("import torch.nn.modules.module as m, ssmkit.models, ssmkit.models.fused_decode, ssmkit.infer; "
+            "assert not (m._global_parameter_registration_hooks or m._global_buffer_registration_hooks "
+            "or m._global_module_registration_hooks)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    hooks = torch.nn.modules.module._global_module_registration_hooks
+
+    def ours() -> bool:
+        return any(h is fused_decode._count_registration for h in hooks.values())
+
+    gc.collect()
+    held = fused_decode._HOLDERS[0]
+    model = CausalLM(ModelConfig(d_model=16, n_layers=2, vocab_size=30)).eval()
+    with torch.no_grad():
+        model.step(torch.tensor([1]), model.init_state(1))
+    assert ours() and fused_decode._HOLDERS[0] == held + 1
+    del model
+    gc.collect()
+    assert fused_decode._HOLDERS[0] == held and ours() == (held > 0)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..layers.base import linear_weights
 from ..layers.mamba import Mamba, MambaState
-from ..ops.mamba_step import MambaStackPlan, mamba_stack_step, weights_key
+from ..ops.mamba_step import MambaStackPlan, WeightsKey, mamba_stack_step
 from .outputs import ModelState
 
 # Parameters, buffers and submodules are (re)registered on a module only when a model is built or changed (a new
@@ -57,8 +57,7 @@ def _release() -> None:
 class _Cached:
     registrations: int
     settings: tuple  # per block (training, norm eps) and the final norm eps: plain attributes, no hooks see them
-    storage: tuple  # weights_key of the weights: a `.data` swap, a dtype/device move or an in-place update of a
-    # copied (non-contiguous) weight changes it
+    key: WeightsKey  # a `.data` swap, a dtype/device move or an in-place update of a copied weight breaks it
     tensors: list[Tensor]
     plan: MambaStackPlan | None
 
@@ -91,7 +90,7 @@ def stack_plan(backbone, head: nn.Module | None = None) -> MambaStackPlan | None
     if cached is not None and cached.registrations == _REGISTRATIONS[0]:
         norms = [b._modules["norm"] for b in backbone.blocks._modules.values()]
         if (cached.settings == _settings(backbone, norms)
-                and cached.storage == weights_key(cached.tensors)):
+                and cached.key.matches(cached.tensors)):
             return cached.plan
     if cached is None:
         _hold(owner)
@@ -99,7 +98,7 @@ def stack_plan(backbone, head: nn.Module | None = None) -> MambaStackPlan | None
     norms = [block.norm for block in backbone.blocks]
     settings = _settings(backbone, norms)
     if not _eligible(backbone):
-        _CACHE[owner] = _Cached(registrations, settings, (), [], None)
+        _CACHE[owner] = _Cached(registrations, settings, WeightsKey([]), [], None)
         return None
     layers = [block.mixer.step_weights() for block in backbone.blocks]
     final = backbone.final_norm
@@ -108,7 +107,7 @@ def stack_plan(backbone, head: nn.Module | None = None) -> MambaStackPlan | None
                           head=head_weights)
     tensors = [t for w in layers for t in w if t is not None] + [n.weight for n in norms] + [final.weight]
     tensors += [t for t in (head_weights or ()) if t is not None]
-    _CACHE[owner] = _Cached(registrations, settings, weights_key(tensors), tensors, plan)
+    _CACHE[owner] = _Cached(registrations, settings, plan.key, tensors, plan)
     return plan
 
 

@@ -132,11 +132,22 @@ def _torch_step(x: Tensor, w: MambaStepWeights, conv_state: Tensor, ssm_state: T
     return F.linear(y.to(x.dtype), _weight(w.out_w, w.out_scale, x.dtype), w.out_b), window[:, :, 1:], h
 
 
-def weights_key(tensors: list[Tensor]) -> tuple:
-    """What a plan built from ``tensors`` depends on: each tensor's storage address; for a non-contiguous tensor
-    (which the plan copies, so its in-place updates would not reach the plan) also its strides and version
-    counter, which every in-place update bumps. A contiguous tensor's in-place updates reach the plan's views."""
-    return tuple(t.data_ptr() if t.is_contiguous() else (t.data_ptr(), t.stride(), t._version) for t in tensors)
+class WeightsKey:
+    """What a plan built from ``tensors`` depends on, cheap to check per token: each tensor's storage address (a
+    ``.data`` swap or a dtype/device move changes it) and the version counter of each tensor that was not
+    contiguous when the plan was built. The plan copies those, so their in-place updates (which bump the counter)
+    must rebuild it; in-place updates of contiguous tensors reach the plan's views by themselves."""
+
+    __slots__ = ("copied", "ptrs")
+
+    def __init__(self, tensors: list[Tensor]) -> None:
+        self.ptrs = tuple(t.data_ptr() for t in tensors)
+        self.copied = tuple((i, t._version) for i, t in enumerate(tensors) if not t.is_contiguous())
+
+    def matches(self, tensors: list[Tensor]) -> bool:
+        """Whether a plan built with this key is still valid for ``tensors`` (the same list, in the same order)."""
+        return (tuple(t.data_ptr() for t in tensors) == self.ptrs
+                and all(tensors[i]._version == v for i, v in self.copied))
 
 
 def _np(t: Tensor | None, like: Tensor):
@@ -158,8 +169,7 @@ class MambaStackPlan:
     RMSNorm weights (d_model,), or None for a bare mixer; final_weight: the final RMSNorm weight or None;
     head: an optional output layer (weight (V, d_model) float or int8, per-row scale or None, bias or None)
     run in the same launch (an LM head). norm_eps / final_eps: the epsilons of the block norms and the final norm.
-    ``key`` is :func:`weights_key` of the weights: a plan stays valid while the key is unchanged (in-place
-    updates of contiguous weights are seen by the views; those of copied, non-contiguous ones change the key).
+    ``key`` (a :class:`WeightsKey`) tells whether the plan is still valid for the weights (:meth:`stale`).
     """
 
     def __init__(self, layers: list[MambaStepWeights], norm_weights: list[Tensor] | None = None,
@@ -192,7 +202,7 @@ class MambaStackPlan:
         self.eps, self.final_weight, self.final_eps = norm_eps, final_weight, final_eps
         tensors = [t for w in layers for t in w if t is not None] + list(norm_weights or [])
         tensors += ([final_weight] if final_weight is not None else []) + [t for t in (head or ()) if t is not None]
-        self.key = weights_key(tensors)
+        self.key = WeightsKey(tensors)
         self.dtype, self.device = like.dtype, like.device
         self.fusable = (like.dtype in (torch.float32, torch.float64) and use_fused(*tensors)
                         and all(t.dtype in (like.dtype, torch.int8) for t in tensors))
@@ -206,9 +216,10 @@ class MambaStackPlan:
             hw, hs, hb = head if head is not None else (like.new_empty(0, d_model), None, None)
             self.arrays["head"] = (_np(hw, like), _np(hs, like), _np(hb, like))
 
-    def stale(self, key: tuple) -> bool:
-        """Whether weights with :func:`weights_key` ``key`` need a new plan."""
-        return key != self.key
+    def stale(self, tensors: list[Tensor]) -> bool:
+        """Whether ``tensors`` (the plan's weights in the order it takes them: the layers' fields, the norms, the
+        final norm, the head) need a new plan."""
+        return not self.key.matches(tensors)
 
 
 def _rms_norm(h: Tensor, w: Tensor | None, eps: float) -> Tensor:
@@ -291,11 +302,10 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def cached_plan(owner: object, weights: MambaStepWeights) -> MambaStackPlan:
     """The one-mixer plan of ``owner`` (e.g. the layer the weights belong to), rebuilt when the weights'
-    :func:`weights_key` changed. Plans live as long as their owner (a weak-keyed cache, so copies and pickles of
-    the owner never see them)."""
-    key = weights_key([t for t in weights if t is not None])
+    storage or a copied weight changed (:class:`WeightsKey`). Plans live as long as their owner (a weak-keyed
+    cache, so copies and pickles of the owner never see them)."""
     plan = _PLANS.get(owner)
-    if plan is None or plan.stale(key):
+    if plan is None or plan.stale([t for t in weights if t is not None]):
         plan = MambaStackPlan([weights], residual=False)
         _PLANS[owner] = plan
     return plan
