@@ -196,3 +196,5 @@ def test_text_needs_batch_size_times_seq_len_training_tokens(tmp_path):
 def test_required_parameter_message():
     with pytest.raises(TypeError, match=r"^text: parameter 'path' is required \(text file \(UTF-8\) to model\)$"):
         get_task("text", seq_len=8)
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) common_fields; valid parameters: path, "):
+        get_task("text", path="x.txt", common_fields=())  # a class attribute, not a parameter

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from ssmkit.train import LRSchedule, ResumeError, TrainConfig, Trainer, evaluate_model
+from ssmkit.train import LRSchedule, ResumeError, TrainConfig, Trainer, evaluate_model, resolve_run
 
-from .util import params_of, tiny_setup
+from .util import TINY_MODEL, params_of, tiny_setup
 
 
 def _global_states() -> tuple:
@@ -106,3 +106,28 @@ def test_evaluate_model_rejects_negative_max_batches():
     model = setup.build_model()
     with pytest.raises(ValueError, match=r"max_batches must be an int >= 0 \(0 = all\), got -1"):
         evaluate_model(model, setup.task, "val", 8, -1)
+
+
+def test_resume_accepts_a_checkpoint_from_before_a_new_task_parameter(tmp_path):
+    """A task parameter added later (e.g. text's ``encoding``) is absent from older checkpoints; at its default
+    it does not block resuming, at another value it does."""
+    import json
+
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be, that is the question. " * 40)
+    task = {"name": "text", "path": str(text), "seq_len": 16}
+
+    def setup(steps: int, **task_params):
+        return resolve_run({"task": {**task, **task_params}, "model": TINY_MODEL,
+                            "train": {"steps": steps, "batch_size": 8, "eval_every": 0, "plots": False}})
+
+    run = tmp_path / "run"
+    Trainer(setup(2), run, quiet=True).train()
+    state = next(run.glob("checkpoints/step-*/trainer_state.json"))
+    meta = json.loads(state.read_text())
+    del meta["config"]["task"]["encoding"]
+    state.write_text(json.dumps(meta))
+    tr = Trainer(setup(3), run, resume=True, quiet=True)
+    assert tr.step == 2
+    with pytest.raises(ResumeError, match="another task config"):
+        Trainer(setup(3, encoding="bytes"), run, resume=True, quiet=True)

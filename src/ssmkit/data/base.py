@@ -99,7 +99,7 @@ class Task:
     Params: ClassVar[type[TaskParams]] = TaskParams
 
     def __init__(self, **params: Any) -> None:
-        valid = [f for f in self.Params.__dataclass_fields__]
+        valid = [f.name for f in dataclasses.fields(self.Params)]
         unknown = sorted(set(params) - set(valid))
         if unknown:
             raise ValueError(

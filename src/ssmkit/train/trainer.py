@@ -17,6 +17,7 @@ states and data position.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -157,6 +158,11 @@ class Trainer:
     def _restore(self, ckpt: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         saved = meta.get("config", {})
         now = self.setup.to_dict()
+        # task parameters added since the checkpoint was written count as their defaults
+        defaults = {f.name: f.default for f in dataclasses.fields(self.task.Params)
+                    if f.default is not dataclasses.MISSING}
+        saved = {**saved, "task": {**{k: v for k, v in defaults.items() if k in now["task"]},
+                                   **(saved.get("task") or {})}}
         for section in ("task", "model"):
             if saved.get(section) != now[section]:
                 raise ResumeError(f"{ckpt}: the checkpoint was trained with another {section} config "
