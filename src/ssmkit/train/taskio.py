@@ -14,7 +14,6 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from ..data import IGNORE_INDEX, Batch, Task
 from ..models import SequenceModel
@@ -95,30 +94,11 @@ def split_batch(batch: Batch, parts: int) -> list[Batch]:
     return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(parts)]
 
 
-class BF16Matmuls(TorchFunctionMode):
-    """bfloat16 autocast for matrix multiplications only: ``F.linear``, ``matmul``/``@``, ``mm``, ``bmm`` and
-    ``scaled_dot_product_attention`` run on bfloat16 copies of their float32 inputs and return their result
-    in the inputs' dtype. Everything else (norms, scans, short convs, softmax, losses, the optimizer) stays in
-    float32, so ssmkit's fused kernels always see one dtype, which ``torch.autocast`` (bf16 outputs flowing
-    into custom ops) does not guarantee. Gradients flow through the casts."""
+def autocast_context(kind: str, device_type: str = "cpu"):
+    """``torch.autocast(device_type, bfloat16)`` for "bf16", else a no-op context.
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func not in _MATMULS:
-            return func(*args, **kwargs)
-        tensors = [a for a in args if isinstance(a, Tensor)]
-        if not tensors or any(t.dtype != torch.float32 for t in tensors):
-            return func(*args, **kwargs)
-        cast = [a.to(torch.bfloat16) if isinstance(a, Tensor) else a for a in args]
-        kw = {k: (v.to(torch.bfloat16) if isinstance(v, Tensor) and v.is_floating_point() else v)
-              for k, v in kwargs.items()}
-        return func(*cast, **kw).to(torch.float32)
-
-
-_MATMULS = {F.linear, torch.matmul, torch.mm, torch.bmm, Tensor.matmul, Tensor.__matmul__, Tensor.mm,
-            Tensor.bmm, F.scaled_dot_product_attention}
-
-
-def autocast_context(kind: str):
-    """:class:`BF16Matmuls` for "bf16", else a no-op context."""
-    return BF16Matmuls() if kind == "bf16" else contextlib.nullcontext()
+    Every ssmkit layer supports autocast: its projections run in bfloat16, while convolutions, scans, SSM kernels,
+    norms, gates and states stay in float32 (see ``ssmkit.layers.base``); parameters and gradients stay float32."""
+    if kind == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
