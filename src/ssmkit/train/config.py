@@ -68,7 +68,8 @@ class TrainConfig:
         save_every: checkpoint every this many steps (0 = only at the end and on interruption).
         keep_checkpoints: how many step checkpoints to keep (the newest).
         dtype: parameter dtype, "float32" | "float64".
-        autocast: "none" | "bf16" (``torch.autocast`` to bfloat16: projections in bf16, SSM cores in float32; parameters stay in ``dtype``).
+        autocast: "none" | "bf16" (``torch.autocast`` to bfloat16: projections in bf16, SSM cores in float32;
+            parameters stay in ``dtype``).
         activation_checkpointing: recompute each block's activations in the backward pass.
         chunk_len: train long sequences in chunks of this length, passing state (exact gradients); None = off.
         threads: torch intra-op threads (None = leave as is).
