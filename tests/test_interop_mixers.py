@@ -63,7 +63,7 @@ def compare_full_and_cached(model, layers, x: torch.Tensor, prefill: int) -> Non
             mixer = model.layers[i].mixer
             assert_close(layer(x), mixer(x), TOL, f"layer {i} full sequence")
             y_pre = mixer(x[:, :prefill], cache_params=cache)
-            ours_pre, state = layer(x[:, :prefill], return_state=True)
+            ours_pre, state = layer(x[:, :prefill], return_final_state=True)
             assert_close(ours_pre, y_pre, TOL, f"layer {i} prefill")
             for t in range(prefill, x.shape[1]):
                 y_t = mixer(x[:, t:t + 1], cache_params=cache)[:, 0]

@@ -41,9 +41,9 @@ def check_split_state(layer: SequenceLayer, x: Tensor, t: int) -> None:
     """forward on [0, t) then on [t, L) with the returned state equals forward on [0, L)."""
     with torch.no_grad():
         y = layer(x)
-        y1, s = layer(x[:, :t], return_state=True)
-        y2, s2 = layer(x[:, t:], s, return_state=True)
-        _, s_whole = layer(x, return_state=True)
+        y1, s = layer(x[:, :t], return_final_state=True)
+        y2, s2 = layer(x[:, t:], s, return_final_state=True)
+        _, s_whole = layer(x, return_final_state=True)
     assert_close(torch.cat([y1, y2], 1), y, tol(x.dtype), f"{type(layer).__name__} split at {t}")
     for name, a in s2.tensors().items():
         assert_close(a, s_whole.tensors()[name], tol(x.dtype), f"{type(layer).__name__} final state {name}")

@@ -174,10 +174,10 @@ def test_split_with_state_and_reset(cfg):
     reset[1, [2, 9]] = True
     with torch.no_grad():
         y = m(x, reset=reset)
-        y1, s = m(x[:, :5], reset=reset[:, :5], return_state=True)
-        y2, s = m(x[:, 5:], s, reset=reset[:, 5:], return_state=True)
-        _, s5 = m(x[:, :5], reset=reset[:, :5], return_state=True)
-        y3, s8 = m(x[:, 5:8], s5, reset=reset[:, 5:8], return_state=True)
+        y1, s = m(x[:, :5], reset=reset[:, :5], return_final_state=True)
+        y2, s = m(x[:, 5:], s, reset=reset[:, 5:], return_final_state=True)
+        _, s5 = m(x[:, :5], reset=reset[:, :5], return_final_state=True)
+        y3, s8 = m(x[:, 5:8], s5, reset=reset[:, 5:8], return_final_state=True)
         y8, _ = m.step(x[:, 8], s8)  # no reset up to 8 in either row's current segment
     assert_close(torch.cat([y1, y2], 1), y, 1e-12, "split with reset")
     assert_close(torch.cat([y3, y8[:, None]], 1), y[:, 5:9], 1e-12, "split with reset then step")
@@ -195,7 +195,7 @@ def test_sliding_cache_is_bounded():
             yt, state = m.step(x[:, t], state)
             ys.append(yt)
             assert state.k.shape[2] <= w and state.v.shape[2] <= w
-        _, s_long = m(x, return_state=True)
+        _, s_long = m(x, return_final_state=True)
     assert s_long.k.shape[2] == w
     assert state.pos.tolist() == [15, 15]
     assert_close(torch.stack(ys, 1), y, 1e-12, "sliding step vs forward")
@@ -212,7 +212,7 @@ def test_causal_cache_grows_and_max_cache():
     x = torch.randn(1, 7, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="max_cache=6"):
         m(x)
-    _, s = m(x[:, :4], return_state=True)
+    _, s = m(x[:, :4], return_final_state=True)
     assert s.k.shape[2] == 4
     _, s = m.step(x[:, 4], s)
     _, s = m.step(x[:, 5], s)
@@ -222,7 +222,7 @@ def test_causal_cache_grows_and_max_cache():
     with pytest.raises(ValueError, match="max_cache=2"):
         Attention(8, mask="sliding", window=3, max_cache=2)
     ms = make(mask="sliding", window=3, max_cache=3)  # sliding: bounded cache, any length
-    _, s = ms(torch.randn(1, 20, 8, dtype=torch.float64), return_state=True)
+    _, s = ms(torch.randn(1, 20, 8, dtype=torch.float64), return_final_state=True)
     assert s.k.shape[2] == 3
 
 
@@ -231,7 +231,7 @@ def test_rotary_positions_continue_and_matter():
     x = torch.randn(2, 9, 8, dtype=torch.float64)
     with torch.no_grad():
         y = m(x)
-        _, s = m(x[:, :4], return_state=True)
+        _, s = m(x[:, :4], return_final_state=True)
         assert s.pos.tolist() == [4, 4]
         ys = []
         for t in range(4, 9):
@@ -240,7 +240,7 @@ def test_rotary_positions_continue_and_matter():
         assert s.pos.tolist() == [9, 9]
         assert_close(torch.stack(ys, 1), y[:, 4:], 1e-12, "rotary steps after a prefix")
         # a state whose position was shifted gives different outputs (positions are really used)...
-        _, s_shift = m(x[:, :4], return_state=True)
+        _, s_shift = m(x[:, :4], return_final_state=True)
         s_shift.pos += 3
         assert not torch.allclose(m(x[:, 4:], s_shift), y[:, 4:])
         # ...and no rotary differs from rotary on the same weights
@@ -256,7 +256,7 @@ def test_prefix_then_step_continues_causally():
     prefix[:, :p] = True
     with torch.no_grad():
         y = m(x, prefix_mask=prefix)
-        y1, s = m(x[:, :p], prefix_mask=prefix[:, :p], return_state=True)
+        y1, s = m(x[:, :p], prefix_mask=prefix[:, :p], return_final_state=True)
         ys = [y1[:, i] for i in range(p)]
         for t in range(p, 7):
             yt, s = m.step(x[:, t], s)
@@ -280,7 +280,7 @@ def test_gradcheck():
 
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
     ms = make(4, n_heads=1, mask="sliding", window=2)
-    _, s = ms(torch.randn(2, 3, 4, dtype=torch.float64), return_state=True)
+    _, s = ms(torch.randn(2, 3, 4, dtype=torch.float64), return_final_state=True)
     k = s.k.clone().requires_grad_(True)
     v = s.v.clone().requires_grad_(True)
 
@@ -315,7 +315,7 @@ def test_bad_input():
     gap = torch.tensor([[True, False, True, False, False]] * 2)
     with pytest.raises(ValueError, match="contiguous"):
         m(x, prefix_mask=gap)
-    _, s = m(x, return_state=True)
+    _, s = m(x, return_final_state=True)
     with pytest.raises(ValueError, match="suffix"):
         m(x, s, prefix_mask=torch.ones(2, 5, dtype=torch.bool))
     ok = torch.zeros(2, 5, dtype=torch.bool)

@@ -88,7 +88,7 @@ def test_bfloat16_inputs_and_states_under_autocast(name):
     x = torch.randn(2, 20, 16).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         whole = layer(x)
-        y1, s = layer(x[:, :7], return_state=True)
+        y1, s = layer(x[:, :7], return_final_state=True)
         y2 = layer(x[:, 7:], s)
     raw = (torch.bfloat16,) if name == "longconv" else ()  # LongConv's state is its last inputs, kept exactly
     assert all(t.dtype in (torch.float32, torch.complex64, torch.long, *raw) for t in s.tensors().values()), name

@@ -97,7 +97,7 @@ def test_bidirectional_cannot_step_or_pass_state():
     with pytest.raises(ValueError, match="state passing is undefined"):
         bi(x, bi.fwd.init_state(2))
     with pytest.raises(ValueError, match="state passing is undefined"):
-        bi(x, return_state=True)
+        bi(x, return_final_state=True)
     with pytest.raises(ValueError, match="d_model=4"):
         bi(torch.randn(2, 5, 3, dtype=torch.float64))
 
@@ -189,14 +189,14 @@ def test_prefix_then_step_and_split(kind):
     prefix = prefix_of(2, length, [p, p])
     with torch.no_grad():
         y = m(x, prefix_mask=prefix)
-        y1, s = m(x[:, :p], prefix_mask=prefix[:, :p], return_state=True)
+        y1, s = m(x[:, :p], prefix_mask=prefix[:, :p], return_final_state=True)
         ys = [y1]
         for t in range(p, 7):
             yt, s = m.step(x[:, t], s)
             ys.append(yt[:, None])
         ys.append(m(x[:, 7:], s))
         # split inside the suffix, the first piece holding the whole prefix
-        y_a, s_a = m(x[:, :6], prefix_mask=prefix[:, :6], return_state=True)
+        y_a, s_a = m(x[:, :6], prefix_mask=prefix[:, :6], return_final_state=True)
         y_b = m(x[:, 6:], s_a)
     assert_close(torch.cat(ys, 1), y, 1e-10, f"{kind} prefix forward then step then forward")
     assert_close(torch.cat([y_a, y_b], 1), y, 1e-10, f"{kind} split after the prefix")
@@ -260,7 +260,7 @@ def test_prefix_gradcheck():
 def test_prefix_bad_input():
     m = make_prefix("gated")
     x = torch.randn(2, 5, 6, dtype=torch.float64)
-    _, s = m(x, return_state=True)
+    _, s = m(x, return_final_state=True)
     with pytest.raises(ValueError, match="suffix"):
         m(x, s, prefix_mask=prefix_of(2, 5, [2, 0]))
     with pytest.raises(ValueError, match="contiguous"):

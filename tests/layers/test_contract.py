@@ -111,3 +111,31 @@ def test_bidirectional_cannot_step():
     layer = make("Bidirectional-mamba")
     with pytest.raises(NotImplementedError, match="step"):
         layer.step(torch.zeros(1, D, dtype=torch.float64), None)
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+@pytest.mark.parametrize("bad", [1, None, "yes", torch.tensor(True)])
+def test_return_final_state_must_be_bool(name, bad):
+    layer = make(name)
+    with pytest.raises(TypeError, match=r"^\S+\.forward: return_final_state must be a bool, got \w+$"):
+        layer(rand_x(1, 3), return_final_state=bad)
+
+
+@pytest.mark.parametrize("name", STEPPABLE)
+def test_deprecated_state_keywords(name):
+    """state= / return_state= still work, warn (naming this file as the caller) and give the same results."""
+    layer = make(name)
+    x1, x2 = rand_x(2, 5), rand_x(2, 4, seed=2)
+    with torch.no_grad():
+        y1, s1 = layer(x1, return_final_state=True)
+        y2, s2 = layer(x2, initial_state=s1, return_final_state=True)
+        with pytest.warns(DeprecationWarning, match="return_state= is deprecated; use return_final_state=") as rec:
+            o1, t1 = layer(x1, return_state=True)
+        assert rec[0].filename == __file__
+        with pytest.warns(DeprecationWarning, match="state= is deprecated; use initial_state="):
+            o2, t2 = layer(x2, state=t1, return_final_state=True)
+    torch.testing.assert_close((o1, o2), (y1, y2), rtol=0, atol=0)
+    for k, v in s2.tensors().items():
+        torch.testing.assert_close(t2.tensors()[k], v, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="both initial_state= and its deprecated alias state="):
+        layer(x2, initial_state=s1, state=s1)

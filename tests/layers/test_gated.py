@@ -132,7 +132,7 @@ def test_step_equals_forward(cls, reverse, dtype, batch, length):
     if not reverse:
         check_step_equivalence(m, x)
     with torch.no_grad():
-        y, s = m(x, return_state=True)
+        y, s = m(x, return_final_state=True)
         ys, s_steps = step_all(m, x)
     assert_close(ys, y, tol(dtype), f"{cls.__name__} step vs forward (reverse={reverse})")
     assert_close(s_steps.h, s.h, tol(dtype), f"{cls.__name__} final state")
@@ -150,9 +150,9 @@ def test_split_with_state(cls, reverse, length, data):
         check_split_state(m, x, t)
         return
     with torch.no_grad():  # right to left: the right piece first, its state enters the left piece
-        y, s = m(x, return_state=True)
-        y2, s2 = m(x[:, t:], return_state=True)
-        y1, s1 = m(x[:, :t], s2, return_state=True)
+        y, s = m(x, return_final_state=True)
+        y2, s2 = m(x[:, t:], return_final_state=True)
+        y1, s1 = m(x[:, :t], s2, return_final_state=True)
     assert_close(torch.cat([y1, y2], 1), y, tol(x.dtype), "reverse split")
     assert_close(s1.h, s.h, tol(x.dtype), "reverse split final state")
 
@@ -191,7 +191,7 @@ def test_gradcheck(cls, reverse):
             m,
             dict(zip(names, ps, strict=True)),
             (x, STATES[cls](h=h0)),
-            {"reset": reset, "return_state": True},
+            {"reset": reset, "return_final_state": True},
         )
         return y, s.h
 
@@ -231,7 +231,7 @@ def test_float32_state_for_bf16_inputs(cls):
     m = make(cls, 4, torch.float32)
     x = torch.randn(2, 6, 4)
     mb = copy.deepcopy(m).to(torch.bfloat16)
-    yb, s = mb(x.to(torch.bfloat16), return_state=True)
+    yb, s = mb(x.to(torch.bfloat16), return_final_state=True)
     assert s.h.dtype == torch.float32 and mb.init_state(2).h.dtype == torch.float32
     with torch.no_grad():
         assert_close(yb.float(), m(x), 5e-2, "bf16 vs fp32")

@@ -83,7 +83,7 @@ def test_matches_paper_loop(n_heads, mode):
     layer = make(n_heads=n_heads, mode=mode, seed=3)
     x = torch.randn(2, 9, 4, dtype=torch.float64)
     with torch.no_grad():
-        y, s = layer(x, return_state=True)
+        y, s = layer(x, return_final_state=True)
         want, s_want = paper_loop(layer, x)
     assert_close(y, want, 1e-10, f"H3 vs paper loop (n_heads={n_heads}, {mode})")
     assert_close(s.ssm, s_want.ssm, 1e-10, "ssm state")
@@ -101,7 +101,7 @@ def test_matches_paper_loop_with_state_and_reset(n_heads, block_len):
     reset[1, 4] = True
     reset[1, 6] = True
     with torch.no_grad():
-        y, s = layer(x, state, reset=reset, return_state=True)
+        y, s = layer(x, state, reset=reset, return_final_state=True)
         want, s_want = paper_loop(layer, x, state, reset)
     assert_close(y, want, 1e-10, "H3 vs paper loop with state and reset")
     assert_close(s.ssm, s_want.ssm, 1e-10, "ssm state")
@@ -118,9 +118,9 @@ def test_blocked_equals_one_block(length, block_len, n_heads, mode, with_state, 
     x = torch.randn(2, length, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     state = random_state(layer, 2, seed=seed) if with_state else None
     with torch.no_grad():
-        y, s = layer(x, state, return_state=True)
+        y, s = layer(x, state, return_final_state=True)
         layer.block_len = block_len
-        yb, sb = layer(x, state, return_state=True)
+        yb, sb = layer(x, state, return_final_state=True)
         yb_only = layer(x, state)
     assert_close(yb, y, 1e-10, f"blocked ({block_len}) vs one block")
     assert_close(yb_only, y, 1e-10, "blocked without state out")
@@ -173,7 +173,7 @@ def test_modes_agree(length, n_heads, with_state, with_reset, seed):
     with torch.no_grad():
         for mode in MODES:
             layer.mode = mode
-            outs[mode] = layer(x, state, reset=reset, return_state=True)
+            outs[mode] = layer(x, state, reset=reset, return_final_state=True)
     for mode in ("scan", "auto"):
         assert_close(outs[mode][0], outs["conv"][0], tol(torch.float32), f"{mode} vs conv")
         assert_close(outs[mode][1].ssm, outs["conv"][1].ssm, tol(torch.float32), f"{mode} ssm state")
@@ -192,7 +192,7 @@ def test_gradcheck(mode):
 
     def f(x, shift, ssm, *ps):
         y, s = torch.func.functional_call(layer, dict(zip(names, ps, strict=True)), (x, H3State(shift, ssm)),
-                                          {"return_state": True})
+                                          {"return_final_state": True})
         return y, s.shift, torch.view_as_real(s.ssm)
 
     assert torch.autograd.gradcheck(f, (x, shift, ssm, *params), fast_mode=True)

@@ -149,7 +149,7 @@ def test_split_kernel_len_one():
     layer = make(d_model=3, kernel_len=1, dtype=torch.float32)
     x = torch.randn(2, 9, 3)
     with torch.no_grad():
-        y1, s = layer(x[:, :4], return_state=True)
+        y1, s = layer(x[:, :4], return_final_state=True)
         y2 = layer(x[:, 4:], s)
         assert s.buffer.shape == (2, 3, 0)
         assert_close(torch.cat([y1, y2], 1), layer(x), tol(torch.float32), "split, kernel_len=1")
@@ -166,9 +166,9 @@ def test_split_with_state_and_reset(mode):
     reset[1, 13] = True  # after the split
     reset[2, 10] = True  # exactly at the split
     with torch.no_grad():
-        y, s_whole = layer(x, reset=reset, return_state=True)
-        y1, s = layer(x[:, :10], reset=reset[:, :10], return_state=True)
-        y2, s2 = layer(x[:, 10:], s, reset=reset[:, 10:], return_state=True)
+        y, s_whole = layer(x, reset=reset, return_final_state=True)
+        y1, s = layer(x[:, :10], reset=reset[:, :10], return_final_state=True)
+        y2, s2 = layer(x[:, 10:], s, reset=reset[:, 10:], return_final_state=True)
     assert_close(torch.cat([y1, y2], 1), y, 1e-12, "split with reset")
     assert_close(s2.buffer, s_whole.buffer, 1e-12, "final buffer")
     # buffer after [0, 10) holds positions 2..9; positions 2, 3, 4 precede the segment start at 5
@@ -194,7 +194,7 @@ def test_modes_agree(length, kernel_len, seed):
     with torch.no_grad():
         for mode in MODES:
             layer.mode = mode
-            outs[mode] = layer(x, state, reset=reset, return_state=True)
+            outs[mode] = layer(x, state, reset=reset, return_final_state=True)
     for mode in ("scan", "auto"):
         assert_close(outs[mode][0], outs["conv"][0], tol(torch.float32), f"{mode} vs conv")
         assert torch.equal(outs[mode][1].buffer, outs["conv"][1].buffer), f"{mode} state"
@@ -211,7 +211,7 @@ def test_gradcheck(mode):
 
     def f(x, buf, kernel, D):
         y, s = torch.func.functional_call(
-            layer, {"kernel": kernel, "D": D}, (x, LongConvState(buf)), {"reset": reset, "return_state": True}
+            layer, {"kernel": kernel, "D": D}, (x, LongConvState(buf)), {"reset": reset, "return_final_state": True}
         )
         return y, s.buffer
 

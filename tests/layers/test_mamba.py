@@ -186,9 +186,9 @@ def test_split_with_state_and_reset_equals_whole(length, data, seed):
     x = torch.randn(2, length, 4, dtype=torch.float64)
     reset = random_reset(2, length, seed, p=0.3)
     with torch.no_grad():
-        y, s = layer(x, reset=reset, return_state=True)
-        y1, s1 = layer(x[:, :t], reset=reset[:, :t], return_state=True)
-        y2, s2 = layer(x[:, t:], s1, reset=reset[:, t:], return_state=True)
+        y, s = layer(x, reset=reset, return_final_state=True)
+        y1, s1 = layer(x[:, :t], reset=reset[:, :t], return_final_state=True)
+        y2, s2 = layer(x[:, t:], s1, reset=reset[:, t:], return_final_state=True)
     assert_close(torch.cat([y1, y2], 1), y, 1e-10, "split with reset")
     assert_close(s2.conv, s.conv, 1e-12, "conv state")
     assert_close(s2.ssm, s.ssm, 1e-10, "ssm state")
@@ -208,7 +208,7 @@ def test_gradcheck_tiny_float64():
     def fn(x, conv0, ssm0, *ps):
         y, s = torch.func.functional_call(
             layer, dict(zip(names, ps, strict=True)), (x, MambaState(conv0, ssm0)),
-            {"reset": reset, "return_state": True},
+            {"reset": reset, "return_final_state": True},
         )
         return y, s.conv, s.ssm
 
@@ -243,7 +243,7 @@ def test_reverse_split_and_step_run_right_to_left():
     x = torch.randn(2, 10, 4, dtype=torch.float64)
     with torch.no_grad():
         y = layer(x)
-        y_right, s = layer(x[:, 6:], return_state=True)  # the right part first, its state flows leftwards
+        y_right, s = layer(x[:, 6:], return_final_state=True)  # the right part first, its state flows leftwards
         y_left = layer(x[:, :6], s)
         assert_close(torch.cat([y_left, y_right], 1), y, 1e-10, "reverse split")
         s, ys = layer.init_state(2), []
@@ -262,9 +262,9 @@ def test_reverse_split_with_state_and_reset_equals_whole(length, data, seed):
     reset = random_reset(2, length, seed, p=0.3)
     reset[0, t] = True
     with torch.no_grad():
-        y, s = layer(x, reset=reset, return_state=True)
-        y2, s2 = layer(x[:, t:], reset=reset[:, t:], return_state=True)
-        y1, s1 = layer(x[:, :t], s2, reset=reset[:, :t], return_state=True)
+        y, s = layer(x, reset=reset, return_final_state=True)
+        y2, s2 = layer(x[:, t:], reset=reset[:, t:], return_final_state=True)
+        y1, s1 = layer(x[:, :t], s2, reset=reset[:, :t], return_final_state=True)
     assert_close(torch.cat([y1, y2], 1), y, 1e-10, "reverse split with reset")
     assert_close(s1.conv, s.conv, 1e-12, "conv state")
     assert_close(s1.ssm, s.ssm, 1e-10, "ssm state")

@@ -68,9 +68,9 @@ def test_split_with_state_and_reset_equals_whole(length, data, seed):
     x = torch.randn(2, length, 4, dtype=torch.float64)
     reset = random_reset(2, length, seed, p=0.3)
     with torch.no_grad():
-        y, s = layer(x, reset=reset, return_state=True)
-        y1, s1 = layer(x[:, :t], reset=reset[:, :t], return_state=True)
-        y2, s2 = layer(x[:, t:], s1, reset=reset[:, t:], return_state=True)
+        y, s = layer(x, reset=reset, return_final_state=True)
+        y1, s1 = layer(x[:, :t], reset=reset[:, :t], return_final_state=True)
+        y2, s2 = layer(x[:, t:], s1, reset=reset[:, t:], return_final_state=True)
     assert_close(torch.cat([y1, y2], 1), y, 1e-10, "split with reset")
     assert_close(s2.conv, s.conv, 1e-12, "conv state")
     assert_close(s2.ssm, s.ssm, 1e-10, "ssm state")
@@ -81,10 +81,10 @@ def test_chunk_size_does_not_change_the_function():
     x = torch.randn(2, 37, 4, dtype=torch.float64)
     reset = random_reset(2, 37, 4, p=0.1)
     with torch.no_grad():
-        y_ref, s_ref = base(x, reset=reset, return_state=True)
+        y_ref, s_ref = base(x, reset=reset, return_final_state=True)
         for Q in (1, 5, 16):
             base.chunk_size = Q
-            y, s = base(x, reset=reset, return_state=True)
+            y, s = base(x, reset=reset, return_final_state=True)
             assert_close(y, y_ref, 1e-10, f"chunk_size={Q}")
             assert_close(s.ssm, s_ref.ssm, 1e-10, f"chunk_size={Q} state")
 
@@ -103,7 +103,7 @@ def test_gradcheck_tiny_float64(ngroups):
     def fn(x, conv0, ssm0, *ps):
         y, s = torch.func.functional_call(
             layer, dict(zip(names, ps, strict=True)), (x, Mamba2State(conv0, ssm0)),
-            {"reset": reset, "return_state": True},
+            {"reset": reset, "return_final_state": True},
         )
         return y, s.conv, s.ssm
 
@@ -173,9 +173,9 @@ def test_reverse_split_with_state_and_reset_equals_whole(length, data, seed):
     reset = random_reset(2, length, seed, p=0.3)
     reset[0, t] = True
     with torch.no_grad():
-        y, s = layer(x, reset=reset, return_state=True)
-        y2, s2 = layer(x[:, t:], reset=reset[:, t:], return_state=True)
-        y1, s1 = layer(x[:, :t], s2, reset=reset[:, :t], return_state=True)
+        y, s = layer(x, reset=reset, return_final_state=True)
+        y2, s2 = layer(x[:, t:], reset=reset[:, t:], return_final_state=True)
+        y1, s1 = layer(x[:, :t], s2, reset=reset[:, :t], return_final_state=True)
     assert_close(torch.cat([y1, y2], 1), y, 1e-10, "reverse split with reset")
     assert_close(s1.conv, s.conv, 1e-12, "conv state")
     assert_close(s1.ssm, s.ssm, 1e-10, "ssm state")

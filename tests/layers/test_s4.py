@@ -88,15 +88,15 @@ def test_contract_reverse(args, batch, length, data):
     dt = args["dtype"]
     x = torch.randn(batch, length, layer.d_model, dtype=dt)
     with torch.no_grad():
-        y, s_whole = layer(x, return_state=True)
+        y, s_whole = layer(x, return_final_state=True)
         state, ys = layer.init_state(batch, dtype=dt), {}
         for t in range(length - 1, -1, -1):
             ys[t], state = layer.step(x[:, t], state)
         assert_close(torch.stack([ys[t] for t in range(length)], 1), y, tol(dt), "reverse step vs forward")
         assert_close(state.s, s_whole.s, tol(dt), "reverse step final state")
         t = data.draw(st.integers(1, length - 1))
-        y_right, s = layer(x[:, t:], return_state=True)
-        y_left, s2 = layer(x[:, :t], s, return_state=True)
+        y_right, s = layer(x[:, t:], return_final_state=True)
+        y_left, s2 = layer(x[:, :t], s, return_final_state=True)
         assert_close(torch.cat([y_left, y_right], 1), y, tol(dt), "reverse split")
         assert_close(s2.s, s_whole.s, tol(dt), "reverse split state")
     lens = data.draw(st.lists(st.integers(1, 10), min_size=1, max_size=3))
@@ -115,7 +115,7 @@ def test_modes_agree(init, dtype):
     with torch.no_grad():
         for mode in ("auto", "conv", "scan"):
             layer.mode = mode
-            outs[mode] = (layer(x), layer(x, s0, reset=reset, return_state=True))
+            outs[mode] = (layer(x), layer(x, s0, reset=reset, return_final_state=True))
     for mode in ("auto", "conv"):
         assert_close(outs[mode][0], outs["scan"][0], tol(dtype), f"{init} {mode} vs scan")
         assert_close(outs[mode][1][0], outs["scan"][1][0], tol(dtype), f"{init} {mode} vs scan, state+reset")
@@ -232,7 +232,7 @@ def test_gradcheck_state():
     s0 = torch.randn(2, 2, 2, dtype=torch.complex128, requires_grad=True)
 
     def f(x, s0):
-        y, s = layer(x, s4_mod.S4State(s=s0), return_state=True)
+        y, s = layer(x, s4_mod.S4State(s=s0), return_final_state=True)
         return y, torch.view_as_real(s.s)
 
     assert torch.autograd.gradcheck(f, (x, s0), eps=1e-6, atol=1e-6)
@@ -279,7 +279,7 @@ def test_defaults_and_state():
     assert layer.d_state == 64 and layer.init == "legs" and layer.mode == "auto" and layer.rank == 1
     s = layer.init_state(2)
     assert s.s.shape == (2, 4, 32) and s.s.dtype == torch.complex64
-    y, s2 = layer(torch.randn(2, 10, 4), return_state=True)
+    y, s2 = layer(torch.randn(2, 10, 4), return_final_state=True)
     assert y.shape == (2, 10, 4) and s2.s.shape == (2, 4, 32) and s2.s.dtype == torch.complex64
 
 
@@ -290,6 +290,6 @@ def test_bf16_close_to_fp32():
     lf.load_state_dict({k: v.float() for k, v in lb.state_dict().items()})
     x = torch.randn(2, 30, 4).bfloat16()
     with torch.no_grad():
-        y, s = lb(x, return_state=True)
+        y, s = lb(x, return_final_state=True)
         assert y.dtype == torch.bfloat16 and s.s.dtype == torch.complex64
         assert_close(y.float(), lf(x.float()), 2e-2, "bf16 vs fp32")

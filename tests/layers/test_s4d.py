@@ -73,13 +73,13 @@ def test_contract_reverse(args, batch, length, data):
     dt = args["dtype"]
     x = torch.randn(batch, length, layer.d_model, dtype=dt)
     with torch.no_grad():
-        y, s_whole = layer(x, return_state=True)
+        y, s_whole = layer(x, return_final_state=True)
         ys, s_step = run_steps(layer, x)
         assert_close(ys, y, tol(dt), "reverse step vs forward")
         assert_close(s_step.s, s_whole.s, tol(dt), "reverse final state (step)")
         t = data.draw(st.integers(1, length - 1))
-        y_right, s = layer(x[:, t:], return_state=True)
-        y_left, s2 = layer(x[:, :t], s, return_state=True)
+        y_right, s = layer(x[:, t:], return_final_state=True)
+        y_left, s2 = layer(x[:, :t], s, return_final_state=True)
         assert_close(torch.cat([y_left, y_right], 1), y, tol(dt), "reverse split")
         assert_close(s2.s, s_whole.s, tol(dt), "reverse split final state")
     lens = data.draw(st.lists(st.integers(1, 12), min_size=1, max_size=3))
@@ -107,8 +107,8 @@ def test_modes_agree(reverse, dtype):
     with torch.no_grad():
         for mode in ("auto", "conv", "scan"):
             layer.mode = mode
-            with_reset = layer(x, s0, reset=reset, return_state=True)
-            outs[mode] = (layer(x), layer(x, s0, return_state=True), with_reset)
+            with_reset = layer(x, s0, reset=reset, return_final_state=True)
+            outs[mode] = (layer(x), layer(x, s0, return_final_state=True), with_reset)
     for mode in ("auto", "conv"):
         assert_close(outs[mode][0], outs["scan"][0], tol(dtype), f"{mode} vs scan")
         for i in (1, 2):
@@ -128,10 +128,10 @@ def test_auto_mode_dispatch(monkeypatch):
     monkeypatch.setattr(s4d_mod, "diagonal_scan", boom)
     layer(x)
     with pytest.raises(RuntimeError, match="wrong path"):
-        layer(x, return_state=True)
+        layer(x, return_final_state=True)
     monkeypatch.setattr(s4d_mod, "diagonal_scan", real_scan)
     monkeypatch.setattr(s4d_mod, "diagonal_conv", boom)
-    layer(x, return_state=True)
+    layer(x, return_final_state=True)
     layer(x, reset=torch.zeros(1, 9, dtype=torch.bool))
     layer.mode = "conv"
     layer(x, reset=torch.zeros(1, 9, dtype=torch.bool))  # conv mode runs resets through the scan
@@ -214,9 +214,9 @@ def test_blocked_vandermonde_matches_single_block(monkeypatch, block):
     s0.s.normal_()
     with torch.no_grad():
         monkeypatch.setattr(s4d_mod, "VANDERMONDE_BLOCK", 10**6)
-        ref = (layer.kernel(37), layer(x, s0, return_state=True))
+        ref = (layer.kernel(37), layer(x, s0, return_final_state=True))
         monkeypatch.setattr(s4d_mod, "VANDERMONDE_BLOCK", block)
-        got = (layer.kernel(37), layer(x, s0, return_state=True))
+        got = (layer.kernel(37), layer(x, s0, return_final_state=True))
     assert_close(got[0], ref[0], 1e-12, "blocked kernel")
     assert_close(got[1][0], ref[1][0], 1e-12, "blocked conv output")
     assert_close(got[1][1].s, ref[1][1].s, 1e-12, "blocked conv state")
@@ -229,9 +229,9 @@ def test_chunked_scan_matches(monkeypatch):
     s0 = layer.init_state(2)
     s0.s.normal_()
     with torch.no_grad():
-        ref = layer(x, s0, reset=reset, return_state=True)
+        ref = layer(x, s0, reset=reset, return_final_state=True)
         monkeypatch.setattr(s4d_mod, "BLOCK_ELEMS", 2 * 12 * 4)  # scan chunks of 4 positions
-        got = layer(x, s0, reset=reset, return_state=True)
+        got = layer(x, s0, reset=reset, return_final_state=True)
     assert_close(got[0], ref[0], 1e-12, "chunked scan output")
     assert_close(got[1].s, ref[1].s, 1e-12, "chunked scan state")
 
@@ -248,7 +248,7 @@ def test_gradcheck(mode, disc):
 
     def f(x, s0, *ps):
         out = torch.func.functional_call(layer, dict(zip(names, ps, strict=True)),
-                                         (x, s4d_mod.S4DState(s=s0)), {"return_state": True})
+                                         (x, s4d_mod.S4DState(s=s0)), {"return_final_state": True})
         return out[0], torch.view_as_real(out[1].s)
 
     # the full Jacobian for one case; random projections of it (fast_mode) for the others
@@ -303,7 +303,7 @@ def test_defaults_and_state():
     s = layer.init_state(2)
     assert s.s.shape == (2, 4, 32) and s.s.dtype == torch.complex64
     assert layer.init_state(1, dtype=torch.float64).s.dtype == torch.complex128
-    y, s2 = layer(torch.randn(2, 10, 4), return_state=True)
+    y, s2 = layer(torch.randn(2, 10, 4), return_final_state=True)
     assert y.shape == (2, 10, 4) and s2.s.shape == (2, 4, 32)
 
 
@@ -315,6 +315,6 @@ def test_bf16_close_to_fp32():
     lf.load_state_dict({k: v.float() for k, v in lb.state_dict().items()})
     x = torch.randn(2, 30, 4).bfloat16()
     with torch.no_grad():
-        y, s = lb(x, return_state=True)
+        y, s = lb(x, return_final_state=True)
         assert y.dtype == torch.bfloat16 and s.s.dtype == torch.complex64
         assert_close(y.float(), lf(x.float()), 2e-2, "bf16 vs fp32")

@@ -1,6 +1,6 @@
 """Autoregressive generation with constant memory per sequence for recurrent models.
 
-The prompt is prefilled with the parallel forward (``return_state=True``); then every new token costs one
+The prompt is prefilled with the parallel forward (``return_final_state=True``); then every new token costs one
 recurrent ``step`` per layer (attention layers append to their KV cache). Nothing grows with the generated
 length except attention caches: no logits, states or token history are kept by the decode loop.
 
@@ -87,7 +87,7 @@ def _prefill(model: CausalLM, prompts: Prompts) -> tuple[Tensor, ModelState]:
     rows, logits, states = [], [], []
     for r, n in prompts.groups():
         ids, prefix = prompts.gather(r, n)
-        hidden, state = model.backbone(ids, prefix_mask=prefix, return_state=True, input_name="input_ids")
+        hidden, state = model.backbone(ids, prefix_mask=prefix, return_final_state=True, input_name="input_ids")
         logits.append(model.lm_head(hidden[:, -1]))
         states.append(state)
         rows.append(r)

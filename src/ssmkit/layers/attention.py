@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import LayerState, SequenceLayer, check_choice, check_d_model, to_compute
+from .base import LayerState, SequenceLayer, check_choice, check_d_model, state_kwargs, to_compute
 from .bidirectional import check_prefix_mask
 
 MASKS = ("causal", "prefix", "sliding")
@@ -191,36 +191,36 @@ class Attention(SequenceLayer):
         return torch.cat([t1 * cos - t2 * sin, t1 * sin + t2 * cos], dim=-1)
 
     # ------------------------------------------------------------------------------------------ forward
+    @state_kwargs
     def forward(
         self,
         x: Tensor,
-        state: AttentionState | None = None,
+        initial_state: AttentionState | None = None,
         *,
         reset: Tensor | None = None,
         prefix_mask: Tensor | None = None,
-        return_state: bool = False,
+        return_final_state: bool = False,
     ):
-        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, state) if ``return_state``.
+        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, final state) if
+        ``return_final_state``.
 
-        state: a KV cache to continue from. reset: (batch, length) bool segment starts. prefix_mask:
-        (batch, length) bool, True on prefix tokens (mask="prefix" only; with a state, the tokens
+        initial_state: a KV cache to continue from. reset: (batch, length) bool segment starts. prefix_mask:
+        (batch, length) bool, True on prefix tokens (mask="prefix" only; with an initial_state, the tokens
         continuing the cache's segment must be suffix tokens).
         """
         name = type(self).__name__
         x = self.check_input(x)
         self.check_dtype(x)
-        if not isinstance(return_state, bool):
-            raise TypeError(f"{name}: return_state must be a bool, got {type(return_state).__name__}")
         reset = self.check_reset(reset, x)
         if prefix_mask is not None and self.mask != "prefix":
             raise ValueError(
                 f"{name}: prefix_mask is only accepted with mask='prefix', this layer has mask={self.mask!r}"
             )
-        prefix = check_prefix_mask(name, prefix_mask, x, reset, state is not None)
+        prefix = check_prefix_mask(name, prefix_mask, x, reset, initial_state is not None)
         batch, length, _ = x.shape
-        if state is not None:
-            state = self.check_state(state, batch, dtype=self.act_dtype(x))
-        cache_len = 0 if state is None else state.k.shape[2]
+        if initial_state is not None:
+            initial_state = self.check_state(initial_state, batch, dtype=self.act_dtype(x))
+        cache_len = 0 if initial_state is None else initial_state.k.shape[2]
         if self.max_cache is not None and self.window is None and cache_len + length > self.max_cache:
             raise ValueError(
                 f"{name}: {cache_len} cached + {length} new tokens exceed max_cache={self.max_cache}"
@@ -231,7 +231,8 @@ class Attention(SequenceLayer):
         q, k, v = qkv.view(batch, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         idx = torch.arange(length, device=x.device)
         pos0 = (
-            torch.zeros(batch, 1, dtype=torch.long, device=x.device) if state is None else state.pos[:, None]
+            torch.zeros(batch, 1, dtype=torch.long, device=x.device) if initial_state is None
+            else initial_state.pos[:, None]
         )
         if reset is None:
             seg = torch.zeros(batch, length, dtype=torch.long, device=x.device)
@@ -244,20 +245,20 @@ class Attention(SequenceLayer):
             q, k = self._rotate(q, pos), self._rotate(k, pos)
 
         keys, vals = k, v
-        if state is None and reset is None and prefix is None and self.mask != "sliding":
+        if initial_state is None and reset is None and prefix is None and self.mask != "sliding":
             # plain causal attention over a fresh sequence: no explicit mask needed
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             key_seg = seg
-            if state is not None:  # cache entries continue segment 0; older ones get -1 and match no query
-                keys, vals = torch.cat([state.k, k], 2), torch.cat([state.v, v], 2)
+            if initial_state is not None:  # cache entries continue segment 0; older ones get -1, match no query
+                keys, vals = torch.cat([initial_state.k, k], 2), torch.cat([initial_state.v, v], 2)
                 cached = torch.arange(cache_len, device=x.device)[None, :]
-                current = cached >= cache_len - state.pos.clamp(max=cache_len)[:, None]
+                current = cached >= cache_len - initial_state.pos.clamp(max=cache_len)[:, None]
                 key_seg = torch.cat([current.long() - 1, seg], 1)
             allowed = self._allowed(seg, key_seg, prefix, cache_len)
             out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=allowed[:, None])
         y = self.out_proj(out.transpose(1, 2).reshape(batch, length, self.d_model))
-        if not return_state:
+        if not return_final_state:
             return y
         new_pos = pos[:, -1] + 1
         n_keys = keys.shape[2]
@@ -286,7 +287,7 @@ class Attention(SequenceLayer):
     def step(self, x_t: Tensor, state: AttentionState) -> tuple[Tensor, AttentionState]:
         """One token x_t: (batch, d_model) -> (y_t, cache with it appended). Causal, O(cache_len)."""
         x_t = self.check_step_input(x_t)
-        y, state = self.forward(x_t.unsqueeze(1), state, return_state=True)
+        y, state = self.forward(x_t.unsqueeze(1), state, return_final_state=True)
         return y.squeeze(1), state
 
     def extra_repr(self) -> str:

@@ -1,8 +1,12 @@
 """The contract every ssmkit sequence layer honours, and the checks that enforce it.
 
-    forward(x, state=None, *, reset=None, return_state=False) -> y or (y, state)    x: (batch, length, d_model)
-    step(x_t, state) -> (y_t, state)                                               x_t: (batch, d_model)
-    init_state(batch_size, *, dtype=None) -> state                                 a LayerState dataclass
+    forward(x, initial_state=None, *, reset=None, return_final_state=False) -> y or (y, final_state)
+                                                                 x: (batch, length, d_model)
+    step(x_t, state) -> (y_t, state)                             x_t: (batch, d_model)
+    init_state(batch_size, *, dtype=None) -> state               a LayerState dataclass
+
+The state keywords are the ops' (``initial_state``, ``return_final_state``); the old ``state=`` and
+``return_state=`` keywords still work with a DeprecationWarning (:func:`state_kwargs`).
 
 Mixed precision: outside ``torch.autocast`` x must have the parameters' dtype (TypeError otherwise). Inside
 ``torch.autocast`` a float32 layer also accepts x in the autocast dtype; its projections run in that dtype
@@ -16,8 +20,14 @@ own ``init_state`` on every call, so a state from another layer or batch size fa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+import os
+import sys
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -99,7 +109,7 @@ class SequenceLayer(nn.Module):
     def step(self, x_t: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         """One token: x_t (batch, d_model) -> (y_t (batch, d_model), new state)."""
         self.check_step_input(x_t)
-        y, state = self.forward(x_t.unsqueeze(1), state, return_state=True)
+        y, state = self.forward(x_t.unsqueeze(1), state, return_final_state=True)
         return y.squeeze(1), state
 
     # ---------------------------------------------------------------------------------------- checks
@@ -207,6 +217,61 @@ def check_state_dtypes(owner: str, state: LayerState, expected: LayerState) -> N
         if t.dtype != want[name].dtype or t.device != want[name].device:
             raise TypeError(f"{owner}: state.{name} must have dtype {want[name].dtype} on "
                             f"{want[name].device} for this input, got {t.dtype} on {t.device}")
+
+
+def check_flag(owner: str, name: str, value: object) -> bool:
+    """A flag must be a bool (1, None or a tensor are rejected, not truth-tested)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+# deprecated keyword -> its name in the one vocabulary (the ops'), for forwards of layers and models
+DEPRECATED_STATE_KWARGS = {"state": "initial_state", "return_state": "return_final_state"}
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn`` stacklevel of the first frame outside this module and torch (nn.Module.__call__), so a
+    deprecation warning names the line that used the old keyword."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename == __file__
+                                 or frame.f_code.co_filename.startswith(_TORCH_DIR)):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def rename_state_kwargs(owner: str, kwargs: dict) -> dict:
+    """Map the deprecated ``state=`` / ``return_state=`` keywords in ``kwargs`` (in place) to ``initial_state=`` /
+    ``return_final_state=`` with a DeprecationWarning; both spellings at once is a TypeError."""
+    for old, new in DEPRECATED_STATE_KWARGS.items():
+        if old in kwargs:
+            if new in kwargs:
+                raise TypeError(f"{owner}: got both {new}= and its deprecated alias {old}=; give {new}= only")
+            warnings.warn(f"{owner}: the keyword {old}= is deprecated; use {new}=", DeprecationWarning,
+                          stacklevel=_caller_stacklevel())
+            kwargs[new] = kwargs.pop(old)
+    return kwargs
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def state_kwargs(forward: F) -> F:
+    """Decorator for ``forward(self, x, initial_state=None, *, ..., return_final_state=False)`` of a layer or model:
+    accepts the deprecated keywords (:func:`rename_state_kwargs`) and rejects a non-bool ``return_final_state``
+    with a one-line TypeError."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        owner = f"{type(self).__name__}.forward"
+        if "state" in kwargs or "return_state" in kwargs:
+            rename_state_kwargs(owner, kwargs)
+        if "return_final_state" in kwargs:
+            check_flag(owner, "return_final_state", kwargs["return_final_state"])
+        return forward(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> str:

@@ -13,7 +13,7 @@ import inspect
 import torch
 from torch import Tensor, nn
 
-from .base import LayerState, SequenceLayer, check_choice, check_d_model
+from .base import LayerState, SequenceLayer, check_choice, check_d_model, state_kwargs
 
 #: The layers with a ``reverse`` flag that the wrappers are known to work with.
 REVERSIBLE = ("GatedSSM", "RGLRU", "Mamba", "S4D")
@@ -93,12 +93,6 @@ def _check_reversible(owner: str, layer: object) -> SequenceLayer:
     return layer
 
 
-def _flag(owner: str, name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__}")
-    return value
-
-
 class Bidirectional(SequenceLayer):
     """A forward copy and a reverse copy of a layer, summed or concatenated and projected back to d_model.
 
@@ -107,7 +101,8 @@ class Bidirectional(SequenceLayer):
     S4D). ``reset`` is passed to both copies, so packed segments stay independent in both directions.
 
     Each output depends on the whole segment, so there is no recurrent ``step`` and no state to pass:
-    ``step``/``init_state`` raise NotImplementedError; a state or ``return_state=True`` raises ValueError.
+    ``step``/``init_state`` raise NotImplementedError; an initial_state or ``return_final_state=True`` raises
+    ValueError.
 
     Args:
         layer: the left-to-right layer to wrap.
@@ -141,15 +136,17 @@ class Bidirectional(SequenceLayer):
     def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None) -> LayerState:
         raise NotImplementedError(f"{type(self).__name__} has no state: {self.step_unsupported_reason()}")
 
+    @state_kwargs
     def forward(
-        self, x: Tensor, state: None = None, *, reset: Tensor | None = None, return_state: bool = False
+        self, x: Tensor, initial_state: None = None, *, reset: Tensor | None = None,
+        return_final_state: bool = False,
     ):
         """x: (batch, length, d_model) -> y (batch, length, d_model). ``reset`` marks segment starts."""
         name = type(self).__name__
-        if state is not None or _flag(name, "return_state", return_state):
+        if initial_state is not None or return_final_state:
             raise ValueError(
-                f"{name}: state passing is undefined for a bidirectional layer (state must be None "
-                f"and return_state False): {self.step_unsupported_reason()}"
+                f"{name}: state passing is undefined for a bidirectional layer (initial_state must be None "
+                f"and return_final_state False): {self.step_unsupported_reason()}"
             )
         x = self.check_input(x)
         reset = self.check_reset(reset, x)
@@ -251,16 +248,18 @@ class PrefixBidirectional(SequenceLayer):
         """The causal half's zero state."""
         return self.causal.init_state(batch_size, dtype=dtype)
 
+    @state_kwargs
     def forward(
         self,
         x: Tensor,
-        state: LayerState | None = None,
+        initial_state: LayerState | None = None,
         *,
         prefix_mask: Tensor | None = None,
         reset: Tensor | None = None,
-        return_state: bool = False,
+        return_final_state: bool = False,
     ):
-        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, state) if ``return_state``.
+        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, final state) if
+        ``return_final_state``.
 
         prefix_mask: (batch, length) bool, True on prefix tokens; None = all suffix (causal).
         reset: (batch, length) bool segment starts.
@@ -268,17 +267,16 @@ class PrefixBidirectional(SequenceLayer):
         name = type(self).__name__
         x = self.check_input(x)
         reset = self.check_reset(reset, x)
-        return_state = _flag(name, "return_state", return_state)
-        if state is not None:
-            self.check_state(state, x.shape[0])
-        prefix_mask = check_prefix_mask(name, prefix_mask, x, reset, state is not None)
-        y_c, new_state = self.causal(x, state, reset=reset, return_state=True)
+        if initial_state is not None:
+            self.check_state(initial_state, x.shape[0])
+        prefix_mask = check_prefix_mask(name, prefix_mask, x, reset, initial_state is not None)
+        y_c, new_state = self.causal(x, initial_state, reset=reset, return_final_state=True)
         starts = torch.ones_like(x[..., 0], dtype=torch.bool) if prefix_mask is None else ~prefix_mask
         if reset is not None:
             starts = starts | reset
         y_r = self.rev(x, reset=starts)
         y = self.out_proj(torch.cat([y_c, y_r], dim=-1))
-        return (y, new_state) if return_state else y
+        return (y, new_state) if return_final_state else y
 
     def step(self, x_t: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         """One suffix token x_t: (batch, d_model) -> (y_t, new state)."""

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ssmkit.ops import linear_scan
 from ssmkit.ops.linear_scan import compute_dtype
 
-from .base import LayerState, SequenceLayer, check_d_model, to_compute
+from .base import LayerState, SequenceLayer, check_d_model, check_flag, state_kwargs, to_compute
 
 
 @dataclass
@@ -37,12 +37,6 @@ class RGLRUState(LayerState):
 def _positive_int(owner: str, name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
-    return value
-
-
-def _flag(owner: str, name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__}")
     return value
 
 
@@ -94,8 +88,6 @@ class _GatedBase(SequenceLayer):
         h0 = None if state is None else self._state_h(state, x)
         return x, h0, reset
 
-    def _check_return_state(self, return_state: object) -> bool:
-        return _flag(type(self).__name__, "return_state", return_state)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_state={self.d_state}, reverse={self.reverse}"
@@ -138,7 +130,7 @@ class GatedSSM(_GatedBase):
         name = type(self).__name__
         self.d_model = check_d_model(name, d_model)
         self.d_state = d_model if d_state is None else _positive_int(name, "d_state", d_state)
-        self.reverse = _flag(name, "reverse", reverse)
+        self.reverse = check_flag(name, "reverse", reverse)
         lo, hi = _unit_range(name, "f_init", f_init)
         kw = {"device": device, "dtype": dtype}
         self.in_proj = nn.Linear(self.d_model, 4 * self.d_state, **kw)
@@ -152,23 +144,24 @@ class GatedSSM(_GatedBase):
         i, z, o, f = to_compute(self, *self.in_proj(x).chunk(4, dim=-1))  # float32 under autocast
         return torch.sigmoid(f), torch.sigmoid(i) * z, F.gelu(o)
 
+    @state_kwargs
     def forward(
         self,
         x: Tensor,
-        state: GatedSSMState | None = None,
+        initial_state: GatedSSMState | None = None,
         *,
         reset: Tensor | None = None,
-        return_state: bool = False,
+        return_final_state: bool = False,
     ):
-        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, state) if ``return_state``."""
-        x, h0, reset = self._prepare(x, state, reset)
-        return_state = self._check_return_state(return_state)
+        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, final state) if
+        ``return_final_state``."""
+        x, h0, reset = self._prepare(x, initial_state, reset)
         f, b, o = self._gates(x)
         h, h_last = linear_scan(
             f, b, initial_state=h0, reset=reset, reverse=self.reverse, return_final_state=True
         )
         y = self.out_proj(o * h)
-        return (y, GatedSSMState(h=h_last)) if return_state else y
+        return (y, GatedSSMState(h=h_last)) if return_final_state else y
 
     def step(self, x_t: Tensor, state: GatedSSMState) -> tuple[Tensor, GatedSSMState]:
         """One token x_t: (batch, d_model) -> (y_t (batch, d_model), new state); O(1) in the length."""
@@ -230,9 +223,9 @@ class RGLRU(_GatedBase):
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not (math.isfinite(c) and c > 0):
             raise ValueError(f"{name}: c must be a positive finite number, got {c!r}")
         self.c = float(c)
-        self.reverse = _flag(name, "reverse", reverse)
-        self.gate = _flag(name, "gate", gate)
-        bias = _flag(name, "bias", bias)
+        self.reverse = check_flag(name, "reverse", reverse)
+        self.gate = check_flag(name, "gate", gate)
+        bias = check_flag(name, "bias", bias)
         lo, hi = _unit_range(name, "a_init", a_init)
         kw = {"device": device, "dtype": dtype}
         self.in_proj = nn.Linear(self.d_model, (2 if self.gate else 1) * self.d_state, bias=bias, **kw)
@@ -256,23 +249,24 @@ class RGLRU(_GatedBase):
     def _out(self, h: Tensor, g: Tensor | None) -> Tensor:
         return self.out_proj(h if g is None else g * h)
 
+    @state_kwargs
     def forward(
         self,
         x: Tensor,
-        state: RGLRUState | None = None,
+        initial_state: RGLRUState | None = None,
         *,
         reset: Tensor | None = None,
-        return_state: bool = False,
+        return_final_state: bool = False,
     ):
-        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, state) if ``return_state``."""
-        x, h0, reset = self._prepare(x, state, reset)
-        return_state = self._check_return_state(return_state)
+        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, final state) if
+        ``return_final_state``."""
+        x, h0, reset = self._prepare(x, initial_state, reset)
         a, b, g = self._coeffs(x)
         h, h_last = linear_scan(
             a, b, initial_state=h0, reset=reset, reverse=self.reverse, return_final_state=True
         )
         y = self._out(h, g)
-        return (y, RGLRUState(h=h_last)) if return_state else y
+        return (y, RGLRUState(h=h_last)) if return_final_state else y
 
     def step(self, x_t: Tensor, state: RGLRUState) -> tuple[Tensor, RGLRUState]:
         """One token x_t: (batch, d_model) -> (y_t (batch, d_model), new state); O(1) in the length."""

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ..init import S4D_INITS
 from ..ops.linear_scan import compute_dtype
-from .base import LayerState, SequenceLayer, check_choice, check_d_model, no_autocast, to_compute
+from .base import LayerState, SequenceLayer, check_choice, check_d_model, no_autocast, state_kwargs, to_compute
 from .s4d import DISCS, S4D, check_state_size, complex_dtype, diagonal_step, run_diagonal
 from .short_conv import ShortConv
 
@@ -172,15 +172,16 @@ class H3(SequenceLayer):
         return (qq.unsqueeze(-1) * kv).sum(-2).flatten(-2)
 
     # ------------------------------------------------------------------------------------------ forward
+    @state_kwargs
     def forward(
         self,
         x: Tensor,
-        state: H3State | None = None,
+        initial_state: H3State | None = None,
         *,
         reset: Tensor | None = None,
-        return_state: bool = False,
+        return_final_state: bool = False,
     ):
-        """x: (batch, length, d_model) -> y (batch, length, d_model); (y, H3State) if return_state."""
+        """x: (batch, length, d_model) -> y (batch, length, d_model); (y, H3State) if return_final_state."""
         x = self.check_input(x)
         self.check_dtype(x, "x")
         reset = self.check_reset(reset, x)
@@ -188,8 +189,8 @@ class H3(SequenceLayer):
         batch, length, _ = x.shape
         P, H, N2 = self.head_dim, self.n_heads, self.d_state // 2
         shift0 = s = None
-        if state is not None:
-            st = self._checked_state(state, batch)
+        if initial_state is not None:
+            st = self._checked_state(initial_state, batch)
             shift0, s = st.shift, st.ssm.reshape(batch * P * P, H, N2)
         rdt = compute_dtype(self.act_dtype(x))
 
@@ -210,11 +211,11 @@ class H3(SequenceLayer):
                 last = n == len(us) - 1
                 rb = rb if rb is not None and bool(rb.any()) else None  # reset-free blocks keep the FFT path
                 yb, s = run_diagonal(ub, dA, log_dA, dB, C, s0=s, reset=rb, mode=ssm_mode,
-                                     want_state=return_state or not last, reverse=False)
+                                     want_state=return_final_state or not last, reverse=False)
                 ys.append(yb + ub * D)
         o = self._contract(torch.cat(ys, 1), q.to(rdt))
         y = self.out_proj(o.to(x.dtype))
-        if not return_state:
+        if not return_final_state:
             return y
         return y, H3State(shift=shift_state, ssm=s.reshape(batch, P, P, H, N2))
 

@@ -28,7 +28,15 @@ from torch import Tensor, nn
 
 from ..ops import fft_conv
 from ..ops.linear_scan import compute_dtype
-from .base import LayerState, SequenceLayer, autocast_dtype, check_choice, check_d_model, no_autocast
+from .base import (
+    LayerState,
+    SequenceLayer,
+    autocast_dtype,
+    check_choice,
+    check_d_model,
+    no_autocast,
+    state_kwargs,
+)
 
 MODES = ("auto", "conv", "scan")
 AUTO_DIRECT_TAPS = 32
@@ -148,21 +156,23 @@ class LongConv(SequenceLayer):
         return state  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------------------ forward
+    @state_kwargs
     def forward(
         self,
         x: Tensor,
-        state: LongConvState | None = None,
+        initial_state: LongConvState | None = None,
         *,
         reset: Tensor | None = None,
-        return_state: bool = False,
+        return_final_state: bool = False,
     ):
-        """x: (batch, length, d_model) -> y (batch, length, d_model); (y, LongConvState) if return_state."""
+        """x: (batch, length, d_model) -> y (batch, length, d_model); (y, LongConvState) if
+        ``return_final_state``."""
         x = self.check_input(x)
         self._check_dtype(x, "x")
         reset = self.check_reset(reset, x)
         mode = check_choice("LongConv", "mode", self.mode, MODES)
         batch = x.shape[0]
-        buf = None if state is None else self._checked_state(state, batch).buffer
+        buf = None if initial_state is None else self._checked_state(initial_state, batch).buffer
         if buf is not None and reset is not None:
             buf = buf * (~reset[:, 0]).to(buf.dtype)[:, None, None]
         acc = compute_dtype(x.dtype)  # 16-bit inputs accumulate in float32
@@ -174,7 +184,7 @@ class LongConv(SequenceLayer):
             else:
                 y = self._conv_segments(xa, ba, k, reset, mode)
         y = y.to(x.dtype)
-        if not return_state:
+        if not return_final_state:
             return y
         return y, LongConvState(self._final_buffer(x, buf, reset))
 

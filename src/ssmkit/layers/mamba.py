@@ -22,6 +22,7 @@ from .base import (
     check_state_dtypes,
     flip_reset,
     linear_weights,
+    state_kwargs,
     to_compute,
 )
 from .short_conv import ShortConv
@@ -168,15 +169,17 @@ class Mamba(SequenceLayer):
         return state
 
     # ---------------------------------------------------------------------------------------- forward
+    @state_kwargs
     def forward(
         self,
         x: Tensor,
-        state: MambaState | None = None,
+        initial_state: MambaState | None = None,
         *,
         reset: Tensor | None = None,
-        return_state: bool = False,
+        return_final_state: bool = False,
     ):
-        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, state) with ``return_state``.
+        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, final state) with
+        ``return_final_state``.
 
         ``reset`` (bool (batch, length)) marks segment starts. With ``reverse=True`` the state passed in is
         the context to the right of x and the returned state is the one after processing x right to left
@@ -185,26 +188,26 @@ class Mamba(SequenceLayer):
         x = self.check_input(x)
         self.check_dtype(x, "x")
         reset = self.check_reset(reset, x)
-        if state is not None:
-            self._check_state(state, x)
+        if initial_state is not None:
+            self._check_state(initial_state, x)
         reset_in = reset
         if self.reverse:  # all other maps are per token: flipping in and out makes the block right-to-left
             x, reset = x.flip(1), flip_reset(reset)
         # under autocast the projections run in its dtype and to_compute brings their outputs back to float32
         xi, z = to_compute(self, *self.in_proj(x).chunk(2, dim=-1))  # (batch, length, d_inner) each
-        u, conv_state = self.conv1d(xi, None if state is None else state.conv, reset=reset)
+        u, conv_state = self.conv1d(xi, None if initial_state is None else initial_state.conv, reset=reset)
         u = F.silu(u)
         dt_r, B, C = to_compute(self, *self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1))
         delta = to_compute(self, F.linear(dt_r, self.dt_proj.weight))
         A = -torch.exp(self.A_log)
         y, ssm_state = selective_scan(
             u, delta, A, B, C, self.D, z, delta_bias=self.dt_proj.bias, delta_softplus=True,
-            initial_state=None if state is None else state.ssm, reset=reset, return_final_state=True,
+            initial_state=None if initial_state is None else initial_state.ssm, reset=reset, return_final_state=True,
         )
         y = self.out_proj(y)
         if self.reverse:
             y = y.flip(1)
-        if not return_state:
+        if not return_final_state:
             return y
         new_state = MambaState(conv=conv_state, ssm=ssm_state.contiguous())
         return y, (cut_at_segment_start(new_state, reset_in) if self.reverse else new_state)

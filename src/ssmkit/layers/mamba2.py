@@ -15,7 +15,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import ssd
-from .base import LayerState, SequenceLayer, check_d_model, check_state_dtypes, flip_reset, to_compute
+from .base import (
+    LayerState,
+    SequenceLayer,
+    check_d_model,
+    check_state_dtypes,
+    flip_reset,
+    state_kwargs,
+    to_compute,
+)
 from .mamba import (
     _positive_int,
     check_dt_range,
@@ -180,15 +188,17 @@ class Mamba2(SequenceLayer):
         return dt
 
     # ---------------------------------------------------------------------------------------- forward
+    @state_kwargs
     def forward(
         self,
         x: Tensor,
-        state: Mamba2State | None = None,
+        initial_state: Mamba2State | None = None,
         *,
         reset: Tensor | None = None,
-        return_state: bool = False,
+        return_final_state: bool = False,
     ):
-        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, state) with ``return_state``.
+        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, final state) with
+        ``return_final_state``.
 
         ``reset`` (bool (batch, length)) marks segment starts. With ``reverse=True`` the state passed in is
         the context to the right of x and the returned state is the one after processing x right to left
@@ -196,7 +206,7 @@ class Mamba2(SequenceLayer):
         """
         x = self.check_input(x)
         reset = self.check_reset(reset, x)
-        self._check(x, "x", state)
+        self._check(x, "x", initial_state)
         reset_in = reset
         if self.reverse:  # all other maps are per token: flipping in and out makes the block right-to-left
             x, reset = x.flip(1), flip_reset(reset)
@@ -204,17 +214,17 @@ class Mamba2(SequenceLayer):
         H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
         # under autocast in_proj runs in its dtype and to_compute brings the outputs back to float32
         z, xBC, dt = to_compute(self, *self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1))
-        xBC, conv_state = self.conv1d(xBC, None if state is None else state.conv, reset=reset)
+        xBC, conv_state = self.conv1d(xBC, None if initial_state is None else initial_state.conv, reset=reset)
         xs, B, C = F.silu(xBC).split([self.d_inner, G * N, G * N], dim=-1)
         y, ssm_state = ssd(
             xs.unflatten(-1, (H, P)), self._dt(dt), -torch.exp(self.A_log), B.unflatten(-1, (G, N)),
             C.unflatten(-1, (G, N)), D=self.D, chunk_size=self.chunk_size,
-            initial_state=None if state is None else state.ssm, reset=reset, return_final_state=True,
+            initial_state=None if initial_state is None else initial_state.ssm, reset=reset, return_final_state=True,
         )
         y = self.out_proj(self.norm(y.reshape(batch, length, self.d_inner), z))
         if self.reverse:
             y = y.flip(1)
-        if not return_state:
+        if not return_final_state:
             return y
         new_state = Mamba2State(conv=conv_state, ssm=ssm_state.contiguous())
         return y, (cut_at_segment_start(new_state, reset_in) if self.reverse else new_state)

@@ -41,11 +41,19 @@ from torch import Tensor, nn
 from ..init import check_dt_range, log_uniform_dt, nplr, ptd
 from ..ops import fft_conv
 from ..ops.linear_scan import compute_dtype
-from .base import LayerState, SequenceLayer, check_choice, check_d_model, flip_reset, no_autocast
+from .base import (
+    LayerState,
+    SequenceLayer,
+    check_choice,
+    check_d_model,
+    check_flag,
+    flip_reset,
+    no_autocast,
+    state_kwargs,
+)
 from .s4d import (
     MODES,
     OUTPUTS,
-    check_flag,
     check_state_size,
     complex_dtype,
     diagonal_kernel,
@@ -304,22 +312,22 @@ class S4(SequenceLayer):
             raise TypeError(f"{type(self).__name__}: state.s must have dtype {want}, got {st.s.dtype}")
         return st.s
 
+    @state_kwargs
     def forward(
         self,
         x: Tensor,
-        state: S4State | None = None,
+        initial_state: S4State | None = None,
         *,
         reset: Tensor | None = None,
-        return_state: bool = False,
+        return_final_state: bool = False,
     ):
-        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, state) if ``return_state``."""
+        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, final state) if ``return_final_state``."""
         name = type(self).__name__
         x = self.check_input(x)
         self.check_dtype(x, "x")
         reset = self.check_reset(reset, x)
-        return_state = check_flag(name, "return_state", return_state)
         mode = check_choice(name, "mode", self.mode, MODES)
-        s0 = None if state is None else self._state_tensor(state, x.shape[0])
+        s0 = None if initial_state is None else self._state_tensor(initial_state, x.shape[0])
         rdt = compute_dtype(x.dtype)
         with no_autocast(x):  # the SSM in its compute dtype; only the output projection follows autocast
             xc = x.to(rdt)
@@ -327,12 +335,12 @@ class S4(SequenceLayer):
                 dt, Lam, _, B, C = self.ssm_parameters()
                 dA, log_dA, dB = discretize(dt, Lam, B, "bilinear")
                 y, s = run_diagonal(xc, dA, log_dA, dB, C, s0=s0, reset=reset, mode=mode,
-                                    want_state=return_state, reverse=self.reverse)
+                                    want_state=return_final_state, reverse=self.reverse)
             else:
-                y, s = self._run_dplr(xc, s0, reset, mode, return_state)
+                y, s = self._run_dplr(xc, s0, reset, mode, return_final_state)
             y = y + xc * self.D.to(rdt)
         y = self.out(y.to(x.dtype))
-        return (y, S4State(s=s)) if return_state else y
+        return (y, S4State(s=s)) if return_final_state else y
 
     def _run_dplr(
         self, x: Tensor, s0: Tensor | None, reset: Tensor | None, mode: str, want_state: bool

@@ -46,7 +46,16 @@ from torch import Tensor, nn
 from ..init import S4D_INITS, check_dt_range, log_uniform_dt, s4d_init
 from ..ops import fft_conv, linear_scan
 from ..ops.linear_scan import compute_dtype
-from .base import LayerState, SequenceLayer, check_choice, check_d_model, flip_reset, no_autocast
+from .base import (
+    LayerState,
+    SequenceLayer,
+    check_choice,
+    check_d_model,
+    check_flag,
+    flip_reset,
+    no_autocast,
+    state_kwargs,
+)
 
 MODES = ("auto", "conv", "scan")
 DISCS = ("zoh", "bilinear")
@@ -72,12 +81,6 @@ def check_state_size(owner: str, d_state: object) -> int:
     if isinstance(d_state, bool) or not isinstance(d_state, int) or d_state < 2 or d_state % 2:
         raise ValueError(f"{owner}: d_state must be a positive even int (conjugate pairs), got {d_state!r}")
     return d_state
-
-
-def check_flag(owner: str, name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 def make_output(d_model: int, output: str, **kw) -> nn.Module:
@@ -312,31 +315,31 @@ class S4D(SequenceLayer):
             raise TypeError(f"{type(self).__name__}: state.s must have dtype {want}, got {st.s.dtype}")
         return st.s
 
+    @state_kwargs
     def forward(
         self,
         x: Tensor,
-        state: S4DState | None = None,
+        initial_state: S4DState | None = None,
         *,
         reset: Tensor | None = None,
-        return_state: bool = False,
+        return_final_state: bool = False,
     ):
-        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, state) if ``return_state``."""
+        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, final state) if ``return_final_state``."""
         name = type(self).__name__
         x = self.check_input(x)
         self.check_dtype(x, "x")
         reset = self.check_reset(reset, x)
-        return_state = check_flag(name, "return_state", return_state)
         mode = check_choice(name, "mode", self.mode, MODES)
-        s0 = None if state is None else self._state_tensor(state, x.shape[0])
+        s0 = None if initial_state is None else self._state_tensor(initial_state, x.shape[0])
         _, rdt, _ = self._dtypes()
         with no_autocast(x):  # the SSM in its compute dtype; only the output projection follows autocast
             dA, log_dA, dB, C = self.discrete()
             xc = x.to(rdt)
-            y, s = run_diagonal(xc, dA, log_dA, dB, C, s0=s0, reset=reset, mode=mode, want_state=return_state,
+            y, s = run_diagonal(xc, dA, log_dA, dB, C, s0=s0, reset=reset, mode=mode, want_state=return_final_state,
                                 reverse=self.reverse)
             y = y + xc * self.D.to(rdt)
         y = self.out(y.to(x.dtype))
-        return (y, S4DState(s=s)) if return_state else y
+        return (y, S4DState(s=s)) if return_final_state else y
 
     def step(self, x_t: Tensor, state: S4DState) -> tuple[Tensor, S4DState]:
         """One token x_t: (batch, d_model) -> (y_t, new state); O(1). reverse=True: feed tokens last first."""

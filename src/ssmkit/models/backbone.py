@@ -1,6 +1,7 @@
 """The backbone: input embedding (tokens) or projection (real values), a stack of blocks, a final norm.
 
-forward(inputs, state=None, *, reset=None, prefix_mask=None, return_state=False) -> (hidden, state or None)
+forward(inputs, initial_state=None, *, reset=None, prefix_mask=None, return_final_state=False)
+    -> (hidden, final state or None)
 step(inputs_t, state) -> (hidden_t, state)
 init_state(batch_size) -> ModelState
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..layers.base import linear_weights
+from ..layers.base import linear_weights, state_kwargs
 from ..ops.decode_linear import decode_linear
 from .blocks import Block, Norm
 from .config import ModelConfig
@@ -137,42 +138,41 @@ class Backbone(nn.Module):
     def _check_state(self, state: object) -> ModelState:
         if not isinstance(state, ModelState):
             raise TypeError(f"state must be a ModelState (from init_state or a forward with "
-                            f"return_state=True), got {type(state).__name__}")
+                            f"return_final_state=True), got {type(state).__name__}")
         if len(state.layers) != len(self.blocks):
             raise ValueError(f"state has {len(state.layers)} layer states but the model has "
                              f"{len(self.blocks)} layers; was it made by another model?")
         return state
 
     # ------------------------------------------------------------------------------------------ run
+    @state_kwargs
     def forward(
         self,
         inputs: Tensor,
-        state: ModelState | None = None,
+        initial_state: ModelState | None = None,
         *,
         reset: Tensor | None = None,
         prefix_mask: Tensor | None = None,
-        return_state: bool = False,
+        return_final_state: bool = False,
         input_name: str = "inputs",
     ) -> tuple[Tensor, ModelState | None]:
         """inputs -> (hidden (batch, length, d_model), ModelState or None). See the module docstring."""
         inputs = self.check_inputs(inputs, input_name)
         batch, length = inputs.shape[:2]
-        if not isinstance(return_state, bool):
-            raise TypeError(f"return_state must be a bool, got {type(return_state).__name__}")
         reset = check_mask("reset", reset, batch, length, inputs.device)
         prefix_mask = check_mask("prefix_mask", prefix_mask, batch, length, inputs.device)
         if prefix_mask is not None and not self.accepts_prefix:
             raise ValueError("prefix_mask was given but this model has no prefix-bidirectional layers (set "
                              "prefix_layers in the config, use prefix-* mixers, or use PrefixLM)")
-        states = None if state is None else self._check_state(state).layers
+        states = None if initial_state is None else self._check_state(initial_state).layers
         h = self.embed(inputs)
         new_states = []
         for i, block in enumerate(self.blocks):
             h, s = block(h, None if states is None else states[i], reset=reset, prefix_mask=prefix_mask,
-                         return_state=return_state)
+                         return_final_state=return_final_state)
             new_states.append(s)
         hidden = self.final_norm(h)
-        return hidden, (ModelState(new_states) if return_state else None)
+        return hidden, (ModelState(new_states) if return_final_state else None)
 
     def step(
         self, inputs_t: Tensor, state: ModelState, *, input_name: str = "inputs_t"

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers.base import LayerState, SequenceLayer
+from ..layers.base import LayerState, SequenceLayer, state_kwargs
 from . import registry
 
 
@@ -122,14 +122,15 @@ class Block(nn.Module):
             return h
         return h + self.dropout(self.mlp(self.mlp_norm(h))).to(h.dtype)
 
+    @state_kwargs
     def forward(
         self,
         h: Tensor,
-        state: LayerState | None = None,
+        initial_state: LayerState | None = None,
         *,
         reset: Tensor | None = None,
         prefix_mask: Tensor | None = None,
-        return_state: bool = False,
+        return_final_state: bool = False,
     ) -> tuple[Tensor, LayerState | None]:
         """h: (batch, length, d_model) residual stream -> (new h, the mixer's new state or None)."""
         x = self.norm(h)
@@ -137,13 +138,13 @@ class Block(nn.Module):
         if prefix_mask is not None and self.accepts_prefix:
             kw["prefix_mask"] = prefix_mask
         try:
-            if state is None and not return_state:
+            if initial_state is None and not return_final_state:
                 y, new_state = self.mixer(x, **kw), None
             else:
                 if not self.can_step:
                     raise ValueError(f"{self._where()} is bidirectional and carries no state; state passing "
-                                     f"(state / return_state) needs causal layers")
-                y, new_state = self.mixer(x, state, return_state=True, **kw)
+                                     f"(initial_state / return_final_state) needs causal layers")
+                y, new_state = self.mixer(x, initial_state, return_final_state=True, **kw)
         except (TypeError, ValueError) as e:
             if type(e) not in (TypeError, ValueError):
                 raise

@@ -6,8 +6,9 @@
     Regressor           per-step real outputs (d_output) from real (d_input) or token inputs; MSE loss.
     Forecaster          a Regressor whose outputs are the next inputs; closed-loop ``forecast``.
 
-Shared API: ``model(inputs, state=None, *, reset=None, prefix_mask=None, labels=None, return_state=False)``
-returns a small output dataclass (logits/outputs, loss when labels are given, state when asked);
+Shared API: ``model(inputs, initial_state=None, *, reset=None, prefix_mask=None, labels=None,
+return_final_state=False)`` returns a small output dataclass (logits/outputs, loss when labels are given, the final
+state when asked; the old keywords ``state=`` / ``return_state=`` still work with a DeprecationWarning);
 ``init_state(batch_size)``; ``num_parameters(exclude_embeddings=False)``; ``summary()``;
 ``save_pretrained(dir)`` / ``Model.from_pretrained(dir)`` (see :mod:`ssmkit.models.checkpoint`).
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers.base import state_kwargs
 from .backbone import Backbone, check_mask
 from .config import ModelConfig, compress_pattern
 from .outputs import ClassifierOutput, LMOutput, ModelState, RegressionOutput
@@ -204,25 +206,26 @@ class CausalLM(SequenceModel):
     def embedding_parameters(self) -> list[nn.Parameter]:
         return [self.backbone.embedding.weight, self.lm_head.weight]
 
+    @state_kwargs
     def forward(
         self,
         input_ids: Tensor,
-        state: ModelState | None = None,
+        initial_state: ModelState | None = None,
         *,
         reset: Tensor | None = None,
         prefix_mask: Tensor | None = None,
         labels: Tensor | None = None,
-        return_state: bool = False,
+        return_final_state: bool = False,
     ) -> LMOutput:
         """input_ids: (batch, length) int -> LMOutput.
 
-        state: a ModelState to continue from. reset: (batch, length) bool segment starts (packed sequences).
+        initial_state: a ModelState to continue from. reset: (batch, length) bool segment starts (packed sequences).
         prefix_mask: (batch, length) bool, True on prefix tokens (models with prefix layers only).
         labels: (batch, length) int aligned with the logits (labels[:, t] is position t's target); -100 is
         ignored.
         """
-        hidden, state = self.backbone(input_ids, state, reset=reset, prefix_mask=prefix_mask,
-                                      return_state=return_state, input_name="input_ids")
+        hidden, state = self.backbone(input_ids, initial_state, reset=reset, prefix_mask=prefix_mask,
+                                      return_final_state=return_final_state, input_name="input_ids")
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
@@ -248,7 +251,7 @@ class PrefixLM(CausalLM):
     forward takes ``prefix_mask`` (batch, length) bool, True on prefix tokens, contiguous at the start of each
     segment. No future suffix token ever influences an earlier position's logits; prefix positions see the
     whole prefix. Without a prefix_mask the model is fully causal. ``step`` continues causally after a prefix
-    (run the prompt through forward with prefix_mask and return_state=True, then step).
+    (run the prompt through forward with prefix_mask and return_final_state=True, then step).
     """
 
     prefix_default = "alternate"
@@ -315,21 +318,22 @@ class SequenceClassifier(SequenceModel):
             pooled = h[last.clamp(min=0)]
         return pooled[keep]
 
+    @state_kwargs
     def forward(
         self,
         inputs: Tensor,
-        state: ModelState | None = None,
+        initial_state: ModelState | None = None,
         *,
         reset: Tensor | None = None,
         prefix_mask: Tensor | None = None,
         padding_mask: Tensor | None = None,
         labels: Tensor | None = None,
-        return_state: bool = False,
+        return_final_state: bool = False,
     ) -> ClassifierOutput:
         """inputs: token ids (batch, length) or floats (batch, length, d_input) -> ClassifierOutput."""
-        reset, padding_mask, run_reset = self._masks(inputs, reset, padding_mask, state is not None)
-        hidden, state = self.backbone(inputs, state, reset=run_reset, prefix_mask=prefix_mask,
-                                      return_state=return_state)
+        reset, padding_mask, run_reset = self._masks(inputs, reset, padding_mask, initial_state is not None)
+        hidden, state = self.backbone(inputs, initial_state, reset=run_reset, prefix_mask=prefix_mask,
+                                      return_final_state=return_final_state)
         logits = self.classifier(self.pool(hidden, reset, padding_mask))
         loss = None
         if labels is not None:
@@ -357,20 +361,21 @@ class Regressor(SequenceModel):
         super().__init__(config)
         self.head = nn.Linear(self.config.d_model, self.config.d_output)
 
+    @state_kwargs
     def forward(
         self,
         inputs: Tensor,
-        state: ModelState | None = None,
+        initial_state: ModelState | None = None,
         *,
         reset: Tensor | None = None,
         prefix_mask: Tensor | None = None,
         padding_mask: Tensor | None = None,
         labels: Tensor | None = None,
-        return_state: bool = False,
+        return_final_state: bool = False,
     ) -> RegressionOutput:
-        reset, padding_mask, run_reset = self._masks(inputs, reset, padding_mask, state is not None)
-        hidden, state = self.backbone(inputs, state, reset=run_reset, prefix_mask=prefix_mask,
-                                      return_state=return_state)
+        reset, padding_mask, run_reset = self._masks(inputs, reset, padding_mask, initial_state is not None)
+        hidden, state = self.backbone(inputs, initial_state, reset=run_reset, prefix_mask=prefix_mask,
+                                      return_final_state=return_final_state)
         outputs = self.head(hidden)
         loss = None
         if labels is not None:
@@ -416,7 +421,7 @@ class Forecaster(Regressor):
         """context: (batch, length, d_input) -> forecasts (batch, horizon, d_output) of the next positions."""
         if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
             raise ValueError(f"horizon must be a positive int, got {horizon!r}")
-        out = self(context, state, return_state=True)
+        out = self(context, state, return_final_state=True)
         y, st = out.outputs[:, -1], out.state
         preds = [y]
         for _ in range(horizon - 1):

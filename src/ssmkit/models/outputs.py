@@ -38,7 +38,7 @@ class ModelState:
 @dataclass
 class LMOutput:
     """logits: (batch, length, vocab_size); loss: scalar mean cross entropy over labels != -100 (when labels
-    are given); state: the ModelState after the last position (when return_state)."""
+    are given); state: the ModelState after the last position (when return_final_state)."""
 
     logits: Tensor
     loss: Tensor | None = None
@@ -48,7 +48,7 @@ class LMOutput:
 @dataclass
 class ClassifierOutput:
     """logits: (batch, num_classes), or (n_segments, num_classes) with ``reset`` (see SequenceClassifier);
-    loss: mean cross entropy (when labels are given); state: ModelState (when return_state)."""
+    loss: mean cross entropy (when labels are given); state: ModelState (when return_final_state)."""
 
     logits: Tensor
     loss: Tensor | None = None
@@ -58,7 +58,7 @@ class ClassifierOutput:
 @dataclass
 class RegressionOutput:
     """outputs: (batch, length, d_output); loss: mean squared error over valid positions (when labels are
-    given); state: ModelState (when return_state)."""
+    given); state: ModelState (when return_final_state)."""
 
     outputs: Tensor
     loss: Tensor | None = None

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssmkit.layers.attention import Attention
-from ssmkit.layers.base import LayerState
+from ssmkit.layers.base import LayerState, state_kwargs
 from ssmkit.layers.gated import GatedSSM
 
 LAYERS = ("gated", "attention")
@@ -65,7 +65,7 @@ class _Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
 
     def forward(self, x: Tensor, state: LayerState | None) -> tuple[Tensor, LayerState]:
-        y, state = self.mixer(self.norm1(x), state, return_state=True)
+        y, state = self.mixer(self.norm1(x), state, return_final_state=True)
         x = x + y
         return x + self.mlp(self.norm2(x)), state
 
@@ -111,15 +111,19 @@ class RewardModel(nn.Module):
     def init_state(self, batch_size: int) -> list[LayerState]:
         return [b.mixer.init_state(batch_size) for b in self.blocks]
 
-    def forward(self, x: Tensor, state: list[LayerState] | None = None, *, return_state: bool = False):
-        """x: (batch, T, 2n) -> predicted rewards (batch, T, n), or (rewards, state) if ``return_state``."""
+    @state_kwargs
+    def forward(
+        self, x: Tensor, initial_state: list[LayerState] | None = None, *, return_final_state: bool = False
+    ):
+        """x: (batch, T, 2n) -> predicted rewards (batch, T, n), or (rewards, final state) if
+        ``return_final_state``."""
         h = self.inp(self._check(x, 3))
         states = []
         for i, block in enumerate(self.blocks):
-            h, s = block(h, None if state is None else state[i])
+            h, s = block(h, None if initial_state is None else initial_state[i])
             states.append(s)
         y = self.out(self.norm(h))
-        return (y, states) if return_state else y
+        return (y, states) if return_final_state else y
 
     def step(self, x_t: Tensor, state: list[LayerState]) -> tuple[Tensor, list[LayerState]]:
         """x_t: (batch, 2n) -> (rewards (batch, n), new state)."""
@@ -145,7 +149,7 @@ class RewardModel(nn.Module):
         if history.shape[0] == 0:
             state = self.init_state(n)
         else:
-            _, state = self.forward(history[None], return_state=True)
+            _, state = self.forward(history[None], return_final_state=True)
             state = [s.map(lambda t: t.expand(n, *t.shape[1:]).contiguous()) for s in state]
         return self.step(queries, state)[0]
 

@@ -30,12 +30,12 @@ a separate copy of the cache so far, so the saved states total O(L² / chunk_len
 layer, and recomputing chunk c attends over the whole cache (work and score memory grow with c). Sliding-window
 attention (``mask="sliding"``) keeps the cache at ``window`` entries and restores bounded memory.
 
-Supported models: any ssmkit head whose ``forward(inputs, state, *, reset, labels, return_state)`` computes a
-per-position loss that is a mean over scored positions: :class:`~ssmkit.models.CausalLM` /
+Supported models: any ssmkit head whose ``forward(inputs, initial_state, *, reset, labels, return_final_state)``
+computes a per-position loss that is a mean over scored positions: :class:`~ssmkit.models.CausalLM` /
 :class:`~ssmkit.models.PrefixLM` (integer labels (batch, length), -100 ignored) and
-:class:`~ssmkit.models.Regressor` / :class:`~ssmkit.models.Forecaster` (float labels (batch, length,
-d_output), padding through ``mask``). Every layer must pass state (no ``bi-*`` mixers). A SequenceClassifier's
-pooled loss does not split over positions and is rejected.
+:class:`~ssmkit.models.Regressor` / :class:`~ssmkit.models.Forecaster` (float labels (batch, length, d_output),
+padding through ``mask``). Every layer must pass state (no ``bi-*`` mixers). A SequenceClassifier's pooled loss does
+not split over positions and is rejected.
 
 Dropout: with the model in training mode, pass 2 replays each chunk's RNG state from pass 1, so the
 gradient is exact for the dropout masks drawn in pass 1 (these differ from the masks one unchunked forward
@@ -101,7 +101,7 @@ def chunked_loss_backward(
     with torch.no_grad():
         for c in range(last):
             rng.append(_rng_get(run.device) if replay else None)
-            out = run.forward(states[c], *bounds[c], labels=False, return_state=True)
+            out = run.forward(states[c], *bounds[c], labels=False, return_final_state=True)
             states.append(out.state)
             del out
     rng.append(_rng_get(run.device) if replay else None)
@@ -116,7 +116,7 @@ def chunked_loss_backward(
             leaves = {} if state_in is None else {k: t for k, t in state_in.tensors().items() if t.requires_grad}
             if replay:
                 _rng_set(run.device, rng[c])
-            out = run.forward(state_in, *bounds[c], labels=counts[c] > 0, return_state=c < last)
+            out = run.forward(state_in, *bounds[c], labels=counts[c] > 0, return_final_state=c < last)
             roots: list[Tensor] = []
             grads: list[Tensor | None] = []
             if counts[c] > 0:
@@ -270,10 +270,10 @@ class _Run:
             return self.batch_size * (end - start)
         return int(self.padding[:, start:end].sum())
 
-    def forward(self, state: Any, start: int, end: int, *, labels: bool, return_state: bool) -> Any:
+    def forward(self, state: Any, start: int, end: int, *, labels: bool, return_final_state: bool) -> Any:
         """The model on positions [start, end) continuing ``state``."""
         sl = slice(start, end)
-        kw: dict[str, Any] = {"return_state": return_state}
+        kw: dict[str, Any] = {"return_final_state": return_final_state}
         if self.run_reset is not None:
             kw["reset"] = self.run_reset[:, sl]
         if self.pass_padding:
