@@ -9,9 +9,12 @@ import pytest
 import torch
 
 from ssmkit.interop import (
+    copy_mixer_to_transformers,
     load_into_transformers_mixer,
     mamba2_from_transformers_mixer,
     mamba_from_transformers_mixer,
+    mixer_from_transformers,
+    mixer_to_transformers,
 )
 from ssmkit.layers import Mamba, Mamba2
 from tests.layers.contract import assert_close
@@ -75,7 +78,7 @@ def compare_full_and_cached(model, layers, x: torch.Tensor, prefill: int) -> Non
 @pytest.mark.parametrize("kw", [{}, {"use_bias": True, "use_conv_bias": False, "expand": 3}])
 def test_mamba_matches_transformers_mixer(kw):
     model = mamba_model(1, **kw)
-    layers = [mamba_from_transformers_mixer(block.mixer) for block in model.layers]
+    layers = [mixer_from_transformers(block.mixer) for block in model.layers]
     assert all(isinstance(layer, Mamba) for layer in layers)
     assert set(layers[0].state_dict()) == set(model.layers[0].mixer.state_dict())
     x = torch.randn(2, 11, 16)
@@ -84,7 +87,7 @@ def test_mamba_matches_transformers_mixer(kw):
 
 def test_mamba_prefill_shorter_than_conv_width():
     model = mamba_model(2)
-    layers = [mamba_from_transformers_mixer(block.mixer) for block in model.layers]
+    layers = [mixer_from_transformers(block.mixer) for block in model.layers]
     compare_full_and_cached(model, layers, torch.randn(1, 6, 16), prefill=2)
 
 
@@ -93,11 +96,11 @@ def test_mamba_round_trip_into_a_fresh_mixer():
     layer = Mamba(16, d_state=4)
     randomise(layer, 3)
     model = mamba_model(4)
-    mixer = load_into_transformers_mixer(layer, model.layers[0].mixer)
+    mixer = copy_mixer_to_transformers(layer, model.layers[0].mixer)
     x = torch.randn(2, 7, 16)
     with torch.no_grad():
         assert_close(mixer(x), layer(x), TOL, "ours loaded into transformers")
-    back = mamba_from_transformers_mixer(mixer)
+    back = mixer_from_transformers(mixer)
     for k, v in layer.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
 
@@ -105,22 +108,22 @@ def test_mamba_round_trip_into_a_fresh_mixer():
 def test_mamba_mismatches_are_listed():
     model = mamba_model(5)
     with pytest.raises(ValueError, match="d_state: layer 5 vs mixer 4"):
-        load_into_transformers_mixer(Mamba(16, d_state=5), model.layers[0].mixer)
+        copy_mixer_to_transformers(Mamba(16, d_state=5), model.layers[0].mixer)
     with pytest.raises(ValueError, match="out_proj.bias"):
-        load_into_transformers_mixer(Mamba(16, d_state=4, bias=True), model.layers[0].mixer)
+        copy_mixer_to_transformers(Mamba(16, d_state=4, bias=True), model.layers[0].mixer)
     with pytest.raises(ValueError, match="reverse"):
-        load_into_transformers_mixer(Mamba(16, d_state=4, reverse=True), model.layers[0].mixer)
-    with pytest.raises(TypeError, match="Mamba2Mixer"):
+        copy_mixer_to_transformers(Mamba(16, d_state=4, reverse=True), model.layers[0].mixer)
+    with pytest.raises(TypeError, match="Mamba2Mixer"), pytest.warns(DeprecationWarning):
         mamba2_from_transformers_mixer(model.layers[0].mixer)
     with pytest.raises(TypeError, match="MambaMixer or Mamba2Mixer"):
-        mamba_from_transformers_mixer(torch.nn.Linear(2, 2))
+        mixer_from_transformers(torch.nn.Linear(2, 2))
 
 
 # ------------------------------------------------------------------------------------------ Mamba-2
 @pytest.mark.parametrize("ngroups", [1, 2])
 def test_mamba2_matches_transformers_mixer(ngroups):
     model = mamba2_model(ngroups, seed=ngroups)
-    layers = [mamba2_from_transformers_mixer(block.mixer) for block in model.layers]
+    layers = [mixer_from_transformers(block.mixer) for block in model.layers]
     assert all(isinstance(layer, Mamba2) and layer.ngroups == ngroups for layer in layers)
     assert set(layers[0].state_dict()) == set(model.layers[0].mixer.state_dict())
     x = torch.randn(2, 10, 16)  # 10 is not a multiple of chunk_size=4
@@ -132,7 +135,7 @@ def test_mamba2_round_trip_and_group_mismatch():
     layer = Mamba2(16, d_state=4, headdim=4, ngroups=2)
     randomise(layer, 6)
     model = mamba2_model(2, seed=7)
-    mixer = load_into_transformers_mixer(layer, model.layers[1].mixer)
+    mixer = copy_mixer_to_transformers(layer, model.layers[1].mixer)
     x = torch.randn(2, 9, 16)
     with torch.no_grad():
         assert_close(mixer(x), layer(x), TOL, "ours loaded into transformers")
@@ -141,6 +144,46 @@ def test_mamba2_round_trip_and_group_mismatch():
     mixer_shapes = {k: v.shape for k, v in model.layers[1].mixer.state_dict().items()}
     assert {k: v.shape for k, v in other.state_dict().items()} == mixer_shapes
     with pytest.raises(ValueError, match="ngroups: layer 1 vs mixer 2"):
-        load_into_transformers_mixer(other, model.layers[1].mixer)
+        copy_mixer_to_transformers(other, model.layers[1].mixer)
     with pytest.raises(ValueError, match="headdim"):
-        load_into_transformers_mixer(Mamba2(16, d_state=4, headdim=8, ngroups=2), model.layers[1].mixer)
+        copy_mixer_to_transformers(Mamba2(16, d_state=4, headdim=8, ngroups=2), model.layers[1].mixer)
+
+
+# ------------------------------------------------------------------------------------------ names
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_mixer_to_transformers_builds_an_equal_mixer(kind):
+    torch.manual_seed(8)
+    layer = Mamba(16, d_state=4, expand=3) if kind == "mamba" else Mamba2(16, d_state=4, headdim=4, ngroups=2)
+    randomise(layer, 8)
+    mixer = mixer_to_transformers(layer)
+    assert type(mixer).__name__ == ("MambaMixer" if kind == "mamba" else "Mamba2Mixer") and not mixer.training
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        assert_close(mixer(x), layer(x), TOL, f"{kind} -> new transformers mixer")
+    back = mixer_from_transformers(mixer)
+    assert type(back) is type(layer)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="reverse"):
+        mixer_to_transformers(type(layer)(16, d_state=4, reverse=True))
+    with pytest.raises(TypeError, match="Mamba or Mamba2"):
+        mixer_to_transformers(torch.nn.Linear(2, 2))
+
+
+def test_deprecated_mixer_names_warn_and_agree():
+    model, model2 = mamba_model(9), mamba2_model(2, seed=9)
+    pairs = [(mamba_from_transformers_mixer, model.layers[0].mixer),
+             (mamba2_from_transformers_mixer, model2.layers[0].mixer)]
+    for old, mixer in pairs:
+        with pytest.warns(DeprecationWarning, match=f"{old.__name__} is deprecated; use mixer_from_transformers"):
+            layer = old(mixer)
+        new = mixer_from_transformers(mixer)
+        for k, v in new.state_dict().items():
+            assert torch.equal(layer.state_dict()[k], v), k
+    with pytest.raises(TypeError, match="must be a transformers MambaMixer"), pytest.warns(DeprecationWarning):
+        mamba_from_transformers_mixer(model2.layers[0].mixer)
+    layer = mixer_from_transformers(model.layers[1].mixer)
+    with pytest.warns(DeprecationWarning, match="load_into_transformers_mixer is deprecated; use copy_mixer_to_"):
+        out = load_into_transformers_mixer(layer, model.layers[0].mixer)
+    assert out is model.layers[0].mixer
+    assert torch.equal(out.out_proj.weight, layer.out_proj.weight)

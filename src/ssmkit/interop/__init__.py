@@ -2,9 +2,12 @@
 
 from .gguf import from_gguf
 from .mixers import (
+    copy_mixer_to_transformers,
     load_into_transformers_mixer,
     mamba2_from_transformers_mixer,
     mamba_from_transformers_mixer,
+    mixer_from_transformers,
+    mixer_to_transformers,
 )
 from .models import from_transformers, to_transformers
 
@@ -12,4 +15,6 @@ __all__ = [
     "from_gguf",
     "from_transformers",
     "to_transformers",
+    "mixer_from_transformers", "mixer_to_transformers", "copy_mixer_to_transformers",
+    # deprecated aliases (DeprecationWarning): mixer_from_transformers / copy_mixer_to_transformers
     "load_into_transformers_mixer", "mamba2_from_transformers_mixer", "mamba_from_transformers_mixer"]

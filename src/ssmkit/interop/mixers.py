@@ -2,11 +2,19 @@
 
 The parameter names and shapes are identical (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj for Mamba;
 in_proj, conv1d, dt_bias, A_log, D, norm.weight, out_proj for Mamba-2), so the mapping is a checked state-dict
-copy. Hyperparameters are read off the mixer (its attributes and its ``config``); transformers is not imported
-here.
+copy. Hyperparameters are read off the mixer (its attributes and its ``config``).
+
+    mixer_from_transformers(mixer) -> Mamba | Mamba2            a new ssmkit layer (copy of the weights)
+    mixer_to_transformers(layer) -> MambaMixer | Mamba2Mixer    a new transformers mixer (imports transformers)
+    copy_mixer_to_transformers(layer, mixer) -> mixer           in place: the layer's weights into an existing mixer
+
+The old names (``mamba_from_transformers_mixer``, ``mamba2_from_transformers_mixer``,
+``load_into_transformers_mixer``) still work with a DeprecationWarning.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -95,21 +103,15 @@ def _layer_from_mixer(cls: type, kwargs: dict, mixer: nn.Module) -> nn.Module:
     return layer
 
 
-def mamba_from_transformers_mixer(mixer: nn.Module) -> Mamba:
-    """A :class:`~ssmkit.layers.Mamba` computing the same function as a transformers ``MambaMixer``.
-
-    The layer gets the mixer's hyperparameters and a copy of its weights (in the dtype/device of its in_proj).
-    """
-    if _kind(mixer) != "MambaMixer":
-        raise TypeError(f"mixer must be a transformers MambaMixer, got {type(mixer).__name__}")
-    return _layer_from_mixer(Mamba, _mamba_kwargs(mixer), mixer)
+_LAYERS = {"MambaMixer": (Mamba, _mamba_kwargs), "Mamba2Mixer": (Mamba2, _mamba2_kwargs)}
 
 
-def mamba2_from_transformers_mixer(mixer: nn.Module) -> Mamba2:
-    """A :class:`~ssmkit.layers.Mamba2` computing the same function as a transformers ``Mamba2Mixer``."""
-    if _kind(mixer) != "Mamba2Mixer":
-        raise TypeError(f"mixer must be a transformers Mamba2Mixer, got {type(mixer).__name__}")
-    return _layer_from_mixer(Mamba2, _mamba2_kwargs(mixer), mixer)
+def mixer_from_transformers(mixer: nn.Module) -> Mamba | Mamba2:
+    """A :class:`~ssmkit.layers.Mamba` (from a transformers ``MambaMixer``) or :class:`~ssmkit.layers.Mamba2`
+    (from a ``Mamba2Mixer``) computing the same function: the mixer's hyperparameters and a copy of its weights,
+    in the dtype/device of its in_proj."""
+    cls, kwargs = _LAYERS[_kind(mixer)]
+    return _layer_from_mixer(cls, kwargs(mixer), mixer)
 
 
 _FUNCTIONAL = {  # hyperparameters that change the function (weights shapes alone do not pin them down)
@@ -118,10 +120,9 @@ _FUNCTIONAL = {  # hyperparameters that change the function (weights shapes alon
 }
 
 
-def load_into_transformers_mixer(layer: Mamba | Mamba2, mixer: nn.Module) -> nn.Module:
-    """Copy a Mamba (into a ``MambaMixer``) or Mamba2 (into a ``Mamba2Mixer``) layer's weights.
-
-    Returns the mixer.
+def copy_mixer_to_transformers(layer: Mamba | Mamba2, mixer: nn.Module) -> nn.Module:
+    """In place: copy a Mamba (into a ``MambaMixer``) or Mamba2 (into a ``Mamba2Mixer``) layer's weights into
+    the existing ``mixer``. Returns the mixer.
 
     Raises ValueError listing every mismatched hyperparameter or parameter name/shape.
     """
@@ -141,3 +142,73 @@ def load_into_transformers_mixer(layer: Mamba | Mamba2, mixer: nn.Module) -> nn.
         raise ValueError(f"{type(layer).__name__} -> {kind}: hyperparameters differ -- " + "; ".join(bad))
     _copy_state_dict(layer.state_dict(), mixer, f"{type(layer).__name__} -> {kind}")
     return mixer
+
+
+def transformers_mixer_fields(layer: Mamba | Mamba2) -> dict:
+    """The transformers MambaConfig / Mamba2Config fields that a Mamba / Mamba2 layer determines (all but the
+    model-level ones: vocab_size, num_hidden_layers, layer_norm_epsilon, ...)."""
+    if type(layer) not in (Mamba, Mamba2):
+        raise TypeError(f"layer must be an ssmkit Mamba or Mamba2, got {type(layer).__name__}")
+    expand = layer.d_inner // layer.d_model
+    if expand * layer.d_model != layer.d_inner:
+        raise ValueError(f"{type(layer).__name__}: d_inner={layer.d_inner} is not an integer multiple of "
+                         f"d_model={layer.d_model} (transformers' expand is an int)")
+    fields = dict(
+        hidden_size=layer.d_model, state_size=layer.d_state, conv_kernel=layer.d_conv, expand=expand,
+        use_conv_bias=layer.conv1d.bias is not None, use_bias=layer.in_proj.bias is not None, hidden_act="silu",
+        time_step_min=layer.dt_min, time_step_max=layer.dt_max, time_step_floor=layer.dt_init_floor,
+    )
+    if type(layer) is Mamba:
+        return {**fields, "time_step_rank": layer.dt_rank, "time_step_scale": layer.dt_scale}
+    fields.update(num_heads=layer.nheads, head_dim=layer.headdim, n_groups=layer.ngroups,
+                  chunk_size=layer.chunk_size, time_step_limit=tuple(layer.dt_limit))
+    if layer.dt_rank is not None:  # unused by Mamba-2's math; kept so that the config round-trips
+        fields["time_step_rank"] = layer.dt_rank
+    return fields
+
+
+def mixer_to_transformers(layer: Mamba | Mamba2) -> nn.Module:
+    """A new transformers ``MambaMixer`` (from a Mamba) or ``Mamba2Mixer`` (from a Mamba2) computing the same
+    function as ``layer``, in its dtype and on its device, in eval mode (layer_idx 0)."""
+    fields = transformers_mixer_fields(layer)
+    import transformers
+
+    if type(layer) is Mamba:
+        from transformers.models.mamba.modeling_mamba import MambaMixer as cls
+
+        config = transformers.MambaConfig(**fields)
+    else:
+        from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as cls
+
+        config = transformers.Mamba2Config(layer_norm_epsilon=layer.norm.eps, **fields)
+    ref = layer.in_proj.weight
+    with torch.random.fork_rng(devices=[]):  # its random init is overwritten: leave the global RNG untouched
+        mixer = cls(config, layer_idx=0).to(device=ref.device, dtype=ref.dtype)
+    return copy_mixer_to_transformers(layer, mixer).eval()
+
+
+# ------------------------------------------------------------------------------------------- deprecated names
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"ssmkit.interop.{old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
+
+
+def mamba_from_transformers_mixer(mixer: nn.Module) -> Mamba:
+    """Deprecated: :func:`mixer_from_transformers` (this one accepts only a ``MambaMixer``)."""
+    _deprecated("mamba_from_transformers_mixer", "mixer_from_transformers")
+    if _kind(mixer) != "MambaMixer":
+        raise TypeError(f"mixer must be a transformers MambaMixer, got {type(mixer).__name__}")
+    return mixer_from_transformers(mixer)
+
+
+def mamba2_from_transformers_mixer(mixer: nn.Module) -> Mamba2:
+    """Deprecated: :func:`mixer_from_transformers` (this one accepts only a ``Mamba2Mixer``)."""
+    _deprecated("mamba2_from_transformers_mixer", "mixer_from_transformers")
+    if _kind(mixer) != "Mamba2Mixer":
+        raise TypeError(f"mixer must be a transformers Mamba2Mixer, got {type(mixer).__name__}")
+    return mixer_from_transformers(mixer)
+
+
+def load_into_transformers_mixer(layer: Mamba | Mamba2, mixer: nn.Module) -> nn.Module:
+    """Deprecated: :func:`copy_mixer_to_transformers` (same arguments, in place)."""
+    _deprecated("load_into_transformers_mixer", "copy_mixer_to_transformers")
+    return copy_mixer_to_transformers(layer, mixer)

@@ -28,7 +28,7 @@ from ..layers.mamba2 import Mamba2
 from ..models.checkpoint import load_state
 from ..models.config import ModelConfig
 from ..models.heads import CausalLM
-from .mixers import load_into_transformers_mixer, mamba2_from_transformers_mixer, mamba_from_transformers_mixer
+from .mixers import copy_mixer_to_transformers, mixer_from_transformers, transformers_mixer_fields
 
 _HF_CLASSES = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM"}
 
@@ -107,12 +107,11 @@ def from_transformers(model_or_dir: nn.Module | str | Path) -> CausalLM:
     (a model object, or a directory written by its ``save_pretrained``), in the same dtype and on the same device,
     in eval mode."""
     hf = _load_transformers_dir(Path(model_or_dir)) if isinstance(model_or_dir, (str, Path)) else model_or_dir
-    kind = _model_type(hf)
+    _model_type(hf)  # TypeError unless a MambaForCausalLM / Mamba2ForCausalLM
     config = config_from_transformers(hf.config)
     ref = hf.lm_head.weight
     with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the global RNG untouched
         model = CausalLM(config).to(device=ref.device, dtype=ref.dtype)
-    from_mixer = mamba_from_transformers_mixer if kind == "mamba" else mamba2_from_transformers_mixer
     src = hf.backbone
     tensors: dict[str, Tensor] = {"backbone.embedding.weight": src.embeddings.weight,
                                   "backbone.final_norm.weight": src.norm_f.weight}
@@ -121,7 +120,7 @@ def from_transformers(model_or_dir: nn.Module | str | Path) -> CausalLM:
     for i, block in enumerate(src.layers):
         tensors[f"backbone.blocks.{i}.norm.weight"] = block.norm.weight
         with torch.random.fork_rng(devices=[]):
-            layer = from_mixer(block.mixer)
+            layer = mixer_from_transformers(block.mixer)
         tensors.update({f"backbone.blocks.{i}.mixer.{k}": v for k, v in layer.state_dict().items()})
     load_state(model, {k: v.detach() for k, v in tensors.items()}, where=f"transformers {type(hf).__name__}")
     return model.eval()
@@ -154,27 +153,17 @@ def transformers_config(model: CausalLM, **overrides: Any):
     first = model.backbone.blocks[0].mixer
     import transformers
 
-    expand = first.d_inner // cfg.d_model
-    if expand * cfg.d_model != first.d_inner:
-        raise _fail(f"d_inner={first.d_inner} is not an integer multiple of d_model={cfg.d_model} "
-                    f"(transformers' expand is an int)")
+    if kind == "mamba2" and first.norm.eps != cfg.norm_eps:
+        raise _fail(f"the mamba2 gated norm eps ({first.norm.eps}) must equal config.norm_eps "
+                    f"({cfg.norm_eps}): transformers uses one layer_norm_epsilon for both")
+    try:
+        mixer_fields = transformers_mixer_fields(first)
+    except ValueError as e:
+        raise _fail(str(e)) from None
     derived: dict[str, Any] = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
-        state_size=first.d_state, conv_kernel=first.d_conv, expand=expand, layer_norm_epsilon=cfg.norm_eps,
-        use_conv_bias=first.conv1d.bias is not None, use_bias=first.in_proj.bias is not None, hidden_act="silu",
-        residual_in_fp32=cfg.residual_in_fp32, time_step_min=first.dt_min, time_step_max=first.dt_max,
-        time_step_floor=first.dt_init_floor, tie_word_embeddings=cfg.tie_embeddings,
+        vocab_size=cfg.vocab_size, num_hidden_layers=cfg.n_layers, layer_norm_epsilon=cfg.norm_eps,
+        residual_in_fp32=cfg.residual_in_fp32, tie_word_embeddings=cfg.tie_embeddings, **mixer_fields,
     )
-    if kind == "mamba":
-        derived.update(time_step_rank=first.dt_rank, time_step_scale=first.dt_scale)
-    else:
-        if first.norm.eps != cfg.norm_eps:
-            raise _fail(f"the mamba2 gated norm eps ({first.norm.eps}) must equal config.norm_eps "
-                        f"({cfg.norm_eps}): transformers uses one layer_norm_epsilon for both")
-        derived.update(num_heads=first.nheads, head_dim=first.headdim, n_groups=first.ngroups,
-                       chunk_size=first.chunk_size, time_step_limit=tuple(first.dt_limit))
-        if first.dt_rank is not None:  # unused by Mamba-2's math; kept so that the config round-trips
-            derived["time_step_rank"] = first.dt_rank
     clash = sorted(set(overrides) & set(derived))
     if clash:
         raise _fail(f"config_overrides cannot set {', '.join(clash)}: they are derived from the model")
@@ -209,7 +198,7 @@ def to_transformers(model: CausalLM | str | Path, **config_overrides: Any) -> nn
             if type(block.mixer) is not expected:
                 raise _fail(f"layer {i} is a {type(block.mixer).__name__}, expected {expected.__name__}")
             hf_block.norm.weight.copy_(block.norm.weight)
-            load_into_transformers_mixer(block.mixer, hf_block.mixer)
+            copy_mixer_to_transformers(block.mixer, hf_block.mixer)
     if hf_cfg.tie_word_embeddings and hf.lm_head.weight.data_ptr() != dst.embeddings.weight.data_ptr():
         raise RuntimeError("to_transformers: transformers did not tie lm_head to the embeddings")
     return hf.eval()
