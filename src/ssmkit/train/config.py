@@ -72,7 +72,10 @@ class TrainConfig:
             parameters stay in ``dtype``).
         activation_checkpointing: recompute each block's activations in the backward pass.
         chunk_len: train long sequences in chunks of this length, passing state (exact gradients); None = off.
-        threads: torch intra-op threads (None = leave as is).
+        threads: torch intra-op threads (None = leave torch's setting as is). Default 1: on a machine where other
+            processes are busy, threads that wait for each other at every parallel region collapse (2 threads beside
+            one busy process trained 2-10x slower than 1), and PyTorch's CPU results depend on its thread count in
+            the last bits, so a fixed default keeps a seed's training bitwise reproducible.
         plots: write loss.png and metric.png (at checkpoints and at the end).
     """
 
@@ -100,7 +103,7 @@ class TrainConfig:
     autocast: str = "none"
     activation_checkpointing: bool = False
     chunk_len: int | None = None
-    threads: int | None = None
+    threads: int | None = 1
     plots: bool = True
 
     def __post_init__(self) -> None:
