@@ -177,7 +177,7 @@ def to_transformers(model: CausalLM | str | Path, **config_overrides: Any) -> nn
     same function as an ssmkit CausalLM (a model or a directory saved by ssmkit's ``save_pretrained``), in the
     same dtype and on the same device, in eval mode. ``config_overrides`` go to the transformers config."""
     if isinstance(model, (str, Path)):
-        from ..models.checkpoint import load_pretrained
+        from ..models.pretrained import load_pretrained
 
         model = load_pretrained(model)
     hf_cfg = transformers_config(model, **config_overrides)

@@ -10,7 +10,7 @@ task heads, and safetensors checkpoints.
 
 from .backbone import Backbone
 from .blocks import MLP, Block, Norm
-from .checkpoint import CheckpointError, load_pretrained, load_state, read_config, save_pretrained
+from .checkpoint import CheckpointError, load_state
 from .config import ModelConfig, compress_pattern, parse_pattern
 from .heads import (
     HEADS,
@@ -24,6 +24,7 @@ from .heads import (
     model_class,
 )
 from .outputs import ClassifierOutput, LMOutput, ModelState, RegressionOutput
+from .pretrained import load_pretrained, read_config, save_pretrained
 from .registry import MIXERS, mixer_names
 
 __all__ = [

@@ -12,6 +12,11 @@ other weights: a torn update, a truncated file or flipped bytes all fail loading
 
 Tied weights (an LM head tied to the embedding) are saved once, under the embedding's name, and are tied again
 by constructing the model from its config.
+
+This module is the low level and knows no heads: callers pass the head's name (writing) and the name -> class
+table (reading). :mod:`ssmkit.models.pretrained` binds the table of :mod:`ssmkit.models.heads`
+(``save_pretrained`` / ``read_config`` / ``load_pretrained``); the import graph stays acyclic
+(checkpoint <- heads <- pretrained).
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ import hashlib
 import json
 import os
 import secrets
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .config import ModelConfig
-from .heads import HEADS, SequenceModel
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -129,19 +135,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _head_name(model: object) -> str:
-    for name, cls in HEADS.items():
-        if type(model) is cls:
-            return name
-    raise TypeError(f"model must be one of {', '.join(HEADS)} (exactly), got {type(model).__name__}")
-
-
-def save_pretrained(model: SequenceModel, directory: str | Path) -> Path:
-    """Write ``model``'s config.json and model.safetensors into ``directory`` (created if needed).
-
-    Returns the directory.
+def save_checkpoint(model: nn.Module, directory: str | Path, *, head: str) -> Path:
+    """Write ``model``'s config.json (recording ``head``, the name its class is registered under) and
+    model.safetensors into ``directory`` (created if needed). ``model`` has ``config`` (a ModelConfig) and
+    ``tied_weights``, as every ssmkit head does. Returns the directory.
     """
-    head = _head_name(model)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tied = model.tied_weights
@@ -162,8 +160,9 @@ def save_pretrained(model: SequenceModel, directory: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- reading
-def read_config(directory: str | Path) -> tuple[str, ModelConfig, dict]:
-    """Parse and validate ``directory/config.json``: (head name, ModelConfig, the whole metadata dict)."""
+def read_checkpoint_config(directory: str | Path, heads: Collection[str]) -> tuple[str, ModelConfig, dict]:
+    """Parse and validate ``directory/config.json``: (head name, ModelConfig, the whole metadata dict); the head
+    must be one of ``heads``."""
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: no such checkpoint directory")
@@ -186,8 +185,8 @@ def read_config(directory: str | Path) -> tuple[str, ModelConfig, dict]:
     if meta["ssmkit_format"] != FORMAT_VERSION:
         raise CheckpointError(f"{path}: ssmkit_format {meta['ssmkit_format']!r} is not supported (expected "
                               f"{FORMAT_VERSION})")
-    if meta["head"] not in HEADS:
-        raise CheckpointError(f"{path}: unknown head {meta['head']!r}; expected one of {', '.join(HEADS)}")
+    if meta["head"] not in heads:
+        raise CheckpointError(f"{path}: unknown head {meta['head']!r}; expected one of {', '.join(heads)}")
     if meta.get("dtype") is not None and meta["dtype"] not in _DTYPES:
         raise CheckpointError(f"{path}: unknown dtype {meta['dtype']!r}; expected one of "
                               f"{', '.join(_DTYPES)}")
@@ -211,7 +210,7 @@ def _read_weights(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
                               f"{type(e).__name__}: {e}") from e
 
 
-def load_state(model: SequenceModel, tensors: dict[str, torch.Tensor], where: str = "weights") -> None:
+def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], where: str = "weights") -> None:
     """Copy ``tensors`` into ``model`` after checking names, shapes and dtypes; tied aliases are not expected
     (they follow their source). Errors list every missing, unexpected and mismatched name."""
     tied = model.tied_weights
@@ -239,20 +238,22 @@ def load_state(model: SequenceModel, tensors: dict[str, torch.Tensor], where: st
             t.copy_(tensors[k])
 
 
-def load_pretrained(
+def load_checkpoint(
     directory: str | Path,
+    heads: Mapping[str, type[nn.Module]],
     *,
-    expected: type[SequenceModel] | None = None,
+    expected: type[nn.Module] | None = None,
     device: torch.device | str | None = None,
-) -> SequenceModel:
-    """Load a checkpoint written by :func:`save_pretrained`, building the head recorded in config.json.
+) -> nn.Module:
+    """Load a checkpoint written by :func:`save_checkpoint`, building ``heads[name]`` for the head name recorded
+    in config.json.
 
     ``expected``: the head class the caller wants (``Model.from_pretrained`` passes its class); a checkpoint
     of another head fails. The model comes back in eval mode, in the saved dtype, on ``device`` (default CPU).
     """
     d = Path(directory)
-    head, config, meta = read_config(d)
-    cls = HEADS[head]
+    head, config, meta = read_checkpoint_config(d, heads)
+    cls = heads[head]
     if expected is not None and cls is not expected:
         raise CheckpointError(f"{d / CONFIG_NAME}: the checkpoint holds a {head}, not a {expected.__name__}; "
                               f"use ssmkit.models.load_pretrained to load whatever head it holds")

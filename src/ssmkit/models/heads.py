@@ -10,7 +10,8 @@ Shared API: ``model(inputs, initial_state=None, *, reset=None, prefix_mask=None,
 return_final_state=False)`` returns a small output dataclass (logits/outputs, loss when labels are given, the final
 state when asked; the old keywords ``state=`` / ``return_state=`` still work with a DeprecationWarning);
 ``init_state(batch_size)``; ``num_parameters(exclude_embeddings=False)``; ``summary()``;
-``save_pretrained(dir)`` / ``Model.from_pretrained(dir)`` (see :mod:`ssmkit.models.checkpoint`).
+``save_pretrained(dir)`` / ``Model.from_pretrained(dir)`` (see :mod:`ssmkit.models.checkpoint`; this module
+imports it, never the other way round).
 
 Label convention (LMs): labels are already aligned with the logits: ``labels[:, t]`` is the target for the
 logits at position t (so for next-token prediction pass ``labels[:, t] = input_ids[:, t + 1]``, and -100 at
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from ..layers.base import state_kwargs
 from .backbone import Backbone, check_mask
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig, compress_pattern
 from .outputs import ClassifierOutput, LMOutput, ModelState, RegressionOutput
 
@@ -157,16 +159,12 @@ class SequenceModel(nn.Module):
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``config.json`` and ``model.safetensors`` atomically into ``directory`` (made if needed)."""
-        from .checkpoint import save_pretrained
-
-        return save_pretrained(self, directory)
+        return save_checkpoint(self, directory, head=head_name(self))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: torch.device | str | None = None):
         """Load a model saved by ``save_pretrained``; the checkpoint's head must be this class."""
-        from .checkpoint import load_pretrained
-
-        return load_pretrained(directory, expected=cls, device=device)
+        return load_checkpoint(directory, HEADS, expected=cls, device=device)
 
 
 class CausalLM(SequenceModel):
@@ -438,6 +436,14 @@ HEADS: dict[str, type[SequenceModel]] = {
     "Regressor": Regressor,
     "Forecaster": Forecaster,
 }
+
+
+def head_name(model: object) -> str:
+    """The name ``model``'s class is registered under in :data:`HEADS` (exact class, not a subclass)."""
+    for name, cls in HEADS.items():
+        if type(model) is cls:
+            return name
+    raise TypeError(f"model must be one of {', '.join(HEADS)} (exactly), got {type(model).__name__}")
 
 
 def model_class(name: str) -> type[SequenceModel]:
