@@ -33,7 +33,8 @@ from numba.extending import intrinsic, overload
 from .threads import PARALLEL_MIN_WORK, kernel_threads  # noqa: F401  (the one thread policy, re-exported)
 
 # numba's OpenMP layer loads a second OpenMP runtime beside torch's; on 2 busy cores their spinning pools made small
-# torch ops up to 1000x slower after the first kernel call. The workqueue layer has no such pool. An explicit
+# torch ops up to 1000x slower after the first kernel call. The workqueue layer has no such pool, but it aborts the
+# process when two Python threads launch at once: every launch holds ssmkit.ops.threads.KERNEL_LOCK. An explicit
 # NUMBA_THREADING_LAYER from the user wins.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     nb.config.THREADING_LAYER = "workqueue"
