@@ -71,7 +71,7 @@ def test_short_conv_matches_loop(batch, length, width, with_state, with_reset, s
     b = torch.randn(C, generator=g, dtype=torch.float64)
     state = torch.randn(batch, C, width - 1, generator=g, dtype=torch.float64) if with_state else None
     reset = random_reset(batch, length, seed) if with_reset else None
-    y, _ = short_conv(x, w, b, state=state, reset=reset)
+    y, _ = short_conv(x, w, b, initial_state=state, reset=reset)
     assert_close(y, conv_loop(x, w, b, state, reset), 1e-12, "short_conv vs loop")
 
 
@@ -88,7 +88,7 @@ def test_short_conv_fused_kernel_matches_torch_path_with_grads(dtype, width):
     for fused in (True, False):
         with fused_kernels(fused):
             x, w, b, s = leaves
-            y, state = short_conv(x, w, b, state=s, reset=reset)
+            y, state = short_conv(x, w, b, initial_state=s, reset=reset)
             grads = torch.autograd.grad((y * gy).sum() + state.pow(2).sum(), leaves)
         results.append((y, state, *grads))
     rtol = 1e-12 if dtype == torch.float64 else 2e-6
@@ -135,7 +135,7 @@ def test_short_conv_reverse_split_with_state_and_reset(length, data, width, seed
     reset[0, t] = True
     y, s = short_conv(x, w, b, reset=reset, reverse=True)
     y_right, s_right = short_conv(x[:, t:], w, b, reset=reset[:, t:], reverse=True)
-    y_left, s_left = short_conv(x[:, :t], w, b, state=s_right, reset=reset[:, :t], reverse=True)
+    y_left, s_left = short_conv(x[:, :t], w, b, initial_state=s_right, reset=reset[:, :t], reverse=True)
     assert_close(torch.cat([y_left, y_right], 1), y, 1e-12, "reverse split")
     assert_close(s_left, s, 1e-12, "reverse state")
 
@@ -145,7 +145,7 @@ def test_short_conv_bad_input():
     with pytest.raises(ValueError, match="weight"):
         short_conv(x, torch.randn(4, 3))
     with pytest.raises(ValueError, match="state"):
-        short_conv(x, torch.randn(3, 4), state=torch.zeros(2, 3, 2))
+        short_conv(x, torch.randn(3, 4), initial_state=torch.zeros(2, 3, 2))
     with pytest.raises(TypeError, match="dtype"):
         short_conv(x, torch.randn(3, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="reset"):

@@ -41,10 +41,10 @@ def _check_conv_args(
         want = (x.shape[0], ch, weight.shape[1] - 1)
         if not isinstance(state, Tensor) or tuple(state.shape) != want:
             got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
-            raise ValueError(f"short_conv: state must have shape (batch, channels, width-1)={want}, "
+            raise ValueError(f"short_conv: initial_state must have shape (batch, channels, width-1)={want}, "
                              f"got {got}")
         if state.dtype != x.dtype:
-            raise TypeError(f"short_conv: state has dtype {state.dtype} but x has {x.dtype}; they must match")
+            raise TypeError(f"short_conv: initial_state has dtype {state.dtype} but x has {x.dtype}; they must match")
     if reset is not None and (not isinstance(reset, Tensor) or reset.dtype != torch.bool
                               or tuple(reset.shape) != tuple(x.shape[:2])):
         got = f"{tuple(reset.shape)} {reset.dtype}" if isinstance(reset, Tensor) else type(reset).__name__
@@ -57,7 +57,7 @@ def short_conv(
     weight: Tensor,
     bias: Tensor | None = None,
     *,
-    state: Tensor | None = None,
+    initial_state: Tensor | None = None,
     reset: Tensor | None = None,
     reverse: bool = False,
 ) -> tuple[Tensor, Tensor]:
@@ -67,9 +67,9 @@ def short_conv(
         x: (batch, length, channels).
         weight: (channels, width); ``weight[:, -1]`` multiplies the current input.
         bias: (channels,) or None.
-        state: (batch, channels, width - 1), the previous inputs (oldest first); None means zeros.
+        initial_state: (batch, channels, width - 1), the previous inputs (oldest first); None means zeros.
         reset: bool (batch, length); True at t starts a new segment (no tap reaches back across it).
-        reverse: anti-causal (right-to-left) convolution: ``state`` holds the inputs to the right of x and
+        reverse: anti-causal (right-to-left) convolution: ``initial_state`` holds the inputs to the right of x and
             the returned state is for the chunk to the left (zeroed in rows where x starts a segment).
 
     Returns:
@@ -78,9 +78,9 @@ def short_conv(
     Float32/64 CPU tensors run a fused numba kernel (forward and backward); other inputs, or inside
     ``ssmkit.ops.fused_kernels(False)``, a sum of shifted taps in PyTorch.
     """
-    _check_conv_args(x, weight, bias, state, reset)
+    _check_conv_args(x, weight, bias, initial_state, reset)
     if reverse:
-        y, new_state = short_conv(x.flip(1), weight, bias, state=state, reset=flip_reset(reset))
+        y, new_state = short_conv(x.flip(1), weight, bias, initial_state=initial_state, reset=flip_reset(reset))
         if reset is not None:  # x starts a segment: nothing carries on into the chunk to its left
             new_state = new_state * (~reset[:, 0]).to(new_state.dtype)[:, None, None]
         return y.flip(1), new_state
@@ -89,7 +89,7 @@ def short_conv(
     if width == 1:
         y = x * weight[:, 0]
         return (y if bias is None else y + bias), x.new_zeros(batch, channels, 0)
-    ctx = x.new_zeros(batch, width - 1, channels) if state is None else state.transpose(1, 2)
+    ctx = x.new_zeros(batch, width - 1, channels) if initial_state is None else initial_state.transpose(1, 2)
     xp = torch.cat([ctx, x], 1)  # (batch, width - 1 + length, channels)
     segp = None
     if reset is not None:
@@ -259,10 +259,10 @@ class ShortConv(nn.Module):
             self.bias.uniform_(-bound, bound)
 
     def forward(
-        self, x: Tensor, state: Tensor | None = None, *, reset: Tensor | None = None, reverse: bool = False
+        self, x: Tensor, initial_state: Tensor | None = None, *, reset: Tensor | None = None, reverse: bool = False
     ) -> tuple[Tensor, Tensor]:
         """x: (batch, length, channels) -> (y (batch, length, channels), state (batch, channels, width-1))."""
-        return short_conv(x, self.weight[:, 0], self.bias, state=state, reset=reset, reverse=reverse)
+        return short_conv(x, self.weight[:, 0], self.bias, initial_state=initial_state, reset=reset, reverse=reverse)
 
     def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """x_t: (batch, channels), state (batch, channels, width - 1) -> (y_t, new state)."""
