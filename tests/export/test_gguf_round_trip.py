@@ -4,6 +4,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ssmkit.export import to_gguf
 from ssmkit.interop import from_gguf
@@ -74,3 +76,21 @@ def test_llama_cpp_only_keys_give_the_same_function(tmp_path, arch):
     assert torch.allclose(a_log, ref, rtol=0, atol=2e-7)
     ids = torch.randint(0, 260, (2, 30))
     torch.testing.assert_close(_logits(back, ids), _logits(model, ids), rtol=0, atol=1e-5)
+
+
+@settings(max_examples=8)
+@given(arch=st.sampled_from(["mamba", "mamba2"]), d_model=st.sampled_from([8, 16, 24]), n_layers=st.integers(1, 3),
+       d_state=st.sampled_from([1, 4, 16]), d_conv=st.integers(2, 5), tie=st.booleans(), vocab=st.integers(3, 70),
+       dt_rank=st.integers(1, 5), headdim=st.sampled_from([4, 8]), ngroups=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**16))
+def test_f32_round_trip_is_exact_for_any_shape(tmp_path_factory, arch, d_model, n_layers, d_state, d_conv, tie,
+                                               vocab, dt_rank, headdim, ngroups, seed):
+    opts = {"mamba": {"d_state": d_state, "d_conv": d_conv, "dt_rank": dt_rank},
+            "mamba2": {"d_state": d_state, "d_conv": d_conv, "headdim": headdim, "ngroups": ngroups}}
+    model = small_lm(arch, n_layers=n_layers, d_model=d_model, vocab=vocab, tie=tie, seed=seed,
+                     mixer_options=opts)
+    back = from_gguf(to_gguf(model, tmp_path_factory.mktemp("h") / "m.gguf"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    ids = torch.randint(0, vocab, (2, 9))
+    assert torch.equal(_logits(model, ids), _logits(back, ids))
