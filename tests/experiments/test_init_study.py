@@ -40,3 +40,12 @@ def test_quick_pipeline_writes_and_resumes(tmp_path, monkeypatch, capsys):
 def test_bad_grid_names_the_field(changes, field):
     with pytest.raises(ValueError, match=f"StudyConfig.{field}"):
         S.StudyConfig(**changes)
+
+
+def test_a_run_with_a_checkpoint_continues_instead_of_restarting(tmp_path):
+    cell = S.QUICK.cells()[0]
+    first = S.run_cell(S.QUICK, cell, tmp_path)
+    ckpts = sorted((tmp_path / "checkpoints").iterdir())
+    again = S.run_cell(S.QUICK, cell, tmp_path)  # resumes at the final step: nothing left to train
+    assert again["value"] == first["value"] and again["final"] == first["final"]
+    assert sorted((tmp_path / "checkpoints").iterdir()) == ckpts

@@ -7,7 +7,8 @@ Trains every (task, family, init, lr, seed) of the grid with the library's own :
 and tasks (d_model 64, 2 layers: the presets), then writes ``OUT/init_study.json`` (one record per run) and
 ``OUT/init_study.md`` (one row per task and family, one column per init and lr: mean, min-max over seeds of the
 final validation metric). Finished runs are kept in ``OUT/runs.jsonl`` and skipped when the study is run again,
-so an interrupted study resumes where it stopped.
+and a run stopped part-way (Ctrl-C saves a checkpoint) continues from its checkpoint, so an interrupted study
+resumes where it stopped.
 
 Init rules (``model.init_std``, see docs/init.md): "scaled" is the default, embedding (and an untied LM head)
 std ``d_model ** -0.5``; "legacy" is the old fixed std 0.02. ``--quick`` runs a tiny grid (d_model 16, a few
@@ -27,7 +28,8 @@ from typing import Any
 
 import torch
 
-from ssmkit.train import Trainer, resolve_run
+from ssmkit.train import Trainer, latest_checkpoint, resolve_run
+from ssmkit.train.run_dir import CHECKPOINTS
 
 #: name -> task section (small settings a 2-layer, d_model 64 model learns in ~600 steps when it learns at all)
 TASKS: dict[str, dict[str, Any]] = {
@@ -89,7 +91,8 @@ def run_key(cell: dict[str, Any]) -> str:
 
 
 def run_cell(cfg: StudyConfig, cell: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """Train one cell from scratch; returns its record (coordinates, final metrics, metric name, wall time)."""
+    """Train one cell (continuing from a checkpoint in ``run_dir`` if there is one); returns its record
+    (coordinates, final metrics, metric name, wall time)."""
     task = dict(TASKS[cell["task"]])
     if cfg.steps < 50:  # quick runs: small splits
         task.update(num_train=64, num_val=16, num_test=16)
@@ -99,7 +102,8 @@ def run_cell(cfg: StudyConfig, cell: dict[str, Any], run_dir: Path) -> dict[str,
              "eval_batches": cfg.eval_batches, "warmup_steps": min(100, cfg.steps // 6)}
     setup = resolve_run({"task": task, "model": model, "train": train})
     start = time.perf_counter()
-    final = Trainer(setup, run_dir, quiet=True).train()
+    resume = latest_checkpoint(Path(run_dir) / CHECKPOINTS) is not None  # an interrupted run continues exactly
+    final = Trainer(setup, run_dir, resume=resume, quiet=True).train()
     wall = time.perf_counter() - start
     metric = setup.task.metric
     return {**cell, "key": run_key(cell), "metric": metric, "value": float(final[metric]),
