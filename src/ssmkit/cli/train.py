@@ -1,15 +1,27 @@
-"""``ssmkit train``: train a model on a task into a run directory (or continue one with --resume)."""
+"""``ssmkit train``: train a model on a task into a run directory (or continue one with --resume).
+
+Under ``torchrun`` (``torchrun --nproc_per_node N -m ssmkit.cli train ...``) every worker runs this same command
+and trains data parallel (see :mod:`ssmkit.train.trainer`); ``--nproc N`` starts exactly that through
+``python -m torch.distributed.run --standalone`` after checking the command line once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from .common import UsageError, removed_on_failure, setup_logging, slug
+from .common import EXIT_USAGE, UsageError, float_in, int_at_least, removed_on_failure, setup_logging, slug
+
+T = TypeVar("T")
+#: errors in what the user asked for (one line, exit status 2; see ssmkit.cli.main)
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
 
 _OUTPUTS = ("config.json", "config.yaml", "metrics.jsonl", "metrics.csv", "loss.png", "metric.png",
             "report.md")
@@ -25,7 +37,9 @@ def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         "  ssmkit train --task selective_copy --model s4d --set model.d_model=128 --run-dir runs/sc\n"
         "  ssmkit train --task text --set task.path=book.txt --model mamba2 --set train.lr=1e-3\n"
         "  ssmkit train --config run.yaml --set train.batch_size=16\n"
-        "  ssmkit train --resume --run-dir runs/sc --set train.steps=2000\n\n"
+        "  ssmkit train --resume --run-dir runs/sc --set train.steps=2000\n"
+        "  ssmkit train --nproc 2 --task mqar --set train.batch_size=32 --run-dir runs/dp   # data parallel\n"
+        "  torchrun --nproc_per_node 2 -m ssmkit.cli train --task mqar --run-dir runs/dp   # the same\n\n"
         "--set keys: task.<parameter> (see `ssmkit tasks`), model.<ModelConfig field> (d_model, pattern,\n"
         "n_layers, mlp, norm, dropout, ... and model.mixer_options.<mixer>.<option>, model.head),\n"
         "train.<field> (steps, batch_size, grad_accum, lr, min_lr_ratio, warmup_steps, schedule,\n"
@@ -41,6 +55,16 @@ def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
                    help="continue the run in --run-dir from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over in an existing --run-dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no info logging")
+    p.add_argument("--nproc", type=int_at_least(1), metavar="N",
+                   help="train data parallel on N processes of this machine (runs `python -m "
+                        "torch.distributed.run --standalone --nproc_per_node N -m ssmkit.cli train ...`); "
+                        "train.batch_size is the global batch")
+    p.add_argument("--backend", default="auto", metavar="NAME",
+                   help="torch.distributed backend of a data-parallel run: auto (gloo on CPU, nccl on CUDA), "
+                        "gloo or nccl (default: auto)")
+    p.add_argument("--dist-timeout", type=float_in(0.0, low_open=True), metavar="SECONDS",
+                   help="a data-parallel rank waiting longer than this for the others fails instead of hanging "
+                        "(default: $SSMKIT_DIST_TIMEOUT or 600)")
     p.set_defaults(func=run)
 
 
@@ -83,29 +107,159 @@ def _sections(args: argparse.Namespace, run_dir: Path | None) -> dict[str, dict[
     return apply_overrides(sections, args.set or [])
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..train import Trainer, TrainingInterrupted, resolve_run
-
-    setup_logging(args.quiet)
+def _given_run_dir(args: argparse.Namespace) -> Path | None:
     run_dir = Path(args.run_dir) if args.run_dir else None
     if args.resume and run_dir is None:
         raise UsageError("--resume needs --run-dir DIR (the run to continue)")
-    sections = _sections(args, run_dir)
-    setup = resolve_run(sections)
-    if run_dir is None:
-        run_dir = Path("runs") / slug(f"{setup.task.name}-{setup.model.preset}")
+    return run_dir
+
+
+def _default_run_dir(setup: Any) -> Path:
+    return Path("runs") / slug(f"{setup.task.name}-{setup.model.preset}")
+
+
+def _check_run_dir(args: argparse.Namespace, run_dir: Path, *, clear: bool) -> None:
     if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
         if not args.overwrite:
             raise UsageError(f"run directory {run_dir} exists and is not empty; use --resume to continue it, "
                              f"--overwrite to start over, or another --run-dir")
-        _clear_outputs(run_dir)
+        if clear:
+            _clear_outputs(run_dir)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..distributed.env import detect
+
+    env = detect()
+    if args.nproc is not None:
+        if env.distributed or "TORCHELASTIC_RUN_ID" in os.environ:
+            raise UsageError("--nproc starts torchrun itself; leave it out when the command runs under torchrun")
+        if args.nproc > 1:
+            return _launch(args)
+    if env.distributed:
+        return _run_data_parallel(args, env)
+    from ..distributed.env import resolve_backend, resolve_timeout
+    from ..train import resolve_run
+
+    resolve_backend(args.backend)
+    resolve_timeout(args.dist_timeout)
+    setup_logging(args.quiet)
+    run_dir = _given_run_dir(args)
+    setup = resolve_run(_sections(args, run_dir))
+    run_dir = run_dir or _default_run_dir(setup)
+    _check_run_dir(args, run_dir, clear=True)
+    return _train(args, setup, run_dir, main=True)
+
+
+# ------------------------------------------------------------------------------------------- data parallel
+def _worker_argv(args: argparse.Namespace, run_dir: Path) -> list[str]:
+    """The ``train`` command line every worker runs (``--nproc`` dropped, the run directory explicit)."""
+    out = ["train"]
+    for flag in ("task", "model", "config"):
+        if getattr(args, flag) is not None:
+            out += [f"--{flag}", getattr(args, flag)]
+    for item in args.set or []:
+        out += ["--set", item]
+    out += ["--run-dir", str(run_dir), "--backend", args.backend]
+    if args.dist_timeout is not None:
+        out += ["--dist-timeout", repr(args.dist_timeout)]
+    out += [f"--{flag}" for flag in ("resume", "overwrite", "quiet") if getattr(args, flag)]
+    return out
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """``--nproc N``: check the command once here, then become ``python -m torch.distributed.run --standalone
+    --nproc_per_node N -m ssmkit.cli train ...`` (torchrun's own launcher; signals go straight to it)."""
+    from ..distributed.data_parallel import check_global_batch
+    from ..distributed.env import resolve_backend, resolve_timeout
+    from ..train import resolve_run
+
+    resolve_backend(args.backend)
+    resolve_timeout(args.dist_timeout)
+    setup_logging(args.quiet)
+    run_dir = _given_run_dir(args)
+    setup = resolve_run(_sections(args, run_dir))
+    check_global_batch(setup.train.batch_size, args.nproc, setup.train.grad_accum)
+    run_dir = run_dir or _default_run_dir(setup)
+    _check_run_dir(args, run_dir, clear=False)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+            "--max_restarts=0", "-m", "ssmkit.cli", *_worker_argv(args, run_dir)]
+    logging.getLogger("ssmkit.train").info("data parallel on %d processes: %s", args.nproc, " ".join(argv[1:]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+    return 0  # not reached
+
+
+def _same_on_all_ranks(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank; if it raises a user error on any rank, every rank raises rank 0's error (or
+    the first failing rank's, naming it), so all stop together with one message."""
+    from ..distributed import data_parallel as dp
+
+    try:
+        value, err = fn(), None
+    except _USER_ERRORS as e:
+        value, err = None, e
+    messages = dp.gather_to_main(None if err is None else " ".join(str(err).split()))
+
+    def check() -> None:
+        if err is not None:
+            raise err
+        bad = [(r, m) for r, m in enumerate(messages or []) if m]
+        if bad:
+            raise UsageError(f"rank {bad[0][0]}: {bad[0][1]}")
+
+    dp.run_on_main(check)
+    return value  # type: ignore[return-value]
+
+
+def _run_data_parallel(args: argparse.Namespace, env: Any) -> int:
+    """A worker of a torchrun job: join the process group, agree on the run, train; rank 0 reports."""
+    import torch.distributed as dist
+
+    from ..distributed import data_parallel as dp
+    from ..distributed.env import process_group, resolve_backend, resolve_timeout
+    from ..train import resolve_run
+
+    setup_logging(args.quiet)
+    if not env.is_main:  # progress and logs come from rank 0
+        logging.getLogger("ssmkit").setLevel(logging.ERROR)
+    try:
+        backend, timeout = resolve_backend(args.backend), resolve_timeout(args.dist_timeout)
+        run_dir = _given_run_dir(args)
+        with process_group(env, backend, timeout):
+            # rank 0 reads the run's files (a resumed config) and prepares its directory; all ranks check
+            sections = dp.run_on_main(lambda: _sections(args, run_dir))
+            setup = _same_on_all_ranks(lambda: resolve_run(sections))
+            dp.check_global_batch(setup.train.batch_size, env.world_size, setup.train.grad_accum)
+            run_dir = run_dir or _default_run_dir(setup)
+            dp.run_on_main(lambda: _check_run_dir(args, run_dir, clear=True))
+            try:
+                return _train(args, setup, run_dir, main=env.is_main)
+            except dist.DistError as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                print(f"ssmkit train: error: rank {env.rank}: lost another rank of the job ({first}); stopping. "
+                      f"Resume from the newest complete checkpoint with --resume --run-dir {run_dir}",
+                      file=sys.stderr)
+                return 1
+    except _USER_ERRORS:
+        if not env.is_main:
+            return EXIT_USAGE  # rank 0 prints the same one-line error
+        raise
+
+
+# ------------------------------------------------------------------------------------------- training
+def _train(args: argparse.Namespace, setup: Any, run_dir: Path, *, main: bool) -> int:
+    from ..train import Trainer, TrainingInterrupted
+
     log = logging.getLogger("ssmkit.train")
     trainer = None
 
     def wrote_something_real() -> bool:  # a checkpoint, or training records worth looking at
         return trainer is not None and (trainer.last_checkpoint is not None or trainer.step > 0)
 
-    with removed_on_failure(run_dir, keep=wrote_something_real):
+    cleanup = removed_on_failure(run_dir, keep=wrote_something_real) if main else contextlib.nullcontext()
+    with cleanup:
         trainer = Trainer(setup, run_dir, resume=args.resume, quiet=args.quiet)
         log.info("%s  (%s parameters)", trainer.model.summary(), f"{trainer.model.num_parameters():,}")
         log.info("task %s: %s; chance level %s; run directory %s", setup.task.name, setup.task.description,
@@ -113,9 +267,13 @@ def run(args: argparse.Namespace) -> int:
         try:
             metrics = trainer.train()
         except TrainingInterrupted as e:
+            if not main:
+                return 128 + e.signum
             print(f"interrupted at step {e.step}/{setup.train.steps}; checkpoint saved to {e.checkpoint}\n"
                   f"continue with: ssmkit train --resume --run-dir {run_dir}", file=sys.stderr)
             return 128 + e.signum
+    if not main:
+        return 0
     m = setup.task.metric
     chance = setup.task.chance_level
     print(f"done: step {trainer.step}/{setup.train.steps}, val {m} {metrics.get(m, float('nan')):.4f}"

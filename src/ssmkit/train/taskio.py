@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,21 +30,23 @@ def model_inputs(model: SequenceModel, batch: Batch) -> Tensor:
     return batch["inputs"].to(model.backbone.param_dtype)
 
 
-def model_outputs(model: SequenceModel, task: Task, batch: Batch) -> Tensor:
-    """Run ``model`` on ``batch``; returns the outputs ``task.loss`` takes (see the module docstring)."""
+def model_outputs(model: SequenceModel, task: Task, batch: Batch, forward: Callable[..., Any] | None = None) -> Tensor:
+    """Run ``model`` on ``batch``; returns the outputs ``task.loss`` takes (see the module docstring).
+    ``forward``: what to call instead of ``model`` itself (e.g. its DistributedDataParallel wrapper)."""
     x = model_inputs(model, batch)
+    run = model if forward is None else forward
     kw = {}
     if "reset" in batch:
         kw["reset"] = batch["reset"]
     if "prefix_mask" in batch:
         kw["prefix_mask"] = batch["prefix_mask"]
     if task.kind == "lm":
-        return model(x, **kw).logits
+        return run(x, **kw).logits
     if "mask" in batch:
         kw["padding_mask"] = batch["mask"]
     if task.kind == "classification":
-        return model(x, **kw).logits
-    out = model(x, **kw).outputs  # (batch, length, horizon * d)
+        return run(x, **kw).logits
+    out = run(x, **kw).outputs  # (batch, length, horizon * d)
     b = out.shape[0]
     return out[:, -1].reshape(b, task.horizon, task.d_output)
 

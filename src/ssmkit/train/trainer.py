@@ -12,6 +12,13 @@ clipping, the scheduled lr, AdamW. Every ``log_every`` steps a training record g
 is called); every ``save_every`` steps, at the end and on SIGINT/SIGTERM a checkpoint is written atomically.
 ``Trainer(..., resume=True)`` continues from the newest checkpoint exactly: model, optimizer, schedule, RNG
 states and data position.
+
+Data parallel: when a ``torch.distributed`` process group is initialised (``torchrun``, see
+:mod:`ssmkit.distributed`), every rank draws the same global batch, trains its contiguous shard
+(``batch_size / world_size`` rows, in ``grad_accum`` micro-batches) through ``DistributedDataParallel``, and
+each micro-batch's mean loss is weighted by ``world_size x`` its share of the global batch's scored items, so the
+averaged gradient is the global batch's. Rank 0 alone evaluates and writes the run directory; ranks agree every
+step whether a signal asks them to stop, and rank 0 writes the checkpoint (with every rank's RNG stream).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from typing import Any
 import torch
 
 from ..data import Task
+from ..distributed import data_parallel as dp
+from ..distributed.env import current as current_dist
 from ..models import SequenceModel, load_pretrained
 from .activation import enable_activation_checkpointing
 from .build import RunSetup
@@ -99,7 +108,9 @@ class Trainer:
 
     The run owns its torch/numpy/Python RNG states (:class:`~ssmkit.train.checkpoints.RngStates`, seeded by
     ``train.seed`` and saved in checkpoints): model initialisation, dropout and anything a batch source draws
-    from the global generators use them, and the caller's global RNG states are left untouched.
+    from the global generators use them, and the caller's global RNG states are left untouched. Under data
+    parallelism that stream (initialisation, batches) is the same on every rank, and forward/backward passes
+    (dropout) draw from the rank's own stream, seeded by ``rank_seed(train.seed, rank)``.
     """
 
     def __init__(self, setup: RunSetup, run_dir: str | Path, *, source: BatchSource | None = None,
@@ -109,22 +120,29 @@ class Trainer:
         self.ckpt_root = self.run_dir / CHECKPOINTS
         self.quiet = quiet
         cfg = self.cfg
-        ckpt, saved = None, None
+        self.dist = current_dist()
+        self.is_main = self.dist.is_main
+        if self.dist.distributed:
+            dp.check_global_batch(cfg.batch_size, self.dist.world_size, cfg.grad_accum)
+        ckpt, saved, loaded = None, None, {}
         if resume:
-            ckpt = latest_checkpoint(self.ckpt_root)
-            if ckpt is None:
-                raise ResumeError(f"--resume: no checkpoint in {self.ckpt_root}")
-            saved = read_training_state(ckpt)
-            if int(saved[0]["step"]) > cfg.steps:
-                raise ResumeError(f"train.steps={cfg.steps} is below the checkpoint's step {saved[0]['step']} "
-                                  f"({ckpt}); resume with train.steps >= {saved[0]['step']}")
+            def read() -> tuple[Path, tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+                found = self._read_resume()
+                with RngStates.seeded(cfg.seed).active():  # loading initialises first: keep the caller's RNG
+                    loaded["model"] = self._load_model(found[0])
+                return found
+
+            ckpt, saved = dp.run_on_main(read) if self.dist.distributed else read()
         # the run's own RNG states (seeded by cfg.seed); the caller's global RNGs are never changed
         self.rng = RngStates.seeded(cfg.seed)
-        with self.rng.active():
-            self.model = setup.build_model() if ckpt is None else self._load_model(ckpt)
+        with self.rng.active():  # other ranks get rank 0's weights from DistributedDataParallel
+            self.model = loaded["model"] if "model" in loaded else setup.build_model()
         self.model.train()
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(self.model)
+        # rank r's stream for forward/backward draws (dropout); one process uses self.rng for everything
+        self.rank_rng = RngStates.seeded(dp.rank_seed(cfg.seed, self.dist.rank)) if self.dist.distributed else None
+        self.ddp = dp.wrap_model(self.model) if self.dist.distributed else None
         self.optimizer = build_optimizer(self.model, cfg)
         self.schedule = LRSchedule.from_config(cfg)
         self.source: BatchSource = source if source is not None else TaskBatchSource(
@@ -136,17 +154,32 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.last_checkpoint: Path | None = None
         self._signal: int | None = None
+        self._signal_time = 0.0
+        self._stop_agreed = False
         self._session_start = time.perf_counter()
-        # everything above only reads; the run directory is created (or changed) from here on
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = MetricsLog(self.run_dir)
+        # everything above only reads; the run directory is created (or changed) from here on, by rank 0 only
+        self.metrics: MetricsLog | None = None
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.metrics = MetricsLog(self.run_dir)
         if ckpt is not None:
             self._restore(ckpt, *saved)
-        else:
+        elif self.metrics is not None:
             self.metrics.reset()
-        write_config(self.run_dir, setup.to_dict())
+        if self.is_main:
+            write_config(self.run_dir, setup.to_dict())
 
     # ------------------------------------------------------------------------------------------ resume
+    def _read_resume(self) -> tuple[Path, tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+        ckpt = latest_checkpoint(self.ckpt_root)
+        if ckpt is None:
+            raise ResumeError(f"--resume: no checkpoint in {self.ckpt_root}")
+        saved = read_training_state(ckpt)
+        if int(saved[0]["step"]) > self.cfg.steps:
+            raise ResumeError(f"train.steps={self.cfg.steps} is below the checkpoint's step {saved[0]['step']} "
+                              f"({ckpt}); resume with train.steps >= {saved[0]['step']}")
+        return ckpt, saved
+
     def _load_model(self, ckpt: Path) -> SequenceModel:
         model = load_pretrained(ckpt)
         spec = self.setup.model
@@ -168,7 +201,7 @@ class Trainer:
                 raise ResumeError(f"{ckpt}: the checkpoint was trained with another {section} config "
                                   f"({saved.get(section)}); cannot resume with {now[section]}")
         changed = [k for k in now["train"] if saved.get("train", {}).get(k) != now["train"][k]]
-        if changed:
+        if changed and self.is_main:
             log.warning("resuming with changed train settings: %s", ", ".join(
                 f"{k}: {saved.get('train', {}).get(k)!r} -> {now['train'][k]!r}" for k in changed))
         optimizer_from_flat(self.optimizer, tensors, meta["optimizer"])
@@ -178,53 +211,100 @@ class Trainer:
         self.train_time = float(meta["train_time"])
         self.elapsed_before = float(meta["elapsed"])
         self.last_eval = dict(meta.get("last_eval") or {})
-        self.metrics.truncate_after(self.step)
+        if self.metrics is not None:
+            self.metrics.truncate_after(self.step)
         self.rng = RngStates.from_checkpoint(tensors, meta["rng"])
+        if self.rank_rng is not None:
+            self._restore_rank_rng(meta)
         self.last_checkpoint = ckpt
-        log.info("resumed from %s at step %d", ckpt, self.step)
+        if self.is_main:
+            log.info("resumed from %s at step %d", ckpt, self.step)
+
+    def _restore_rank_rng(self, meta: dict[str, Any]) -> None:
+        """This rank's own RNG stream from a data-parallel checkpoint of the same world size; otherwise (another
+        world size, or a one-process checkpoint) a fresh stream derived from the seed, rank and step."""
+        saved = meta.get("rank_rng") or []
+        rank, world = self.dist.rank, self.dist.world_size
+        if len(saved) == world:
+            self.rank_rng = RngStates.from_checkpoint(saved[rank]["tensors"], saved[rank]["meta"])
+            return
+        self.rank_rng = RngStates.seeded(dp.rank_seed(self.cfg.seed + self.step, rank))
+        if self.is_main:
+            log.warning("the checkpoint was written by %s; each of the %d ranks starts a new RNG stream (dropout "
+                        "draws differ from an uninterrupted run)",
+                        f"world size {len(saved)}" if saved else "one process", world)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self._session_start
 
     def save_checkpoint(self) -> Path:
-        """Write a checkpoint of the current step (atomic) and return its directory."""
+        """Write a checkpoint of the current step (atomic) and return its directory. Under data parallelism
+        every rank calls it: rank 0 gathers the ranks' RNG streams and writes; all ranks get the path."""
+        if self.rank_rng is None:
+            self.last_checkpoint = self._write_checkpoint(None)
+        else:
+            streams = dp.gather_to_main(self.rank_rng.current().to_checkpoint())
+            self.last_checkpoint = dp.run_on_main(lambda: self._write_checkpoint(streams))
+        if self.is_main:
+            log.info("checkpoint: %s", self.last_checkpoint)
+        return self.last_checkpoint
+
+    def _write_checkpoint(self, rank_streams: list[Any] | None) -> Path:
         state = {"steps": self.cfg.steps, "source": self.source.state_dict(), "tokens_seen": self.tokens_seen,
                  "train_time": self.train_time, "elapsed": self.elapsed(), "last_eval": self.last_eval,
                  "schedule": {"kind": self.schedule.kind, "total_steps": self.schedule.total_steps,
                               "warmup_steps": self.schedule.warmup_steps,
                               "min_ratio": self.schedule.min_ratio, "next_step": self.step},
-                 "config": self.setup.to_dict()}
-        self.last_checkpoint = save_training_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer,
-                                                        state, rng=self.rng.current(),
-                                                        keep=self.cfg.keep_checkpoints)
-        log.info("checkpoint: %s", self.last_checkpoint)
-        return self.last_checkpoint
+                 "config": self.setup.to_dict(), "world_size": self.dist.world_size}
+        if rank_streams is not None:
+            state["rank_rng"] = [{"tensors": t, "meta": m} for t, m in rank_streams]
+        return save_training_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, state,
+                                        rng=self.rng.current(), keep=self.cfg.keep_checkpoints)
 
     # ------------------------------------------------------------------------------------------ steps
     def accumulate_gradients(self, batch: dict[str, torch.Tensor]) -> float:
         """Forward and backward of ``batch`` in ``grad_accum`` micro-batches, each weighted by its share of
-        the scored items, so the accumulated ``.grad`` equals the whole batch's; returns the batch loss."""
+        the scored items, so the accumulated ``.grad`` equals the whole batch's; returns the batch loss.
+
+        Data parallel: ``batch`` is the global batch; this rank trains its shard (:func:`shard_rows`), its
+        micro-batches weighted by ``world_size x`` their share of the global batch's scored items (DDP averages
+        over the ranks), and the return value is this rank's part of the global loss (the ranks' parts sum to
+        it)."""
         cfg = self.cfg
-        micro = split_batch(batch, cfg.grad_accum)
-        weights = [batch_weight(self.task, mb) for mb in micro]
-        total = sum(weights)
+        world = self.dist.world_size
+        total = batch_weight(self.task, batch)
+        shard = dp.shard_rows(batch, self.dist.rank, world) if self.ddp is not None else batch
+        micro = split_batch(shard, cfg.grad_accum)
         loss_value = 0.0
-        for mb, w in zip(micro, weights, strict=True):
-            scale = w / total if total > 0 else 1.0 / len(micro)
-            with autocast_context(cfg.autocast):
+        for i, mb in enumerate(micro):
+            share = batch_weight(self.task, mb) / total if total > 0 else 1.0 / (len(micro) * world)
+            scale = share * world
+            sync = self.ddp is None or i == len(micro) - 1 or cfg.chunk_len is not None
+            with autocast_context(cfg.autocast), self._rank_stream(), \
+                    (contextlib.nullcontext() if sync else self.ddp.no_sync()):
                 if cfg.chunk_len is not None:
-                    loss_value += scale * self._chunked(mb, scale)
+                    loss_value += share * self._chunked(mb, scale)
                     continue
-                loss = task_loss(self.task, model_outputs(self.model, self.task, mb), mb)
-            (loss * scale).backward()
-            loss_value += scale * float(loss.detach())
+                loss = task_loss(self.task, model_outputs(self.model, self.task, mb, forward=self.ddp), mb)
+                (loss * scale).backward()
+            loss_value += share * float(loss.detach())
+        if self.ddp is not None and cfg.chunk_len is not None:  # chunked passes bypass the DDP wrapper
+            dp.average_gradients(self.model.parameters())
         return loss_value
 
+    def _rank_stream(self):
+        """This rank's own RNG stream (data parallel), else a no-op (the run's stream is already active)."""
+        return self.rank_rng.active() if self.rank_rng is not None else contextlib.nullcontext()
+
     def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
-        """One optimizer step on ``batch``: returns (batch loss, gradient norm before clipping)."""
+        """One optimizer step on ``batch``: returns (batch loss, gradient norm before clipping). Data parallel:
+        the ranks also agree here whether any of them received a stop signal (:attr:`_stop_agreed`)."""
         with self.rng.active():  # dropout draws from the run's RNG (a no-op inside train())
             loss_value = self.accumulate_gradients(batch)
+        if self.ddp is not None:
+            loss_value, stops = dp.sum_over_ranks([loss_value, float(self._signal is not None)])
+            self._stop_agreed = stops > 0
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"non-finite training loss ({loss_value}) at step {self.step + 1}; "
                                      f"try a lower train.lr (now {self.cfg.lr}) or train.grad_clip")
@@ -248,14 +328,17 @@ class Trainer:
         return evaluate_model(self.model, self.task, split, bs, self.cfg.eval_batches, self.cfg.autocast)
 
     def _eval_and_log(self) -> dict[str, float]:
+        """Evaluate on the validation split (rank 0 only; every rank gets the metrics and calls ``on_eval``)."""
         t = time.perf_counter()
-        metrics = self.evaluate("val")
+        metrics = self._agreed(lambda: self.evaluate("val"))
         self.last_eval = metrics
-        self.metrics.append({"step": self.step, "split": "val", **metrics,
-                             "eval_time": time.perf_counter() - t})
         hook = getattr(self.source, "on_eval", None)
         if callable(hook):
             hook(self.step, metrics)
+        if self.metrics is None:
+            return metrics
+        self.metrics.append({"step": self.step, "split": "val", **metrics,
+                             "eval_time": time.perf_counter() - t})
         m = self.task.metric
         log.info("step %d/%d  val %s %.4f%s", self.step, self.cfg.steps, m, metrics.get(m, math.nan),
                  f"  loss {metrics['loss']:.4f}" if "loss" in metrics and m != "loss" else "")
@@ -272,11 +355,15 @@ class Trainer:
         return old
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._signal is not None and self.ddp is not None and time.monotonic() - self._signal_time < 5.0:
+            return  # Ctrl-C in a terminal reaches a worker twice: directly and forwarded by torchrun
         if self._signal is not None:  # a second signal: stop now
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             raise SystemExit(128 + signum)
-        self._signal = signum
+        self._signal, self._signal_time = signum, time.monotonic()
+        if not self.is_main:
+            return
         log.warning("%s received: saving a checkpoint after this step (send again to stop immediately)",
                     signal.Signals(signum).name)
 
@@ -315,7 +402,7 @@ class Trainer:
                 self.train_time += dt
                 window_loss, window_n = window_loss + loss, window_n + 1
                 window_tokens, window_time = window_tokens + tokens, window_time + dt
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if self.metrics is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     rec = {"step": self.step, "split": "train", "loss": window_loss / window_n,
                            "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                            "tokens_per_s": window_tokens / max(window_time, 1e-9), "tokens": self.tokens_seen,
@@ -337,15 +424,15 @@ class Trainer:
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint()
                     self.write_outputs()
-                if self._signal is not None:
+                if self._stop_agreed if self.ddp is not None else self._signal is not None:
                     path = self.save_checkpoint()
                     self.write_outputs(interrupted=True)
-                    raise TrainingInterrupted(self._signal, self.step, path)
+                    raise TrainingInterrupted(self._signal or signal.SIGTERM, self.step, path)
             if self.step < cfg.steps:  # stopped early on purpose (until)
                 self.save_checkpoint()
                 self.write_outputs(interrupted=True)
                 return self.last_eval
-            if not self._evaluated_at(self.step):
+            if self._agreed(lambda: not self._evaluated_at(self.step)):
                 self._eval_and_log()
             if self.last_checkpoint is None or self.last_checkpoint.name != step_dir_name(self.step):
                 self.save_checkpoint()
@@ -358,13 +445,18 @@ class Trainer:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
             torch.set_num_threads(old_threads)
-            self._signal = None
+            self._signal, self._stop_agreed = None, False
 
     def _evaluated_at(self, step: int) -> bool:
-        return any(r.get("split") == "val" and r.get("step") == step for r in self.metrics.records)
+        return self.metrics is not None and any(r.get("split") == "val" and r.get("step") == step
+                                                for r in self.metrics.records)
+
+    def _agreed(self, decide):
+        """``decide()`` as rank 0 sees it (rank 0 holds the metrics), on every rank."""
+        return dp.run_on_main(decide) if self.ddp is not None else decide()
 
     def _progress_bar(self):
-        if self.quiet or not sys.stderr.isatty():
+        if self.quiet or not self.is_main or not sys.stderr.isatty():
             return None
         from tqdm.auto import tqdm
 
@@ -387,7 +479,9 @@ class Trainer:
         }
 
     def write_outputs(self, interrupted: bool = False, plots: bool = True) -> None:
-        """metrics.csv, report.md and (with ``plots``) loss.png / metric.png from the current state."""
+        """metrics.csv, report.md and (with ``plots``) loss.png / metric.png from the current state (rank 0)."""
+        if self.metrics is None:
+            return
         self.metrics.write_csv()
         if plots and self.cfg.plots:
             title = f"{self.task.name} / {self.setup.model.preset}"
