@@ -1,0 +1,157 @@
+"""Exact sequence (context) parallelism: one sequence split into P contiguous shards on the P ranks of a group.
+
+    x_local = shard_sequence(x, group)          # (batch, L, ...) -> (batch, L_r, ...), rank r's piece
+    sp = SequenceParallel(model_or_layer, group)
+    y_local = sp(x_local, reset=shard_sequence(reset, group))   # the local piece of the one-process output
+    y = gather_sequence(y_local, group)         # the whole output on every rank (differentiable)
+
+Shards are contiguous and as even as possible (the first L mod P ranks get one token more). Every supported
+layer gives exactly the one-process outputs and gradients of its shard: recurrent layers with a diagonal state
+(Mamba, Mamba2, S4D, GatedSSM, RGLRU: :mod:`.sequence_recurrent`) and causal / sliding-window attention
+(ring attention: :mod:`.ring_attention`). Per-token modules (embeddings, norms, MLPs, heads) need nothing.
+
+Weight gradients: each rank holds the gradient of its own shard's share of the loss, so the gradients of a
+parameter must be summed over the sequence-parallel group (DDP over the whole world does this, up to its
+averaging: scale the local loss so that the group's per-rank losses add up to the one-process loss).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..layers.attention import Attention
+from ..layers.base import SequenceLayer, rename_state_kwargs
+from ..layers.gated import RGLRU, GatedSSM
+from ..layers.mamba import Mamba
+from ..layers.mamba2 import Mamba2
+from ..layers.s4d import S4D
+from .ring_attention import ring_attention_forward
+from .sequence_comm import all_gather_autograd, group_rank_size
+from .sequence_recurrent import recurrent_forward
+
+RECURRENT = (Mamba, Mamba2, S4D, GatedSSM, RGLRU)
+SUPPORTED = (*RECURRENT, Attention)
+
+
+def shard_bounds(length: int, parts: int) -> list[tuple[int, int]]:
+    """[start, end) of each of ``parts`` contiguous shards of ``length`` tokens; sizes differ by at most one."""
+    if length < parts:
+        raise ValueError(f"shard_sequence: the sequence has {length} tokens, fewer than the {parts} ranks of the "
+                         f"sequence-parallel group; every rank needs at least one token")
+    base, extra = divmod(length, parts)
+    sizes = [base + (i < extra) for i in range(parts)]
+    starts = [sum(sizes[:i]) for i in range(parts)]
+    return [(s, s + n) for s, n in zip(starts, sizes, strict=False)]
+
+
+def shard_sequence(x: Tensor, group: dist.ProcessGroup | None = None, *, dim: int = 1) -> Tensor:
+    """This rank's contiguous piece of ``x`` along ``dim`` (default 1, the time axis of (batch, length, ...))."""
+    if not isinstance(x, Tensor) or x.ndim <= dim:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"shard_sequence: x must be a tensor with a dimension {dim} (time), got {got}")
+    rank, size = group_rank_size(group)
+    start, end = shard_bounds(x.shape[dim], size)[rank]
+    return x.narrow(dim, start, end - start)
+
+
+def gather_sequence(x: Tensor, group: dist.ProcessGroup | None = None, *, dim: int = 1) -> Tensor:
+    """Inverse of :func:`shard_sequence` on every rank (differentiable): the pieces of all ranks, in rank order,
+    concatenated along ``dim``. Pieces may differ in length along ``dim`` only."""
+    if not isinstance(x, Tensor) or x.ndim <= dim:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"gather_sequence: x must be a tensor with a dimension {dim} (time), got {got}")
+    from .sequence_comm import all_gather
+
+    lengths = all_gather(torch.tensor([x.shape[dim]], device=x.device), group)[:, 0].tolist()
+    most = max(lengths)
+    pad = [0, 0] * (x.ndim - 1 - dim) + [0, most - x.shape[dim]]
+    padded = torch.nn.functional.pad(x, pad) if most > x.shape[dim] else x
+    pieces = all_gather_autograd(padded, group).unbind(0)
+    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(pieces, lengths, strict=False)], dim=dim)
+
+
+def layer_forward(layer: SequenceLayer, x: Tensor, *, reset: Tensor | None = None,
+                  group: dist.ProcessGroup | None = None) -> Tensor:
+    """The local shard of ``layer(x_full, reset=reset_full)`` for this rank's shard ``x`` (batch, L_r, d_model)
+    and ``reset`` (batch, L_r) bool or None. Collective: every rank of ``group`` must call it."""
+    name = type(layer).__name__
+    if not isinstance(layer, SUPPORTED):
+        raise NotImplementedError(f"sequence parallel: {name} is not supported yet (supported: "
+                                  f"{', '.join(c.__name__ for c in SUPPORTED)})")
+    if getattr(layer, "reverse", False):
+        raise NotImplementedError(f"sequence parallel: {name} with reverse=True (right to left) is not supported")
+    x = layer.check_input(x)
+    layer.check_dtype(x, "x")
+    reset = layer.check_reset(reset, x)
+    if isinstance(layer, Attention):
+        return ring_attention_forward(layer, x, reset, group)
+    return recurrent_forward(layer, x, reset, group)
+
+
+class SequenceParallel(nn.Module):
+    """Runs ``module`` (a supported layer, or a model such as CausalLM whose mixers are supported layers) on this
+    rank's shard: every top-level sequence layer inside it computes its exact distributed form, everything else
+    runs per token as usual. ``forward(*args, **kwargs)`` is ``module``'s forward on local shards (inputs,
+    ``reset``, ``labels``, ... all sharded with :func:`shard_sequence`) and returns its local outputs.
+
+    The module itself is not changed (its parameters and state_dict keys stay the same): the layers' forwards are
+    redirected only while ``forward`` runs. State passing (``initial_state`` / ``return_final_state``) and
+    prefix masks are not supported.
+    """
+
+    def __init__(self, module: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        self.module, self.group = module, group
+        self.layers = _top_layers(module)
+        if not self.layers:
+            raise ValueError(f"SequenceParallel: {type(module).__name__} contains no sequence layers")
+        bad = sorted({type(m).__name__ for m in self.layers if not isinstance(m, SUPPORTED)})
+        if bad:
+            raise NotImplementedError(f"SequenceParallel: layers {', '.join(bad)} are not supported yet "
+                                      f"(supported: {', '.join(c.__name__ for c in SUPPORTED)})")
+
+    def forward(self, *args, **kwargs):
+        rename_state_kwargs(f"{type(self).__name__}.forward", kwargs)
+        if kwargs.get("initial_state") is not None or kwargs.get("return_final_state"):
+            raise ValueError("SequenceParallel: state passing (initial_state / return_final_state) is not "
+                             "supported; every rank starts its shard from the true state of the ranks before it")
+        if kwargs.get("prefix_mask") is not None:
+            raise NotImplementedError("SequenceParallel: prefix_mask is not supported yet")
+        with _redirected(self.layers, self.group):
+            return self.module(*args, **kwargs)
+
+
+def _top_layers(module: nn.Module) -> list[SequenceLayer]:
+    """Sequence layers in ``module`` not nested inside another sequence layer (``module`` itself if it is one)."""
+    if isinstance(module, SequenceLayer):
+        return [module]
+    out: list[SequenceLayer] = []
+    for child in module.children():
+        out += _top_layers(child)
+    return out
+
+
+@contextmanager
+def _redirected(layers: list[SequenceLayer], group: dist.ProcessGroup | None) -> Iterator[None]:
+    def make(layer: SequenceLayer):
+        def forward(x, initial_state=None, *, reset=None, prefix_mask=None, return_final_state=False):
+            if initial_state is not None or return_final_state:
+                raise ValueError(f"{type(layer).__name__}: state passing is not supported under SequenceParallel")
+            if prefix_mask is not None:
+                raise NotImplementedError(f"{type(layer).__name__}: prefix_mask is not supported under "
+                                          f"SequenceParallel yet")
+            return layer_forward(layer, x, reset=reset, group=group)
+        return forward
+
+    for layer in layers:
+        layer.forward = make(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward

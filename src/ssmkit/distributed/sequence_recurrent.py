@@ -1,0 +1,176 @@
+"""Exact sequence parallelism for recurrent layers with a diagonal state (Mamba, Mamba2, S4D, GatedSSM, RGLRU).
+
+Rank r holds the contiguous shard x_r (batch, L_r, d_model) of one sequence. The layer's state has two kinds of
+fields:
+
+* a short convolution's state (``conv``: the last d_conv - 1 conv inputs, time last) is a halo: it is the conv
+  input of the previous tokens, a per-token function of x. Each rank runs the layer on its own last d_conv - 1
+  tokens from a zero state (cheap), the final ``conv`` fields are all-gathered (differentiable) with the shard
+  lengths and "has a reset" flags, and rank r composes the true halo from ranks < r: a shard shorter than the
+  halo shifts the earlier halo in, a reset anywhere in a shard cuts it.
+* every other field h is a diagonal linear recurrence given the halo: h_final = M ⊙ h0 + b. With the true halo,
+  one batched no-grad pass with h0 = 0 and h0 = 1 gives b and M (M = h1 - b; a reset in the shard makes M 0).
+  (M, b) are all-gathered, an exclusive scan gives the true h0 of every rank, and the layer runs once more from
+  (halo, h0) with autograd: its output is the one-process output of the shard.
+
+Backward (:class:`_ShardPass`): the gradient G_r of the loss w.r.t. h0_r obeys G_r = a_r + conj(M_r) ⊙ G_{r+1},
+where a_r is the h0-gradient of the local output alone (a pruned backward). The a_r are all-gathered, a reverse
+exclusive scan gives G_{r+1}, and one backward of (y_r, h_final_r) with (dL/dy_r, G_{r+1}) gives the exact input,
+halo and weight gradients, because h_final_r of that pass is the very function M_r ⊙ h0 + b_r of (x, halo, θ).
+
+Communication per layer and step does not depend on L: the halo (P * batch * conv_channels * (d_conv - 1)) and
+(M, b) forward (P * 2 * batch * state size), a_r backward (P * batch * state size), all-reduce of the halo
+gradients, and 2 + batch int64 per rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..layers.base import LayerState, SequenceLayer
+from .sequence_comm import all_gather, all_gather_autograd, group_rank_size
+
+HALO_FIELDS = ("conv",)
+
+
+def _fields(state: LayerState) -> dict[str, Tensor]:
+    out = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    if not all(isinstance(t, Tensor) for t in out.values()):
+        raise TypeError(f"sequence parallel: {type(state).__name__} has nested or non-tensor fields; only flat "
+                        f"states of tensors are supported")
+    return out
+
+
+def _shift_in(halo: Tensor, length: int) -> Tensor:
+    """The part of an initial conv state still visible after ``length`` more tokens, aligned oldest first."""
+    width = halo.shape[-1]
+    if length >= width:
+        return torch.zeros_like(halo)
+    return torch.cat([halo[..., length:], torch.zeros_like(halo[..., :length])], dim=-1)
+
+
+def true_halo(layer: SequenceLayer, x: Tensor, reset: Tensor | None, zero: dict[str, Tensor],
+              group: dist.ProcessGroup | None) -> dict[str, Tensor]:
+    """The conv fields of this rank's true initial state (differentiable w.r.t. earlier ranks' inputs)."""
+    halo_names = [n for n in zero if n in HALO_FIELDS and zero[n].shape[-1] > 0]
+    if not halo_names:
+        return {n: zero[n] for n in zero if n in HALO_FIELDS}
+    rank, _ = group_rank_size(group)
+    batch, length, _ = x.shape
+    width = max(zero[n].shape[-1] for n in halo_names)
+    tail = min(width, length)
+    rt = None if reset is None else reset[:, -tail:]
+    _, fin = _local(layer, x[:, -tail:], reset=rt, return_final_state=True)
+    fin = _fields(fin)
+    keep = torch.ones(batch, dtype=torch.long, device=x.device) if reset is None else (~reset.any(1)).long()
+    meta = all_gather(torch.cat([torch.tensor([length], device=x.device), keep]), group)  # (P, 1 + batch)
+    out = dict(zero)
+    for n in halo_names:
+        gathered = all_gather_autograd(fin[n], group)  # (P, batch, channels, width)
+        h = zero[n]
+        for j in range(rank):
+            k = meta[j, 1:].to(h.dtype).view(batch, *([1] * (h.ndim - 1)))
+            h = _shift_in(h, int(meta[j, 0])) * k + gathered[j]
+        # the unused slots stay in the graph, so that every rank runs the all-gather's backward (a collective)
+        out[n] = h + gathered[rank:].sum() * 0
+    return out
+
+
+def _local(layer: SequenceLayer, *args, **kwargs):
+    """The layer's own forward, bypassing the redirection :class:`~.sequence.SequenceParallel` installs."""
+    return type(layer).forward(layer, *args, **kwargs)
+
+
+def _scan(ms: Tensor, bs: Tensor, upto: int) -> Tensor:
+    """h_0 = 0, h_{j+1} = M_j ⊙ h_j + b_j; returns h_upto. ms, bs: (P, ...)."""
+    h = torch.zeros_like(bs[0])
+    for j in range(upto):
+        h = ms[j] * h + bs[j]
+    return h
+
+
+def _build(zero: LayerState, fields: dict[str, Tensor]) -> LayerState:
+    return dataclasses.replace(zero, **fields)
+
+
+class _ShardPass(torch.autograd.Function):
+    """y_r from (x_r, halo_r): summaries, exchange, scan and the true pass forward; the state-gradient scan
+    and one backward of the true pass backward (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, run: dict, x: Tensor, *rest: Tensor):  # type: ignore[override]
+        layer, reset, group, zero = run["layer"], run["reset"], run["group"], run["zero"]
+        names = run["halo_names"]
+        halo = dict(zip(names, rest[: len(names)], strict=False))
+        rank, size = group_rank_size(group)
+        affine = [n for n in _fields(zero) if n not in names]
+        zf = _fields(zero)
+        with torch.no_grad():  # M and b from one batched pass: rows [0, B) start at 0, rows [B, 2B) at 1
+            two = {n: torch.cat([halo[n], halo[n]]) for n in names}
+            two.update({n: torch.cat([zf[n], torch.ones_like(zf[n])]) for n in affine})
+            r2 = None if reset is None else torch.cat([reset, reset])
+            _, fin = _local(layer, torch.cat([x, x]), _build(run["zero2"], two), reset=r2, return_final_state=True)
+            fin = _fields(fin)
+            ms, h0 = {}, {}
+            for n in affine:
+                b, one = fin[n].chunk(2)
+                both = all_gather(torch.stack([one - b, b]), group)  # (P, 2, batch, ...)
+                ms[n] = both[:, 0]
+                h0[n] = _scan(both[:, 0], both[:, 1], rank)
+        ctx.run, ctx.rank, ctx.size, ctx.ms, ctx.affine = run, rank, size, ms, affine
+        if not run["need_grad"]:
+            with torch.no_grad():
+                return _local(layer, x, _build(zero, {**halo, **h0}), reset=reset)
+        with torch.enable_grad():
+            xd = x.detach().requires_grad_(x.requires_grad)
+            hd = {n: t.detach().requires_grad_(t.requires_grad) for n, t in halo.items()}
+            h0d = {n: t.requires_grad_() for n, t in h0.items()}
+            y, fin = _local(layer, xd, _build(zero, {**hd, **h0d}), reset=reset, return_final_state=True)
+        ctx.inner = (y, _fields(fin), xd, hd, h0d)
+        return y.detach()
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):  # type: ignore[override]
+        y, fin, xd, hd, h0d = ctx.inner
+        del ctx.inner
+        run, rank, size, affine = ctx.run, ctx.rank, ctx.size, ctx.affine
+        leaves = [h0d[n] for n in affine]
+        local = torch.autograd.grad(y, leaves, gy, retain_graph=True, allow_unused=True)
+        outs, grads = [y], [gy]
+        for n, leaf, a in zip(affine, leaves, local, strict=False):
+            a = torch.zeros_like(leaf) if a is None else a
+            gathered = all_gather(a, run["group"])  # (P, batch, ...)
+            g = torch.zeros_like(a)
+            for j in range(size - 1, rank, -1):  # G_j = a_j + conj(M_j) G_{j+1}, down to G_{rank+1}
+                g = gathered[j] + ctx.ms[n][j].conj() * g
+            if rank < size - 1:
+                outs.append(fin[n])
+                grads.append(g)
+        params = run["params"]
+        wrt = [xd] + [hd[n] for n in run["halo_names"]] + params
+        need = [t.requires_grad for t in wrt]
+        wanted = [t for t, k in zip(wrt, need, strict=True) if k]
+        got = iter(torch.autograd.grad(outs, wanted, grads, allow_unused=True))
+        res = [next(got) if k else None for k in need]
+        return (None, *res)
+
+
+def recurrent_forward(layer: SequenceLayer, x: Tensor, reset: Tensor | None,
+                      group: dist.ProcessGroup | None) -> Tensor:
+    """The local shard of the one-process ``layer(x_full, reset=reset_full)``: x (batch, L_r, d_model)."""
+    batch = x.shape[0]
+    dtype = layer.act_dtype(x)
+    zero = layer.init_state(batch, dtype=dtype)
+    zf = _fields(zero)
+    halo = true_halo(layer, x, reset, zf, group)
+    names = [n for n in zf if n in HALO_FIELDS]
+    params = [p for p in layer.parameters() if p.requires_grad]
+    need_grad = torch.is_grad_enabled() and (x.requires_grad or bool(params)
+                                             or any(halo[n].requires_grad for n in names))
+    run = {"layer": layer, "reset": reset, "group": group, "zero": zero, "halo_names": names,
+           "zero2": layer.init_state(2 * batch, dtype=dtype), "params": params, "need_grad": need_grad}
+    return _ShardPass.apply(run, x, *[halo[n] for n in names], *params)
