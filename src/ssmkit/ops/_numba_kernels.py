@@ -11,10 +11,10 @@ The selective-scan backward never stores (L, D, N): it recomputes each chunk's s
 forward pass saves every ``T`` steps, (B, ceil(L/T), N, D).
 
 Bitwise reproducibility: the kernels never let LLVM reorder or fuse floating-point operations (no ``reassoc`` or
-``contract`` fast-math flags; see :data:`EXACT_MATH`). With those flags the code LLVM generates differs between a
-fresh compilation and the copy loaded from numba's on-disk cache (the parallel body is optimised once on its own,
-and once more after linking), and so did the last bits of the gradients: training runs gave different losses
-depending on the cache state. Products that should be fused are written as explicit :func:`fma` calls, and
+``contract`` fast-math flags; see :data:`EXACT_MATH`). With those flags the machine code loaded from numba's on-disk
+cache computed different last bits than the freshly compiled code (seen in the selective-scan backward: LLVM may
+reorder such sums differently each time it optimises them), so training gave different losses depending on the
+cache state. Products that should be fused are written as explicit :func:`fma` calls, and
 sums across vector lanes as fixed pairwise trees (:func:`_lane_sum`), so every result has one exact definition.
 """
 
