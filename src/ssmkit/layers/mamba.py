@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +83,56 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-class Mamba(SequenceLayer):
+class ConvScanBlock(SequenceLayer):
+    """The frame Mamba and Mamba2 share: input, reset and state checks, the time flip of ``reverse=True`` and the
+    returned state (cut at segment starts when reversed). Subclasses set ``state_cls`` (fields ``conv``, ``ssm``)
+    and ``reverse`` and implement ``_mix(x, state, reset) -> (y, conv state, ssm state)`` left to right."""
+
+    state_cls: ClassVar[type[LayerState]]
+    reverse: bool
+
+    def _mix(self, x: Tensor, state: LayerState | None, reset: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _check_state(self, state: object, x: Tensor) -> LayerState:
+        self.check_state(state, x.shape[0])
+        check_state_dtypes(type(self).__name__, state, self.expected_state(x.shape[0], self.act_dtype(x)))
+        return state
+
+    @state_kwargs
+    def forward(
+        self,
+        x: Tensor,
+        initial_state: LayerState | None = None,
+        *,
+        reset: Tensor | None = None,
+        return_final_state: bool = False,
+    ):
+        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, final state) with
+        ``return_final_state``.
+
+        ``reset`` (bool (batch, length)) marks segment starts. With ``reverse=True`` the state passed in is
+        the context to the right of x and the returned state is the one after processing x right to left
+        (zero for rows where x starts a segment, so nothing flows into the chunk before it).
+        """
+        x = self.check_input(x)
+        self.check_dtype(x, "x")
+        reset = self.check_reset(reset, x)
+        if initial_state is not None:
+            self._check_state(initial_state, x)
+        reset_in = reset
+        if self.reverse:  # all other maps are per token: flipping in and out makes the block right-to-left
+            x, reset = x.flip(1), flip_reset(reset)
+        y, conv_state, ssm_state = self._mix(x, initial_state, reset)
+        if self.reverse:
+            y = y.flip(1)
+        if not return_final_state:
+            return y
+        new_state = self.state_cls(conv=conv_state, ssm=ssm_state.contiguous())
+        return y, (cut_at_segment_start(new_state, reset_in) if self.reverse else new_state)
+
+
+class Mamba(ConvScanBlock):
     """Mamba's selective SSM block.
 
     Args:
@@ -98,6 +148,8 @@ class Mamba(SequenceLayer):
 
     forward: x (batch, length, d_model) -> y (batch, length, d_model).
     """
+
+    state_cls = MambaState
 
     def __init__(
         self,
@@ -163,54 +215,21 @@ class Mamba(SequenceLayer):
             ssm=torch.zeros(batch_size, self.d_inner, self.d_state, dtype=state_dtype(dtype), device=dev),
         )
 
-    def _check_state(self, state: object, x: Tensor) -> MambaState:
-        self.check_state(state, x.shape[0])
-        check_state_dtypes("Mamba", state, self.expected_state(x.shape[0], self.act_dtype(x)))
-        return state
-
     # ---------------------------------------------------------------------------------------- forward
-    @state_kwargs
-    def forward(
-        self,
-        x: Tensor,
-        initial_state: MambaState | None = None,
-        *,
-        reset: Tensor | None = None,
-        return_final_state: bool = False,
-    ):
-        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, final state) with
-        ``return_final_state``.
-
-        ``reset`` (bool (batch, length)) marks segment starts. With ``reverse=True`` the state passed in is
-        the context to the right of x and the returned state is the one after processing x right to left
-        (zero for rows where x starts a segment, so nothing flows into the chunk before it).
-        """
-        x = self.check_input(x)
-        self.check_dtype(x, "x")
-        reset = self.check_reset(reset, x)
-        if initial_state is not None:
-            self._check_state(initial_state, x)
-        reset_in = reset
-        if self.reverse:  # all other maps are per token: flipping in and out makes the block right-to-left
-            x, reset = x.flip(1), flip_reset(reset)
+    def _mix(self, x: Tensor, state: MambaState | None, reset: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Left-to-right x (batch, length, d_model) -> (y, conv state, ssm state)."""
         # under autocast the projections run in its dtype and to_compute brings their outputs back to float32
         xi, z = to_compute(self, *self.in_proj(x).chunk(2, dim=-1))  # (batch, length, d_inner) each
-        u, conv_state = self.conv1d(xi, None if initial_state is None else initial_state.conv, reset=reset)
+        u, conv_state = self.conv1d(xi, None if state is None else state.conv, reset=reset)
         u = F.silu(u)
         dt_r, B, C = to_compute(self, *self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1))
         delta = to_compute(self, F.linear(dt_r, self.dt_proj.weight))
         A = -torch.exp(self.A_log)
         y, ssm_state = selective_scan(
             u, delta, A, B, C, self.D, z, delta_bias=self.dt_proj.bias, delta_softplus=True,
-            initial_state=None if initial_state is None else initial_state.ssm, reset=reset, return_final_state=True,
+            initial_state=None if state is None else state.ssm, reset=reset, return_final_state=True,
         )
-        y = self.out_proj(y)
-        if self.reverse:
-            y = y.flip(1)
-        if not return_final_state:
-            return y
-        new_state = MambaState(conv=conv_state, ssm=ssm_state.contiguous())
-        return y, (cut_at_segment_start(new_state, reset_in) if self.reverse else new_state)
+        return self.out_proj(y), conv_state, ssm_state
 
     def step(self, x_t: Tensor, state: MambaState) -> tuple[Tensor, MambaState]:
         """One token, O(1): x_t (batch, d_model) -> (y_t (batch, d_model), new state).

@@ -17,17 +17,13 @@ from torch import Tensor, nn
 from ..ops import ssd
 from .base import (
     LayerState,
-    SequenceLayer,
     check_d_model,
-    check_state_dtypes,
-    flip_reset,
-    state_kwargs,
     to_compute,
 )
 from .mamba import (
+    ConvScanBlock,
     _positive_int,
     check_dt_range,
-    cut_at_segment_start,
     init_dt_bias,
     inner_size,
     state_dtype,
@@ -72,7 +68,7 @@ def _default_headdim(d_inner: int, preferred: int = 64) -> int:
     return max(p for p in range(1, min(preferred, d_inner) + 1) if d_inner % p == 0)
 
 
-class Mamba2(SequenceLayer):
+class Mamba2(ConvScanBlock):
     """Mamba-2's SSD block.
 
     Args:
@@ -94,6 +90,8 @@ class Mamba2(SequenceLayer):
 
     forward: x (batch, length, d_model) -> y (batch, length, d_model).
     """
+
+    state_cls = Mamba2State
 
     def __init__(
         self,
@@ -174,12 +172,6 @@ class Mamba2(SequenceLayer):
                             device=dev),
         )
 
-    def _check(self, x: Tensor, name: str, state: object) -> None:
-        self.check_dtype(x, name)
-        if state is not None:
-            self.check_state(state, x.shape[0])
-            check_state_dtypes("Mamba2", state, self.expected_state(x.shape[0], self.act_dtype(x)))
-
     def _dt(self, dt: Tensor) -> Tensor:
         dt = F.softplus(dt + self.dt_bias)
         lo, hi = self.dt_limit
@@ -188,46 +180,20 @@ class Mamba2(SequenceLayer):
         return dt
 
     # ---------------------------------------------------------------------------------------- forward
-    @state_kwargs
-    def forward(
-        self,
-        x: Tensor,
-        initial_state: Mamba2State | None = None,
-        *,
-        reset: Tensor | None = None,
-        return_final_state: bool = False,
-    ):
-        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, final state) with
-        ``return_final_state``.
-
-        ``reset`` (bool (batch, length)) marks segment starts. With ``reverse=True`` the state passed in is
-        the context to the right of x and the returned state is the one after processing x right to left
-        (zero for rows where x starts a segment, so nothing flows into the chunk before it).
-        """
-        x = self.check_input(x)
-        reset = self.check_reset(reset, x)
-        self._check(x, "x", initial_state)
-        reset_in = reset
-        if self.reverse:  # all other maps are per token: flipping in and out makes the block right-to-left
-            x, reset = x.flip(1), flip_reset(reset)
+    def _mix(self, x: Tensor, state: Mamba2State | None, reset: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Left-to-right x (batch, length, d_model) -> (y, conv state, ssm state)."""
         batch, length, _ = x.shape
         H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
         # under autocast in_proj runs in its dtype and to_compute brings the outputs back to float32
         z, xBC, dt = to_compute(self, *self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1))
-        xBC, conv_state = self.conv1d(xBC, None if initial_state is None else initial_state.conv, reset=reset)
+        xBC, conv_state = self.conv1d(xBC, None if state is None else state.conv, reset=reset)
         xs, B, C = F.silu(xBC).split([self.d_inner, G * N, G * N], dim=-1)
         y, ssm_state = ssd(
             xs.unflatten(-1, (H, P)), self._dt(dt), -torch.exp(self.A_log), B.unflatten(-1, (G, N)),
             C.unflatten(-1, (G, N)), D=self.D, chunk_size=self.chunk_size,
-            initial_state=None if initial_state is None else initial_state.ssm, reset=reset, return_final_state=True,
+            initial_state=None if state is None else state.ssm, reset=reset, return_final_state=True,
         )
-        y = self.out_proj(self.norm(y.reshape(batch, length, self.d_inner), z))
-        if self.reverse:
-            y = y.flip(1)
-        if not return_final_state:
-            return y
-        new_state = Mamba2State(conv=conv_state, ssm=ssm_state.contiguous())
-        return y, (cut_at_segment_start(new_state, reset_in) if self.reverse else new_state)
+        return self.out_proj(self.norm(y.reshape(batch, length, self.d_inner), z)), conv_state, ssm_state
 
     def step(self, x_t: Tensor, state: Mamba2State) -> tuple[Tensor, Mamba2State]:
         """One token, O(1): x_t (batch, d_model) -> (y_t (batch, d_model), new state).
@@ -235,7 +201,8 @@ class Mamba2(SequenceLayer):
         With ``reverse=True`` feed tokens from last to first.
         """
         x_t = self.check_step_input(x_t)
-        self._check(x_t, "x_t", state)
+        self.check_dtype(x_t, "x_t")
+        self._check_state(state, x_t)
         batch = x_t.shape[0]
         H, P, G, N = self.nheads, self.headdim, self.ngroups, self.d_state
         z, xBC, dt = self.in_proj(x_t).split([self.d_inner, self.conv_dim, H], dim=-1)

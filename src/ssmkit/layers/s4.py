@@ -43,17 +43,15 @@ from ..ops import fft_conv
 from ..ops.linear_scan import compute_dtype
 from .base import (
     LayerState,
-    SequenceLayer,
     check_choice,
     check_d_model,
     check_flag,
     flip_reset,
-    no_autocast,
-    state_kwargs,
 )
 from .s4d import (
     MODES,
     OUTPUTS,
+    ChannelSSM,
     check_state_size,
     complex_dtype,
     diagonal_kernel,
@@ -176,7 +174,7 @@ def _to_complex(u: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------- the layer
-class S4(SequenceLayer):
+class S4(ChannelSSM):
     """Structured (DPLR) state space layer. See the module docstring for the maths, modes and state.
 
     Args:
@@ -192,6 +190,8 @@ class S4(SequenceLayer):
 
     x: (batch, length, d_model) -> y: (batch, length, d_model).
     """
+
+    state_cls = S4State
 
     def __init__(
         self,
@@ -305,42 +305,14 @@ class S4(SequenceLayer):
         return S4State(s=torch.zeros(batch_size, self.d_model, self.d_state // 2, dtype=ct,
                                      device=self.log_dt.device))
 
-    def _state_tensor(self, state: object, batch: int) -> Tensor:
-        st = self.check_state(state, batch)
-        want = complex_dtype(self.log_dt.dtype)
-        if st.s.dtype != want:
-            raise TypeError(f"{type(self).__name__}: state.s must have dtype {want}, got {st.s.dtype}")
-        return st.s
-
-    @state_kwargs
-    def forward(
-        self,
-        x: Tensor,
-        initial_state: S4State | None = None,
-        *,
-        reset: Tensor | None = None,
-        return_final_state: bool = False,
-    ):
-        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, final state) if ``return_final_state``."""
-        name = type(self).__name__
-        x = self.check_input(x)
-        self.check_dtype(x, "x")
-        reset = self.check_reset(reset, x)
-        mode = check_choice(name, "mode", self.mode, MODES)
-        s0 = None if initial_state is None else self._state_tensor(initial_state, x.shape[0])
-        rdt = compute_dtype(x.dtype)
-        with no_autocast(x):  # the SSM in its compute dtype; only the output projection follows autocast
-            xc = x.to(rdt)
-            if self.diagonal:
-                dt, Lam, _, B, C = self.ssm_parameters()
-                dA, log_dA, dB = discretize(dt, Lam, B, "bilinear")
-                y, s = run_diagonal(xc, dA, log_dA, dB, C, s0=s0, reset=reset, mode=mode,
-                                    want_state=return_final_state, reverse=self.reverse)
-            else:
-                y, s = self._run_dplr(xc, s0, reset, mode, return_final_state)
-            y = y + xc * self.D.to(rdt)
-        y = self.out(y.to(x.dtype))
-        return (y, S4State(s=s)) if return_final_state else y
+    def _ssm(self, xc: Tensor, s0: Tensor | None, reset: Tensor | None, mode: str,
+             want_state: bool) -> tuple[Tensor, Tensor | None]:
+        if self.diagonal:
+            dt, Lam, _, B, C = self.ssm_parameters()
+            dA, log_dA, dB = discretize(dt, Lam, B, "bilinear")
+            return run_diagonal(xc, dA, log_dA, dB, C, s0=s0, reset=reset, mode=mode, want_state=want_state,
+                                reverse=self.reverse)
+        return self._run_dplr(xc, s0, reset, mode, want_state)
 
     def _run_dplr(
         self, x: Tensor, s0: Tensor | None, reset: Tensor | None, mode: str, want_state: bool
@@ -358,24 +330,15 @@ class S4(SequenceLayer):
             s = _to_complex(u)
         return (y.flip(1) if self.reverse else y), s
 
-    def step(self, x_t: Tensor, state: S4State) -> tuple[Tensor, S4State]:
-        """One token x_t: (batch, d_model) -> (y_t, new state); O(1). reverse=True: feed tokens last first."""
-        x_t = self.check_step_input(x_t)
-        self.check_dtype(x_t, "x_t")
-        s = self._state_tensor(state, x_t.shape[0])
-        rdt = compute_dtype(x_t.dtype)
-        with no_autocast(x_t):
-            xc = x_t.to(rdt)
-            if self.diagonal:
-                dt, Lam, _, B, C = self.ssm_parameters()
-                dA, _, dB = discretize(dt, Lam, B, "bilinear")
-                y, s = diagonal_step(xc, s, dA, dB, C)
-            else:
-                _, _, _, _, C, dA, dB = self._dense()
-                u = torch.einsum("hij,bhj->bhi", dA.to(rdt), _to_real(s)) + dB.to(rdt) * xc[..., None]
-                y, s = (u * c_real(C).to(rdt)).sum(-1), _to_complex(u)
-            y = y + xc * self.D.to(rdt)
-        return self.out(y.to(x_t.dtype)), S4State(s=s)
+    def _ssm_step(self, xc: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        if self.diagonal:
+            dt, Lam, _, B, C = self.ssm_parameters()
+            dA, _, dB = discretize(dt, Lam, B, "bilinear")
+            return diagonal_step(xc, s, dA, dB, C)
+        rdt = xc.dtype
+        _, _, _, _, C, dA, dB = self._dense()
+        u = torch.einsum("hij,bhj->bhi", dA.to(rdt), _to_real(s)) + dB.to(rdt) * xc[..., None]
+        return (u * c_real(C).to(rdt)).sum(-1), _to_complex(u)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_state={self.d_state}, init={self.init!r}, rank={self.rank}, "

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -218,7 +219,67 @@ def diagonal_step(x_t: Tensor, s: Tensor, dA: Tensor, dB: Tensor, C: Tensor) -> 
 
 
 # ----------------------------------------------------------------------------------- the layer
-class S4D(SequenceLayer):
+class ChannelSSM(SequenceLayer):
+    """The frame S4D and S4 share around their SSM: input, reset and state checks, the compute dtype, the skip
+    term ``D`` and the output map. Subclasses set ``log_dt`` (H,), ``D`` (H,), ``out``, ``mode``, ``reverse`` and
+    ``state_cls`` (a LayerState with one field ``s``), and implement :meth:`_ssm` and :meth:`_ssm_step`."""
+
+    state_cls: ClassVar[type[LayerState]]
+
+    def _ssm(self, xc: Tensor, s0: Tensor | None, reset: Tensor | None, mode: str,
+             want_state: bool) -> tuple[Tensor, Tensor | None]:
+        """xc (batch, length, H) in the compute dtype, s0 (batch, H, N/2) complex or None -> (y, final s)."""
+        raise NotImplementedError
+
+    def _ssm_step(self, xc: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """One token xc (batch, H) in the compute dtype, s (batch, H, N/2) complex -> (y_t, new s)."""
+        raise NotImplementedError
+
+    def _state_tensor(self, state: object, batch: int) -> Tensor:
+        st = self.check_state(state, batch)
+        want = complex_dtype(self.log_dt.dtype)
+        if st.s.dtype != want:
+            raise TypeError(f"{type(self).__name__}: state.s must have dtype {want}, got {st.s.dtype}")
+        return st.s
+
+    @state_kwargs
+    def forward(
+        self,
+        x: Tensor,
+        initial_state: LayerState | None = None,
+        *,
+        reset: Tensor | None = None,
+        return_final_state: bool = False,
+    ):
+        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, final state) if
+        ``return_final_state``."""
+        x = self.check_input(x)
+        self.check_dtype(x, "x")
+        reset = self.check_reset(reset, x)
+        mode = check_choice(type(self).__name__, "mode", self.mode, MODES)
+        s0 = None if initial_state is None else self._state_tensor(initial_state, x.shape[0])
+        rdt = compute_dtype(self.log_dt.dtype)
+        with no_autocast(x):  # the SSM in its compute dtype; only the output projection follows autocast
+            xc = x.to(rdt)
+            y, s = self._ssm(xc, s0, reset, mode, return_final_state)
+            y = y + xc * self.D.to(rdt)
+        y = self.out(y.to(x.dtype))
+        return (y, self.state_cls(s=s)) if return_final_state else y
+
+    def step(self, x_t: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
+        """One token x_t: (batch, d_model) -> (y_t, new state); O(1). reverse=True: feed tokens last first."""
+        x_t = self.check_step_input(x_t)
+        self.check_dtype(x_t, "x_t")
+        s = self._state_tensor(state, x_t.shape[0])
+        rdt = compute_dtype(self.log_dt.dtype)
+        with no_autocast(x_t):
+            xc = x_t.to(rdt)
+            y, s = self._ssm_step(xc, s)
+            y = y + xc * self.D.to(rdt)
+        return self.out(y.to(x_t.dtype)), self.state_cls(s=s)
+
+
+class S4D(ChannelSSM):
     """Diagonal SSM layer (S4D). See the module docstring for the maths, modes, state and ``reverse``.
 
     Args:
@@ -233,6 +294,8 @@ class S4D(SequenceLayer):
 
     x: (batch, length, d_model) -> y: (batch, length, d_model).
     """
+
+    state_cls = S4DState
 
     def __init__(
         self,
@@ -308,51 +371,15 @@ class S4D(SequenceLayer):
         return S4DState(s=torch.zeros(batch_size, self.d_model, self.d_state // 2, dtype=ct,
                                       device=self.log_dt.device))
 
-    def _state_tensor(self, state: object, batch: int) -> Tensor:
-        st = self.check_state(state, batch)
-        want = self._dtypes()[2]
-        if st.s.dtype != want:
-            raise TypeError(f"{type(self).__name__}: state.s must have dtype {want}, got {st.s.dtype}")
-        return st.s
+    def _ssm(self, xc: Tensor, s0: Tensor | None, reset: Tensor | None, mode: str,
+             want_state: bool) -> tuple[Tensor, Tensor | None]:
+        dA, log_dA, dB, C = self.discrete()
+        return run_diagonal(xc, dA, log_dA, dB, C, s0=s0, reset=reset, mode=mode, want_state=want_state,
+                            reverse=self.reverse)
 
-    @state_kwargs
-    def forward(
-        self,
-        x: Tensor,
-        initial_state: S4DState | None = None,
-        *,
-        reset: Tensor | None = None,
-        return_final_state: bool = False,
-    ):
-        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, final state) if ``return_final_state``."""
-        name = type(self).__name__
-        x = self.check_input(x)
-        self.check_dtype(x, "x")
-        reset = self.check_reset(reset, x)
-        mode = check_choice(name, "mode", self.mode, MODES)
-        s0 = None if initial_state is None else self._state_tensor(initial_state, x.shape[0])
-        _, rdt, _ = self._dtypes()
-        with no_autocast(x):  # the SSM in its compute dtype; only the output projection follows autocast
-            dA, log_dA, dB, C = self.discrete()
-            xc = x.to(rdt)
-            y, s = run_diagonal(xc, dA, log_dA, dB, C, s0=s0, reset=reset, mode=mode, want_state=return_final_state,
-                                reverse=self.reverse)
-            y = y + xc * self.D.to(rdt)
-        y = self.out(y.to(x.dtype))
-        return (y, S4DState(s=s)) if return_final_state else y
-
-    def step(self, x_t: Tensor, state: S4DState) -> tuple[Tensor, S4DState]:
-        """One token x_t: (batch, d_model) -> (y_t, new state); O(1). reverse=True: feed tokens last first."""
-        x_t = self.check_step_input(x_t)
-        self.check_dtype(x_t, "x_t")
-        s = self._state_tensor(state, x_t.shape[0])
-        _, rdt, _ = self._dtypes()
-        with no_autocast(x_t):
-            dA, _, dB, C = self.discrete()
-            xc = x_t.to(rdt)
-            y, s = diagonal_step(xc, s, dA, dB, C)
-            y = y + xc * self.D.to(rdt)
-        return self.out(y.to(x_t.dtype)), S4DState(s=s)
+    def _ssm_step(self, xc: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        dA, _, dB, C = self.discrete()
+        return diagonal_step(xc, s, dA, dB, C)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_state={self.d_state}, init={self.init!r}, disc={self.disc!r}, "
