@@ -9,12 +9,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.func import functional_call
 
 from ssmkit.layers import RGLRU, GatedSSM
 from ssmkit.layers.gated import GatedSSMState, RGLRUState
 from tests.layers.contract import (
     assert_close,
+    check_gradcheck_with_state,
     check_reset_packing,
     check_split_state,
     check_step_equivalence,
@@ -180,22 +180,10 @@ def test_reverse_is_forward_on_flipped_input(cls):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_gradcheck(cls, reverse):
     m = make(cls, 3, d_state=2, reverse=reverse)
-    names = [n for n, _ in m.named_parameters()]
-    params = [p.detach().clone().requires_grad_(True) for p in m.parameters()]
-    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    h0 = torch.randn(2, 2, dtype=torch.float64)
     reset = torch.tensor([[False, False, True, False, False], [True, False, False, False, True]])
-
-    def fn(x, h0, *ps):
-        y, s = functional_call(
-            m,
-            dict(zip(names, ps, strict=True)),
-            (x, STATES[cls](h=h0)),
-            {"reset": reset, "return_final_state": True},
-        )
-        return y, s.h
-
-    assert torch.autograd.gradcheck(fn, (x, h0, *params), eps=1e-6, atol=1e-5, fast_mode=True)
+    check_gradcheck_with_state(m, x, STATES[cls](h=h0), reset=reset, eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 def test_gated_forget_gate_init():

@@ -11,6 +11,8 @@ from ssmkit.layers import H3, LongConv
 from ssmkit.layers.h3 import H3State
 from tests.layers.contract import (
     assert_close,
+    check_bf16_close_to_f32,
+    check_gradcheck_with_state,
     check_reset_packing,
     check_split_state,
     check_step_equivalence,
@@ -182,20 +184,9 @@ def test_modes_agree(length, n_heads, with_state, with_reset, seed):
 @pytest.mark.parametrize("mode", ["conv", "scan"])
 def test_gradcheck(mode):
     layer = make(n_heads=2, mode=mode, block_len=3, d_state=2)
-    x = torch.randn(2, 7, 4, dtype=torch.float64, requires_grad=True)
-    st0 = random_state(layer, 2)
-    shift = st0.shift.clone().requires_grad_()
-    ssm = st0.ssm.clone().requires_grad_()
+    x = torch.randn(2, 7, 4, dtype=torch.float64)
     names = ("ssm.log_dt", "ssm.A_im", "ssm.C", "shift.weight", "q_proj.weight")
-    named = dict(layer.named_parameters())
-    params = [named[n].detach().clone().requires_grad_() for n in names]
-
-    def f(x, shift, ssm, *ps):
-        y, s = torch.func.functional_call(layer, dict(zip(names, ps, strict=True)), (x, H3State(shift, ssm)),
-                                          {"return_final_state": True})
-        return y, s.shift, torch.view_as_real(s.ssm)
-
-    assert torch.autograd.gradcheck(f, (x, shift, ssm, *params), fast_mode=True)
+    check_gradcheck_with_state(layer, x, random_state(layer, 2), names=names, fast_mode=True)
 
 
 def test_gradients_finite_float32():
@@ -209,13 +200,7 @@ def test_gradients_finite_float32():
 
 
 def test_bfloat16_close_to_float32():
-    layer = make(d_model=8, n_heads=4, d_state=8, dtype=torch.float32)
-    x = torch.randn(2, 30, 8)
-    with torch.no_grad():
-        want = layer(x)
-        y = layer.to(torch.bfloat16)(x.bfloat16())
-    assert y.dtype == torch.bfloat16
-    assert_close(y.float(), want, 3e-2, "bf16 vs fp32")
+    check_bf16_close_to_f32(make(d_model=8, n_heads=4, d_state=8, dtype=torch.float32), torch.randn(2, 30, 8))
 
 
 # --------------------------------------------------------------------------------------------- bad input

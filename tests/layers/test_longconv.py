@@ -11,6 +11,8 @@ from ssmkit.layers import H3, LongConv
 from ssmkit.layers.longconv import LongConvState
 from tests.layers.contract import (
     assert_close,
+    check_bf16_close_to_f32,
+    check_gradcheck_with_state,
     check_reset_packing,
     check_split_state,
     check_step_equivalence,
@@ -203,19 +205,11 @@ def test_modes_agree(length, kernel_len, seed):
 @pytest.mark.parametrize("mode", ["conv", "scan"])
 def test_gradcheck(mode):
     layer = make(d_model=2, kernel_len=4, mode=mode, smooth=3, lam=0.001)
-    x = torch.randn(2, 6, 2, dtype=torch.float64, requires_grad=True)
-    buf = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 6, 2, dtype=torch.float64)
+    buf = torch.randn(2, 2, 3, dtype=torch.float64)
     reset = torch.zeros(2, 6, dtype=torch.bool)
     reset[1, 3] = True
-    params = (layer.kernel.detach().clone().requires_grad_(), layer.D.detach().clone().requires_grad_())
-
-    def f(x, buf, kernel, D):
-        y, s = torch.func.functional_call(
-            layer, {"kernel": kernel, "D": D}, (x, LongConvState(buf)), {"reset": reset, "return_final_state": True}
-        )
-        return y, s.buffer
-
-    assert torch.autograd.gradcheck(f, (x, buf, *params), fast_mode=True)
+    check_gradcheck_with_state(layer, x, LongConvState(buf), reset=reset, names=("kernel", "D"), fast_mode=True)
 
 
 def test_gradients_finite_float32():
@@ -229,13 +223,7 @@ def test_gradients_finite_float32():
 
 
 def test_bfloat16_close_to_float32():
-    layer = make(d_model=8, kernel_len=64, dtype=torch.float32, smooth=3)
-    x = torch.randn(2, 50, 8)
-    with torch.no_grad():
-        want = layer(x)
-        y = layer.to(torch.bfloat16)(x.bfloat16())
-    assert y.dtype == torch.bfloat16
-    assert_close(y.float(), want, 3e-2, "bf16 vs fp32")
+    check_bf16_close_to_f32(make(d_model=8, kernel_len=64, dtype=torch.float32, smooth=3), torch.randn(2, 50, 8))
 
 
 # --------------------------------------------------------------------------------------------- bad input

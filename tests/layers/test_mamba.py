@@ -16,9 +16,12 @@ from ssmkit.layers.short_conv import ShortConv, short_conv
 from ssmkit.ops import fused_kernels
 from tests.layers.contract import (
     assert_close,
+    check_gradcheck_with_state,
     check_reset_packing,
     check_split_state,
+    check_split_with_reset,
     check_step_equivalence,
+    random_reset,
 )
 
 
@@ -30,11 +33,6 @@ def make(d_model: int = 6, dtype=torch.float64, seed: int = 0, **kw) -> Mamba:
         for name, p in layer.named_parameters():
             p.add_(torch.randn_like(p) * (0.3 if name in ("A_log", "D", "dt_proj.bias") else 0.1))
     return layer.to(dtype).eval()
-
-
-def random_reset(batch: int, length: int, seed: int, p: float = 0.25) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, length, generator=g) < p
 
 
 # ------------------------------------------------------------------------------------------ short conv
@@ -184,35 +182,16 @@ def test_split_with_state_and_reset_equals_whole(length, data, seed):
     t = data.draw(st.integers(1, length - 1))
     layer = make(4, torch.float64, seed, d_state=3)
     x = torch.randn(2, length, 4, dtype=torch.float64)
-    reset = random_reset(2, length, seed, p=0.3)
-    with torch.no_grad():
-        y, s = layer(x, reset=reset, return_final_state=True)
-        y1, s1 = layer(x[:, :t], reset=reset[:, :t], return_final_state=True)
-        y2, s2 = layer(x[:, t:], s1, reset=reset[:, t:], return_final_state=True)
-    assert_close(torch.cat([y1, y2], 1), y, 1e-10, "split with reset")
-    assert_close(s2.conv, s.conv, 1e-12, "conv state")
-    assert_close(s2.ssm, s.ssm, 1e-10, "ssm state")
+    check_split_with_reset(layer, x, random_reset(2, length, seed, p=0.3), t, 1e-10, {"conv": 1e-12, "ssm": 1e-10})
 
 
 def test_gradcheck_tiny_float64():
     layer = make(4, torch.float64, 3, d_state=3)
-    names = [n for n, _ in layer.named_parameters()]
-    params = tuple(p.detach().clone().requires_grad_() for p in layer.parameters())
-    x = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
-    s0 = layer.init_state(2)
-    conv0 = torch.randn_like(s0.conv).requires_grad_()
-    ssm0 = torch.randn_like(s0.ssm).requires_grad_()
+    x = torch.randn(2, 6, 4, dtype=torch.float64)
+    s0 = layer.init_state(2).map(torch.randn_like)
     reset = torch.zeros(2, 6, dtype=torch.bool)
     reset[0, 3] = reset[1, 1] = True
-
-    def fn(x, conv0, ssm0, *ps):
-        y, s = torch.func.functional_call(
-            layer, dict(zip(names, ps, strict=True)), (x, MambaState(conv0, ssm0)),
-            {"reset": reset, "return_final_state": True},
-        )
-        return y, s.conv, s.ssm
-
-    assert torch.autograd.gradcheck(fn, (x, conv0, ssm0, *params), eps=1e-6, atol=1e-6)
+    check_gradcheck_with_state(layer, x, s0, reset=reset, eps=1e-6, atol=1e-6)
 
 
 def test_step_is_differentiable_and_matches_forward_grads():

@@ -14,8 +14,8 @@ from ssmkit.layers import s4 as s4_mod
 from ssmkit.ops.reference import direct_conv_matrix
 from tests.layers.contract import (
     assert_close,
-    check_reset_packing,
-    check_split_state,
+    check_contract,
+    check_reverse_contract,
     check_step_equivalence,
     tol,
 )
@@ -75,11 +75,9 @@ layer_args = st.fixed_dictionaries({
 def test_contract_causal(args, batch, length, data):
     layer = make(**args)
     x = torch.randn(batch, length, layer.d_model, dtype=args["dtype"])
-    check_step_equivalence(layer, x)
-    if length > 1:
-        check_split_state(layer, x, data.draw(st.integers(1, length - 1)))
+    t = data.draw(st.integers(1, length - 1)) if length > 1 else None
     lens = data.draw(st.lists(st.integers(1, 10), min_size=1, max_size=3))
-    check_reset_packing(layer, [torch.randn(1, n, layer.d_model, dtype=args["dtype"]) for n in lens])
+    check_contract(layer, x, t, [torch.randn(1, n, layer.d_model, dtype=args["dtype"]) for n in lens])
 
 
 @given(args=layer_args, batch=st.integers(1, 2), length=st.integers(2, 32), data=st.data())
@@ -87,20 +85,9 @@ def test_contract_reverse(args, batch, length, data):
     layer = make(reverse=True, **args)
     dt = args["dtype"]
     x = torch.randn(batch, length, layer.d_model, dtype=dt)
-    with torch.no_grad():
-        y, s_whole = layer(x, return_final_state=True)
-        state, ys = layer.init_state(batch, dtype=dt), {}
-        for t in range(length - 1, -1, -1):
-            ys[t], state = layer.step(x[:, t], state)
-        assert_close(torch.stack([ys[t] for t in range(length)], 1), y, tol(dt), "reverse step vs forward")
-        assert_close(state.s, s_whole.s, tol(dt), "reverse step final state")
-        t = data.draw(st.integers(1, length - 1))
-        y_right, s = layer(x[:, t:], return_final_state=True)
-        y_left, s2 = layer(x[:, :t], s, return_final_state=True)
-        assert_close(torch.cat([y_left, y_right], 1), y, tol(dt), "reverse split")
-        assert_close(s2.s, s_whole.s, tol(dt), "reverse split state")
+    t = data.draw(st.integers(1, length - 1))
     lens = data.draw(st.lists(st.integers(1, 10), min_size=1, max_size=3))
-    check_reset_packing(layer, [torch.randn(1, n, layer.d_model, dtype=dt) for n in lens])
+    check_reverse_contract(layer, x, t, [torch.randn(1, n, layer.d_model, dtype=dt) for n in lens])
 
 
 @pytest.mark.parametrize("init", INITS)

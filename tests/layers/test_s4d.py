@@ -15,9 +15,8 @@ from ssmkit.layers import s4d as s4d_mod
 from ssmkit.ops.reference import direct_conv_matrix
 from tests.layers.contract import (
     assert_close,
-    check_reset_packing,
-    check_split_state,
-    check_step_equivalence,
+    check_contract,
+    check_reverse_contract,
     tol,
 )
 
@@ -29,17 +28,6 @@ DTYPES = (torch.float32, torch.float64)
 def make(d_model=3, d_state=8, dtype=torch.float64, seed=0, **kw) -> S4D:
     torch.manual_seed(seed)
     return S4D(d_model, d_state, dtype=dtype, **kw)
-
-
-def run_steps(layer: S4D, x: torch.Tensor, state=None):
-    """Step through x (in the layer's direction); returns outputs in original order and the final state."""
-    state = layer.init_state(x.shape[0], dtype=x.dtype) if state is None else state
-    order = range(x.shape[1] - 1, -1, -1) if layer.reverse else range(x.shape[1])
-    ys = {}
-    with torch.no_grad():
-        for t in order:
-            ys[t], state = layer.step(x[:, t], state)
-    return torch.stack([ys[t] for t in range(x.shape[1])], 1), state
 
 
 layer_args = st.fixed_dictionaries({
@@ -59,11 +47,9 @@ layer_args = st.fixed_dictionaries({
 def test_contract_causal(args, batch, length, data):
     layer = make(**args)
     x = torch.randn(batch, length, layer.d_model, dtype=args["dtype"])
-    check_step_equivalence(layer, x)
-    if length > 1:
-        check_split_state(layer, x, data.draw(st.integers(1, length - 1)))
+    t = data.draw(st.integers(1, length - 1)) if length > 1 else None
     lens = data.draw(st.lists(st.integers(1, 12), min_size=1, max_size=3))
-    check_reset_packing(layer, [torch.randn(1, n, layer.d_model, dtype=args["dtype"]) for n in lens])
+    check_contract(layer, x, t, [torch.randn(1, n, layer.d_model, dtype=args["dtype"]) for n in lens])
 
 
 @given(args=layer_args, batch=st.integers(1, 3), length=st.integers(2, 40), data=st.data())
@@ -72,18 +58,9 @@ def test_contract_reverse(args, batch, length, data):
     layer = make(reverse=True, **args)
     dt = args["dtype"]
     x = torch.randn(batch, length, layer.d_model, dtype=dt)
-    with torch.no_grad():
-        y, s_whole = layer(x, return_final_state=True)
-        ys, s_step = run_steps(layer, x)
-        assert_close(ys, y, tol(dt), "reverse step vs forward")
-        assert_close(s_step.s, s_whole.s, tol(dt), "reverse final state (step)")
-        t = data.draw(st.integers(1, length - 1))
-        y_right, s = layer(x[:, t:], return_final_state=True)
-        y_left, s2 = layer(x[:, :t], s, return_final_state=True)
-        assert_close(torch.cat([y_left, y_right], 1), y, tol(dt), "reverse split")
-        assert_close(s2.s, s_whole.s, tol(dt), "reverse split final state")
+    t = data.draw(st.integers(1, length - 1))
     lens = data.draw(st.lists(st.integers(1, 12), min_size=1, max_size=3))
-    check_reset_packing(layer, [torch.randn(1, n, layer.d_model, dtype=dt) for n in lens])
+    check_reverse_contract(layer, x, t, [torch.randn(1, n, layer.d_model, dtype=dt) for n in lens])
 
 
 def test_reverse_is_time_flip():
