@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import UsageError, setup_logging
+from .common import UsageError, removed_on_failure, setup_logging
 
 
 def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
@@ -25,7 +25,8 @@ def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--quant", choices=("f32", "f16", "q8_0", "q4_0"), default="f32",
                    help="GGUF weight type of the 2-D matrices (default f32, exact)")
     p.add_argument("--tokenizer", choices=("auto", "byte", "gpt2", "none"), default="auto",
-                   help="tokenizer to embed (auto = the run's text task tokenizer, else none: token ids only)")
+                   help="tokenizer to embed in a GGUF file, or to name in the ONNX manifest (auto = the run's "
+                        "text task tokenizer, else none: token ids only)")
     p.set_defaults(func=run)
 
 
@@ -61,16 +62,17 @@ def _tokenizer(choice: str, config: dict | None) -> tuple[str, str | None]:
 def run(args: argparse.Namespace) -> int:
     setup_logging(True)
     model, config = _load(args.run_dir)
-    tok, bpe_dir = _tokenizer(args.tokenizer, config)
     out = Path(args.out)
     if args.format == "gguf":
+        tok, bpe_dir = _tokenizer(args.tokenizer, config)
         from ..export import check_exportable, to_gguf
 
         check_exportable(model)
         if out.is_dir():
             raise UsageError(f"--out {args.out}: is a directory; GGUF export writes one file")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        to_gguf(model, out, quant=args.quant, tokenizer=tok, bpe_dir=bpe_dir)
+        with removed_on_failure(out.parent, keep=lambda: False):  # parents made here go again on failure
+            out.parent.mkdir(parents=True, exist_ok=True)
+            to_gguf(model, out, quant=args.quant, tokenizer=tok, bpe_dir=bpe_dir)
         print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB, {args.quant}, tokenizer {tok})")
         return 0
     if args.quant != "f32":
@@ -79,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     from ..export.onnx_step import check_onnx_exportable
 
     check_onnx_exportable(model)
-    export_onnx(model, out, tokenizer=None if tok == "none" else tok)
+    # the graphs take token ids; the manifest records which tokenizer makes them
+    tok = (config or {}).get("task", {}).get("tokenizer") if args.tokenizer == "auto" else args.tokenizer
+    with removed_on_failure(out.parent, keep=lambda: False):
+        export_onnx(model, out, tokenizer=None if tok == "none" else tok)
     print(f"wrote {out}/prefill.onnx, {out}/step.onnx and {out}/manifest.json")
     return 0

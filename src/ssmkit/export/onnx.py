@@ -14,9 +14,12 @@ kernels are not traceable); the prefill graph is an ONNX ``Loop`` over that step
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +84,10 @@ def _export_step(model: CausalLM, specs: list[dict[str, Any]], path: Path) -> No
     args = (torch.zeros(3, dtype=torch.long), *_example(specs, 3, 5))
     names_in = [STEP_TOKEN] + [state_in(s["name"]) for s in specs]
     names_out = [LOGITS] + [state_out(s["name"]) for s in specs]
-    with torch.no_grad():
+    # the exporter prints progress lines and warns about merged axis names; a failure still raises
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         program = torch.onnx.export(step, args, dynamo=True, dynamic_shapes=({0: batch}, dyn),
                                     input_names=names_in, output_names=names_out, opset_version=OPSET,
                                     verbose=False, report=False)
