@@ -22,7 +22,7 @@ TOL = 1e-10
 
 
 def _families() -> dict:
-    from ssmkit.layers import RGLRU, S4D, Attention, GatedSSM, Mamba, Mamba2
+    from ssmkit.layers import H3, RGLRU, S4, S4D, Attention, GatedSSM, LongConv, Mamba, Mamba2
 
     return {
         "mamba": lambda: Mamba(8, d_state=4, d_conv=4, expand=2),
@@ -31,6 +31,10 @@ def _families() -> dict:
         "s4d-scan": lambda: S4D(8, d_state=8, mode="scan"),
         "gated": lambda: GatedSSM(8),
         "rglru": lambda: RGLRU(8),
+        "h3": lambda: H3(8, d_state=4, n_heads=2),
+        "longconv": lambda: LongConv(8, kernel_len=5),
+        "longconv-long": lambda: LongConv(8, kernel_len=16),
+        "s4-ptd": lambda: S4(8, d_state=8, init="ptd"),
         "attn": lambda: Attention(8, n_heads=2, rotary=True),
         "attn-sliding": lambda: Attention(8, n_heads=2, mask="sliding", window=3),
     }
@@ -41,8 +45,8 @@ def _hybrid():
     from ssmkit.models.heads import CausalLM
 
     opts = {"mamba": {"d_state": 4}, "mamba2": {"d_state": 4, "headdim": 4, "chunk_size": 4},
-            "s4d": {"d_state": 8}, "attn": {"n_heads": 2, "rotary": True}}
-    cfg = ModelConfig(d_model=8, pattern=["mamba", "attn", "mamba2", "s4d", "rglru"], vocab_size=11,
+            "s4d": {"d_state": 8}, "attn": {"n_heads": 2, "rotary": True}, "h3": {"d_state": 4, "n_heads": 2}}
+    cfg = ModelConfig(d_model=8, pattern=["mamba", "attn", "mamba2", "s4d", "rglru", "h3"], vocab_size=11,
                       mixer_options=opts, mlp="gelu")
     return CausalLM(cfg)
 
@@ -94,7 +98,7 @@ def _check_case(name: str, make, length: int, with_reset: bool, size: int, rank:
 
 def _errors_case(size: int) -> list[str]:
     from ssmkit.distributed.sequence import SequenceParallel, shard_sequence
-    from ssmkit.layers import H3
+    from ssmkit.layers import S4, Attention, Mamba
 
     out = []
     try:
@@ -103,12 +107,14 @@ def _errors_case(size: int) -> list[str]:
     except ValueError as e:
         if "fewer than" not in str(e) or "\n" in str(e):
             out.append(f"unclear short-sequence error: {e}")
-    try:
-        SequenceParallel(H3(8), None)
-        out.append("an unsupported layer was accepted")
-    except NotImplementedError as e:
-        if "H3" not in str(e):
-            out.append(f"unclear unsupported-layer error: {e}")
+    for layer, word in ((S4(8, d_state=8), "DPLR"), (Mamba(8, reverse=True), "reverse"),
+                        (Attention(8, mask="prefix"), "prefix")):
+        try:
+            SequenceParallel(layer, None)
+            out.append(f"an unsupported {word} layer was accepted")
+        except NotImplementedError as e:
+            if word not in str(e) or "\n" in str(e):
+                out.append(f"unclear unsupported-layer error: {e}")
     return out
 
 

@@ -27,14 +27,17 @@ from torch import Tensor, nn
 from ..layers.attention import Attention
 from ..layers.base import SequenceLayer, rename_state_kwargs
 from ..layers.gated import RGLRU, GatedSSM
+from ..layers.h3 import H3
+from ..layers.longconv import LongConv
 from ..layers.mamba import Mamba
 from ..layers.mamba2 import Mamba2
+from ..layers.s4 import S4
 from ..layers.s4d import S4D
 from .ring_attention import ring_attention_forward
 from .sequence_comm import all_gather_autograd, group_rank_size
 from .sequence_recurrent import recurrent_forward
 
-RECURRENT = (Mamba, Mamba2, S4D, GatedSSM, RGLRU)
+RECURRENT = (Mamba, Mamba2, S4D, GatedSSM, RGLRU, H3, LongConv, S4)
 SUPPORTED = (*RECURRENT, Attention)
 
 
@@ -75,16 +78,27 @@ def gather_sequence(x: Tensor, group: dist.ProcessGroup | None = None, *, dim: i
     return torch.cat([p.narrow(dim, 0, n) for p, n in zip(pieces, lengths, strict=False)], dim=dim)
 
 
-def layer_forward(layer: SequenceLayer, x: Tensor, *, reset: Tensor | None = None,
-                  group: dist.ProcessGroup | None = None) -> Tensor:
-    """The local shard of ``layer(x_full, reset=reset_full)`` for this rank's shard ``x`` (batch, L_r, d_model)
-    and ``reset`` (batch, L_r) bool or None. Collective: every rank of ``group`` must call it."""
+def check_supported(layer: nn.Module) -> None:
+    """NotImplementedError (one line) unless ``layer`` has an exact sequence-parallel form here."""
     name = type(layer).__name__
     if not isinstance(layer, SUPPORTED):
         raise NotImplementedError(f"sequence parallel: {name} is not supported yet (supported: "
                                   f"{', '.join(c.__name__ for c in SUPPORTED)})")
+    if isinstance(layer, S4) and not layer.diagonal:
+        raise NotImplementedError(f"sequence parallel: {name} with a DPLR (non-diagonal) state is not supported; "
+                                  f"use init='ptd' (diagonal) or S4D")
     if getattr(layer, "reverse", False):
         raise NotImplementedError(f"sequence parallel: {name} with reverse=True (right to left) is not supported")
+    if isinstance(layer, Attention) and layer.mask not in ("causal", "sliding"):
+        raise NotImplementedError(f"sequence parallel: {name} supports mask 'causal' and 'sliding', got "
+                                  f"{layer.mask!r}")
+
+
+def layer_forward(layer: SequenceLayer, x: Tensor, *, reset: Tensor | None = None,
+                  group: dist.ProcessGroup | None = None) -> Tensor:
+    """The local shard of ``layer(x_full, reset=reset_full)`` for this rank's shard ``x`` (batch, L_r, d_model)
+    and ``reset`` (batch, L_r) bool or None. Collective: every rank of ``group`` must call it."""
+    check_supported(layer)
     x = layer.check_input(x)
     layer.check_dtype(x, "x")
     reset = layer.check_reset(reset, x)
@@ -110,10 +124,8 @@ class SequenceParallel(nn.Module):
         self.layers = _top_layers(module)
         if not self.layers:
             raise ValueError(f"SequenceParallel: {type(module).__name__} contains no sequence layers")
-        bad = sorted({type(m).__name__ for m in self.layers if not isinstance(m, SUPPORTED)})
-        if bad:
-            raise NotImplementedError(f"SequenceParallel: layers {', '.join(bad)} are not supported yet "
-                                      f"(supported: {', '.join(c.__name__ for c in SUPPORTED)})")
+        for layer in self.layers:
+            check_supported(layer)
 
     def forward(self, *args, **kwargs):
         rename_state_kwargs(f"{type(self).__name__}.forward", kwargs)

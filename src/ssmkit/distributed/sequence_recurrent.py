@@ -34,7 +34,9 @@ from torch import Tensor
 from ..layers.base import LayerState, SequenceLayer
 from .sequence_comm import all_gather, all_gather_autograd, group_rank_size
 
-HALO_FIELDS = ("conv",)
+#: state fields that hold the last inputs of a convolution, time last (Mamba/Mamba2 conv, H3 shift,
+#: LongConv buffer); every other field is a diagonal linear recurrence
+HALO_FIELDS = ("conv", "shift", "buffer")
 
 
 def _fields(state: LayerState) -> dict[str, Tensor]:
@@ -109,18 +111,20 @@ class _ShardPass(torch.autograd.Function):
         rank, size = group_rank_size(group)
         affine = [n for n in _fields(zero) if n not in names]
         zf = _fields(zero)
-        with torch.no_grad():  # M and b from one batched pass: rows [0, B) start at 0, rows [B, 2B) at 1
-            two = {n: torch.cat([halo[n], halo[n]]) for n in names}
-            two.update({n: torch.cat([zf[n], torch.ones_like(zf[n])]) for n in affine})
-            r2 = None if reset is None else torch.cat([reset, reset])
-            _, fin = _local(layer, torch.cat([x, x]), _build(run["zero2"], two), reset=r2, return_final_state=True)
-            fin = _fields(fin)
-            ms, h0 = {}, {}
-            for n in affine:
-                b, one = fin[n].chunk(2)
-                both = all_gather(torch.stack([one - b, b]), group)  # (P, 2, batch, ...)
-                ms[n] = both[:, 0]
-                h0[n] = _scan(both[:, 0], both[:, 1], rank)
+        ms, h0 = {}, {}
+        if affine:  # M and b from one batched no-grad pass: rows [0, B) start at 0, rows [B, 2B) at 1
+            with torch.no_grad():
+                two = {n: torch.cat([halo[n], halo[n]]) for n in names}
+                two.update({n: torch.cat([zf[n], torch.ones_like(zf[n])]) for n in affine})
+                r2 = None if reset is None else torch.cat([reset, reset])
+                _, fin = _local(layer, torch.cat([x, x]), _build(run["zero2"], two), reset=r2,
+                                return_final_state=True)
+                fin = _fields(fin)
+                for n in affine:
+                    b, one = fin[n].chunk(2)
+                    both = all_gather(torch.stack([one - b, b]), group)  # (P, 2, batch, ...)
+                    ms[n] = both[:, 0]
+                    h0[n] = _scan(both[:, 0], both[:, 1], rank)
         ctx.run, ctx.rank, ctx.size, ctx.ms, ctx.affine = run, rank, size, ms, affine
         if not run["need_grad"]:
             with torch.no_grad():
@@ -139,7 +143,7 @@ class _ShardPass(torch.autograd.Function):
         del ctx.inner
         run, rank, size, affine = ctx.run, ctx.rank, ctx.size, ctx.affine
         leaves = [h0d[n] for n in affine]
-        local = torch.autograd.grad(y, leaves, gy, retain_graph=True, allow_unused=True)
+        local = torch.autograd.grad(y, leaves, gy, retain_graph=True, allow_unused=True) if leaves else ()
         outs, grads = [y], [gy]
         for n, leaf, a in zip(affine, leaves, local, strict=False):
             a = torch.zeros_like(leaf) if a is None else a
