@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -84,13 +85,20 @@ def _export_step(model: CausalLM, specs: list[dict[str, Any]], path: Path) -> No
     args = (torch.zeros(3, dtype=torch.long), *_example(specs, 3, 5))
     names_in = [STEP_TOKEN] + [state_in(s["name"]) for s in specs]
     names_out = [LOGITS] + [state_out(s["name"]) for s in specs]
-    # the exporter prints progress lines and warns about merged axis names; a failure still raises
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        program = torch.onnx.export(step, args, dynamo=True, dynamic_shapes=({0: batch}, dyn),
-                                    input_names=names_in, output_names=names_out, opset_version=OPSET,
-                                    verbose=False, report=False)
+    # the exporter prints progress lines, logs missing torchvision ops and warns about merged axis names; a
+    # failure still raises
+    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.onnx.export(step, args, dynamo=True, dynamic_shapes=({0: batch}, dyn),
+                                        input_names=names_in, output_names=names_out, opset_version=OPSET,
+                                        verbose=False, report=False)
+    finally:
+        quiet.setLevel(level)
     program.save(str(path))
 
 
