@@ -88,6 +88,42 @@ class _GatedBase(SequenceLayer):
         h0 = None if state is None else self._state_h(state, x)
         return x, h0, reset
 
+    def _coeffs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """x (..., d_model) -> (decay a, input b, output gate or None), each (..., d_state)."""
+        raise NotImplementedError
+
+    def _out(self, h: Tensor, gate: Tensor | None) -> Tensor:
+        """Hidden states h (..., d_state) and the output gate -> y (..., d_model)."""
+        raise NotImplementedError
+
+    @state_kwargs
+    def forward(
+        self,
+        x: Tensor,
+        initial_state: LayerState | None = None,
+        *,
+        reset: Tensor | None = None,
+        return_final_state: bool = False,
+    ):
+        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, final state) if
+        ``return_final_state``."""
+        x, h0, reset = self._prepare(x, initial_state, reset)
+        a, b, gate = self._coeffs(x)
+        h, h_last = linear_scan(
+            a, b, initial_state=h0, reset=reset, reverse=self.reverse, return_final_state=True
+        )
+        y = self._out(h, gate)
+        return (y, self.state_cls(h=h_last)) if return_final_state else y
+
+    def step(self, x_t: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
+        """One token x_t: (batch, d_model) -> (y_t (batch, d_model), new state); O(1) in the length."""
+        x_t = self.check_step_input(x_t)
+        self.check_dtype(x_t, "x_t")
+        h = self._state_h(state, x_t)
+        a, b, gate = self._coeffs(x_t)
+        h = a.to(h.dtype) * h + b.to(h.dtype)
+        return self._out(h.to(x_t.dtype), gate), self.state_cls(h=h)
+
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_state={self.d_state}, reverse={self.reverse}"
@@ -139,38 +175,15 @@ class GatedSSM(_GatedBase):
             u = torch.empty(self.d_state, dtype=torch.float64).uniform_(lo, hi)
             self.in_proj.bias[3 * self.d_state :].copy_(torch.log(u / (1 - u)))
 
-    def _gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _coeffs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (..., d_model) -> decay f, input i ⊙ z and output gate GeLU(o), each (..., d_state)."""
         i, z, o, f = to_compute(self, *self.in_proj(x).chunk(4, dim=-1))  # float32 under autocast
         return torch.sigmoid(f), torch.sigmoid(i) * z, F.gelu(o)
 
-    @state_kwargs
-    def forward(
-        self,
-        x: Tensor,
-        initial_state: GatedSSMState | None = None,
-        *,
-        reset: Tensor | None = None,
-        return_final_state: bool = False,
-    ):
-        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, final state) if
-        ``return_final_state``."""
-        x, h0, reset = self._prepare(x, initial_state, reset)
-        f, b, o = self._gates(x)
-        h, h_last = linear_scan(
-            f, b, initial_state=h0, reset=reset, reverse=self.reverse, return_final_state=True
-        )
-        y = self.out_proj(o * h)
-        return (y, GatedSSMState(h=h_last)) if return_final_state else y
+    _gates = _coeffs  # the name ssmkit.export.onnx_step reads
 
-    def step(self, x_t: Tensor, state: GatedSSMState) -> tuple[Tensor, GatedSSMState]:
-        """One token x_t: (batch, d_model) -> (y_t (batch, d_model), new state); O(1) in the length."""
-        x_t = self.check_step_input(x_t)
-        self.check_dtype(x_t, "x_t")
-        h = self._state_h(state, x_t)
-        f, b, o = self._gates(x_t)
-        h = f.to(h.dtype) * h + b.to(h.dtype)
-        return self.out_proj(o * h.to(x_t.dtype)), GatedSSMState(h=h)
+    def _out(self, h: Tensor, o: Tensor) -> Tensor:
+        return self.out_proj(o * h)
 
 
 class RGLRU(_GatedBase):
@@ -248,34 +261,6 @@ class RGLRU(_GatedBase):
 
     def _out(self, h: Tensor, g: Tensor | None) -> Tensor:
         return self.out_proj(h if g is None else g * h)
-
-    @state_kwargs
-    def forward(
-        self,
-        x: Tensor,
-        initial_state: RGLRUState | None = None,
-        *,
-        reset: Tensor | None = None,
-        return_final_state: bool = False,
-    ):
-        """x: (batch, length, d_model) -> y (batch, length, d_model), or (y, final state) if
-        ``return_final_state``."""
-        x, h0, reset = self._prepare(x, initial_state, reset)
-        a, b, g = self._coeffs(x)
-        h, h_last = linear_scan(
-            a, b, initial_state=h0, reset=reset, reverse=self.reverse, return_final_state=True
-        )
-        y = self._out(h, g)
-        return (y, RGLRUState(h=h_last)) if return_final_state else y
-
-    def step(self, x_t: Tensor, state: RGLRUState) -> tuple[Tensor, RGLRUState]:
-        """One token x_t: (batch, d_model) -> (y_t (batch, d_model), new state); O(1) in the length."""
-        x_t = self.check_step_input(x_t)
-        self.check_dtype(x_t, "x_t")
-        h = self._state_h(state, x_t)
-        a, b, g = self._coeffs(x_t)
-        h = a.to(h.dtype) * h + b.to(h.dtype)
-        return self._out(h.to(x_t.dtype), g), RGLRUState(h=h)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, c={self.c}, gate={self.gate}"
