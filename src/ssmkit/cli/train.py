@@ -215,10 +215,8 @@ def _same_on_all_ranks(fn: Callable[[], T]) -> T:
 
 def _run_data_parallel(args: argparse.Namespace, env: Any) -> int:
     """A worker of a torchrun job: join the process group, agree on the run, train; rank 0 reports."""
-    import torch.distributed as dist
-
     from ..distributed import data_parallel as dp
-    from ..distributed.env import process_group, resolve_backend, resolve_timeout
+    from ..distributed.env import is_peer_failure, peer_failure_text, process_group, resolve_backend, resolve_timeout
     from ..train import resolve_run
 
     setup_logging(args.quiet)
@@ -227,20 +225,25 @@ def _run_data_parallel(args: argparse.Namespace, env: Any) -> int:
     try:
         backend, timeout = resolve_backend(args.backend), resolve_timeout(args.dist_timeout)
         run_dir = _given_run_dir(args)
-        with process_group(env, backend, timeout):
-            # rank 0 reads the run's files (a resumed config) and prepares its directory; all ranks check
-            sections = dp.run_on_main(lambda: _sections(args, run_dir))
-            setup = _same_on_all_ranks(lambda: resolve_run(sections))
+        setup = None
+        if not args.resume:  # the command line alone decides the run: check it before joining the job
+            setup = resolve_run(_sections(args, run_dir))
             dp.check_global_batch(setup.train.batch_size, env.world_size, setup.train.grad_accum)
+        with process_group(env, backend, timeout):
+            if setup is None:  # a resumed run's config is rank 0's file; every rank builds and checks it
+                sections = dp.run_on_main(lambda: _sections(args, run_dir))
+                setup = _same_on_all_ranks(lambda: resolve_run(sections))
+                dp.check_global_batch(setup.train.batch_size, env.world_size, setup.train.grad_accum)
             run_dir = run_dir or _default_run_dir(setup)
             dp.run_on_main(lambda: _check_run_dir(args, run_dir, clear=True))
             try:
                 return _train(args, setup, run_dir, main=env.is_main)
-            except dist.DistError as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                print(f"ssmkit train: error: rank {env.rank}: lost another rank of the job ({first}); stopping. "
-                      f"Resume from the newest complete checkpoint with --resume --run-dir {run_dir}",
-                      file=sys.stderr)
+            except RuntimeError as e:
+                if not is_peer_failure(e):
+                    raise
+                print(f"ssmkit train: error: rank {env.rank}: lost another rank of the job "
+                      f"({peer_failure_text(e)}); stopping. Resume from the newest complete checkpoint with "
+                      f"--resume --run-dir {run_dir}", file=sys.stderr)
                 return 1
     except _USER_ERRORS:
         if not env.is_main:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -148,3 +149,16 @@ def current() -> DistEnv:
     local = int(environ.get("LOCAL_RANK", dist.get_rank()))
     local_world = int(environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
     return DistEnv(dist.get_rank(), dist.get_world_size(), local, local_world)
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """True for errors of a collective whose peer died, hung past the timeout or could not be reached (gloo
+    raises them as plain RuntimeErrors naming its transport)."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error))
+
+
+def peer_failure_text(error: BaseException) -> str:
+    """The gist of a :func:`is_peer_failure` error on one line (source paths and boilerplate dropped)."""
+    text = " ".join(str(error).split())
+    text = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)
+    return text.split(". This is typically")[0].strip() or type(error).__name__
