@@ -8,7 +8,7 @@ MambaForCausalLM and converted with ssmkit.interop, so both sides hold identical
 - greedy decoding, 256-token prompt, 256 new tokens, batch 1 and 8: new tokens per second (prefill included, as
   a user of generate sees it) and whether both produced the same tokens;
 - prefill of a 4096-token prompt, batch 1: the time to the first token's logits and the recurrent state
-  (ssmkit: backbone forward with return_state + LM head on the last position; transformers: its forward with
+  (ssmkit: backbone forward with return_final_state + LM head on the last position; transformers: its forward with
   use_cache=True and logits_to_keep=1, i.e. what its generate runs first).
 - the same decode cases with ``ssmkit.infer.quantize_weights`` (int8 weight-only linear layers, float32
   activations): opt-in, and not the same numerics, so its tokens may part from the float32 ones at near-ties;
@@ -107,7 +107,7 @@ def prefill_case(hf, ours, length: int, repeat: int) -> dict:
 
     @torch.no_grad()
     def run_ours():
-        hidden, state = ours.backbone(ids, return_state=True, input_name="input_ids")
+        hidden, state = ours.backbone(ids, return_final_state=True, input_name="input_ids")
         res["ours"] = ours.lm_head(hidden[:, -1])
 
     @torch.no_grad()

@@ -44,13 +44,13 @@ def _step_latency(step_fn, n: int = 50) -> float:
 def bench_mamba(length: int, quick: bool) -> list[dict]:
     from transformers import DynamicCache, MambaConfig, MambaModel
 
-    from ssmkit.interop import mamba_from_transformers_mixer
+    from ssmkit.interop import mixer_from_transformers
 
     torch.manual_seed(0)
     cfg = MambaConfig(hidden_size=D_MODEL, state_size=16, expand=2, num_hidden_layers=1, vocab_size=16)
     hf = MambaModel(cfg)
     mixer = hf.layers[0].mixer
-    ours = mamba_from_transformers_mixer(mixer)
+    ours = mixer_from_transformers(mixer)
     x = torch.randn(1, length, D_MODEL)
     rep = 1 if quick else 3
     with torch.no_grad():
@@ -71,7 +71,7 @@ def bench_mamba(length: int, quick: bool) -> list[dict]:
     # one-token steps after a 64-token prefill
     xt = torch.randn(1, D_MODEL)
     with torch.no_grad():
-        _, state = ours(x[:, :64], return_state=True)
+        _, state = ours(x[:, :64], return_final_state=True)
         cache = DynamicCache(config=cfg)
         mixer(x[:, :64], cache_params=cache)
         t_step_ours = _step_latency(lambda: ours.step(xt, state))
@@ -91,14 +91,14 @@ def bench_mamba(length: int, quick: bool) -> list[dict]:
 def bench_mamba2(length: int, quick: bool) -> list[dict]:
     from transformers import DynamicCache, Mamba2Config, Mamba2Model
 
-    from ssmkit.interop import mamba2_from_transformers_mixer
+    from ssmkit.interop import mixer_from_transformers
 
     torch.manual_seed(0)
     cfg = Mamba2Config(hidden_size=D_MODEL, expand=2, num_heads=24, head_dim=64, state_size=128, n_groups=1,
                        chunk_size=256, num_hidden_layers=1, vocab_size=16)
     hf = Mamba2Model(cfg)
     mixer = hf.layers[0].mixer
-    ours = mamba2_from_transformers_mixer(mixer)
+    ours = mixer_from_transformers(mixer)
     x = torch.randn(1, length, D_MODEL)
     rep = 1 if quick else 3
     with torch.no_grad():
@@ -109,7 +109,7 @@ def bench_mamba2(length: int, quick: bool) -> list[dict]:
     t_hf = best_time(lambda: _fwd_bwd(mixer, x), repeat=rep)
     xt = torch.randn(1, D_MODEL)
     with torch.no_grad():
-        _, state = ours(x[:, :64], return_state=True)
+        _, state = ours(x[:, :64], return_final_state=True)
         cache = DynamicCache(config=cfg)
         mixer(x[:, :64], cache_params=cache)
         t_step_ours = _step_latency(lambda: ours.step(xt, state))

@@ -32,7 +32,7 @@ def test_step_module_equals_the_layers_step(case):
     ids = torch.randint(0, 50, (3, 12))
     step = StepModule(model)
     with torch.no_grad():
-        state = model(ids[:, :6], return_state=True).state
+        state = model(ids[:, :6], return_final_state=True).state
         flat = state_to_flat(state)
         for t in range(6, 12):
             ref, state = model.step(ids[:, t], state)
@@ -63,7 +63,7 @@ def test_onnxruntime_equals_ssmkit_for_prefill_and_64_steps(exported, batch, len
     gen = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, 50, (batch, length), generator=gen)
     with torch.no_grad():
-        out = model(ids, return_state=True)
+        out = model(ids, return_final_state=True)
     logits, states = lm.prefill(ids.numpy())
     np.testing.assert_allclose(logits, out.logits.numpy(), rtol=0, atol=1e-4)
     flat = state_to_flat(out.state)

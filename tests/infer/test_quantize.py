@@ -26,7 +26,7 @@ def test_quantized_model_matches_float_and_its_own_steps(pattern):
         ref, out = model(ids).logits, q(ids).logits
         assert float((out - ref).abs().max() / ref.abs().max()) < 0.05
         # the quantized model's recurrent steps equal its own parallel forward
-        _, state = q.backbone(ids[:, :4], return_state=True, input_name="input_ids")
+        _, state = q.backbone(ids[:, :4], return_final_state=True, input_name="input_ids")
         for t in range(4, 10):
             logits, state = q.step(ids[:, t], state)
             torch.testing.assert_close(logits, out[:, t], rtol=1e-4, atol=1e-4)

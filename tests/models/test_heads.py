@@ -38,7 +38,7 @@ def test_causal_lm_shapes_loss_and_grads(pattern):
     out.loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert model(x, return_state=True).state is not None
+    assert model(x, return_final_state=True).state is not None
 
 
 def test_lm_loss_convention():

@@ -83,7 +83,7 @@ def test_prefix_then_step_equals_forward(pattern):
     pm = prefix_mask(2, [3, 2])
     with torch.no_grad():
         whole = model(x, prefix_mask=pm).logits
-        out = model(x[:, :5], prefix_mask=pm[:, :5], return_state=True)
+        out = model(x[:, :5], prefix_mask=pm[:, :5], return_final_state=True)
         state, steps = out.state, []
         for t in range(5, L):
             logits, state = model.step(x[:, t], state)

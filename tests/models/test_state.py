@@ -59,9 +59,9 @@ def test_split_with_state_equals_whole(case):
     @given(t=st.integers(1, x.shape[1] - 1))
     def check(t):
         with torch.no_grad():
-            whole = model(x, return_state=True)
-            a = model(x[:, :t], return_state=True)
-            b = model(x[:, t:], a.state, return_state=True)
+            whole = model(x, return_final_state=True)
+            a = model(x[:, :t], return_final_state=True)
+            b = model(x[:, t:], a.state, return_final_state=True)
         assert_close(torch.cat([a.logits, b.logits], 1), whole.logits, TOL, f"{case[0]} split at {t}")
         want = whole.state.tensors()
         for name, tensor in b.state.tensors().items():
@@ -100,7 +100,7 @@ def test_step_after_forward_prompt_continues():
     x = ids(3, 8, seed=4)
     with torch.no_grad():
         whole = model(x).logits
-        out = model(x[:, :5], return_state=True)
+        out = model(x[:, :5], return_final_state=True)
         state, steps = out.state, []
         for t in range(5, 8):
             logits, state = model.step(x[:, t], state)
@@ -112,7 +112,7 @@ def test_state_carries_gradient_for_tbptt():
     torch.manual_seed(0)
     model = CausalLM(tiny_config("gated,attn"))
     x = ids(2, 6)
-    a = model(x[:, :3], return_state=True)
+    a = model(x[:, :3], return_final_state=True)
     b = model(x[:, 3:], a.state, labels=x[:, 3:])
     b.loss.backward()
     emb = model.backbone.embedding.weight.grad
@@ -124,7 +124,7 @@ def test_state_carries_gradient_for_tbptt():
 def test_model_state_helpers():
     model = lm("mamba,attn", {})
     with torch.no_grad():
-        state = model(ids(3, 4), return_state=True).state
+        state = model(ids(3, 4), return_final_state=True).state
     assert isinstance(state, ModelState) and len(state) == 2
     names = state.tensors()
     assert "layers.0.ssm" in names and "layers.1.k" in names
@@ -144,13 +144,13 @@ def test_state_errors():
     other = lm("gated*3", {})
     x = ids(2, 4)
     with pytest.raises(TypeError, match="ModelState"):
-        model(x, state=(1, 2))
+        model(x, initial_state=(1, 2))
     with pytest.raises(ValueError, match="3 layer states but the model has 2"):
-        model(x, state=other.init_state(2))
+        model(x, initial_state=other.init_state(2))
     with pytest.raises(ValueError, match="layer 0 \\(mamba\\)"):
-        model(x, state=model.init_state(3))  # wrong batch size
+        model(x, initial_state=model.init_state(3))  # wrong batch size
     with pytest.raises(TypeError, match="layer 0 \\(gated\\)"):
-        lm("gated*2", {})(x, state=model.init_state(2))
+        lm("gated*2", {})(x, initial_state=model.init_state(2))
     with pytest.raises(ValueError, match="batch_size"):
         model.init_state(0)
     with pytest.raises(ValueError, match="token_ids"):
@@ -162,7 +162,7 @@ def test_bidirectional_layers_have_no_state():
     with pytest.raises(NotImplementedError, match="layer 0 \\(bi-gated\\) is bidirectional"):
         model.init_state(2)
     with pytest.raises(ValueError, match="layer 0 \\(bi-gated\\).*state passing"):
-        model(ids(2, 4), return_state=True)
+        model(ids(2, 4), return_final_state=True)
 
 
 def test_regressor_state_and_step():
@@ -170,7 +170,7 @@ def test_regressor_state_and_step():
     x = torch.randn(2, 6, 3, dtype=torch.float64)
     with torch.no_grad():
         whole = model(x).outputs
-        a = model(x[:, :2], return_state=True)
+        a = model(x[:, :2], return_final_state=True)
         b = model(x[:, 2:], a.state).outputs
         state, steps = model.init_state(2), []
         for t in range(6):

@@ -151,7 +151,7 @@ def test_dropout_replays_the_same_masks():
     for s in range(0, 17, chunk_len):
         sl = slice(s, s + chunk_len)
         lab = batch["labels"][:, sl]
-        out = model(batch["input_ids"][:, sl], state, reset=batch["reset"][:, sl], labels=lab, return_state=True)
+        out = model(batch["input_ids"][:, sl], state, reset=batch["reset"][:, sl], labels=lab, return_final_state=True)
         loss = loss + out.loss * (int((lab != -100).sum()) / total)
         state = out.state
     loss.backward()

@@ -26,8 +26,10 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def _needs_checkpoint(block: nn.Module, state: object, kw: dict) -> bool:
-    """Checkpoint only plain training forwards: gradients on, training mode, no recurrent state passed."""
-    return block.training and torch.is_grad_enabled() and state is None and not kw.get("return_state")
+    """Checkpoint only plain training forwards: gradients on, training mode, no recurrent state passed or
+    returned (``return_final_state=True``, or its deprecated alias ``return_state``)."""
+    wants_state = kw.get("return_final_state") or kw.get("return_state")
+    return block.training and torch.is_grad_enabled() and state is None and not wants_state
 
 
 def enable_activation_checkpointing(model: nn.Module) -> int:
