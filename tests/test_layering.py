@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ssmkit"
 TIERS = {
     "_dataclass_dict": 0, "ops": 0, "init": 0,
     "layers": 1,
-    "models": 2, "data": 2,
+    "models": 2, "data": 2, "distributed": 2,
     "objectives": 3, "train": 3, "infer": 3, "interop": 3,
     "experiments": 4, "export": 4,
     "cli": 5, "selfcheck": 5,
