@@ -120,6 +120,9 @@ def _errors_case(size: int) -> list[str]:
 
 def _worker(rank: int, size: int, init_file: str, queue) -> None:
     torch.set_num_threads(1)
+    import ssmkit.distributed.ring_attention as ring
+
+    ring.CHUNK = 3  # several query tiles per shard, so tiling and tile skipping are exercised
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size,
                             timeout=timedelta(seconds=TIMEOUT))
     try:

@@ -28,7 +28,9 @@ from torch import Tensor
 
 from ..layers.attention import Attention
 from ..layers.base import to_compute
-from .sequence_comm import all_gather, exchange, group_rank_size, pass_next
+from .sequence_comm import all_gather, exchange, group_rank_size
+
+CHUNK = 256  # queries per score tile: tiles of CHUNK x L_j scores, never L_r x L_j at once
 
 
 def _positions(x: Tensor, reset: Tensor | None, group: dist.ProcessGroup | None):
@@ -80,42 +82,124 @@ def ring_attention_forward(layer: Attention, x: Tensor, reset: Tensor | None,
     if layer.rotary:
         q, k = layer._rotate(q, pos), layer._rotate(k, pos)
     q = q * (1.0 / math.sqrt(Dh))
-
-    def scores(kb: Tensor, kseg: Tensor, kidx: Tensor) -> Tensor:
-        s = q @ kb.transpose(-1, -2)
-        rel = gidx[:, None] - kidx[None, :]
-        ok = (seg[:, :, None] == kseg[:, None, :]) & (rel >= 0)[None]
-        if layer.window is not None:
-            ok = ok & (rel < layer.window)[None]
-        return s.masked_fill(~ok[:, None], float("-inf"))
-
-    s = scores(k, seg, gidx)
-    m = s.amax(-1, keepdim=True).detach()
-    p = torch.exp(s - m)
-    lsum, acc = p.sum(-1, keepdim=True), p @ v
-    block, kseg = torch.cat([k, v], -1), seg
-    offsets = torch.cumsum(lengths, 0) - lengths
-    for step in range(1, rank + 2):
-        if step >= len(lengths):
-            break
-        send = rank + 1 < len(lengths)
-        src = rank - step
-        shape = (batch, H, int(lengths[src]), 2 * Dh) if src >= 0 else None
-        block = pass_next(block, send, shape, group, tag=2 * step)
-        seg_in = torch.empty(batch, int(lengths[src]), dtype=torch.long, device=x.device) if src >= 0 else None
-        exchange(kseg if send else None, seg_in, group, tag=2 * step + 1)
-        if src < 0:  # send only: tie the pass into the graph so its backward receives the gradient
-            acc = acc + block.sum() * 0
-            break
-        kseg = seg_in
-        kidx = offsets[src] + torch.arange(int(lengths[src]), device=x.device)
-        kb, vb = block.split(Dh, dim=-1)
-        s = scores(kb, kseg, kidx)
-        m_new = torch.maximum(m, s.amax(-1, keepdim=True)).detach()
-        scale = torch.exp(m - m_new)
-        p = torch.exp(s - m_new)
-        lsum = lsum * scale + p.sum(-1, keepdim=True)
-        acc = acc * scale + p @ vb
-        m = m_new
-    out = acc / lsum
+    ctx = _Ring(group, rank, lengths, gidx, seg, reset is not None, layer.window)
+    out = _RingAttention.apply(q, k, v, ctx)
     return layer.out_proj(out.transpose(1, 2).reshape(batch, length, layer.d_model))
+
+
+class _Ring:
+    """What the ring needs besides q, k, v: the group, this rank, all shard lengths, global token indices and
+    segment ids of the local tokens, whether segments exist, the sliding window."""
+
+    def __init__(self, group, rank, lengths, gidx, seg, segmented, window):
+        self.group, self.rank, self.lengths, self.gidx, self.seg = group, rank, lengths, gidx, seg
+        self.segmented, self.window = segmented, window
+        self.offsets = torch.cumsum(lengths, 0) - lengths
+
+    def key_range(self, rows: slice, kidx: Tensor) -> slice:
+        """The keys of a block (global indices ``kidx``, contiguous) that the queries ``rows`` may see at all:
+        none after the last query, none before the first query's window; tiles outside are skipped."""
+        n = kidx.shape[0]
+        first, last = int(self.gidx[rows][0]), int(self.gidx[rows][-1])
+        lo = 0 if self.window is None else first - self.window + 1 - int(kidx[0])
+        hi = last + 1 - int(kidx[0])
+        return slice(min(max(lo, 0), n), min(max(hi, 0), n))
+
+    def visible(self, rows: slice, kseg: Tensor, kidx: Tensor, own: bool) -> Tensor | None:
+        """Bool mask (batch or 1, 1, rows, L_j) of visible keys, or None when all are visible."""
+        if not self.segmented and self.window is None and not own:  # an earlier shard, one segment
+            return None
+        rel = self.gidx[rows, None] - kidx[None, :]
+        ok = (rel >= 0) if self.window is None else (rel >= 0) & (rel < self.window)
+        ok = ok[None] if not self.segmented else ok[None] & (self.seg[:, rows, None] == kseg[:, None, :])
+        return ok[:, None]
+
+
+def _tile_scores(q: Tensor, kb: Tensor, ok: Tensor | None) -> Tensor:
+    s = q @ kb.transpose(-1, -2)
+    return s if ok is None else s.masked_fill(~ok, float("-inf"))
+
+
+class _RingAttention(torch.autograd.Function):
+    """Flash-style: the forward keeps only q, the K/V blocks, the output and the row log-sum-exp; the backward
+    recomputes each tile's probabilities, and sends each earlier block's K/V gradient back along the hops."""
+
+    @staticmethod
+    def forward(fctx, q, k, v, ring: _Ring):  # type: ignore[override]
+        rank, lengths, size = ring.rank, ring.lengths, len(ring.lengths)
+        batch, heads, _, dh = q.shape
+        blocks = [(k, v, ring.seg, ring.gidx)]  # block s holds the keys of rank - s
+        held = (torch.cat([k, v], -1), ring.seg)
+        for step in range(1, min(rank + 1, size - 1) + 1):
+            src = rank - step
+            send = rank + 1 < size
+            n = int(lengths[src]) if src >= 0 else 0
+            kv = q.new_empty(batch, heads, n, 2 * dh) if src >= 0 else None
+            kseg = torch.empty(batch, n, dtype=torch.long, device=q.device) if src >= 0 else None
+            exchange(held[0] if send else None, kv, ring.group, tag=2 * step)
+            exchange(held[1] if send else None, kseg, ring.group, tag=2 * step + 1)
+            if src < 0:
+                break
+            held = (kv, kseg)
+            kidx = ring.offsets[src] + torch.arange(n, device=q.device)
+            blocks.append((kv[..., :dh], kv[..., dh:], kseg, kidx))
+        out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1])
+        for a in range(0, q.shape[2], CHUNK):
+            rows = slice(a, a + CHUNK)
+            qc, m, lsum, acc = q[:, :, rows], None, None, None
+            for j, (kb_all, vb_all, kseg_all, kidx_all) in enumerate(blocks):
+                keys = ring.key_range(rows, kidx_all)
+                if keys.start >= keys.stop:
+                    continue
+                kb, vb = kb_all[:, :, keys], vb_all[:, :, keys]
+                kseg, kidx = kseg_all[:, keys], kidx_all[keys]
+                s = _tile_scores(qc, kb, ring.visible(rows, kseg, kidx, j == 0))
+                m_new = s.amax(-1, keepdim=True) if m is None else torch.maximum(m, s.amax(-1, keepdim=True))
+                p = torch.exp(s - m_new)
+                if m is None:  # the own block first: every query sees itself, so m is finite from here on
+                    lsum, acc = p.sum(-1, keepdim=True), p @ vb
+                else:
+                    scale = torch.exp(m - m_new)
+                    lsum, acc = lsum * scale + p.sum(-1, keepdim=True), acc * scale + p @ vb
+                m = m_new
+            out[:, :, rows] = acc / lsum
+            lse[:, :, rows] = (m + torch.log(lsum)).squeeze(-1)
+        fctx.ring, fctx.blocks = ring, blocks
+        fctx.save_for_backward(q, out, lse)
+        return out
+
+    @staticmethod
+    def backward(fctx, dout):  # type: ignore[override]
+        q, out, lse = fctx.saved_tensors
+        ring, blocks = fctx.ring, fctx.blocks
+        rank, size = ring.rank, len(ring.lengths)
+        dq = torch.zeros_like(q)
+        dkv = [torch.zeros(*kb.shape[:-1], 2 * kb.shape[-1], dtype=q.dtype, device=q.device)
+               for kb, _, _, _ in blocks]
+        delta = (dout * out).sum(-1, keepdim=True)
+        for a in range(0, q.shape[2], CHUNK):
+            rows = slice(a, a + CHUNK)
+            qc, dc, lc = q[:, :, rows], dout[:, :, rows], lse[:, :, rows, None]
+            for j, (kb_all, vb_all, kseg_all, kidx_all) in enumerate(blocks):
+                keys = ring.key_range(rows, kidx_all)
+                if keys.start >= keys.stop:
+                    continue
+                kb, vb = kb_all[:, :, keys], vb_all[:, :, keys]
+                ok = ring.visible(rows, kseg_all[:, keys], kidx_all[keys], j == 0)
+                p = torch.exp(_tile_scores(qc, kb, ok) - lc)
+                dh = kb.shape[-1]
+                dkv[j][:, :, keys, dh:] += p.transpose(-1, -2) @ dc
+                ds = p * (dc @ vb.transpose(-1, -2) - delta[:, :, rows])
+                dq[:, :, rows] += ds @ kb
+                dkv[j][:, :, keys, :dh] += ds.transpose(-1, -2) @ qc
+        # block j came from rank - j through every rank between; its gradient goes back the same hops, each rank
+        # adding its own part: receive the part of the ranks above (for the block this rank passed on), send down
+        for j in range(len(blocks) - 1, -1, -1):
+            if rank + 1 < size:
+                incoming = torch.empty_like(dkv[j])
+                exchange(None, incoming, ring.group, tag=2 * (j + 1), backward=True)
+                dkv[j] += incoming
+            if j >= 1:
+                exchange(dkv[j], None, ring.group, tag=2 * j, backward=True)
+        dh = q.shape[-1]
+        return dq, dkv[0][..., :dh], dkv[0][..., dh:], None
