@@ -62,6 +62,23 @@ def run_job(cmd: list[str], timeout: float = DEADLINE) -> subprocess.CompletedPr
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
+def run_two_nodes(node_args: list[list[str]], timeout: float = DEADLINE) -> list[tuple[int, str]]:
+    """Two torchrun "machines" on this one (``--nnodes=2``, one process each, c10d rendezvous on a free port);
+    ``node_args[n]`` is what node n runs. Returns (exit status, stderr) per node."""
+    port = free_port()
+    jobs = [subprocess.Popen(torchrun("--nnodes=2", f"--node_rank={n}", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                                      f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=ssmkit-test", *args),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+            for n, args in enumerate(node_args)]
+    try:
+        errs = [job.communicate(timeout=timeout)[1] for job in jobs]
+    finally:
+        for job in jobs:
+            if job.poll() is None:
+                job.kill()
+    return [(job.returncode, err) for job, err in zip(jobs, errs, strict=True)]
+
+
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The state dict of the newest checkpoint's model in ``run_dir``."""
     ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")

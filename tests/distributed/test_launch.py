@@ -1,5 +1,5 @@
-"""Launching data-parallel training the ways a user does: two torchrun "machines" (--nnodes=2, c10d rendezvous on
-this machine) and ``ssmkit train --nproc 2`` stopped by SIGTERM to the whole job, then resumed exactly."""
+"""``ssmkit train --nproc 2`` (the CLI under torchrun) stopped by SIGTERM to the whole job: one agreed, complete
+checkpoint, resumed exactly. (Two torchrun "machines" run the plans of test_ddp.py.)"""
 
 from __future__ import annotations
 
@@ -14,32 +14,7 @@ import pytest
 from ssmkit.cli import main
 from ssmkit.train import latest_checkpoint, read_training_state
 
-from .ddp_common import DEADLINE, ENV, final_weights, free_port, max_diff, sections, set_args, torchrun
-
-#: float64, grad_accum 2 on each of 2 ranks, no dropout: equal to one process
-RUN = sections(steps=3, batch_size=8, grad_accum=2, lr=1e-2, warmup_steps=1, dtype="float64")
-ARGS = ["train", *set_args(RUN), "--quiet"]
-
-
-def test_two_nodes_equal_one_process(tmp_path, capsys):
-    port = free_port()
-    jobs = [subprocess.Popen(torchrun("--nnodes=2", f"--node_rank={n}", "--nproc_per_node=1", "--rdzv_backend=c10d",
-                                      f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=ssmkit-test",
-                                      "-m", "ssmkit.cli", *ARGS, "--run-dir", str(tmp_path / f"node{n}")),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for n in (0, 1)]
-    try:
-        outs = [job.communicate(timeout=DEADLINE) for job in jobs]
-    finally:
-        for job in jobs:
-            if job.poll() is None:
-                job.kill()
-    assert [job.returncode for job in jobs] == [0, 0], [err[-3000:] for _, err in outs]
-    # the "machine" whose worker got rank 0 wrote its run directory; the other wrote nothing
-    written = [n for n in (0, 1) if (tmp_path / f"node{n}").exists()]
-    assert len(written) == 1, written
-    assert main([*ARGS, "--run-dir", str(tmp_path / "one")]) == 0
-    capsys.readouterr()
-    assert max_diff(final_weights(tmp_path / f"node{written[0]}"), final_weights(tmp_path / "one")) < 1e-10
+from .ddp_common import DEADLINE, ENV, final_weights, max_diff, sections, set_args
 
 
 def train_records(run) -> int:
