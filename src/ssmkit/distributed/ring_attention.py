@@ -10,7 +10,7 @@ first block and fully masked later blocks add exactly zero.
 Segments (``reset``) and rotary positions cross shard boundaries: the global segment id is the number of resets
 before the token in the whole sequence, and the position restarts at the latest reset anywhere before it; both
 come from one small all-gather (shard length, reset count and last local reset per row). Keys travel with their
-segment ids. Gradients flow back along the same hops (:func:`ssmkit.distributed.sequence_comm.pass_next`).
+segment ids. The backward recomputes each tile and sends K/V gradients back along the same hops.
 
 Communication per layer and step: the last rank receives P - 1 blocks of batch * 2 * d_model * L_j values (plus
 batch * L_j int64 segment ids), i.e. (P - 1) / P of the sequence's keys and values; the backward sends the same
@@ -143,28 +143,9 @@ class _RingAttention(torch.autograd.Function):
             held = (kv, kseg)
             kidx = ring.offsets[src] + torch.arange(n, device=q.device)
             blocks.append((kv[..., :dh], kv[..., dh:], kseg, kidx))
-        out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1])
-        for a in range(0, q.shape[2], CHUNK):
-            rows = slice(a, a + CHUNK)
-            qc, m, lsum, acc = q[:, :, rows], None, None, None
-            for j, (kb_all, vb_all, kseg_all, kidx_all) in enumerate(blocks):
-                keys = ring.key_range(rows, kidx_all)
-                if keys.start >= keys.stop:
-                    continue
-                kb, vb = kb_all[:, :, keys], vb_all[:, :, keys]
-                kseg, kidx = kseg_all[:, keys], kidx_all[keys]
-                s = _tile_scores(qc, kb, ring.visible(rows, kseg, kidx, j == 0))
-                m_new = s.amax(-1, keepdim=True) if m is None else torch.maximum(m, s.amax(-1, keepdim=True))
-                p = torch.exp(s - m_new)
-                if m is None:  # the own block first: every query sees itself, so m is finite from here on
-                    lsum, acc = p.sum(-1, keepdim=True), p @ vb
-                else:
-                    scale = torch.exp(m - m_new)
-                    lsum, acc = lsum * scale + p.sum(-1, keepdim=True), acc * scale + p @ vb
-                m = m_new
-            out[:, :, rows] = acc / lsum
-            lse[:, :, rows] = (m + torch.log(lsum)).squeeze(-1)
         fctx.ring, fctx.blocks = ring, blocks
+        fctx.fused = _fused_ok(q, ring)
+        out, lse = _fused_forward(q, blocks) if fctx.fused else _tiled_forward(q, blocks, ring)
         fctx.save_for_backward(q, out, lse)
         return out
 
@@ -173,25 +154,10 @@ class _RingAttention(torch.autograd.Function):
         q, out, lse = fctx.saved_tensors
         ring, blocks = fctx.ring, fctx.blocks
         rank, size = ring.rank, len(ring.lengths)
-        dq = torch.zeros_like(q)
-        dkv = [torch.zeros(*kb.shape[:-1], 2 * kb.shape[-1], dtype=q.dtype, device=q.device)
-               for kb, _, _, _ in blocks]
-        delta = (dout * out).sum(-1, keepdim=True)
-        for a in range(0, q.shape[2], CHUNK):
-            rows = slice(a, a + CHUNK)
-            qc, dc, lc = q[:, :, rows], dout[:, :, rows], lse[:, :, rows, None]
-            for j, (kb_all, vb_all, kseg_all, kidx_all) in enumerate(blocks):
-                keys = ring.key_range(rows, kidx_all)
-                if keys.start >= keys.stop:
-                    continue
-                kb, vb = kb_all[:, :, keys], vb_all[:, :, keys]
-                ok = ring.visible(rows, kseg_all[:, keys], kidx_all[keys], j == 0)
-                p = torch.exp(_tile_scores(qc, kb, ok) - lc)
-                dh = kb.shape[-1]
-                dkv[j][:, :, keys, dh:] += p.transpose(-1, -2) @ dc
-                ds = p * (dc @ vb.transpose(-1, -2) - delta[:, :, rows])
-                dq[:, :, rows] += ds @ kb
-                dkv[j][:, :, keys, :dh] += ds.transpose(-1, -2) @ qc
+        if fctx.fused:
+            dq, dkv = _fused_backward(dout, q, out, lse, blocks)
+        else:
+            dq, dkv = _tiled_backward(dout, q, out, lse, blocks, ring)
         # block j came from rank - j through every rank between; its gradient goes back the same hops, each rank
         # adding its own part: receive the part of the ranks above (for the block this rank passed on), send down
         for j in range(len(blocks) - 1, -1, -1):
@@ -203,3 +169,88 @@ class _RingAttention(torch.autograd.Function):
                 exchange(dkv[j], None, ring.group, tag=2 * j, backward=True)
         dh = q.shape[-1]
         return dq, dkv[0][..., :dh], dkv[0][..., dh:], None
+
+
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _fused_ok(q: Tensor, ring: _Ring) -> bool:
+    """Without segments or a window every block is either the own (causal) block or fully visible: torch's
+    fused CPU flash-attention kernels, which return the row log-sum-exp, then compute each block."""
+    return (_FLASH is not None and _FLASH_BWD is not None and q.device.type == "cpu" and not ring.segmented
+            and ring.window is None and q.dtype in (torch.float32, torch.float64))
+
+
+def _fused_forward(q: Tensor, blocks: list) -> tuple[Tensor, Tensor]:
+    """(out, lse): per block o_j, lse_j from the fused kernel, combined as sum_j exp(lse_j - lse) o_j."""
+    outs, lses = [], []
+    for j, (kb, vb, _, _) in enumerate(blocks):
+        o, lse = _FLASH(q.contiguous(), kb.contiguous(), vb.contiguous(), 0.0, j == 0, scale=1.0)
+        outs.append(o)
+        lses.append(lse)
+    lse = torch.logsumexp(torch.stack(lses), 0)
+    out = sum(torch.exp(lj - lse).unsqueeze(-1) * o for o, lj in zip(outs, lses, strict=True))
+    return out, lse
+
+
+def _fused_backward(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor, blocks: list) -> tuple[Tensor, list]:
+    """The fused backward per block with the combined out and lse gives that block's share of every gradient."""
+    dq, dkv = torch.zeros_like(q), []
+    for j, (kb, vb, _, _) in enumerate(blocks):
+        gq, gk, gv = _FLASH_BWD(dout.contiguous(), q.contiguous(), kb.contiguous(), vb.contiguous(),
+                                out.contiguous(), lse.contiguous(), 0.0, j == 0, scale=1.0)
+        dq += gq
+        dkv.append(torch.cat([gk, gv], -1))
+    return dq, dkv
+
+
+def _tiled_forward(q: Tensor, blocks: list, ring: _Ring) -> tuple[Tensor, Tensor]:
+    """(out, lse) tile by tile (CHUNK queries x the visible keys of one block) with an online softmax."""
+    out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1])
+    for a in range(0, q.shape[2], CHUNK):
+        rows = slice(a, a + CHUNK)
+        qc, m, lsum, acc = q[:, :, rows], None, None, None
+        for j, (kb_all, vb_all, kseg_all, kidx_all) in enumerate(blocks):
+            keys = ring.key_range(rows, kidx_all)
+            if keys.start >= keys.stop:
+                continue
+            kb, vb = kb_all[:, :, keys], vb_all[:, :, keys]
+            kseg, kidx = kseg_all[:, keys], kidx_all[keys]
+            s = _tile_scores(qc, kb, ring.visible(rows, kseg, kidx, j == 0))
+            m_new = s.amax(-1, keepdim=True) if m is None else torch.maximum(m, s.amax(-1, keepdim=True))
+            p = torch.exp(s - m_new)
+            if m is None:  # the own block first: every query sees itself, so m is finite from here on
+                lsum, acc = p.sum(-1, keepdim=True), p @ vb
+            else:
+                scale = torch.exp(m - m_new)
+                lsum, acc = lsum * scale + p.sum(-1, keepdim=True), acc * scale + p @ vb
+            m = m_new
+        out[:, :, rows] = acc / lsum
+        lse[:, :, rows] = (m + torch.log(lsum)).squeeze(-1)
+    return out, lse
+
+
+def _tiled_backward(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor, blocks: list,
+                    ring: _Ring) -> tuple[Tensor, list]:
+    """Recompute each tile's probabilities from lse; dq and each block's [dk, dv]."""
+    dq = torch.zeros_like(q)
+    dkv = [torch.zeros(*kb.shape[:-1], 2 * kb.shape[-1], dtype=q.dtype, device=q.device)
+           for kb, _, _, _ in blocks]
+    delta = (dout * out).sum(-1, keepdim=True)
+    for a in range(0, q.shape[2], CHUNK):
+        rows = slice(a, a + CHUNK)
+        qc, dc, lc = q[:, :, rows], dout[:, :, rows], lse[:, :, rows, None]
+        for j, (kb_all, vb_all, kseg_all, kidx_all) in enumerate(blocks):
+            keys = ring.key_range(rows, kidx_all)
+            if keys.start >= keys.stop:
+                continue
+            kb, vb = kb_all[:, :, keys], vb_all[:, :, keys]
+            ok = ring.visible(rows, kseg_all[:, keys], kidx_all[keys], j == 0)
+            p = torch.exp(_tile_scores(qc, kb, ok) - lc)
+            dh = kb.shape[-1]
+            dkv[j][:, :, keys, dh:] += p.transpose(-1, -2) @ dc
+            ds = p * (dc @ vb.transpose(-1, -2) - delta[:, :, rows])
+            dq[:, :, rows] += ds @ kb
+            dkv[j][:, :, keys, :dh] += ds.transpose(-1, -2) @ qc
+    return dq, dkv

@@ -1,5 +1,5 @@
 """Collectives for sequence parallelism: the group's rank and size, all-gathers (plain and differentiable) and
-the one-hop pass to the next rank that ring attention uses (differentiable: gradients go back one hop).
+the one-hop exchange with the neighbouring ranks that ring attention uses.
 
 Complex tensors travel as their real views (gloo has no complex types).
 """
@@ -71,28 +71,3 @@ def exchange(send: Tensor | None, recv: Tensor | None, group: dist.ProcessGroup 
         works.append(dist.irecv(_real(recv), _peer(group, src), group=group, tag=tag))
     for w in works:
         w.wait()
-
-
-class _PassNext(torch.autograd.Function):
-    """Send ``t`` to the next rank (if ``send``) and return the tensor of shape ``recv_shape`` received from the
-    previous rank (if ``recv_shape`` is not None, else an empty tensor). Backward: the received tensor's gradient
-    goes back to the previous rank, and ``t``'s gradient comes from the next one (zero if ``t`` was not sent)."""
-
-    @staticmethod
-    def forward(ctx, t, send, recv_shape, group, tag):  # type: ignore[override]
-        ctx.send, ctx.recv, ctx.group, ctx.tag, ctx.shape = send, recv_shape is not None, group, tag, t.shape
-        out = t.new_empty(recv_shape if recv_shape is not None else (0,))
-        exchange(t if send else None, out if recv_shape is not None else None, group, tag)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        g_in = grad.new_zeros(ctx.shape)
-        exchange(grad if ctx.recv else None, g_in if ctx.send else None, ctx.group, ctx.tag, backward=True)
-        return g_in, None, None, None, None
-
-
-def pass_next(t: Tensor, send: bool, recv_shape: tuple[int, ...] | None, group: dist.ProcessGroup | None,
-              tag: int) -> Tensor:
-    """Differentiable one-hop shift along the ranks; see :class:`_PassNext`."""
-    return _PassNext.apply(t, send, recv_shape, group, tag)
