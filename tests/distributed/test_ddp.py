@@ -1,8 +1,8 @@
 """Data parallel on 2 gloo processes on two torchrun "machines" (``--nnodes=2``, c10d rendezvous on this machine;
 one launch runs every plan): the weights after several AdamW steps equal one process's on the same global batch
 in float64 (grad_accum > 1, rows with different numbers of scored tokens, global gradient clipping, chunked
-training), resuming under DDP equals an uninterrupted DDP run, dropout streams included, and only the machine
-holding rank 0 writes anything."""
+training), resuming under DDP equals an uninterrupted DDP run, dropout streams included, only the machine
+holding rank 0 writes anything, and machines started with different settings refuse to train."""
 
 from __future__ import annotations
 
@@ -40,12 +40,16 @@ def ddp_runs(tmp_path_factory):
         plan = [{"sections": EXACT, "run_dir": d["exact"]}, {"sections": CHUNKED, "run_dir": d["chunked"]},
                 {"sections": DROPOUT, "run_dir": d["full"]},
                 {"sections": DROPOUT, "run_dir": d["resumed"], "until": 2},
-                {"sections": DROPOUT, "run_dir": d["resumed"], "resume": True}]
+                {"sections": DROPOUT, "run_dir": d["resumed"], "resume": True},
+                # the machines started with different settings: every rank refuses (the worker checks it)
+                {"sections": {**DROPOUT, "train": {**DROPOUT["train"], "lr": 1e-2 * (1 + node)}},
+                 "run_dir": str(root / f"node{node}" / "mismatch"), "expect_error": "another run config"}]
         (root / f"plan{node}.json").write_text(json.dumps(plan), encoding="utf-8")
     results = run_two_nodes([[WORKER, str(root / f"plan{n}.json")] for n in (0, 1)])
     assert [code for code, _ in results] == [0, 0], [err[-3000:] for _, err in results]
     written = [n for n in (0, 1) if (root / f"node{n}").exists()]
     assert len(written) == 1, written
+    assert not (root / f"node{written[0]}" / "mismatch").exists()
     return {k: root / f"node{written[0]}" / k for k in names}
 
 

@@ -184,7 +184,7 @@ def _fmt(v: Any) -> str:
 def write_report(run_dir: Path, info: dict[str, Any]) -> Path:
     """report.md from ``info``: task, task_params, kind, metric, chance, model_summary, preset, head,
     parameters, steps, batch_size, lr, final (metrics dict), best, wall_time, tokens_per_s, peak_rss_bytes,
-    checkpoint, interrupted."""
+    checkpoint, interrupted, world_size (optional, data-parallel processes)."""
     final = info.get("final") or {}
     lines = [f"# ssmkit run: {info['task']} / {info['preset']}", ""]
     if info.get("interrupted"):
@@ -204,6 +204,9 @@ def write_report(run_dir: Path, info: dict[str, Any]) -> Path:
         "", "## Training", "",
         f"- steps: {info['steps_done']} of {info['steps']}, batch size {info['batch_size']}, "
         f"peak lr {info['lr']:g}",
+        *([f"- data parallel: {info['world_size']} processes, {info['batch_size'] // info['world_size']} "
+           f"rows each per step; throughput and memory below are the whole job's and rank 0's"]
+          if info.get("world_size", 1) > 1 else []),
         f"- wall time: {info['wall_time']:.1f} s, throughput: {info['tokens_per_s']:,.0f} tokens/s",
         f"- peak memory (RSS): {info['peak_rss_bytes'] / 2**20:,.0f} MiB",
         "", f"## Final metrics ({info.get('eval_split', 'val')} split)", "",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import signal
@@ -124,6 +125,7 @@ class Trainer:
         self.is_main = self.dist.is_main
         if self.dist.distributed:
             dp.check_global_batch(cfg.batch_size, self.dist.world_size, cfg.grad_accum)
+            self._check_same_config()
         ckpt, saved, loaded = None, None, {}
         if resume:
             def read() -> tuple[Path, tuple[dict[str, Any], dict[str, torch.Tensor]]]:
@@ -168,6 +170,19 @@ class Trainer:
             self.metrics.reset()
         if self.is_main:
             write_config(self.run_dir, setup.to_dict())
+
+    def _check_same_config(self) -> None:
+        """Every rank must train the same run (a node started with other settings would silently diverge)."""
+        mine = json.dumps(self.setup.to_dict(), sort_keys=True)
+        configs = dp.gather_to_main(mine)
+
+        def check() -> None:
+            other = [r for r, c in enumerate(configs or []) if c != mine]
+            if other:
+                raise ValueError(f"rank {other[0]} was started with another run config than rank 0; start every "
+                                 f"rank (every node) with the same command")
+
+        dp.run_on_main(check)
 
     # ------------------------------------------------------------------------------------------ resume
     def _read_resume(self) -> tuple[Path, tuple[dict[str, Any], dict[str, torch.Tensor]]]:
@@ -475,7 +490,7 @@ class Trainer:
             "final": self.last_eval, "wall_time": self.elapsed(),
             "tokens_per_s": self.tokens_seen / max(self.train_time, 1e-9), "peak_rss_bytes": peak_rss_bytes(),
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-            "interrupted": interrupted,
+            "interrupted": interrupted, "world_size": self.dist.world_size,
         }
 
     def write_outputs(self, interrupted: bool = False, plots: bool = True) -> None:
