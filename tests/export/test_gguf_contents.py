@@ -128,3 +128,18 @@ def test_gpt2_tokenizer_round_trips_through_tokenizer_json(tmp_path):
     assert rebuilt.encode(text, add_special_tokens=False).ids == ref.encode(text)
     assert rebuilt.decode(ref.encode(text)) == text
     assert rebuilt.encode("<|endoftext|>").ids == [50256]  # a control token in the GGUF: special
+
+
+def test_tokenizer_json_drops_merges_a_cut_vocabulary_cannot_form():
+    """llama.cpp's converter cuts a built-in vocabulary to the model's size, leaving merges whose pieces are
+    gone; the rebuilt tokenizer keeps the usable merges only."""
+    pytest.importorskip("tokenizers")
+    import tokenizers
+
+    from ssmkit.interop.gguf import tokenizer_json
+
+    kv = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "c", "ab", "<|endoftext|>"],
+          "tokenizer.ggml.token_type": [1, 1, 1, 1, 3], "tokenizer.ggml.merges": ["a b", "ab c", "b c", "x y"]}
+    tok = tokenizers.Tokenizer.from_str(tokenizer_json(kv))
+    assert tok.encode("abcab<|endoftext|>").ids == [3, 2, 3, 4]
+    assert tokenizer_json({"tokenizer.ggml.model": "llama"}) is None

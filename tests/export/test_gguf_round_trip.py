@@ -68,6 +68,7 @@ def test_llama_cpp_only_keys_give_the_same_function(tmp_path, arch):
     assert not any(k.startswith("ssmkit.") for k in gguf.GGUFReader(path).fields)
     back = from_gguf(path)
     m, b = model.backbone.blocks[0].mixer, back.backbone.blocks[0].mixer
+    assert back.config.norm_eps == model.config.norm_eps  # 1e-05 again, not float32's 9.9999997e-06
     assert (b.d_inner, b.d_state, b.d_conv) == (m.d_inner, m.d_state, m.d_conv)
     if arch == "mamba2":
         assert (b.nheads, b.headdim, b.ngroups) == (m.nheads, m.headdim, m.ngroups)

@@ -30,15 +30,14 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {args.out}: exists and is not an empty directory")
     model, kv = read_gguf(args.file)
+    name = tokenizer_of(kv)
+    text = None if name is not None else tokenizer_json(kv)  # before anything is written
     model.save_pretrained(out)
     hint = ""
-    name = tokenizer_of(kv)
     if name is not None:
         hint = f"; generate with --tokenizer {name}"
-    else:
-        text = tokenizer_json(kv)
-        if text is not None:
-            write_text_atomic(out / "tokenizer.json", text)
-            hint = f"; generate with --tokenizer {out / 'tokenizer.json'}"
+    elif text is not None:
+        write_text_atomic(out / "tokenizer.json", text)
+        hint = f"; generate with --tokenizer {out / 'tokenizer.json'}"
     print(f"wrote {out} ({model.summary()}){hint}")
     return 0

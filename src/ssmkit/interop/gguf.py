@@ -124,7 +124,8 @@ def _config_from_keys(kv: dict[str, Any], arch: str, path: Path, vocab: int, tie
     d_model, n_layers = k("embedding_length"), k("block_count")
     d_inner, d_state, d_conv, rank = k("ssm.inner_size"), k("ssm.state_size"), k("ssm.conv_kernel"), \
         k("ssm.time_step_rank")
-    eps = float(_key(kv, path, f"{arch}.attention.layer_norm_rms_epsilon"))
+    # stored as float32: take the shortest decimal that gives the same float32 (1e-05, not 9.9999997e-06)
+    eps = float(str(np.float32(_key(kv, path, f"{arch}.attention.layer_norm_rms_epsilon"))))
     expand = d_inner // d_model if d_inner % d_model == 0 else d_inner / d_model
     opts: dict[str, Any] = {"d_state": d_state, "d_conv": d_conv, "expand": expand}
     if arch == "mamba":
@@ -236,21 +237,25 @@ def tokenizer_of(kv: dict[str, Any]) -> str | None:
 
 def tokenizer_json(kv: dict[str, Any]) -> str | None:
     """A Hugging Face tokenizer.json (byte-level BPE) rebuilt from a GGUF ``gpt2`` vocabulary with merges, or
-    None for other vocabularies. Needs the ``tokenizers`` package."""
+    None for other vocabularies. Needs the ``tokenizers`` package. Merges that cannot produce a token of the
+    vocabulary are left out."""
     if kv.get("tokenizer.ggml.model") != "gpt2" or "tokenizer.ggml.merges" not in kv:
         return None
     import tokenizers
 
     tokens = list(kv["tokenizer.ggml.tokens"])
     types = list(kv.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
     merges = []
     for m in kv["tokenizer.ggml.merges"]:
         cut = m.find(" ", 1)
-        if cut > 0:
-            merges.append((m[:cut], m[cut + 1:]))
-    vocab = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)
+        a, b = m[:cut], m[cut + 1:]
+        # a merge whose parts or result are not tokens (e.g. a vocabulary cut to the model's size) never yields a
+        # token: llama.cpp falls back to smaller pieces there, and the tokenizers library rejects it
+        if cut > 0 and a in vocab and b in vocab and a + b in vocab:
+            merges.append((a, b))
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = tokenizers.decoders.ByteLevel()
