@@ -75,10 +75,10 @@ def _selective(inputs, reverse=False):
     u, dt, A, B, C, D, z = inputs
     y, h = selective_scan(u, dt, A, B, C, D, z, delta_softplus=True, reverse=reverse, return_final_state=True)
     (y.square().sum() + h.sum()).backward()
-    return [y.detach(), h.detach(), *(t.grad for t in (u, dt, A, D, z))]
+    return [y.detach(), h.detach(), *(t.grad for t in (u, dt, A, B, C, D, z))]
 
 
-@pytest.mark.parametrize("dim,groups", [(96, 1), (200, 1), (192, 2)])
+@pytest.mark.parametrize("dim,groups", [(96, 1), (200, 1), (192, 2), (640, 1)])
 def test_selective_scan_same_bits_on_any_thread_count_and_matches_oracle(dim, groups, monkeypatch):
     results = []
     for n in COUNTS:
@@ -94,8 +94,8 @@ def test_selective_scan_same_bits_on_any_thread_count_and_matches_oracle(dim, gr
         ref = [t.detach().clone().requires_grad_() for t in x64]
         y, h = reference.selective_scan(*ref, delta_softplus=True, reverse=reverse, return_final_state=True)
         (y.square().sum() + h.sum()).backward()
-        u, dt, A, _, _, D, z = ref
-        want = [y.detach(), h.detach(), *(t.grad for t in (u, dt, A, D, z))]
+        u, dt, A, B, C, D, z = ref
+        want = [y.detach(), h.detach(), *(t.grad for t in (u, dt, A, B, C, D, z))]
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 

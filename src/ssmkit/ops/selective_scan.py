@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -19,6 +18,11 @@ def _blocks(dim: int, groups: int) -> np.ndarray:
     per = dim // groups
     rows = [(g * per + s, min(K.SS_BLOCK, per - s), g) for g in range(groups) for s in range(0, per, K.SS_BLOCK)]
     return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+
+
+#: stripes per group in the backward: each owns (batch, length, groups, N) partial B/C gradients summed at the end
+#: in a fixed order, so the result does not depend on how many threads run the stripes (memory: 4x B and C).
+_BWD_STRIPES = 4
 
 
 def _stripes(blocks: np.ndarray, groups: int, parts: int) -> np.ndarray:
@@ -74,7 +78,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         N, groups = At.shape[0], B.shape[2]
         gout = torch.zeros_like(u) if gout is None else gout.contiguous()
         ghT_t = torch.zeros(batch, N, dim, dtype=u.dtype) if ghT is None else ghT.transpose(1, 2).contiguous()
-        parts = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        parts = _BWD_STRIPES  # fixed, not the thread count: the B/C gradient sums keep one order on any threads
         stripes = _stripes(ctx.blocks, groups, parts)
         gu, gdt = torch.empty_like(u), torch.empty_like(u)
         gz = torch.empty_like(u) if has_z else torch.zeros(1, 1, 1, dtype=u.dtype)

@@ -10,9 +10,8 @@
   Python threads launch parallel kernels at the same time. Every launch therefore holds :data:`KERNEL_LOCK`: calls
   from several Python threads are safe and run one launch at a time (each launch still uses all its threads).
 - The kernels split their work into tasks fixed by the problem's shape and add partial results in a fixed order,
-  so the thread count changes only their speed (one exception: the selective-scan backward sums its B and C
-  gradients over one partial per thread stripe, so with 3 or more 64-channel blocks per group their last bits
-  follow the thread count). PyTorch's own CPU ops (matrix products, reductions) can differ in the last bits
+  so the thread count changes only their speed (the selective-scan backward sums its B and C gradients over a
+  fixed number of stripes, not one per thread). PyTorch's own CPU ops (matrix products, reductions) can differ in the last bits
   between thread counts, so bitwise-reproducible training needs a fixed ``train.threads``.
 """
 
