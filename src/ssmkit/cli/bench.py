@@ -63,8 +63,7 @@ def _builtin_bench() -> None:
     with torch.no_grad():
         s = timed(lambda: model.step(tok, state), repeat=20)
     print(f"Mamba LM recurrent step (batch 4):                                 {s * 1e3:8.3f} ms/token")
-    print(f"(torch threads: {torch.get_num_threads()}; on a busy machine --set train.threads=1 is often "
-          f"faster)")
+    print(f"(torch threads: {torch.get_num_threads()}; training uses train.threads, 1 by default)")
 
 
 def run(args: argparse.Namespace) -> int:

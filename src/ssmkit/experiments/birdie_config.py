@@ -54,7 +54,7 @@ class BirdieConfig:
         phonebook_examples: evaluated books per query count.
         mqar_pairs, mqar_steps, mqar_batch, mqar_lr, mqar_examples: MQAR (every key queried) after a fine-tune
             on 2..max(mqar_pairs) pairs; accuracy per number of pairs.
-        threads: torch threads (None: torch's default).
+        threads: torch threads per run (1, as train.threads: fast beside other work and bitwise reproducible).
     """
 
     text: str
@@ -93,7 +93,7 @@ class BirdieConfig:
     mqar_lr: float = 1e-3
     mqar_examples: int = 64
     seed: int = 0
-    threads: int | None = None
+    threads: int | None = 1
 
     def __post_init__(self) -> None:
         def fail(name: str, want: str) -> None:
