@@ -2,20 +2,23 @@
 
 Rank r holds queries, keys and values of its contiguous shard. Its own block is attended first; then, for
 s = 1 .. r, the K/V block of rank r - s arrives from rank r - 1 (each rank passes on what it holds, one hop per
-step: a ring without the wrap-around, since causal queries never see later shards) and is folded in with an
-online softmax: running row maximum m (detached: the result does not depend on it), running sum l and
-accumulator acc = sum exp(s - m) v; the output is acc / l. Every query sees itself, so m is finite from the
-first block and fully masked later blocks add exactly zero.
+step: a ring without the wrap-around, since causal queries never see later shards). Blocks are combined by their
+row log-sum-exp (an online softmax), exactly:
+
+* without segments or a window every block is the own (causal) block or fully visible, and torch's fused CPU
+  flash-attention kernels compute each block with its log-sum-exp; the backward runs the fused backward per
+  block with the combined output and log-sum-exp, which gives that block's share of every gradient;
+* otherwise tiles of ``CHUNK`` queries x the visible keys of a block are computed with a running maximum, sum
+  and accumulator (tiles outside the causal/window range are skipped) and recomputed in the backward.
 
 Segments (``reset``) and rotary positions cross shard boundaries: the global segment id is the number of resets
 before the token in the whole sequence, and the position restarts at the latest reset anywhere before it; both
 come from one small all-gather (shard length, reset count and last local reset per row). Keys travel with their
-segment ids. The backward recomputes each tile and sends K/V gradients back along the same hops.
+segment ids. Each block's K/V gradient goes back along the same hops, every rank adding its own part.
 
-Communication per layer and step: the last rank receives P - 1 blocks of batch * 2 * d_model * L_j values (plus
-batch * L_j int64 segment ids), i.e. (P - 1) / P of the sequence's keys and values; the backward sends the same
-volume of K/V gradients back. Memory: the scores of the local queries against all earlier keys are kept for the
-backward (L_r * L per head), as in the one-process layer's masked attention.
+Communication per layer and step: rank r < P - 1 sends r + 1 blocks of batch * 2 * d_model * L_j values (plus
+batch * L_j int64 segment ids) to rank r + 1, and the backward returns as many K/V gradients. Memory: q, the
+output, the log-sum-exp and the received K/V blocks (O(L) per rank); no L_r x L score matrix is kept.
 """
 
 from __future__ import annotations

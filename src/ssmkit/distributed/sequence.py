@@ -7,8 +7,9 @@
 
 Shards are contiguous and as even as possible (the first L mod P ranks get one token more). Every supported
 layer gives exactly the one-process outputs and gradients of its shard: recurrent layers with a diagonal state
-(Mamba, Mamba2, S4D, GatedSSM, RGLRU: :mod:`.sequence_recurrent`) and causal / sliding-window attention
-(ring attention: :mod:`.ring_attention`). Per-token modules (embeddings, norms, MLPs, heads) need nothing.
+and short or long convolutions (Mamba, Mamba2, S4D, GatedSSM, RGLRU, H3, LongConv, S4 with init="ptd":
+:mod:`.sequence_recurrent`) and causal / sliding-window attention (ring attention: :mod:`.ring_attention`).
+Per-token modules (embeddings, norms, MLPs, heads) need nothing. See docs/distributed.md, "Sequence parallel".
 
 Weight gradients: each rank holds the gradient of its own shard's share of the loss, so the gradients of a
 parameter must be summed over the sequence-parallel group (DDP over the whole world does this, up to its
