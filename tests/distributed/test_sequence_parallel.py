@@ -96,6 +96,25 @@ def _check_case(name: str, make, length: int, with_reset: bool, size: int, rank:
     return [f"{tag}: {k} differs by {v:.3g}" for k, v in errs.items() if not v <= TOL]
 
 
+def _gather_case(size: int, rank: int) -> list[str]:
+    """gather_sequence returns the whole sequence on every rank; a loss on it, divided by P on each rank, gives
+    the one-process gradients (its backward sums the ranks' gradients of each piece)."""
+    from ssmkit.distributed.sequence import SequenceParallel, gather_sequence, shard_sequence
+    from ssmkit.layers import Mamba
+
+    torch.manual_seed(1)
+    layer = Mamba(8, d_state=4).double()
+    x = torch.randn(2, 3 * size + 1, 8, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    w = torch.randn(y.shape, dtype=torch.float64)
+    (y * w).sum().backward()
+    xl = shard_sequence(x.detach(), None).requires_grad_()
+    yg = gather_sequence(SequenceParallel(layer, None)(xl), None)
+    (yg * w).sum().div(size).backward()
+    errs = {"y": _max_err(yg.detach(), y.detach()), "dx": _max_err(xl.grad, shard_sequence(x.grad, None))}
+    return [f"gather_sequence P={size} rank={rank}: {k} differs by {v:.3g}" for k, v in errs.items() if not v <= TOL]
+
+
 def _errors_case(size: int) -> list[str]:
     from ssmkit.distributed.sequence import SequenceParallel, shard_sequence
     from ssmkit.layers import S4, Attention, Mamba
@@ -133,6 +152,7 @@ def _worker(rank: int, size: int, init_file: str, queue) -> None:
         for name, make, length, with_reset in cases:
             fails += _check_case(name, make, length, with_reset, size, rank)
             ran += 1
+        fails += _gather_case(size, rank)
         fails += _errors_case(size)
         queue.put((rank, ran, fails))
     except BaseException:
