@@ -140,8 +140,10 @@ def _errors_case(size: int) -> list[str]:
 def _worker(rank: int, size: int, init_file: str, queue) -> None:
     torch.set_num_threads(1)
     import ssmkit.distributed.ring_attention as ring
+    import ssmkit.distributed.sequence_recurrent as recurrent
 
     ring.CHUNK = 3  # several query tiles per shard, so tiling and tile skipping are exercised
+    recurrent.SUMMARY_CHUNK = 2  # the summary pass in pieces, passing the state
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size,
                             timeout=timedelta(seconds=TIMEOUT))
     try:

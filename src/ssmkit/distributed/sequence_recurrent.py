@@ -9,7 +9,8 @@ fields:
   lengths and "has a reset" flags, and rank r composes the true halo from ranks < r: a shard shorter than the
   halo shifts the earlier halo in, a reset anywhere in a shard cuts it.
 * every other field h is a diagonal linear recurrence given the halo: h_final = M ⊙ h0 + b. With the true halo,
-  one batched no-grad pass with h0 = 0 and h0 = 1 gives b and M (M = h1 - b; a reset in the shard makes M 0).
+  one batched no-grad pass with h0 = 0 and h0 = 1 gives b and M (M = h1 - b; a reset in the shard makes M 0);
+  it runs in pieces of SUMMARY_CHUNK tokens, passing the state, so its memory is bounded.
   (M, b) are all-gathered, an exclusive scan gives the true h0 of every rank, and the layer runs once more from
   (halo, h0) with autograd: its output is the one-process output of the shard.
 
@@ -37,6 +38,9 @@ from .sequence_comm import all_gather, all_gather_autograd, group_rank_size
 #: state fields that hold the last inputs of a convolution, time last (Mamba/Mamba2 conv, H3 shift,
 #: LongConv buffer); every other field is a diagonal linear recurrence
 HALO_FIELDS = ("conv", "shift", "buffer")
+#: tokens per piece of the no-grad summary pass (state passed from piece to piece), so that its transient
+#: memory does not grow with the shard
+SUMMARY_CHUNK = 8192
 
 
 def _fields(state: LayerState) -> dict[str, Tensor]:
@@ -116,10 +120,12 @@ class _ShardPass(torch.autograd.Function):
             with torch.no_grad():
                 two = {n: torch.cat([halo[n], halo[n]]) for n in names}
                 two.update({n: torch.cat([zf[n], torch.ones_like(zf[n])]) for n in affine})
-                r2 = None if reset is None else torch.cat([reset, reset])
-                _, fin = _local(layer, torch.cat([x, x]), _build(run["zero2"], two), reset=r2,
-                                return_final_state=True)
-                fin = _fields(fin)
+                state = _build(run["zero2"], two)
+                for a in range(0, x.shape[1], SUMMARY_CHUNK):  # time chunks: its memory stays bounded
+                    xc = x[:, a:a + SUMMARY_CHUNK]
+                    rc = None if reset is None else torch.cat([reset[:, a:a + SUMMARY_CHUNK]] * 2)
+                    _, state = _local(layer, torch.cat([xc, xc]), state, reset=rc, return_final_state=True)
+                fin = _fields(state)
                 for n in affine:
                     b, one = fin[n].chunk(2)
                     both = all_gather(torch.stack([one - b, b]), group)  # (P, 2, batch, ...)
