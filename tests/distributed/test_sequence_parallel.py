@@ -85,7 +85,10 @@ def _check_case(name: str, make, length: int, with_reset: bool, size: int, rank:
         xl.requires_grad_()
     yl = run(SequenceParallel(module, None), xl, None if reset is None else shard_sequence(reset, None))
     (yl * shard_sequence(w, None)).sum().backward()
-    errs = {"y": _max_err(yl.detach(), shard_sequence(y.detach(), None))}
+    with torch.no_grad():  # inference: no graph is built, same outputs
+        y_ng = run(SequenceParallel(module, None), xl, None if reset is None else shard_sequence(reset, None))
+    errs = {"y": _max_err(yl.detach(), shard_sequence(y.detach(), None)),
+            "y no_grad": _max_err(y_ng, shard_sequence(y.detach(), None))}
     if not tokens:
         errs["dx"] = _max_err(xl.grad, shard_sequence(x.grad, None))
     for n, p in module.named_parameters():
