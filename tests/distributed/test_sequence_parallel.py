@@ -129,6 +129,12 @@ def _errors_case(size: int) -> list[str]:
     except ValueError as e:
         if "fewer than" not in str(e) or "\n" in str(e):
             out.append(f"unclear short-sequence error: {e}")
+    try:  # rank 0 holds one sequence, the others two
+        SequenceParallel(Mamba(8), None)(torch.zeros(1 + (dist.get_rank() > 0), 3, 8))
+        out.append("different batch sizes across ranks were accepted")
+    except ValueError as e:
+        if "batch sizes" not in str(e) or "\n" in str(e):
+            out.append(f"unclear batch-size error: {e}")
     for layer, word in ((S4(8, d_state=8), "DPLR"), (Mamba(8, reverse=True), "reverse"),
                         (Attention(8, mask="prefix"), "prefix")):
         try:

@@ -35,7 +35,7 @@ from ..layers.mamba2 import Mamba2
 from ..layers.s4 import S4
 from ..layers.s4d import S4D
 from .ring_attention import ring_attention_forward
-from .sequence_comm import all_gather_autograd, group_rank_size
+from .sequence_comm import all_gather, all_gather_autograd, group_rank_size
 from .sequence_recurrent import recurrent_forward
 
 RECURRENT = (Mamba, Mamba2, S4D, GatedSSM, RGLRU, H3, LongConv, S4)
@@ -69,8 +69,6 @@ def gather_sequence(x: Tensor, group: dist.ProcessGroup | None = None, *, dim: i
     if not isinstance(x, Tensor) or x.ndim <= dim:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"gather_sequence: x must be a tensor with a dimension {dim} (time), got {got}")
-    from .sequence_comm import all_gather
-
     lengths = all_gather(torch.tensor([x.shape[dim]], device=x.device), group)[:, 0].tolist()
     most = max(lengths)
     pad = [0, 0] * (x.ndim - 1 - dim) + [0, most - x.shape[dim]]
@@ -103,6 +101,10 @@ def layer_forward(layer: SequenceLayer, x: Tensor, *, reset: Tensor | None = Non
     x = layer.check_input(x)
     layer.check_dtype(x, "x")
     reset = layer.check_reset(reset, x)
+    batches = all_gather(torch.tensor([x.shape[0]], device=x.device), group)[:, 0].tolist()
+    if len(set(batches)) > 1:
+        raise ValueError(f"sequence parallel: every rank must hold the same batch rows (shards of the same "
+                         f"sequences), got batch sizes {batches} across the group")
     if isinstance(layer, Attention):
         return ring_attention_forward(layer, x, reset, group)
     return recurrent_forward(layer, x, reset, group)
