@@ -25,6 +25,8 @@ PHONEBOOK = {"name": "phonebook", "num_entries": 2, "min_queries": 1, "max_queri
 EXACT = sections(task=PHONEBOOK, model={"d_model": 8}, steps=4, batch_size=8, grad_accum=2, lr=2e-2,
                  warmup_steps=1, weight_decay=0.1, grad_clip=0.5, dtype="float64")
 CHUNKED = {**EXACT, "train": {**EXACT["train"], "chunk_len": 64}}
+#: both ranks train the same rows, each its half of every sequence (data-parallel size 1)
+SEQUENCE = {**EXACT, "train": {**EXACT["train"], "sequence_parallel": 2}}
 DROPOUT = sections(model={"dropout": 0.2}, steps=4, batch_size=8, grad_accum=2, lr=1e-2, warmup_steps=1,
                    dtype="float64")
 
@@ -34,10 +36,11 @@ def ddp_runs(tmp_path_factory):
     """Every plan of this module in one launch of 2 ranks on 2 "machines", each with its own output root;
     returns the run directories of the machine that got rank 0 (the other must have written nothing)."""
     root = tmp_path_factory.mktemp("ddp")
-    names = ("exact", "chunked", "full", "resumed")
+    names = ("exact", "chunked", "sequence", "full", "resumed")
     for node in (0, 1):
         d = {k: str(root / f"node{node}" / k) for k in names}
         plan = [{"sections": EXACT, "run_dir": d["exact"]}, {"sections": CHUNKED, "run_dir": d["chunked"]},
+                {"sections": SEQUENCE, "run_dir": d["sequence"]},
                 {"sections": DROPOUT, "run_dir": d["full"]},
                 {"sections": DROPOUT, "run_dir": d["resumed"], "until": 2},
                 {"sections": DROPOUT, "run_dir": d["resumed"], "resume": True},
@@ -89,6 +92,12 @@ def test_ddp_equals_one_process_float64(ddp_runs, one_process_exact):
 
 def test_chunked_ddp_equals_one_process(ddp_runs, one_process_exact):
     assert max_diff(final_weights(ddp_runs["chunked"]), one_process_exact) < 1e-10
+
+
+def test_sequence_parallel_training_equals_one_process(ddp_runs, one_process_exact):
+    """train.sequence_parallel=2 on 2 ranks: every sequence split in halves (rows scoring different numbers of
+    tokens in each half), the same AdamW steps as one process."""
+    assert max_diff(final_weights(ddp_runs["sequence"]), one_process_exact) < 1e-10
 
 
 def test_resume_under_ddp_equals_uninterrupted(ddp_runs):

@@ -15,6 +15,7 @@ import pytest
 
 from ssmkit.cli import main
 from ssmkit.distributed import check_global_batch, detect, resolve_backend, shard_rows
+from ssmkit.distributed.data_parallel import data_parallel_layout
 from ssmkit.train import read_training_state
 
 from .ddp_common import DEADLINE, ENV, sections, set_args, torchrun
@@ -33,13 +34,14 @@ def one_error_line(capsys) -> str:
     (["--set", "train.batch_size=6", "--set", "train.grad_accum=2"], "multiple of world size 2 x train.grad_accum 2"),
     (["--backend", "mpi"], "backend 'mpi' is unknown; expected one of auto, gloo, nccl"),
     (["--backend", "nccl"], "backend 'nccl' needs CUDA"),
+    (["--set", "train.sequence_parallel=3"], "train.sequence_parallel=3 must divide the world size 2"),
 ])
 def test_bad_settings_under_torchrun_fail_before_joining(monkeypatch, capsys, tmp_path, extra, message):
     """As rank 0 of 2 with an unreachable MASTER_PORT: a join would hang, so the error must come first."""
     for k, v in WORKER_ENV.items():
         monkeypatch.setenv(k, v)
-    start = time.monotonic()
-    assert main([*ARGS, *extra, "--run-dir", str(tmp_path / "r")]) == 2
+    start = time.monotonic()  # (a bounded --dist-timeout: a missed check fails instead of hanging)
+    assert main([*ARGS, *extra, "--dist-timeout", "5", "--run-dir", str(tmp_path / "r")]) == 2
     assert message in one_error_line(capsys)
     assert time.monotonic() - start < 30 and not (tmp_path / "r").exists()
 
@@ -47,7 +49,7 @@ def test_bad_settings_under_torchrun_fail_before_joining(monkeypatch, capsys, tm
 def test_other_ranks_stay_silent_on_the_same_error(monkeypatch, capsys, tmp_path):
     for k, v in {**WORKER_ENV, "RANK": "1", "LOCAL_RANK": "1"}.items():
         monkeypatch.setenv(k, v)
-    assert main([*ARGS, "--set", "train.batch_size=7", "--run-dir", str(tmp_path / "r")]) == 2
+    assert main([*ARGS, "--set", "train.batch_size=7", "--dist-timeout", "5", "--run-dir", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err == ""
 
 
@@ -58,6 +60,14 @@ def test_other_ranks_stay_silent_on_the_same_error(monkeypatch, capsys, tmp_path
 def test_nproc_checks_before_launching(capsys, tmp_path, extra, message):
     assert main([*ARGS, *extra, "--nproc", "4", "--run-dir", str(tmp_path / "r")]) == 2
     assert message in one_error_line(capsys)
+
+
+def test_sequence_parallel_needs_a_distributed_job(capsys, tmp_path):
+    assert main([*ARGS, "--set", "train.sequence_parallel=2", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "train.sequence_parallel=2 needs a torchrun job" in one_error_line(capsys)
+    assert main([*ARGS, "--set", "train.sequence_parallel=2", "--set", "train.chunk_len=4",
+                 "--run-dir", str(tmp_path / "r")]) == 2
+    assert "cannot be combined with chunk_len" in one_error_line(capsys)
 
 
 def test_nproc_under_torchrun_is_refused(monkeypatch, capsys):
@@ -82,6 +92,9 @@ def test_environment_and_helpers_name_what_is_wrong():
     assert resolve_backend("auto") == "gloo" and resolve_backend("auto", "cuda") == "nccl"
     with pytest.raises(ValueError, match="multiple of world size 2 x train.grad_accum 3"):
         check_global_batch(8, 2, 3)
+    assert [data_parallel_layout(6, r, 3) for r in (0, 2, 3, 5)] == [(2, 0), (2, 0), (2, 1), (2, 1)]
+    with pytest.raises(ValueError, match="train.sequence_parallel=4 must divide the world size 6"):
+        data_parallel_layout(6, 0, 4)
     import torch
 
     batch = {"x": torch.arange(6).reshape(6, 1), "y": torch.arange(6)}

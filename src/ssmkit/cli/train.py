@@ -170,7 +170,6 @@ def _worker_argv(args: argparse.Namespace, run_dir: Path) -> list[str]:
 def _launch(args: argparse.Namespace) -> int:
     """``--nproc N``: check the command once here, then become ``python -m torch.distributed.run --standalone
     --nproc_per_node N -m ssmkit.cli train ...`` (torchrun's own launcher; signals go straight to it)."""
-    from ..distributed.data_parallel import check_global_batch
     from ..distributed.env import resolve_backend, resolve_timeout
     from ..train import resolve_run
 
@@ -179,7 +178,7 @@ def _launch(args: argparse.Namespace) -> int:
     setup_logging(args.quiet)
     run_dir = _given_run_dir(args)
     setup = resolve_run(_sections(args, run_dir))
-    check_global_batch(setup.train.batch_size, args.nproc, setup.train.grad_accum)
+    _check_layout(setup, args.nproc)
     run_dir = run_dir or _default_run_dir(setup)
     _check_run_dir(args, run_dir, clear=False)
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
@@ -189,6 +188,16 @@ def _launch(args: argparse.Namespace) -> int:
     sys.stderr.flush()
     os.execv(sys.executable, argv)
     return 0  # not reached
+
+
+def _check_layout(setup: Any, world_size: int) -> None:
+    """train.sequence_parallel divides the world size and the global batch splits over the data-parallel ranks."""
+    from ..distributed.data_parallel import check_global_batch, data_parallel_layout
+
+    cfg = setup.train
+    size, _ = data_parallel_layout(world_size, 0, cfg.sequence_parallel)
+    check_global_batch(cfg.batch_size, size, cfg.grad_accum,
+                       what="world size" if cfg.sequence_parallel == 1 else "data-parallel size")
 
 
 def _same_on_all_ranks(fn: Callable[[], T]) -> T:
@@ -228,12 +237,12 @@ def _run_data_parallel(args: argparse.Namespace, env: Any) -> int:
         setup = None
         if not args.resume:  # the command line alone decides the run: check it before joining the job
             setup = resolve_run(_sections(args, run_dir))
-            dp.check_global_batch(setup.train.batch_size, env.world_size, setup.train.grad_accum)
+            _check_layout(setup, env.world_size)
         with process_group(env, backend, timeout):
             if setup is None:  # a resumed run's config is rank 0's file; every rank builds and checks it
                 sections = dp.run_on_main(lambda: _sections(args, run_dir))
                 setup = _same_on_all_ranks(lambda: resolve_run(sections))
-                dp.check_global_batch(setup.train.batch_size, env.world_size, setup.train.grad_accum)
+                _check_layout(setup, env.world_size)
             run_dir = run_dir or _default_run_dir(setup)
             dp.run_on_main(lambda: _check_run_dir(args, run_dir, clear=True))
             try:

@@ -24,16 +24,41 @@ T = TypeVar("T")
 RANK_SEED_STRIDE = 7_919_009
 
 
-def check_global_batch(batch_size: int, world_size: int, grad_accum: int = 1) -> None:
+def check_global_batch(batch_size: int, world_size: int, grad_accum: int = 1, *,
+                       what: str = "world size") -> None:
     """Raise ValueError unless the global ``batch_size`` splits into ``world_size`` x ``grad_accum`` equal
-    micro-batches."""
+    micro-batches (``what`` names ``world_size`` in the message, e.g. "data-parallel size")."""
     for name, v in (("batch_size", batch_size), ("world_size", world_size), ("grad_accum", grad_accum)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     if batch_size % (world_size * grad_accum):
-        raise ValueError(f"train.batch_size={batch_size} is the global batch and must be a multiple of world "
-                         f"size {world_size} x train.grad_accum {grad_accum} = {world_size * grad_accum} (each "
-                         f"rank trains batch_size / world_size rows in grad_accum micro-batches)")
+        raise ValueError(f"train.batch_size={batch_size} is the global batch and must be a multiple of {what} "
+                         f"{world_size} x train.grad_accum {grad_accum} = {world_size * grad_accum} (each "
+                         f"data-parallel rank trains batch_size / {world_size} rows in grad_accum micro-batches)")
+
+
+def data_parallel_layout(world_size: int, rank: int, sequence_parallel: int = 1) -> tuple[int, int]:
+    """(data-parallel size, data-parallel rank) when consecutive groups of ``sequence_parallel`` ranks share one
+    shard of rows (rank r is in group r // sequence_parallel). Raises ValueError unless it divides the world."""
+    if isinstance(sequence_parallel, bool) or not isinstance(sequence_parallel, int) or sequence_parallel < 1:
+        raise ValueError(f"train.sequence_parallel must be an int >= 1, got {sequence_parallel!r}")
+    if world_size % sequence_parallel:
+        raise ValueError(f"train.sequence_parallel={sequence_parallel} must divide the world size {world_size} "
+                         f"(world size = data-parallel size x sequence_parallel)")
+    return world_size // sequence_parallel, rank // sequence_parallel
+
+
+def sequence_parallel_group(sequence_parallel: int) -> dist.ProcessGroup:
+    """This rank's group of ``sequence_parallel`` consecutive ranks (every rank creates every group, in order)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    data_parallel_layout(world, rank, sequence_parallel)
+    mine = None
+    for start in range(0, world, sequence_parallel):
+        group = dist.new_group(list(range(start, start + sequence_parallel)))
+        if start <= rank < start + sequence_parallel:
+            mine = group
+    assert mine is not None
+    return mine
 
 
 def shard_rows(batch: Mapping[str, Tensor], rank: int, world_size: int) -> dict[str, Tensor]:

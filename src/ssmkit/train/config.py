@@ -72,6 +72,8 @@ class TrainConfig:
             parameters stay in ``dtype``).
         activation_checkpointing: recompute each block's activations in the backward pass.
         chunk_len: train long sequences in chunks of this length, passing state (exact gradients); None = off.
+        sequence_parallel: split every sequence into this many contiguous shards on as many ranks of a
+            torchrun job (exact; world size = data-parallel size x sequence_parallel); 1 = off.
         threads: torch intra-op threads (None = leave torch's setting as is). Default 1: on a machine where other
             processes are busy, threads that wait for each other at every parallel region collapse (2 threads beside
             one busy process trained 2-10x slower than 1), and PyTorch's CPU results depend on its thread count in
@@ -103,6 +105,7 @@ class TrainConfig:
     autocast: str = "none"
     activation_checkpointing: bool = False
     chunk_len: int | None = None
+    sequence_parallel: int = 1
     threads: int | None = 1
     plots: bool = True
 
@@ -110,8 +113,9 @@ class TrainConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             setattr(self, f.name, coerce_value(f"train.{f.name}", getattr(self, f.name), hints[f.name]))
-        for name, lo in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("seed", 0), ("eval_every", 0),
-                         ("eval_batches", 0), ("log_every", 1), ("save_every", 0), ("keep_checkpoints", 1)):
+        for name, lo in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("sequence_parallel", 1), ("seed", 0),
+                         ("eval_every", 0), ("eval_batches", 0), ("log_every", 1), ("save_every", 0),
+                         ("keep_checkpoints", 1)):
             if getattr(self, name) < lo:
                 raise _fail(name, f"must be an int >= {lo}, got {getattr(self, name)}")
         for name in ("eval_batch_size", "chunk_len", "threads"):
@@ -140,6 +144,10 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 expected = ", ".join(map(repr, choices))
                 raise _fail(name, f"got {getattr(self, name)!r}; expected one of {expected}")
+        if self.sequence_parallel > 1 and self.chunk_len is not None:
+            raise _fail("sequence_parallel", f"={self.sequence_parallel} cannot be combined with chunk_len (chunked "
+                                             f"training passes state between chunks; sequence-parallel shards do not "
+                                             f"take a state yet)")
         if self.autocast == "bf16" and self.dtype != "float32":
             raise _fail("autocast", f"='bf16' needs dtype='float32', got dtype={self.dtype!r}")
 

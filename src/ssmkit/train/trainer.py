@@ -123,9 +123,17 @@ class Trainer:
         cfg = self.cfg
         self.dist = current_dist()
         self.is_main = self.dist.is_main
+        self.sp = cfg.sequence_parallel
+        if self.sp > 1 and not self.dist.distributed:
+            raise ValueError(f"train.sequence_parallel={self.sp} needs a torchrun job of a multiple of {self.sp} "
+                             f"processes (ssmkit train --nproc {self.sp} ...)")
+        self.dp_size, self.dp_rank = dp.data_parallel_layout(self.dist.world_size, self.dist.rank, self.sp)
         if self.dist.distributed:
-            dp.check_global_batch(cfg.batch_size, self.dist.world_size, cfg.grad_accum)
+            dp.check_global_batch(cfg.batch_size, self.dp_size, cfg.grad_accum,
+                                  what="world size" if self.sp == 1 else "data-parallel size")
             self._check_same_config()
+        if self.sp > 1:
+            self._check_sequence_parallel_task()
         ckpt, saved, loaded = None, None, {}
         if resume:
             def read() -> tuple[Path, tuple[dict[str, Any], dict[str, torch.Tensor]]]:
@@ -144,7 +152,13 @@ class Trainer:
             enable_activation_checkpointing(self.model)
         # rank r's stream for forward/backward draws (dropout); one process uses self.rng for everything
         self.rank_rng = RngStates.seeded(dp.rank_seed(cfg.seed, self.dist.rank)) if self.dist.distributed else None
-        self.ddp = dp.wrap_model(self.model) if self.dist.distributed else None
+        self.sp_group = dp.sequence_parallel_group(self.sp) if self.sp > 1 else None
+        self.ddp = None
+        if self.dist.distributed:
+            from ..distributed.sequence import SequenceParallel
+
+            local = self.model if self.sp_group is None else SequenceParallel(self.model, self.sp_group)
+            self.ddp = dp.wrap_model(local)
         self.optimizer = build_optimizer(self.model, cfg)
         self.schedule = LRSchedule.from_config(cfg)
         self.source: BatchSource = source if source is not None else TaskBatchSource(
@@ -183,6 +197,24 @@ class Trainer:
                                  f"rank (every node) with the same command")
 
         dp.run_on_main(check)
+
+    def _check_sequence_parallel_task(self) -> None:
+        """One-line errors before training: sequence parallelism needs an lm task without prefix masks whose
+        sequences have at least ``sequence_parallel`` tokens."""
+        from ..distributed.sequence import shard_bounds
+
+        if self.task.kind != "lm":
+            raise ValueError(f"train.sequence_parallel={self.sp} needs a task of kind 'lm' (per-position loss), but "
+                             f"task {self.task.name!r} is {self.task.kind!r}")
+        sample = next(iter(self.task.batches("train", 1, self.cfg.seed)))
+        if "prefix_mask" in sample:
+            raise ValueError(f"train.sequence_parallel={self.sp}: task {self.task.name!r} has prefix masks, which "
+                             f"sequence parallelism does not support yet")
+        x = sample["input_ids"] if "input_ids" in sample else sample["inputs"]
+        try:
+            shard_bounds(int(x.shape[1]), self.sp)
+        except ValueError as e:
+            raise ValueError(f"train.sequence_parallel={self.sp}: {e}") from None
 
     # ------------------------------------------------------------------------------------------ resume
     def _read_resume(self) -> tuple[Path, tuple[dict[str, Any], dict[str, torch.Tensor]]]:
@@ -285,15 +317,22 @@ class Trainer:
         Data parallel: ``batch`` is the global batch; this rank trains its shard (:func:`shard_rows`), its
         micro-batches weighted by ``world_size x`` their share of the global batch's scored items (DDP averages
         over the ranks), and the return value is this rank's part of the global loss (the ranks' parts sum to
-        it)."""
+        it). With ``train.sequence_parallel=P`` each group of P consecutive ranks shares a row shard and each
+        rank trains its contiguous piece of every sequence (:class:`~ssmkit.distributed.SequenceParallel`);
+        the weights are the same, counted on the piece."""
         cfg = self.cfg
         world = self.dist.world_size
         total = batch_weight(self.task, batch)
-        shard = dp.shard_rows(batch, self.dist.rank, world) if self.ddp is not None else batch
+        shard = dp.shard_rows(batch, self.dp_rank, self.dp_size) if self.ddp is not None else batch
         micro = split_batch(shard, cfg.grad_accum)
         loss_value = 0.0
         for i, mb in enumerate(micro):
-            share = batch_weight(self.task, mb) / total if total > 0 else 1.0 / (len(micro) * world)
+            if self.sp_group is not None:  # this rank's contiguous piece of every sequence
+                from ..distributed.sequence import shard_sequence
+
+                mb = {k: shard_sequence(v, self.sp_group) for k, v in mb.items()}
+            weight = batch_weight(self.task, mb)
+            share = weight / total if total > 0 else 1.0 / (len(micro) * world)
             scale = share * world
             sync = self.ddp is None or i == len(micro) - 1 or cfg.chunk_len is not None
             with autocast_context(cfg.autocast), self._rank_stream(), \
@@ -301,7 +340,11 @@ class Trainer:
                 if cfg.chunk_len is not None:
                     loss_value += share * self._chunked(mb, scale)
                     continue
-                loss = task_loss(self.task, model_outputs(self.model, self.task, mb, forward=self.ddp), mb)
+                outputs = model_outputs(self.model, self.task, mb, forward=self.ddp)
+                if self.sp_group is not None and weight == 0:  # a piece with nothing scored still joins backward
+                    loss = outputs.sum() * 0.0
+                else:
+                    loss = task_loss(self.task, outputs, mb)
                 (loss * scale).backward()
             loss_value += share * float(loss.detach())
         if self.ddp is not None and cfg.chunk_len is not None:  # chunked passes bypass the DDP wrapper
