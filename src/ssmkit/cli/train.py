@@ -44,7 +44,8 @@ def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         "n_layers, mlp, norm, dropout, ... and model.mixer_options.<mixer>.<option>, model.head),\n"
         "train.<field> (steps, batch_size, grad_accum, lr, min_lr_ratio, warmup_steps, schedule,\n"
         "weight_decay, grad_clip, seed, eval_every, eval_batches, log_every, save_every, dtype, autocast,\n"
-        "activation_checkpointing, chunk_len, threads, ...). A bare key (lr=1e-3) works when unambiguous."))
+        "activation_checkpointing, chunk_len, sequence_parallel, threads, ...). A bare key (lr=1e-3) works\n"
+        "when unambiguous."))
     p.add_argument("--task", help="task name (see `ssmkit tasks`)")
     p.add_argument("--model", help="model preset (see `ssmkit models`) or a block pattern such as "
                                    "'mamba2*2,attn' (default: mamba)")

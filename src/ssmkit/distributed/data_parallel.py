@@ -82,11 +82,11 @@ def rank_seed(seed: int, rank: int) -> int:
 
 def wrap_model(model: nn.Module, device: torch.device | str = "cpu") -> DistributedDataParallel:
     """``DistributedDataParallel(model)``: rank 0's parameters are broadcast to all ranks now, and every
-    backward run through the wrapper's forward averages the gradients over the ranks (buffers are constants
-    in ssmkit models and are not re-broadcast)."""
+    backward run through the wrapper's forward averages the gradients over the ranks (buffers, constants in
+    ssmkit models, are broadcast once with the parameters and not again at every forward)."""
     dev = torch.device(device)
     ids = [dev] if dev.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
 
 
 def average_gradients(params: Iterable[nn.Parameter]) -> None:
