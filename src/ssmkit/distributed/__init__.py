@@ -9,9 +9,11 @@ from .data_parallel import (
     average_gradients,
     broadcast_from_main,
     check_global_batch,
+    data_parallel_layout,
     gather_to_main,
     rank_seed,
     run_on_main,
+    sequence_parallel_group,
     shard_rows,
     sum_over_ranks,
     wrap_model,
@@ -20,6 +22,6 @@ from .env import BACKENDS, DistEnv, current, detect, init_process_group, process
 
 __all__ = [
     "BACKENDS", "DistEnv", "average_gradients", "broadcast_from_main", "check_global_batch", "current",
-    "detect", "gather_to_main", "init_process_group", "process_group", "rank_seed", "resolve_backend",
-    "run_on_main", "shard_rows", "sum_over_ranks", "wrap_model",
+    "data_parallel_layout", "detect", "gather_to_main", "init_process_group", "process_group", "rank_seed",
+    "resolve_backend", "run_on_main", "sequence_parallel_group", "shard_rows", "sum_over_ranks", "wrap_model",
 ]

@@ -318,7 +318,7 @@ class Trainer:
         micro-batches weighted by ``world_size x`` their share of the global batch's scored items (DDP averages
         over the ranks), and the return value is this rank's part of the global loss (the ranks' parts sum to
         it). With ``train.sequence_parallel=P`` each group of P consecutive ranks shares a row shard and each
-        rank trains its contiguous piece of every sequence (:class:`~ssmkit.distributed.SequenceParallel`);
+        rank trains its contiguous piece of every sequence (:class:`~ssmkit.distributed.sequence.SequenceParallel`);
         the weights are the same, counted on the piece."""
         cfg = self.cfg
         world = self.dist.world_size
