@@ -35,6 +35,8 @@ BAD_VALUES_BY_FLAG = {
     ("generate", "--top-p"): [("0", "expected a finite number in (0, 1], got 0"), ("1.5", "got 1.5")],
     ("generate", "--seed"): [("-3", "expected an int >= 0, got -3")],
     ("models", "--vocab-size"): [("0", "expected an int >= 1, got 0")],
+    ("train", "--nproc"): [("0", "expected an int >= 1, got 0")],
+    ("train", "--dist-timeout"): [("0", "expected a finite number in (0, inf), got 0"), ("nan", "got nan")],
 }
 
 
