@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "ssmkit"
 
 #: tier of every top-level module or subpackage of ssmkit (docs/design.md, "Layering")
 TIERS = {
-    "_dataclass_dict": 0, "ops": 0, "init": 0,
+    "_dataclass_dict": 0, "_annotations": 0, "ops": 0, "init": 0,
     "layers": 1,
     "models": 2, "data": 2, "distributed": 2,
     "objectives": 3, "train": 3, "infer": 3, "interop": 3,

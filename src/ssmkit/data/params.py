@@ -10,12 +10,13 @@ and the constraint.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar
 
 import numpy as np
+
+from .._annotations import NO_MATCH, allowed_types, match_type, type_name
 
 
 def param(
@@ -33,42 +34,18 @@ def param(
     return dataclasses.field(default=default, metadata=meta)
 
 
-def _allowed_types(annotation: Any) -> tuple[tuple[type, ...], bool]:
-    """(base types, None allowed) for an annotation like ``int`` or ``int | None``."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        base = tuple(a for a in args if a is not type(None))
-        return base, len(base) < len(args)
-    return (annotation,), False
-
-
-def type_name(annotation: Any) -> str:
-    """Readable name of a parameter annotation: 'int', 'float | None', ..."""
-    base, optional = _allowed_types(annotation)
-    name = " | ".join(getattr(t, "__name__", str(t)) for t in base)
-    return f"{name} | None" if optional else name
-
-
 def _coerce_type(name: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against the annotation; ints are accepted for floats, numpy scalars for Python ones."""
-    base, optional = _allowed_types(annotation)
     if value is None:
-        if optional:
+        if allowed_types(annotation)[1]:
             return None
         raise TypeError(f"{name}=None is invalid: expected {type_name(annotation)}")
     if isinstance(value, np.generic):
         value = value.item()
-    for t in base:
-        if t is bool and isinstance(value, bool):
-            return value
-        if t is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if t is str and isinstance(value, str):
-            return value
-    raise TypeError(f"{name}={value!r} is invalid: expected {type_name(annotation)}, got {type(value).__name__}")
+    out = match_type(value, annotation)
+    if out is NO_MATCH:
+        raise TypeError(f"{name}={value!r} is invalid: expected {type_name(annotation)}, got {type(value).__name__}")
+    return out
 
 
 def constraint_text(meta: typing.Mapping[str, Any]) -> str:
@@ -133,7 +110,7 @@ class GeneratedParams(TaskParams):
 
 def parse_value(name: str, text: str, annotation: Any) -> Any:
     """Parse a command-line string into the parameter's type ('none'/'null' -> None for optional ones)."""
-    base, optional = _allowed_types(annotation)
+    base, optional = allowed_types(annotation)
     if optional and text.strip().lower() in ("none", "null"):
         return None
     for t in base:

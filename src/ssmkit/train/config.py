@@ -21,11 +21,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .._annotations import NO_MATCH, allowed_types, match_type, type_name
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "float64")
@@ -176,41 +177,20 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------------------------- values
-def _allowed(annotation: Any) -> tuple[tuple[Any, ...], bool]:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        base = tuple(a for a in args if a is not type(None))
-        return base, len(base) < len(args)
-    return (annotation,), False
-
-
-def _type_name(annotation: Any) -> str:
-    base, optional = _allowed(annotation)
-    name = " | ".join(getattr(t, "__name__", str(t)) for t in base)
-    return f"{name} | None" if optional else name
-
-
 def coerce_value(name: str, value: Any, annotation: Any) -> Any:
     """Check a Python value against a simple annotation (int, float, bool, str, X | None); strings from the
     command line are parsed. ints are accepted for floats; nothing else is converted."""
-    base, optional = _allowed(annotation)
+    base, optional = allowed_types(annotation)
     if isinstance(value, str) and str not in base:
         value = parse_literal(value)
     if value is None:
         if optional:
             return None
-        raise ValueError(f"{name} must be {_type_name(annotation)}, got None")
-    for t in base:
-        if t is bool and isinstance(value, bool):
-            return value
-        if t is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if t is str and isinstance(value, str):
-            return value
-    raise ValueError(f"{name} must be {_type_name(annotation)}, got {type(value).__name__} {value!r}")
+        raise ValueError(f"{name} must be {type_name(annotation)}, got None")
+    out = match_type(value, annotation)
+    if out is NO_MATCH:
+        raise ValueError(f"{name} must be {type_name(annotation)}, got {type(value).__name__} {value!r}")
+    return out
 
 
 def parse_literal(text: str) -> Any:
