@@ -11,8 +11,8 @@
   from several Python threads are safe and run one launch at a time (each launch still uses all its threads).
 - The kernels split their work into tasks fixed by the problem's shape and add partial results in a fixed order,
   so the thread count changes only their speed (the selective-scan backward sums its B and C gradients over a
-  fixed number of stripes, not one per thread). PyTorch's own CPU ops (matrix products, reductions) can differ in the last bits
-  between thread counts, so bitwise-reproducible training needs a fixed ``train.threads``.
+  fixed number of stripes, not one per thread). PyTorch's own CPU ops (matrix products, reductions) can differ in
+  the last bits between thread counts, so bitwise-reproducible training needs a fixed ``train.threads``.
 """
 
 from __future__ import annotations
