@@ -7,10 +7,12 @@
     metrics = Trainer(setup, "runs/mqar").train()       # writes metrics, plots, report.md, checkpoints
 
 The same from the shell: ``ssmkit train --task mqar --model mamba --set task.seq_len=64 --run-dir runs/mqar``.
-See :mod:`ssmkit.train.config` (sections and ``--set`` overrides), :mod:`ssmkit.train.trainer` (the loop),
-:mod:`ssmkit.train.checkpoints` (atomic checkpoints and exact resume), :mod:`ssmkit.train.sources` (pluggable
-batch sources), :mod:`ssmkit.train.presets` (``--model`` presets) and :mod:`ssmkit.train.chunked` (exact
-chunked long-sequence training, used when ``train.chunk_len`` is set).
+See :mod:`ssmkit.train.config` (sections and ``--set`` overrides), :mod:`ssmkit.train.trainer` (the loop; its
+parts: :mod:`~ssmkit.train.steps`, :mod:`~ssmkit.train.evaluation`, :mod:`~ssmkit.train.resume`,
+:mod:`~ssmkit.train.interrupts`, :mod:`~ssmkit.train.reporting`), :mod:`ssmkit.train.checkpoints` (atomic
+checkpoints and exact resume), :mod:`ssmkit.train.sources` (pluggable batch sources), :mod:`ssmkit.train.presets`
+(``--model`` presets) and :mod:`ssmkit.train.chunked` (exact chunked long-sequence training, used when
+``train.chunk_len`` is set).
 """
 
 from .activation import disable_activation_checkpointing, enable_activation_checkpointing
