@@ -1,4 +1,4 @@
-"""The .ts reader and the ucr task on small files the test writes; aeon's shipped sets when aeon is installed."""
+"""The .ts reader and the ucr task on small files the test writes; the shipped sets when aeon or sktime is installed."""
 
 from __future__ import annotations
 
@@ -91,10 +91,20 @@ def test_ucr_task_errors(tmp_path):
         get_task("ucr", dataset="Miss", path=str(tmp_path))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("aeon") is None, reason="aeon is not installed")
-def test_ucr_real_sets_from_aeon():
+@pytest.mark.skipif(importlib.util.find_spec("aeon") is None and importlib.util.find_spec("sktime") is None,
+                    reason="neither aeon nor sktime is installed (pip install sktime)")
+def test_ucr_real_sets_from_aeon_or_sktime():
     task = get_task("ucr", dataset="GunPoint")
     assert (task.max_length, task.d_input, task.num_classes) == (150, 1, 2)
     assert task.num_examples("train") + task.num_examples("val") == 50 and task.num_examples("test") == 150
     acsf = get_task("ucr", dataset="ACSF1")
     assert acsf.max_length == 1460 and acsf.num_classes == 10
+
+
+@pytest.mark.skipif(importlib.util.find_spec("aeon") is not None or importlib.util.find_spec("sktime") is None,
+                    reason="the sktime path runs when sktime is installed and aeon is not")
+def test_ucr_sktime_never_downloads_a_set_it_does_not_ship():
+    from ssmkit.data import MissingDataError
+
+    with pytest.raises(MissingDataError, match="does not ship dataset='Coffee'.*GunPoint"):
+        get_task("ucr", dataset="Coffee")

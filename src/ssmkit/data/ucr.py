@@ -1,8 +1,9 @@
-"""UCR/UEA time-series classification: aeon's shipped sets or local .ts files."""
+"""UCR/UEA time-series classification: the sets shipped by aeon or sktime, or local .ts files."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -15,7 +16,7 @@ from .ts_format import find_ts_files, read_ts
 @dataclass(frozen=True, kw_only=True)
 class UCRParams(TaskParams):
     dataset: str = param("GunPoint", "archive name, e.g. GunPoint (length 150), ACSF1 (1460), ItalyPowerDemand")
-    path: str = param("", "directory with DATASET_TRAIN.ts/DATASET_TEST.ts ('' = aeon's load_classification)")
+    path: str = param("", "directory with DATASET_TRAIN.ts/DATASET_TEST.ts ('' = the sets aeon or sktime ship)")
     val_fraction: float = param(0.2, "share of the training cases held out for validation", gt=0.0, lt=1.0)
     split_seed: int = param(0, "seed of the train/val split", ge=0)
     normalize: bool = param(True, "standardise each channel by the training split's mean and std")
@@ -26,25 +27,40 @@ class UCRParams(TaskParams):
 
 
 def load_ucr_split(dataset: str, split: str, path: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """(X (cases, channels, length) float64, labels (cases,) str) of one split, from ``path`` or aeon."""
+    """(X (cases, channels, length) float64, labels (cases,) str) of one split, from ``path``, aeon or sktime."""
     if path:
         files = find_ts_files(path, dataset)
         if split not in files:
             raise FileNotFoundError(f"ucr: no {dataset}_{split.upper()}.ts in {path} or {path}/{dataset}")
         x, y, _ = read_ts(files[split])
         return x, y
-    datasets = require_module("aeon.datasets", task="ucr", pip="aeon",
+    x, y = _load_shipped(dataset, split)
+    if not isinstance(x, np.ndarray) or x.ndim != 3:
+        raise ValueError(f"ucr: dataset={dataset!r} has unequal-length series; only equal-length sets are supported")
+    return np.asarray(x, dtype=np.float64), np.asarray(y).astype(str)
+
+
+def _load_shipped(dataset: str, split: str) -> tuple[object, object]:
+    """(X, y) of a set shipped by aeon (tried first, as before) or else by sktime; neither downloads."""
+    import importlib.util
+
+    if importlib.util.find_spec("aeon") is None and importlib.util.find_spec("sktime") is not None:
+        datasets = require_module("sktime.datasets", task="ucr", pip="sktime")
+        shipped = Path(datasets.__file__).parent / "data"
+        if not (shipped / dataset / f"{dataset}_{split.upper()}.ts").is_file():  # sktime would download it
+            names = sorted(d.name for d in shipped.iterdir() if (d / f"{d.name}_TRAIN.ts").is_file())
+            raise MissingDataError(f"ucr: sktime does not ship dataset={dataset!r} (it ships {', '.join(names)}); "
+                                   "pass path= to a directory of local .ts files")
+        return datasets.load_UCR_UEA_dataset(dataset, split=split, return_type="numpy3D")
+    datasets = require_module("aeon.datasets", task="ucr", pip="aeon or sktime",
                               alternative="pass path= to a directory of local .ts files")
     try:
-        x, y = datasets.load_classification(dataset, split=split)
+        return datasets.load_classification(dataset, split=split)
     except Exception as e:  # aeon tries a download for sets it does not ship, which fails offline
         raise MissingDataError(
             f"ucr: aeon could not load dataset={dataset!r} offline ({type(e).__name__}: {e}); aeon ships e.g. "
             "ACSF1, ArrowHead, BasicMotions, GunPoint, ItalyPowerDemand, OSULeaf; or pass path= to local .ts files"
         ) from e
-    if not isinstance(x, np.ndarray) or x.ndim != 3:
-        raise ValueError(f"ucr: dataset={dataset!r} has unequal-length series; only equal-length sets are supported")
-    return np.asarray(x, dtype=np.float64), np.asarray(y).astype(str)
 
 
 def _label_order(labels: np.ndarray) -> list[str]:
@@ -67,7 +83,7 @@ class UCR(ArrayTask):
     """
 
     name: ClassVar[str] = "ucr"
-    description: ClassVar[str] = "UCR/UEA time-series classification (aeon's shipped sets or local .ts files)"
+    description: ClassVar[str] = "UCR/UEA time-series classification (sets aeon or sktime ship, or local .ts files)"
     kind: ClassVar[str] = "classification"
     Params = UCRParams
 
