@@ -4,6 +4,7 @@ Plain mixers (one :mod:`ssmkit.layers` class each):
 
     mamba   Mamba         mamba2  Mamba2        s4d   S4D       s4  S4       h3  H3
     longconv LongConv     gated   GatedSSM      rglru RGLRU     attn Attention (causal by default)
+    gqa GQAttention       ffn FeedForward       moe MoE         normed-mamba NormedMamba
 
 Wrapped mixers:
 
@@ -37,6 +38,9 @@ _PLAIN: dict[str, tuple[str, str]] = {
     "gated": ("gated", "GatedSSM"),
     "rglru": ("gated", "RGLRU"),
     "attn": ("attention", "Attention"),
+    # for transformers' hybrid families (ssmkit.interop): GQA attention, MLP and MoE blocks, Mamba with dt/B/C norms
+    "gqa": ("gqa", "GQAttention"), "ffn": ("ffn", "FeedForward"), "moe": ("moe", "MoE"),
+    "normed-mamba": ("normed_mamba", "NormedMamba"),
 }
 #: mixers that have a prefix-bidirectional form ("prefix-" + name)
 PREFIXABLE = ("gated", "rglru", "mamba", "s4d", "attn")
