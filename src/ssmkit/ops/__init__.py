@@ -8,10 +8,11 @@ from .decode_linear import decode_linear
 from .fft_conv import fft_conv
 from .int8_linear import dequantize_int8, int8_linear, quantize_int8
 from .linear_scan import fused_kernels, linear_scan
+from .mamba3 import Mamba3ScanState, mamba3, mamba3_step
 from .mamba_step import MambaStackPlan, MambaStepWeights, mamba_stack_step, mamba_step
 from .selective_scan import selective_scan
 from .ssd import ssd
 
 __all__ = ["fused_kernels", "linear_scan", "selective_scan", "ssd", "fft_conv", "int8_linear", "quantize_int8",
            "dequantize_int8", "reference", "mamba_step", "mamba_stack_step", "MambaStepWeights", "MambaStackPlan",
-           "decode_linear"]
+           "decode_linear", "mamba3", "mamba3_step", "Mamba3ScanState"]
