@@ -13,6 +13,7 @@ _EXPORTS = {
     "LongConv": "longconv",
     "Mamba": "mamba",
     "Mamba2": "mamba2",
+    "Mamba3": "mamba3",
     "GatedSSM": "gated",
     "RGLRU": "gated",
     "Attention": "attention",

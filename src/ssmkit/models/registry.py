@@ -2,7 +2,7 @@
 
 Plain mixers (one :mod:`ssmkit.layers` class each):
 
-    mamba   Mamba         mamba2  Mamba2        s4d   S4D       s4  S4       h3  H3
+    mamba   Mamba         mamba2  Mamba2        mamba3  Mamba3    s4d   S4D       s4  S4       h3  H3
     longconv LongConv     gated   GatedSSM      rglru RGLRU     attn Attention (causal by default)
     gqa GQAttention       ffn FeedForward       moe MoE         normed-mamba NormedMamba
     s6 S6                 h3-s6 H3S6            mamba-s4d MambaS4D   (Mamba's Table 1 ablations)
@@ -32,6 +32,7 @@ from ..layers.base import SequenceLayer
 _PLAIN: dict[str, tuple[str, str]] = {
     "mamba": ("mamba", "Mamba"),
     "mamba2": ("mamba2", "Mamba2"),
+    "mamba3": ("mamba3", "Mamba3"),
     "s4d": ("s4d", "S4D"),
     "s4": ("s4", "S4"),
     "h3": ("h3", "H3"),
