@@ -22,6 +22,8 @@ FACTORIES = {
     "LongConv": (lambda: layers.LongConv(D, kernel_len=12), True, ("conv", "scan")),
     "Mamba": (lambda: layers.Mamba(D, d_state=4), True, ()),
     "Mamba2": (lambda: layers.Mamba2(D, d_state=4, headdim=4, chunk_size=8), True, ()),
+    "Mamba3": (lambda: layers.Mamba3(D, d_state=4, headdim=4), True, ()),
+    "Mamba3-mimo": (lambda: layers.Mamba3(D, d_state=4, headdim=4, mimo_rank=2), True, ()),
     "GatedSSM": (lambda: layers.GatedSSM(D), True, ()),
     "RGLRU": (lambda: layers.RGLRU(D), True, ()),
     "Attention": (lambda: layers.Attention(D, n_heads=2), True, ()),
