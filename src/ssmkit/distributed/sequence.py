@@ -93,10 +93,12 @@ def check_supported(layer: nn.Module) -> None:
                                   f"{layer.mask!r}")
 
 
-def layer_forward(layer: SequenceLayer, x: Tensor, *, reset: Tensor | None = None,
-                  group: dist.ProcessGroup | None = None) -> Tensor:
-    """The local shard of ``layer(x_full, reset=reset_full)`` for this rank's shard ``x`` (batch, L_r, d_model)
-    and ``reset`` (batch, L_r) bool or None. Collective: every rank of ``group`` must call it."""
+def layer_forward(layer: SequenceLayer, x: Tensor, initial_state=None, *, reset: Tensor | None = None,
+                  group: dist.ProcessGroup | None = None, return_final_state: bool = False):
+    """The local shard of ``layer(x_full, initial_state, reset=reset_full, return_final_state=...)`` for this
+    rank's shard ``x`` (batch, L_r, d_model) and ``reset`` (batch, L_r) bool or None. ``initial_state`` (the state
+    before the whole sequence) is given on rank 0 only; the returned state is the true state after this rank's
+    shard (recurrent layers only). Collective: every rank of ``group`` must call it."""
     check_supported(layer)
     x = layer.check_input(x)
     layer.check_dtype(x, "x")
@@ -106,8 +108,11 @@ def layer_forward(layer: SequenceLayer, x: Tensor, *, reset: Tensor | None = Non
         raise ValueError(f"sequence parallel: every rank must hold the same batch rows (shards of the same "
                          f"sequences), got batch sizes {batches} across the group")
     if isinstance(layer, Attention):
+        if initial_state is not None or return_final_state:
+            raise NotImplementedError(f"sequence parallel: {type(layer).__name__} does not pass state (its KV "
+                                      f"cache) across calls; state passing (chunked training) needs recurrent layers")
         return ring_attention_forward(layer, x, reset, group)
-    return recurrent_forward(layer, x, reset, group)
+    return recurrent_forward(layer, x, reset, group, initial_state, return_final_state)
 
 
 class SequenceParallel(nn.Module):
@@ -117,8 +122,10 @@ class SequenceParallel(nn.Module):
     ``reset``, ``labels``, ... all sharded with :func:`shard_sequence`) and returns its local outputs.
 
     The module itself is not changed (its parameters and state_dict keys stay the same): the layers' forwards are
-    redirected only while ``forward`` runs. State passing (``initial_state`` / ``return_final_state``) and
-    prefix masks are not supported.
+    redirected only while ``forward`` runs. State passing (recurrent layers): ``initial_state``, the state before
+    the whole sequence, is given on the group's rank 0 only (None elsewhere), and ``return_final_state`` returns on
+    every rank the true state after its own shard (rank P - 1: after the whole sequence); chunked training uses
+    this (:mod:`.sequence_chunked`). Prefix masks are not supported.
     """
 
     def __init__(self, module: nn.Module, group: dist.ProcessGroup | None = None) -> None:
@@ -132,9 +139,6 @@ class SequenceParallel(nn.Module):
 
     def forward(self, *args, **kwargs):
         rename_state_kwargs(f"{type(self).__name__}.forward", kwargs)
-        if kwargs.get("initial_state") is not None or kwargs.get("return_final_state"):
-            raise ValueError("SequenceParallel: state passing (initial_state / return_final_state) is not "
-                             "supported; every rank starts its shard from the true state of the ranks before it")
         if kwargs.get("prefix_mask") is not None:
             raise NotImplementedError("SequenceParallel: prefix_mask is not supported yet")
         with _redirected(self.layers, self.group):
@@ -155,12 +159,11 @@ def _top_layers(module: nn.Module) -> list[SequenceLayer]:
 def _redirected(layers: list[SequenceLayer], group: dist.ProcessGroup | None) -> Iterator[None]:
     def make(layer: SequenceLayer):
         def forward(x, initial_state=None, *, reset=None, prefix_mask=None, return_final_state=False):
-            if initial_state is not None or return_final_state:
-                raise ValueError(f"{type(layer).__name__}: state passing is not supported under SequenceParallel")
             if prefix_mask is not None:
                 raise NotImplementedError(f"{type(layer).__name__}: prefix_mask is not supported under "
                                           f"SequenceParallel yet")
-            return layer_forward(layer, x, reset=reset, group=group)
+            return layer_forward(layer, x, initial_state, reset=reset, group=group,
+                                 return_final_state=return_final_state)
         return forward
 
     for layer in layers:

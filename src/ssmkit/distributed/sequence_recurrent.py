@@ -60,24 +60,29 @@ def _shift_in(halo: Tensor, length: int) -> Tensor:
 
 
 def true_halo(layer: SequenceLayer, x: Tensor, reset: Tensor | None, zero: dict[str, Tensor],
-              group: dist.ProcessGroup | None) -> dict[str, Tensor]:
-    """The conv fields of this rank's true initial state (differentiable w.r.t. earlier ranks' inputs)."""
+              group: dist.ProcessGroup | None, init: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The conv fields of this rank's true initial state (differentiable w.r.t. earlier ranks' inputs).
+    ``init``: rank 0's given initial state (the state before the whole sequence), or None (zero)."""
     halo_names = [n for n in zero if n in HALO_FIELDS and zero[n].shape[-1] > 0]
+    start = dict(zero) if init is None else {**zero, **{n: init[n] for n in zero if n in HALO_FIELDS}}
     if not halo_names:
-        return {n: zero[n] for n in zero if n in HALO_FIELDS}
+        return {n: start[n] for n in zero if n in HALO_FIELDS}
     rank, _ = group_rank_size(group)
     batch, length, _ = x.shape
     width = max(zero[n].shape[-1] for n in halo_names)
     tail = min(width, length)
     rt = None if reset is None else reset[:, -tail:]
-    _, fin = _local(layer, x[:, -tail:], reset=rt, return_final_state=True)
+    # rank 0 with a given initial halo: a shard shorter than the halo carries part of it into its final halo
+    first = None if init is None else _build(layer.init_state(batch, dtype=zero[halo_names[0]].dtype),
+                                              {n: start[n] for n in zero if n in HALO_FIELDS})
+    _, fin = _local(layer, x[:, -tail:], first, reset=rt, return_final_state=True)
     fin = _fields(fin)
     keep = torch.ones(batch, dtype=torch.long, device=x.device) if reset is None else (~reset.any(1)).long()
     meta = all_gather(torch.cat([torch.tensor([length], device=x.device), keep]), group)  # (P, 1 + batch)
-    out = dict(zero)
+    out = {n: start[n] for n in zero if n in HALO_FIELDS}
     for n in halo_names:
         gathered = all_gather_autograd(fin[n], group)  # (P, batch, channels, width)
-        h = zero[n]
+        h = start[n] if rank == 0 else zero[n]
         for j in range(rank):
             k = meta[j, 1:].to(h.dtype).view(batch, *([1] * (h.ndim - 1)))
             h = _shift_in(h, int(meta[j, 0])) * k + gathered[j]
@@ -104,22 +109,24 @@ def _build(zero: LayerState, fields: dict[str, Tensor]) -> LayerState:
 
 
 class _ShardPass(torch.autograd.Function):
-    """y_r from (x_r, halo_r): summaries, exchange, scan and the true pass forward; the state-gradient scan
-    and one backward of the true pass backward (see the module docstring)."""
+    """(y_r, final state fields) from (x_r, halo_r, rank 0's initial affine fields, θ): summaries, exchange,
+    scan and the true pass forward; the state-gradient scan and one backward of the true pass backward (see the
+    module docstring). A gradient D_r given for this rank's final state adds to G_{r+1} (and to a_r through M_r)."""
 
     @staticmethod
     def forward(ctx, run: dict, x: Tensor, *rest: Tensor):  # type: ignore[override]
         layer, reset, group, zero = run["layer"], run["reset"], run["group"], run["zero"]
-        names = run["halo_names"]
+        names, inits = run["halo_names"], run["init_names"]
         halo = dict(zip(names, rest[: len(names)], strict=False))
+        given = dict(zip(inits, rest[len(names): len(names) + len(inits)], strict=False))
         rank, size = group_rank_size(group)
         affine = [n for n in _fields(zero) if n not in names]
-        zf = _fields(zero)
+        zf = {**_fields(zero), **{n: t.detach() for n, t in given.items()}}
         ms, h0 = {}, {}
-        if affine:  # M and b from one batched no-grad pass: rows [0, B) start at 0, rows [B, 2B) at 1
+        if affine:  # M and b from one batched no-grad pass: rows [0, B) start at h, rows [B, 2B) at h + 1
             with torch.no_grad():
                 two = {n: torch.cat([halo[n], halo[n]]) for n in names}
-                two.update({n: torch.cat([zf[n], torch.ones_like(zf[n])]) for n in affine})
+                two.update({n: torch.cat([zf[n], zf[n] + 1]) for n in affine})
                 state = _build(run["zero2"], two)
                 for a in range(0, x.shape[1], SUMMARY_CHUNK):  # time chunks: its memory stays bounded
                     xc = x[:, a:a + SUMMARY_CHUNK]
@@ -130,38 +137,52 @@ class _ShardPass(torch.autograd.Function):
                     b, one = fin[n].chunk(2)
                     both = all_gather(torch.stack([one - b, b]), group)  # (P, 2, batch, ...)
                     ms[n] = both[:, 0]
-                    h0[n] = _scan(both[:, 0], both[:, 1], rank)
+                    h0[n] = zf[n] if rank == 0 else _scan(both[:, 0], both[:, 1], rank)
+                del state, fin, two
         ctx.run, ctx.rank, ctx.size, ctx.ms, ctx.affine = run, rank, size, ms, affine
+        want = run["want_state"]
         if not run["need_grad"]:
             with torch.no_grad():
-                return _local(layer, x, _build(zero, {**halo, **h0}), reset=reset)
+                y, fin = _local(layer, x, _build(zero, {**halo, **h0}), reset=reset, return_final_state=True)
+            return (y, *_fields(fin).values()) if want else y
         with torch.enable_grad():
             xd = x.detach().requires_grad_(x.requires_grad)
             hd = {n: t.detach().requires_grad_(t.requires_grad) for n, t in halo.items()}
-            h0d = {n: t.requires_grad_() for n, t in h0.items()}
+            h0d = {n: t.detach().requires_grad_() for n, t in h0.items()}
             y, fin = _local(layer, xd, _build(zero, {**hd, **h0d}), reset=reset, return_final_state=True)
-        ctx.inner = (y, _fields(fin), xd, hd, h0d)
-        return y.detach()
+        fin = _fields(fin)
+        ctx.inner = (y, fin, xd, hd, h0d)
+        return (y.detach(), *[t.detach() for t in fin.values()]) if want else y.detach()
 
     @staticmethod
-    def backward(ctx, gy: Tensor):  # type: ignore[override]
+    def backward(ctx, gy: Tensor, *gfin: Tensor):  # type: ignore[override]
         y, fin, xd, hd, h0d = ctx.inner
         del ctx.inner
         run, rank, size, affine = ctx.run, ctx.rank, ctx.size, ctx.affine
-        leaves = [h0d[n] for n in affine]
-        local = torch.autograd.grad(y, leaves, gy, retain_graph=True, allow_unused=True) if leaves else ()
+        direct = dict(zip(fin, gfin, strict=False))  # the caller's gradients of the returned final state
         outs, grads = [y], [gy]
+        for n, g in direct.items():
+            if n not in affine and g is not None:
+                outs.append(fin[n])
+                grads.append(g)
+        leaves = [h0d[n] for n in affine]
+        pruned_outs = outs + [fin[n] for n in affine if direct.get(n) is not None]
+        pruned_grads = grads + [direct[n] for n in affine if direct.get(n) is not None]
+        local = torch.autograd.grad(pruned_outs, leaves, pruned_grads, retain_graph=True,
+                                    allow_unused=True) if leaves else ()
         for n, leaf, a in zip(affine, leaves, local, strict=False):
             a = torch.zeros_like(leaf) if a is None else a
             gathered = all_gather(a, run["group"])  # (P, batch, ...)
             g = torch.zeros_like(a)
             for j in range(size - 1, rank, -1):  # G_j = a_j + conj(M_j) G_{j+1}, down to G_{rank+1}
                 g = gathered[j] + ctx.ms[n][j].conj() * g
-            if rank < size - 1:
+            if direct.get(n) is not None:
+                g = g + direct[n]
+            if rank < size - 1 or direct.get(n) is not None:
                 outs.append(fin[n])
                 grads.append(g)
         params = run["params"]
-        wrt = [xd] + [hd[n] for n in run["halo_names"]] + params
+        wrt = [xd] + [hd[n] for n in run["halo_names"]] + [h0d[n] for n in run["init_names"]] + params
         need = [t.requires_grad for t in wrt]
         wanted = [t for t, k in zip(wrt, need, strict=True) if k]
         got = iter(torch.autograd.grad(outs, wanted, grads, allow_unused=True))
@@ -169,18 +190,33 @@ class _ShardPass(torch.autograd.Function):
         return (None, *res)
 
 
-def recurrent_forward(layer: SequenceLayer, x: Tensor, reset: Tensor | None,
-                      group: dist.ProcessGroup | None) -> Tensor:
-    """The local shard of the one-process ``layer(x_full, reset=reset_full)``: x (batch, L_r, d_model)."""
+def recurrent_forward(layer: SequenceLayer, x: Tensor, reset: Tensor | None, group: dist.ProcessGroup | None,
+                      initial_state: LayerState | None = None, return_final_state: bool = False):
+    """The local shard of the one-process ``layer(x_full, initial_state, reset=reset_full,
+    return_final_state=...)``: x (batch, L_r, d_model) -> y, or (y, the true state after this rank's shard).
+    ``initial_state`` (the state before the whole sequence) is given on the group's rank 0 only."""
+    rank, _ = group_rank_size(group)
     batch = x.shape[0]
     dtype = layer.act_dtype(x)
     zero = layer.init_state(batch, dtype=dtype)
     zf = _fields(zero)
-    halo = true_halo(layer, x, reset, zf, group)
+    init = None
+    if initial_state is not None:
+        if rank != 0:
+            raise ValueError(f"sequence parallel: {type(layer).__name__} got an initial_state on rank {rank}; "
+                             f"only rank 0 of the group takes one (later ranks start from the earlier shards)")
+        init = _fields(layer.check_state(initial_state, batch))
+    halo = true_halo(layer, x, reset, zf, group, init)
     names = [n for n in zf if n in HALO_FIELDS]
+    inits = [] if init is None else [n for n in zf if n not in HALO_FIELDS]
     params = [p for p in layer.parameters() if p.requires_grad]
     need_grad = torch.is_grad_enabled() and (x.requires_grad or bool(params)
-                                             or any(halo[n].requires_grad for n in names))
+                                             or any(halo[n].requires_grad for n in names)
+                                             or any(init[n].requires_grad for n in inits))
     run = {"layer": layer, "reset": reset, "group": group, "zero": zero, "halo_names": names,
-           "zero2": layer.init_state(2 * batch, dtype=dtype), "params": params, "need_grad": need_grad}
-    return _ShardPass.apply(run, x, *[halo[n] for n in names], *params)
+           "init_names": inits, "zero2": layer.init_state(2 * batch, dtype=dtype), "params": params,
+           "need_grad": need_grad, "want_state": return_final_state}
+    out = _ShardPass.apply(run, x, *[halo[n] for n in names], *[init[n] for n in inits], *params)
+    if not return_final_state:
+        return out
+    return out[0], _build(zero, dict(zip(zf, out[1:], strict=True)))
