@@ -1,4 +1,5 @@
-"""Whole-model conversion between ssmkit's CausalLM and transformers' MambaForCausalLM / Mamba2ForCausalLM.
+"""Whole-model conversion between ssmkit's CausalLM and transformers' MambaForCausalLM / Mamba2ForCausalLM, and
+(through :mod:`ssmkit.interop.hybrids`) the hybrid families FalconMamba, Bamba, NemotronH and Jamba.
 
 A transformers Mamba(2) LM is an ssmkit CausalLM with ``pattern`` all "mamba" (or all "mamba2"),
 ``norm="rmsnorm"``, ``mlp="none"``, no dropout; ``tie_embeddings`` follows ``tie_word_embeddings``. Parameters
@@ -28,6 +29,7 @@ from ..layers.mamba2 import Mamba2
 from ..models.checkpoint import load_state
 from ..models.config import ModelConfig
 from ..models.heads import CausalLM
+from . import hybrids
 from .mixers import copy_mixer_to_transformers, mixer_from_transformers, transformers_mixer_fields
 
 _HF_CLASSES = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM"}
@@ -46,12 +48,13 @@ def _load_transformers_dir(directory: Path) -> nn.Module:
         model_type = json.loads(cfg_path.read_text(encoding="utf-8")).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         raise ValueError(f"{cfg_path}: not a valid transformers config: {e}") from e
-    if model_type not in _HF_CLASSES:
+    classes = {**_HF_CLASSES, **{k: f.hf_class for k, f in hybrids.FAMILIES.items()}}
+    if model_type not in classes:
         raise ValueError(f"{cfg_path}: model_type {model_type!r} is not supported; expected one of "
-                         f"{', '.join(map(repr, _HF_CLASSES))}")
+                         f"{', '.join(map(repr, classes))}")
     import transformers
 
-    cls = getattr(transformers, _HF_CLASSES[model_type])
+    cls = getattr(transformers, classes[model_type])
     return cls.from_pretrained(str(directory), local_files_only=True)
 
 
@@ -107,6 +110,8 @@ def from_transformers(model_or_dir: nn.Module | str | Path) -> CausalLM:
     (a model object, or a directory written by its ``save_pretrained``), in the same dtype and on the same device,
     in eval mode."""
     hf = _load_transformers_dir(Path(model_or_dir)) if isinstance(model_or_dir, (str, Path)) else model_or_dir
+    if type(hf).__name__ in hybrids.BY_CLASS:
+        return hybrids.hybrid_from_transformers(hf)
     _model_type(hf)  # TypeError unless a MambaForCausalLM / Mamba2ForCausalLM
     config = config_from_transformers(hf.config)
     ref = hf.lm_head.weight
@@ -142,7 +147,8 @@ def transformers_config(model: CausalLM, **overrides: Any):
     names = model.backbone.mixer_names
     kinds = sorted(set(names))
     if len(kinds) != 1 or kinds[0] not in _HF_CLASSES:
-        raise _fail(f"model pattern must be all 'mamba' or all 'mamba2', got {names}")
+        raise _fail(f"model pattern must be all 'mamba' or all 'mamba2', got {names}; or pass family= one of "
+                    f"{', '.join(map(repr, hybrids.FAMILIES))} to hear why that hybrid family does not fit")
     kind = kinds[0]
     if cfg.norm != "rmsnorm":
         raise _fail(f"config.norm must be 'rmsnorm', got {cfg.norm!r}")
@@ -172,14 +178,28 @@ def transformers_config(model: CausalLM, **overrides: Any):
     return cls(**fields)
 
 
-def to_transformers(model: CausalLM | str | Path, **config_overrides: Any) -> nn.Module:
-    """A transformers MambaForCausalLM (all-"mamba" pattern) or Mamba2ForCausalLM (all-"mamba2") computing the
-    same function as an ssmkit CausalLM (a model or a directory saved by ssmkit's ``save_pretrained``), in the
-    same dtype and on the same device, in eval mode. ``config_overrides`` go to the transformers config."""
+def _hybrid_family(model: CausalLM, family: str | None):
+    """The hybrid family to convert to, or None for the plain Mamba / Mamba-2 path."""
+    if family in (None, "mamba", "mamba2"):
+        if family is None and isinstance(model, CausalLM) and not set(model.backbone.mixer_names) <= {"mamba",
+                                                                                                      "mamba2"}:
+            return hybrids.detect_family(model)  # None: the Mamba path then says what does not fit
+        return None
+    return hybrids.family_of(family)
+
+
+def to_transformers(model: CausalLM | str | Path, family: str | None = None, **config_overrides: Any) -> nn.Module:
+    """A transformers LM computing the same function as an ssmkit CausalLM (a model or a directory saved by
+    ssmkit's ``save_pretrained``), in the same dtype and on the same device, in eval mode: MambaForCausalLM
+    (all-"mamba" pattern), Mamba2ForCausalLM (all-"mamba2"), or the hybrid ``family`` ("falcon_mamba", "bamba",
+    "nemotron_h", "jamba"; None = the one family that fits). ``config_overrides`` go to the transformers config."""
     if isinstance(model, (str, Path)):
         from ..models.pretrained import load_pretrained
 
         model = load_pretrained(model)
+    fam = _hybrid_family(model, family)
+    if fam is not None:
+        return hybrids.hybrid_to_transformers(model, fam.model_type, **config_overrides)
     hf_cfg = transformers_config(model, **config_overrides)
     import transformers
 

@@ -35,8 +35,25 @@ class NormedMamba(Mamba):
     forward: x (batch, length, d_model) -> y (batch, length, d_model). ``step`` runs the forward on one token.
     """
 
-    def __init__(self, d_model: int, *args, bcdt_eps: float = 1e-6, bcdt_weights: bool = False, **kwargs) -> None:
-        super().__init__(d_model, *args, **kwargs)
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int | float = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+        dt_scale: float = 1.0,
+        conv_bias: bool = True,
+        bias: bool = False,
+        reverse: bool = False,
+        bcdt_eps: float = 1e-6,
+        bcdt_weights: bool = False,
+    ) -> None:
+        super().__init__(d_model, d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init_floor, dt_scale,
+                         conv_bias, bias, reverse)
         name = type(self).__name__
         if isinstance(bcdt_eps, bool) or not isinstance(bcdt_eps, (int, float)) or not 0 < bcdt_eps < 1:
             raise ValueError(f"{name}: bcdt_eps must be a number in (0, 1), got {bcdt_eps!r}")

@@ -1,0 +1,66 @@
+"""transformers interop for the hybrid families: FalconMamba, Bamba, NemotronH, Jamba.
+
+Each family is one module describing its config translation and its block layout (:mod:`.engine`). In ssmkit a
+hybrid model is an ordinary :class:`~ssmkit.models.CausalLM` whose pattern spells every sub-block out: a
+transformers layer "mixer, then MLP" becomes two ssmkit pre-norm residual blocks (``mamba2``/``gqa`` then
+``ffn``/``moe``), which computes the same function. See docs/interop.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ...models.heads import CausalLM
+from . import bamba, falcon_mamba, jamba, nemotron_h
+from .engine import Family, from_hf, hf_config, to_hf
+
+#: transformers model_type -> family
+FAMILIES: dict[str, Family] = {m.FAMILY.model_type: m.FAMILY for m in (falcon_mamba, bamba, nemotron_h, jamba)}
+#: transformers CausalLM class name -> family
+BY_CLASS: dict[str, Family] = {f.hf_class: f for f in FAMILIES.values()}
+
+
+def family_of(name: str) -> Family:
+    """A family by model_type ("bamba") or class name ("BambaForCausalLM")."""
+    if name in FAMILIES:
+        return FAMILIES[name]
+    if name in BY_CLASS:
+        return BY_CLASS[name]
+    raise ValueError(f"family must be one of {', '.join(map(repr, FAMILIES))}, got {name!r}")
+
+
+def detect_family(model: CausalLM) -> Family | None:
+    """The one hybrid family whose transformers config can describe ``model``, or None when none or several
+    can (then ``family=`` must be given)."""
+    fits = []
+    for fam in FAMILIES.values():
+        try:
+            fam.hf_fields(model)
+        except (TypeError, ValueError):
+            continue
+        fits.append(fam)
+    return fits[0] if len(fits) == 1 else None
+
+
+def hybrid_from_transformers(hf: nn.Module) -> CausalLM:
+    """An ssmkit CausalLM equal to a transformers hybrid LM object."""
+    name = type(hf).__name__
+    if name not in BY_CLASS:
+        raise TypeError(f"expected one of {', '.join(BY_CLASS)}, got {name}")
+    return from_hf(BY_CLASS[name], hf)
+
+
+def hybrid_to_transformers(model: CausalLM, family: str, **overrides: Any) -> nn.Module:
+    """The transformers LM of ``family`` equal to ``model``."""
+    return to_hf(family_of(family), model, overrides)
+
+
+def hybrid_config(model: CausalLM, family: str, **overrides: Any) -> Any:
+    """The transformers config of ``family`` for ``model``."""
+    return hf_config(family_of(family), model, overrides)
+
+
+__all__ = ["FAMILIES", "detect_family", "family_of", "hybrid_config", "hybrid_from_transformers",
+           "hybrid_to_transformers"]
