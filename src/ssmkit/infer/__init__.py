@@ -3,11 +3,15 @@
     from ssmkit.infer import generate, stream_generate
     new_tokens = generate(model, input_ids, 32)                         # greedy (default), (batch, 32)
     fast = quantize_weights(model)                                      # int8 weights for decoding
+    new_tokens = generate(model, input_ids, 32, draft_model=small, num_draft=4)   # speculative, same output
 """
 
 from .generate import generate, stream_generate
+from .multitoken import Snapshots, forward_snapshots
 from .quantize import Int8Linear, quantize_weights
 from .sampling import filter_logits, sample_from_logits, select_tokens
+from .speculative import SpecStats, self_draft, speculative_generate
 
-__all__ = ["Int8Linear", "filter_logits", "generate", "quantize_weights", "sample_from_logits", "select_tokens",
+__all__ = ["Int8Linear", "Snapshots", "SpecStats", "filter_logits", "forward_snapshots", "generate",
+           "quantize_weights", "sample_from_logits", "select_tokens", "self_draft", "speculative_generate",
            "stream_generate"]

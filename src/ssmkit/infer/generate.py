@@ -205,6 +205,9 @@ def generate(
     attention_mask: Tensor | None = None,
     prompt_lengths: Tensor | Sequence[int] | None = None,
     prefix_mask: Tensor | None = None,
+    draft_model: CausalLM | None = None,
+    num_draft: int | None = None,
+    tree: tuple[int, int] | None = None,
 ) -> Tensor:
     """Continue each prompt by ``max_new_tokens`` tokens: -> new tokens (batch, max_new_tokens) int64.
 
@@ -224,7 +227,22 @@ def generate(
         prompt_lengths: (batch,) lengths of left-aligned prompts (instead of attention_mask).
         prefix_mask: (batch, length) bool, True on prefix tokens, for models with prefix layers (PrefixLM);
             the prompt is prefilled with it and generation continues causally.
+        draft_model: a smaller CausalLM with the same vocabulary: speculative decoding (same output as
+            without it; see :mod:`ssmkit.infer.speculative`, and its ``self_draft`` for a draft made of the
+            model's own first layers).
+        num_draft: tokens the draft proposes per round (default 4; needs draft_model).
+        tree: (branches, depth): tree drafts instead of a chain (greedy only; needs draft_model).
     """
+    if draft_model is not None:
+        from .speculative import speculative_generate
+
+        return speculative_generate(
+            model, input_ids, max_new_tokens, draft_model=draft_model, num_draft=4 if num_draft is None else num_draft,
+            tree=tree, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, seed=seed, attention_mask=attention_mask, prompt_lengths=prompt_lengths,
+            prefix_mask=prefix_mask)[0]
+    if num_draft is not None or tree is not None:
+        raise ValueError("num_draft and tree need a draft_model (speculative decoding)")
     plan = _plan(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                  eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, attention_mask=attention_mask,
                  prompt_lengths=prompt_lengths, prefix_mask=prefix_mask)
