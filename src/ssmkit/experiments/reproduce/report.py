@@ -141,7 +141,8 @@ def last_result(name: str, places: list[Path]) -> tuple[str, str]:
                 s = json.loads(p.read_text())
             except (OSError, ValueError):
                 continue
-            return one_line(s), str(p)
+            if s.get("name") == name:  # an OUT/result.json may belong to another reproduction
+                return one_line(s), str(p)
     return "not run yet", ""
 
 

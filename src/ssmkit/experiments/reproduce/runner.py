@@ -151,7 +151,7 @@ def run_reproduction(repro: Reproduction, out: str | Path, *, quick: bool = Fals
 
     budget = select(repro.budget(quick), seeds=seeds, only=only, steps=steps)
     changes = [f"--{k} {v}" for k, v in (("steps", steps), ("only", only), ("seeds", seeds)) if v is not None]
-    label = "quick" if quick else ("reduced (" + ", ".join(changes) + ")" if changes else "full")
+    label = ("quick" if quick else "reduced" if changes else "full") + (f" ({', '.join(changes)})" if changes else "")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run_one = repro.run_one or train_one
