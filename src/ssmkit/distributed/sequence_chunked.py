@@ -10,11 +10,13 @@ chunk through :class:`~.sequence.SequenceParallel` (its exact distributed form).
 
 1. Pass 1 (no grad), chunks in order: rank 0 starts chunk c from the model state entering it; every rank gets
    the true state after its piece; rank P - 1's (the state after chunk c) goes to rank 0 (one point-to-point
-   send of the model state), which keeps it for pass 2.
-2. Pass 2, chunks in reverse: chunk c is recomputed with a graph; rank 0's incoming state is a leaf; rank
-   P - 1 backpropagates, besides its piece of the loss, the gradient of its outgoing state that rank 0 computed
-   for chunk c + 1 (one point-to-point send). The loss is the sum of cross entropies over a piece's scored
-   positions divided by the whole sequence's scored positions, so the pieces' losses add up to the mean.
+   send of the model state), which keeps it for pass 2. Every layer keeps its exchanged summary (the true state
+   entering this rank's piece and the later ranks' decays: :func:`~.sequence_recurrent.summary_cache`).
+2. Pass 2, chunks in reverse: chunk c is recomputed with a graph, reusing the summaries (no summary pass);
+   rank 0's incoming state is a leaf; rank P - 1 backpropagates, besides its piece of the loss, the gradient
+   of its outgoing state that rank 0 computed for chunk c + 1 (one point-to-point send). The loss is the sum
+   of cross entropies over a piece's scored positions divided by the whole sequence's scored positions, so the
+   pieces' losses add up to the mean.
 
 Memory per rank: the activations of one piece (chunk_len / P positions) plus rank 0's saved states (one model
 state per chunk), so P ranks with the same ``chunk_len`` use about 1/P of one process's activation memory.
@@ -36,6 +38,7 @@ from torch import Tensor, nn
 
 from .sequence import SequenceParallel, shard_bounds
 from .sequence_comm import _peer, _real, group_rank_size
+from .sequence_recurrent import summary_cache
 
 IGNORE_INDEX = -100
 
@@ -109,10 +112,12 @@ def sequence_parallel_chunked_backward(
     n = len(bounds)
     p2p = 0
 
+    summaries: dict = {}  # each layer's exchanged summary of each chunk, from pass 1 for pass 2
+
     def run(c: int, state: Any, *, grad: bool, want_state: bool):
         a, b = pieces[c]
         kw = {} if reset is None else {"reset": reset[:, a:b]}
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), summary_cache("replay" if grad else "record", c, summaries):
             return sp(ids[:, a:b], state, return_final_state=want_state, **kw)
 
     # pass 1: rank 0 keeps the state entering every chunk (received from rank P - 1)

@@ -27,6 +27,9 @@ gradients, and 2 + batch int64 per rank.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.distributed as dist
@@ -41,6 +44,25 @@ HALO_FIELDS = ("conv", "shift", "buffer")
 #: tokens per piece of the no-grad summary pass (state passed from piece to piece), so that its transient
 #: memory does not grow with the shard
 SUMMARY_CHUNK = 8192
+
+
+#: (mode, key, store) while :func:`summary_cache` is active
+_CACHE: ContextVar[tuple[str, object, dict] | None] = ContextVar("sp_summary_cache", default=None)
+
+
+@contextmanager
+def summary_cache(mode: str, key: object, store: dict) -> Iterator[None]:
+    """Record (``mode="record"``) each layer's exchanged summary (its true initial state and the decays M of the
+    later ranks) under ``(key, layer)`` in ``store``, or reuse it (``"replay"``) instead of running the summary pass
+    and its all-gather again: chunked training recomputes every chunk once with a graph after a no-grad pass over
+    the same inputs and states, so pass 2 needs no summaries of its own."""
+    if mode not in ("record", "replay"):
+        raise ValueError(f"summary_cache: mode must be 'record' or 'replay', got {mode!r}")
+    token = _CACHE.set((mode, key, store))
+    try:
+        yield
+    finally:
+        _CACHE.reset(token)
 
 
 def _fields(state: LayerState) -> dict[str, Tensor]:
@@ -123,7 +145,12 @@ class _ShardPass(torch.autograd.Function):
         affine = [n for n in _fields(zero) if n not in names]
         zf = {**_fields(zero), **{n: t.detach() for n, t in given.items()}}
         ms, h0 = {}, {}
-        if affine:  # M and b from one batched no-grad pass: rows [0, B) start at h, rows [B, 2B) at h + 1
+        cache = _CACHE.get()
+        slot = None if cache is None else (cache[1], id(layer))
+        if cache is not None and cache[0] == "replay" and slot in cache[2]:
+            ms, h0 = cache[2].pop(slot)
+            h0 = {n: zf[n] if rank == 0 else t for n, t in h0.items()}
+        elif affine:  # M and b from one batched no-grad pass: rows [0, B) start at h, rows [B, 2B) at h + 1
             with torch.no_grad():
                 two = {n: torch.cat([halo[n], halo[n]]) for n in names}
                 two.update({n: torch.cat([zf[n], zf[n] + 1]) for n in affine})
@@ -139,6 +166,10 @@ class _ShardPass(torch.autograd.Function):
                     ms[n] = both[:, 0]
                     h0[n] = zf[n] if rank == 0 else _scan(both[:, 0], both[:, 1], rank)
                 del state, fin, two
+            if cache is not None and cache[0] == "record":  # the backward scan needs M of the later ranks only
+                cache[2][slot] = ({n: m[rank + 1:] for n, m in ms.items()}, h0)
+        if ms and next(iter(ms.values())).shape[0] < size:  # replayed: M of ranks > rank, re-indexed
+            ms = {n: torch.cat([m.new_zeros((rank + 1, *m.shape[1:])), m]) for n, m in ms.items()}
         ctx.run, ctx.rank, ctx.size, ctx.ms, ctx.affine = run, rank, size, ms, affine
         want = run["want_state"]
         if not run["need_grad"]:

@@ -1,0 +1,213 @@
+"""Sequence-parallel chunked training, 1 process vs P processes (gloo, one thread each), on one long sequence.
+
+    python benchmarks/bench_distributed.py [--models mamba mamba2] [--lengths 262144 1048576]
+                                           [--nprocs 1 2] [--chunk-len 32768] [--timeout 3600] [--quick]
+
+Model: the 2-layer d_model-256 CausalLM of bench_longseq.py (byte vocabulary, tied embeddings, RMSNorm, no MLP,
+float32, batch 1, random weights and tokens), with Mamba (d_state 16, expand 2) or Mamba2 (d_state 128, expand 2,
+headdim 64) mixers. One training step (forward + backward) of the whole sequence:
+
+- P = 1: :func:`ssmkit.train.chunked.chunked_loss_backward` with ``chunk_len``;
+- P > 1: :func:`ssmkit.distributed.sequence_chunked.sequence_parallel_chunked_backward` with the same
+  ``chunk_len`` (each rank runs chunk_len / P positions of every chunk), P fresh processes joined through a file
+  rendezvous with a bounded timeout; every rank's gradient is the one-process gradient.
+
+Per run: wall time and tokens/s, each rank's peak RSS (VmHWM) and its growth over the RSS before the step, the
+bytes each rank handed to collectives and point-to-point sends (counted by wrapping torch.distributed), the loss
+(equal across P up to float32 rounding), scaling efficiency = tokens/s(P) / (P × tokens/s(1)) and the memory ratio
+peak(P) / peak(1). Writes benchmarks/results/bench_distributed.json. Timings are wall clock on a shared machine
+(the load average is recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import current_rss_bytes, peak_rss_bytes, print_table, write_json  # noqa: E402
+
+D_MODEL, N_LAYERS, VOCAB = 256, 2, 256
+MIXERS = {"mamba": {"d_state": 16, "expand": 2, "d_conv": 4},
+          "mamba2": {"d_state": 128, "expand": 2, "d_conv": 4, "headdim": 64}}
+MIB = 1 << 20
+SCRIPT = Path(__file__).resolve()
+
+
+def _model(name: str):
+    from ssmkit.models import CausalLM, ModelConfig
+
+    cfg = ModelConfig(d_model=D_MODEL, n_layers=N_LAYERS, pattern=name, vocab_size=VOCAB,
+                      mixer_options={name: MIXERS[name]})
+    return CausalLM(cfg)
+
+
+def _tokens(length: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, VOCAB, (1, length), generator=g)
+    return x, torch.cat([x[:, 1:], torch.full((1, 1), -100)], 1)
+
+
+def _count_bytes() -> dict:
+    """Wrap torch.distributed's collectives and sends: bytes of the tensors this rank hands to them."""
+    import torch.distributed as dist
+
+    counts = {"collective": 0, "p2p": 0}
+
+    def nbytes(t) -> int:
+        return t.numel() * t.element_size()
+
+    def wrap(name: str, kind: str, arg: int):
+        real = getattr(dist, name)
+
+        def f(*a, **k):
+            t = a[arg] if len(a) > arg else None
+            if t is not None:
+                counts[kind] += nbytes(t)
+            return real(*a, **k)
+        setattr(dist, name, f)
+
+    wrap("all_gather", "collective", 1)
+    wrap("all_reduce", "collective", 0)
+    wrap("send", "p2p", 0)
+    wrap("isend", "p2p", 0)
+    return counts
+
+
+def worker(name: str, length: int, chunk_len: int, nproc: int, rank: int, init_file: str, timeout: float) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = _model(name)
+    x, labels = _tokens(length)
+    counts = None
+    if nproc > 1:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        from ssmkit.distributed.sequence_chunked import sequence_parallel_chunked_backward
+
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=nproc,
+                                timeout=timedelta(seconds=timeout))
+        counts = _count_bytes()
+        warm = min(length, 1024)  # numba kernels load/compile outside the measurement
+        sequence_parallel_chunked_backward(model, {"input_ids": x[:, :warm], "labels": labels[:, :warm]}, 512)
+
+        def step():
+            return sequence_parallel_chunked_backward(model, {"input_ids": x, "labels": labels}, chunk_len)
+    else:
+        from ssmkit.train.chunked import chunked_loss_backward
+
+        chunked_loss_backward(model, {"input_ids": x[:, :1024], "labels": labels[:, :1024]}, 512)
+
+        def step():
+            return chunked_loss_backward(model, {"input_ids": x, "labels": labels}, chunk_len)
+    model.zero_grad(set_to_none=True)
+    if counts is not None:
+        counts.update(collective=0, p2p=0)
+    base = current_rss_bytes()
+    t0 = time.perf_counter()
+    stats = step()
+    seconds = time.perf_counter() - t0
+    out = {"model": name, "length": length, "chunk_len": chunk_len, "nproc": nproc, "rank": rank,
+           "seconds": seconds, "peak_rss": peak_rss_bytes(), "base_rss": base, "loss": stats["loss"],
+           "chunks": stats["chunks"], "grad_norm": float(sum(p.grad.double().pow(2).sum()
+                                                             for p in model.parameters()) ** 0.5)}
+    if counts is not None:
+        out.update(collective_bytes=counts["collective"], p2p_bytes=counts["p2p"])
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return out
+
+
+def launch(name: str, length: int, chunk_len: int, nproc: int, timeout: float) -> list[dict]:
+    """``nproc`` fresh worker processes; every one is killed at the deadline."""
+    with tempfile.TemporaryDirectory() as tmp:
+        init = os.path.join(tmp, "init")
+        procs = [subprocess.Popen([sys.executable, str(SCRIPT), "--worker", name, str(length), str(chunk_len),
+                                   str(nproc), str(r), init, str(timeout)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for r in range(nproc)]
+        deadline = time.monotonic() + timeout
+        results = []
+        for r, p in enumerate(procs):
+            try:
+                out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                return [{"rank": r, "error": f"timed out after {timeout:.0f} s"}]
+            if p.returncode != 0:
+                for q in procs:
+                    q.kill()
+                return [{"rank": r, "error": (err.strip().splitlines() or ["failed"])[-1]}]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        return results
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        n, length, chunk, nproc, rank, init, timeout = sys.argv[2:]
+        print(json.dumps(worker(n, int(length), int(chunk), int(nproc), int(rank), init, float(timeout))))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["mamba", "mamba2"], choices=sorted(MIXERS))
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1 << 18, 1 << 20])
+    ap.add_argument("--nprocs", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--chunk-len", type=int, default=32768)
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds before a run's processes are killed")
+    ap.add_argument("--out", default="bench_distributed", help="results file name (benchmarks/results/NAME.json)")
+    ap.add_argument("--quick", action="store_true", help="small lengths (a smoke test of this script)")
+    a = ap.parse_args()
+    if a.quick:
+        a.lengths, a.chunk_len = [8192], 2048
+    load_start = os.getloadavg()
+    rows, runs = [], []
+    for name in a.models:
+        for length in a.lengths:
+            base = None
+            for nproc in a.nprocs:
+                res = launch(name, length, a.chunk_len, nproc, a.timeout)
+                runs.append(res)
+                if "error" in res[0]:
+                    print(f"{name} L={length} P={nproc}: FAILED: {res[0]['error']}", flush=True)
+                    continue
+                secs = max(r["seconds"] for r in res)
+                peak = max(r["peak_rss"] for r in res)
+                grow = max(r["peak_rss"] - r["base_rss"] for r in res)
+                row = {"model": name, "length": length, "P": nproc, "time_s": secs, "tok_per_s": length / secs,
+                       "peak_rss_MiB": peak / MIB, "growth_MiB": grow / MIB,
+                       "coll_MiB/rank": max(r.get("collective_bytes", 0) for r in res) / MIB,
+                       "p2p_KiB/rank": max(r.get("p2p_bytes", 0) for r in res) / 1024,
+                       "loss": res[0]["loss"], "eff": None, "mem_ratio": None, "growth_ratio": None}
+                if nproc == 1:
+                    base = row
+                elif base is not None:
+                    row["eff"] = row["tok_per_s"] / (nproc * base["tok_per_s"])
+                    row["mem_ratio"] = peak / (base["peak_rss_MiB"] * MIB)
+                    row["growth_ratio"] = grow / (base["growth_MiB"] * MIB)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print()
+    print_table(rows, ["model", "length", "P", "time_s", "tok_per_s", "peak_rss_MiB", "growth_MiB", "coll_MiB/rank",
+                       "p2p_KiB/rank", "loss", "eff", "mem_ratio", "growth_ratio"])
+    payload = {"model": {"d_model": D_MODEL, "n_layers": N_LAYERS, "vocab_size": VOCAB, "mixers": MIXERS,
+                         "dtype": "float32", "batch": 1},
+               "chunk_len": a.chunk_len, "runs": runs, "table": rows, "loadavg_start": load_start,
+               "loadavg_end": os.getloadavg()}
+    path = write_json(a.out + ("_quick" if a.quick else ""), payload)
+    print(f"\nwrote {path} (load average {load_start[0]:.1f} -> {payload['loadavg_end'][0]:.1f})")
+
+
+if __name__ == "__main__":
+    main()
