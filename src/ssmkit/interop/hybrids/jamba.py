@@ -57,11 +57,9 @@ def hf_fields(model: CausalLM) -> dict[str, Any]:
     kinds = paired_layers(model, ("normed-mamba", "gqa"), ("ffn", "moe"))
     mlps = model.backbone.mixer_names[1::2]
     ap, ao = period_offset([k == "gqa" for k in kinds], "attention")
-    ep, eo = period_offset([k == "moe" for k in mlps], "expert")
     fields: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=len(kinds), rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", attn_layer_period=ap, attn_layer_offset=ao,
-        expert_layer_period=ep, expert_layer_offset=eo)
+        tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", attn_layer_period=ap, attn_layer_offset=ao)
     if present(model, "normed-mamba"):
         m = layer_of(model, "normed-mamba")
         if not m.bcdt_weights or m.bcdt_eps != cfg.norm_eps or m.reverse:
@@ -86,8 +84,10 @@ def hf_fields(model: CausalLM) -> dict[str, Any]:
                 "softmax", False, 1.0, "silu", True, 0, f.d_hidden):
             raise fail("Jamba MoE is router='softmax' without renormalisation or scaling, gated silu experts of the "
                        "ffn's width and no shared expert")
-        fields.update(num_experts=e.n_experts, num_experts_per_tok=e.top_k)
-    elif "moe" not in model.backbone.mixer_names:
+        ep, eo = period_offset([k == "moe" for k in mlps], "expert")
+        fields.update(num_experts=e.n_experts, num_experts_per_tok=e.top_k, expert_layer_period=ep,
+                      expert_layer_offset=eo)
+    else:  # dense: transformers' expert period and offset are then unused
         fields["num_experts"] = 1
     return fields
 
