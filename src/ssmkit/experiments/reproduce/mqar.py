@@ -1,11 +1,12 @@
 """MQAR (Zoology): multi-query associative recall against model width, sequence length / key-value pairs and
 recurrent state size, for attention, Mamba, Mamba-2, H3, LongConv, GatedSSM and RG-LRU.
 
-Three parts (setting names ``<model>-w<width>-<task>[-N<d_state>]``):
+Four parts (setting names ``<model>-w<width>-<task>[-N<d_state>]``):
 
     width   every model at widths 64, 128, 256 on L=64 with 8 pairs
     length  every model at width 128 on L=128 with 16 pairs and L=256 with 32 pairs
     state   Mamba, Mamba-2 and H3 at width 64 with a smaller and a larger d_state than their preset
+    small   every model at widths 64 and 128 on L=32 with 4 pairs (docs/init.md's setting)
 
 The state size of a run is counted, not assumed: the floats of the model's recurrent state (attention: its KV
 cache) after reading one full-length example (complex numbers count twice).
@@ -22,7 +23,8 @@ from .report import ReportContext, pct, pyplot, save_figure, table
 
 #: task name -> (seq_len, num_pairs, vocab_size); L16-kv2 is the --quick task
 TASKS: dict[str, tuple[int, int, int]] = {"L64-kv8": (64, 8, 128), "L128-kv16": (128, 16, 256),
-                                          "L256-kv32": (256, 32, 512), "L16-kv2": (16, 2, 32)}
+                                          "L256-kv32": (256, 32, 512), "L32-kv4": (32, 4, 64),
+                                          "L16-kv2": (16, 2, 32)}
 #: model -> (preset, the mixer whose d_state the state sweep changes, its preset d_state)
 MODELS: dict[str, tuple[str, str | None, int | None]] = {
     "attn": ("attn", None, None), "mamba": ("mamba", "mamba", 16), "mamba2": ("mamba2", "mamba2", 32),
@@ -53,6 +55,7 @@ def full() -> Budget:
     s = [setting(m, w, "L64-kv8", TRAIN) for w in (64, 128, 256) for m in MODELS]
     s += [setting(m, 128, t, TRAIN) for t in ("L128-kv16", "L256-kv32") for m in MODELS]
     s += [setting(m, 64, "L64-kv8", TRAIN, d_state=n) for m, ns in STATE_SWEEP.items() for n in ns]
+    s += [setting(m, w, "L32-kv4", TRAIN) for w in (64, 128) for m in MODELS]
     return Budget(tuple(s), seeds=1, minutes=150, note=(
         "Zoology trains vocabulary 8,192 for 64 epochs of 100K examples with a learning-rate sweep per model; "
         "here vocabulary 128/256/512 for L=64/128/256, 1,500 steps of 32 sequences, one learning rate (2e-3, "
@@ -108,52 +111,53 @@ def _grid(ctx: ReportContext, rows_key: str, cols_key: str, where: dict[str, Any
     return rows, cols, cells
 
 
-def report(ctx: ReportContext, directory: Any) -> str:
+def _line_plot(series: dict[str, list[tuple[float, float]]], xlabel: str, log2: bool, directory: Any,
+               name: str) -> str:
     plt = pyplot()
-    parts = []
-    task_a = ctx.budget.settings[0].meta["task"]
-    rows, cols, cells = _grid(ctx, "model", "width", {"task": task_a})
-    if cols:
-        parts += [f"## Accuracy against width ({task_a})", "", table(
-            ["model", *(f"d={c}" for c in cols)],
-            [[r, *(pct(*cells[(r, c)]) if (r, c) in cells else "-" for c in cols)] for r in rows]), ""]
-        fig, ax = plt.subplots(figsize=(5.5, 3.4))
-        for r in rows:
-            xs = [c for c in cols if (r, c) in cells]
-            ax.plot(xs, [100 * cells[(r, c)][0] for c in xs], marker="o", ms=3, label=r)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("model width (d_model)")
-        ax.set_ylabel("accuracy %")
-        ax.set_ylim(-2, 102)
-        ax.legend(fontsize=7, ncol=2)
-        parts += [f"![MQAR accuracy against width]({save_figure(fig, directory, 'mqar-width.png')})", ""]
-    widths = sorted({s.meta["width"] for s in ctx.budget.settings if s.meta["task"] != task_a})
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for label, pts in series.items():
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=3, label=label)
+    ax.set_xscale("log", base=2 if log2 else 10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy %")
+    ax.set_ylim(-2, 102)
+    ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, directory, name)
+
+
+def report(ctx: ReportContext, directory: Any) -> str:
+    """Per task: accuracy against width (table, plot) and against measured state size (plot, table); then
+    accuracy against length/pairs at the widest width trained on several tasks."""
+    parts: list[str] = []
+    tasks = list(dict.fromkeys(s.meta["task"] for s in ctx.budget.settings))
+    for task in tasks:
+        rows, cols, cells = _grid(ctx, "model", "width", {"task": task})
+        if len(cols) > 1:
+            png = _line_plot({r: [(c, cells[(r, c)][0]) for c in cols if (r, c) in cells] for r in rows},
+                             "model width (d_model)", True, directory, f"mqar-width-{task}.png")
+            parts += [f"## Accuracy against width ({task})", "", table(
+                ["model", *(f"d={c}" for c in cols)],
+                [[r, *(pct(*cells[(r, c)]) if (r, c) in cells else "-" for c in cols)] for r in rows]), "",
+                f"![MQAR accuracy against width, {task}]({png})", ""]
+        recs = [r for r in ctx.records if r["meta"]["task"] == task and "state_size" in r.get("extra", {})]
+        if len(recs) > 1:
+            points: dict[str, list[tuple[float, float]]] = {}
+            for r in recs:
+                points.setdefault(r["meta"]["model"], []).append((r["extra"]["state_size"], r["value"]))
+            png = _line_plot(points, "state size (floats after one sequence; attention: its KV cache)", False,
+                             directory, f"mqar-state-{task}.png")
+            rows = [[r["setting"], str(r["extra"]["state_size"]), pct(r["value"])] for r in recs if r["seed"] == 0]
+            parts += [f"## Accuracy against state size ({task})", "",
+                      table(["setting", "state size", "accuracy % (seed 0)"], rows), "",
+                      f"![MQAR accuracy against state size, {task}]({png})", ""]
+    widths = sorted(w for w in {s.meta["width"] for s in ctx.budget.settings}
+                    if len({s.meta["task"] for s in ctx.budget.settings if s.meta["width"] == w}) > 1)
     if widths:
         rows, cols, cells = _grid(ctx, "model", "task", {"width": widths[-1]})
         parts += [f"## Accuracy against length and pairs (width {widths[-1]})", "", table(
             ["model", *cols], [[r, *(pct(*cells[(r, c)]) if (r, c) in cells else "-" for c in cols)]
                                for r in rows]), ""]
-    points: dict[str, list[tuple[int, float]]] = {}
-    for r in ctx.records:
-        if r["meta"]["task"] == task_a and "state_size" in r.get("extra", {}):
-            points.setdefault(r["meta"]["model"], []).append((r["extra"]["state_size"], r["value"]))
-    if points:
-        fig, ax = plt.subplots(figsize=(5.5, 3.4))
-        for m, pts in points.items():
-            pts.sort()
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", ms=3, label=m)
-        ax.set_xscale("log")
-        ax.set_xlabel("state size (floats after one sequence; attention: KV cache)")
-        ax.set_ylabel("accuracy %")
-        ax.set_ylim(-2, 102)
-        ax.legend(fontsize=7, ncol=2)
-        png = save_figure(fig, directory, "mqar-state.png")
-        rows = [[s.name, str(r["extra"]["state_size"]), pct(r["value"])]
-                for s in ctx.budget.settings if s.meta["task"] == task_a
-                for r in ctx.records if r["setting"] == s.name and r["seed"] == 0]
-        parts += [f"## Accuracy against state size ({task_a})", "", table(["setting", "state size (seed 0)",
-                                                                            "accuracy % (seed 0)"], rows),
-                  "", f"![MQAR accuracy against state size]({png})"]
     return "\n".join(parts)
 
 
