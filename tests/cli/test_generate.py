@@ -61,3 +61,35 @@ def test_generate_text_from_a_converted_model_dir(tmp_path, capsys):
         hidden_size=8, state_size=2, num_hidden_layers=1, vocab_size=16))).save_pretrained(tiny_vocab)
     assert main(["generate", str(tiny_vocab), "--tokenizer", str(tj), "--prompt", "a"]) == 2
     assert f"has {tok.vocab_size} tokens, more than the model's vocab_size=16" in capsys.readouterr().err
+
+
+def test_generate_with_a_draft_prints_the_same_tokens_and_the_acceptance(tmp_path, capsys):
+    """--draft (another model directory or self:N), --num-draft and --tree: the generated ids equal plain greedy
+    decoding's (float64 models), and the acceptance rate and tokens/s are printed; bad flags are one-line errors."""
+    from tests.infer.util import tiny_model
+
+    target, draft = tmp_path / "target", tmp_path / "draft"
+    tiny_model("mamba,attn,mamba2").save_pretrained(target)
+    tiny_model("mamba", seed=3).save_pretrained(draft)
+    base = ["generate", str(target), "--prompt", "1 5 2 7", "--max-new-tokens", "12"]
+    assert main(base) == 0
+    plain = [x for x in capsys.readouterr().out.splitlines() if x.startswith("generated")]
+    assert len(plain) == 1
+    for extra in (["--draft", str(draft)], ["--draft", str(draft), "--num-draft", "3"],
+                  ["--draft", str(draft), "--tree", "2,2"], ["--draft", "self:2", "--num-draft", "2"]):
+        assert main(base + extra) == 0, extra
+        out = capsys.readouterr().out
+        assert [x for x in out.splitlines() if x.startswith("generated")] == plain, extra
+        assert "tokens/s, acceptance rate " in out and "tokens per target pass" in out
+    bad = [(["--num-draft", "2"], "--num-draft and --tree need --draft"),
+           (["--draft", str(draft), "--tree", "2"], "--tree must be B,D"),
+           (["--draft", "self:3"], "n_layers must be an int in [1, 2]"),
+           (["--draft", str(draft), "--tree", "2,2", "--temperature", "0.5"], "greedy decoding only")]
+    from ssmkit.models import CausalLM, ModelConfig
+
+    CausalLM(ModelConfig(d_model=8, pattern="mamba", vocab_size=5)).save_pretrained(tmp_path / "v5")
+    bad.append((["--draft", str(tmp_path / "v5")], "has vocab_size=5 but the model has"))
+    for extra, msg in bad:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "\n" not in err, (extra, err)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
         "examples:\n  ssmkit generate runs/demo --example 0 1 2\n"
         "  ssmkit generate runs/demo --prompt '0 0 5 0 7 0 0 1'\n"
         "  ssmkit generate runs/text --prompt 'Once upon a time' --max-new-tokens 100 --temperature 0.8\n"
-        "  ssmkit generate models/mamba-130m --prompt 'Hello'   (a model directory with its tokenizer.json)"))
+        "  ssmkit generate models/mamba-130m --prompt 'Hello'   (a model directory with its tokenizer.json)\n"
+        "  ssmkit generate runs/text --prompt 'ROMEO:' --draft runs/small --num-draft 4   (speculative)"))
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (or one of its checkpoints/step-* dirs), "
                                                       "or a model directory (config.json + model.safetensors)")
     p.add_argument("--prompt", help="prompt text (with a tokenizer) or token ids (synthetic tasks)")
@@ -43,6 +45,14 @@ def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--escapes", action="store_true", help="decode backslash escapes (\\n) in a text --prompt")
     p.add_argument("--int8", action="store_true", help="decode with int8 weight-only linear layers (faster, "
                                                       "approximate: see ssmkit.infer.quantize)")
+    p.add_argument("--draft", metavar="DRAFT_RUN",
+                   help="speculative decoding with this run's (or model directory's) smaller model as the draft "
+                        "(same vocabulary and tokenizer), or 'self:N' for the model's own first N layers; the "
+                        "output is the same as without it")
+    p.add_argument("--num-draft", type=int_at_least(1), metavar="K",
+                   help="tokens the draft proposes per round (default 4; needs --draft)")
+    p.add_argument("--tree", metavar="B,D", help="tree drafts: the draft's top-B tokens per level to depth D "
+                                                 "(greedy only; needs --draft)")
     p.set_defaults(func=run)
 
 
@@ -134,10 +144,42 @@ def _example_prompt(task: Any, index: int) -> tuple[list[int], list[int]]:
     return [int(i) for i in ids[: p + 1]], expected
 
 
+def _draft(args: argparse.Namespace, model: Any, config: dict | None) -> tuple[Any, tuple[int, int] | None]:
+    """The draft model of --draft (None without it) and the --tree shape; one-line errors."""
+    from ..infer import self_draft
+    from ..models import CausalLM
+
+    if args.draft is None:
+        if args.num_draft is not None or args.tree is not None:
+            raise UsageError("--num-draft and --tree need --draft DRAFT_RUN (or --draft self:N)")
+        return None, None
+    tree = None
+    if args.tree is not None:
+        m = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", args.tree)
+        if not m or int(m[1]) < 1 or int(m[2]) < 1:
+            raise UsageError(f"--tree must be B,D (branches, depth), two ints >= 1, got {args.tree!r}")
+        tree = (int(m[1]), int(m[2]))
+    if args.draft.startswith("self:"):
+        try:
+            return self_draft(model, int(args.draft[5:])), tree
+        except ValueError as e:
+            raise UsageError(f"--draft {args.draft}: {e}") from None
+    _, _, draft, draft_config = _load(args.draft)
+    if not isinstance(draft, CausalLM):
+        raise UsageError(f"--draft {args.draft} holds a {type(draft).__name__}, not a language model")
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise UsageError(f"--draft {args.draft} has vocab_size={draft.config.vocab_size} but the model has "
+                         f"{model.config.vocab_size}; the draft must share the model's tokenizer")
+    mine, theirs = ((c or {}).get("task", {}).get("tokenizer") for c in (config, draft_config))
+    if mine is not None and theirs is not None and mine != theirs:
+        raise UsageError(f"--draft {args.draft} uses tokenizer {theirs!r} but the model uses {mine!r}")
+    return draft, tree
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..infer import generate, quantize_weights
+    from ..infer import generate, quantize_weights, speculative_generate
     from ..models import CausalLM
 
     setup_logging(True)
@@ -171,19 +213,35 @@ def run(args: argparse.Namespace) -> int:
     def show(ids: list[int]) -> str:
         return repr(tok.decode(ids)) if tok is not None else " ".join(map(str, ids))
 
+    draft, tree = _draft(args, model, config)
     print(f"checkpoint: {ckpt}")
     total_hits = total = 0
     for index, prompt, expected in jobs:
         n_new = args.max_new_tokens
         if n_new is None:
             n_new = len(expected) if expected is not None else (64 if tok is not None else 8)
-        out = generate(model, torch.tensor([prompt]), n_new, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, eos_token_id=eos, seed=args.seed)[0].tolist()
+        kw = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "eos_token_id": eos,
+              "seed": args.seed}
+        start = time.perf_counter()
+        if draft is None:
+            out = generate(model, torch.tensor([prompt]), n_new, **kw)[0].tolist()
+            spec = ""
+        else:
+            try:
+                out_t, stats = speculative_generate(model, torch.tensor([prompt]), n_new, draft_model=draft,
+                                                    num_draft=args.num_draft or 4, tree=tree, **kw)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            out = out_t[0].tolist()
+            spec = (f", acceptance rate {stats.acceptance_rate:.2f}, {stats.tokens_per_pass:.2f} tokens per "
+                    f"target pass")
+        rate = len(out) / max(time.perf_counter() - start, 1e-9)
         if eos is not None and eos in out:
             out = out[: out.index(eos) + 1]
         head = "" if index is None else f"example {index}: "
         print(f"{head}prompt ({len(prompt)} tokens): {show(prompt)}")
         print(f"{' ' * len(head)}generated ({len(out)} tokens): {show(out)}")
+        print(f"{' ' * len(head)}{rate:.1f} tokens/s{spec}")
         if expected is not None:
             hits = sum(a == b for a, b in zip(out, expected, strict=False))
             total_hits, total = total_hits + hits, total + len(expected)
