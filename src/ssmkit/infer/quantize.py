@@ -1,7 +1,8 @@
-"""Weight-only int8 models for fast decoding on CPU.
+"""Weight-only int8 and int4 models for fast decoding on CPU.
 
     from ssmkit.infer import generate, quantize_weights
     q = quantize_weights(model)                    # a new model; ``model`` is unchanged
+    q4 = quantize_weights(model, bits=4, group_size=32)
     tokens = generate(q, input_ids, 256, temperature=0)
 
 Every ``nn.Linear`` (in/out and x projections, MLPs, attention projections and the LM head, also when it is tied
@@ -12,6 +13,11 @@ float32. Decoding reads every weight once per token, so it
 moves about a quarter of the bytes; outputs differ from the float32 model by the rounding of the weights (each at
 most half a step of its row's scale), so greedy generations can part ways where two tokens are nearly tied. The
 quantized model is for inference: it holds no trainable weights in its linear layers.
+
+With ``bits=4`` every such layer becomes an :class:`Int4Linear` instead: 4-bit weights, two per byte, with one
+float32 scale per group of ``group_size`` inputs of a row (:func:`ssmkit.ops.int4_linear.quantize_int4`), about
+an eighth of the float32 bytes (plus 4 bytes of scale per group). Every quantized layer's ``in_features`` must be a
+multiple of ``group_size``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.heads import SequenceModel
+from ..ops.int4_linear import GROUP_SIZES, dequantize_int4, int4_linear, quantize_int4
 from ..ops.int8_linear import dequantize_int8, int8_linear, quantize_int8
 
 #: attribute names of linear layers left in float32 (their weights are used directly, not through forward)
@@ -56,22 +63,80 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
 
-def quantize_weights(model: SequenceModel) -> SequenceModel:
-    """A copy of ``model`` (float32) whose ``nn.Linear`` layers are :class:`Int8Linear` (see the module
-    docstring), in eval mode."""
+class Int4Linear(nn.Module):
+    """A linear layer with packed int4 weights (buffers ``qweight`` (out, in / 2) int8 bytes, ``scale``
+    (out, in / group_size) float32) and an optional float32 bias; ``forward(x)``: x (..., in) float32 ->
+    (..., out)."""
+
+    def __init__(self, qweight: Tensor, scale: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = 2 * qweight.shape[1], qweight.shape[0]
+        self.group_size = self.in_features // scale.shape[1]
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
+        if linear.weight.dtype != torch.float32:
+            raise ValueError(f"Int4Linear.from_linear: the layer's weight must be float32, got {linear.weight.dtype}")
+        q, s = quantize_int4(linear.weight, group_size)
+        return cls(q, s, linear.bias)
+
+    def dequantized_weight(self) -> Tensor:
+        return dequantize_int4(self.qweight, self.scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return int4_linear(x, self.qweight, self.scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"int4, group_size={self.group_size}")
+
+
+def linear_targets(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(name, layer) of every ``nn.Linear`` that quantization replaces (all but :data:`KEEP_FLOAT`)."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.rpartition(".")[2] not in KEEP_FLOAT]
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def check_float_model(where: str, model: object) -> None:
     if not isinstance(model, SequenceModel):
-        raise TypeError(f"quantize_weights: model must be an ssmkit SequenceModel, got {type(model).__name__}")
+        raise TypeError(f"{where}: model must be an ssmkit SequenceModel, got {type(model).__name__}")
     bad = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
     if bad:
-        raise ValueError(f"quantize_weights: the model must be float32, it holds {', '.join(bad)} parameters")
+        raise ValueError(f"{where}: the model must be float32, it holds {', '.join(bad)} parameters")
+
+
+def quantize_weights(model: SequenceModel, bits: int = 8, group_size: int = 32) -> SequenceModel:
+    """A copy of ``model`` (float32) whose ``nn.Linear`` layers are :class:`Int8Linear` (``bits=8``) or
+    :class:`Int4Linear` (``bits=4``, scales per ``group_size`` inputs; see the module docstring), in eval
+    mode."""
+    if isinstance(bits, bool) or bits not in (4, 8):
+        raise ValueError(f"quantize_weights: bits must be 4 or 8, got {bits!r}")
+    if bits == 4 and (isinstance(group_size, bool) or group_size not in GROUP_SIZES):
+        raise ValueError(f"quantize_weights: group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+    check_float_model("quantize_weights", model)
     q = copy.deepcopy(model).eval()
-    targets = [(name, m) for name, m in q.named_modules()
-               if isinstance(m, nn.Linear) and name.rpartition(".")[2] not in KEEP_FLOAT]
+    targets = linear_targets(q)
     if not targets:
         raise ValueError("quantize_weights: the model has no nn.Linear layer to quantize")
+    if bits == 4:
+        bad = [f"{n} ({m.in_features})" for n, m in targets if m.in_features % group_size]
+        if bad:
+            raise ValueError(f"quantize_weights: with bits=4 every layer's in_features must be a multiple of "
+                             f"group_size {group_size}; not: {', '.join(bad)}")
+    new = {}  # a tied LM head and embedding share one weight: quantize it once
     for name, linear in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = q.get_submodule(parent_name) if parent_name else q
-        setattr(parent, attr, Int8Linear.from_linear(linear))
+        if linear not in new:
+            new[linear] = (Int8Linear.from_linear(linear) if bits == 8
+                           else Int4Linear.from_linear(linear, group_size))
+        replace_module(q, name, new[linear])
     q.requires_grad_(False)
     return q

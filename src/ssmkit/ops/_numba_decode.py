@@ -12,6 +12,8 @@ import math
 
 import numba as nb
 import numpy as np
+from numba import types
+from numba.extending import overload
 
 from ._numba_atomics import atomic_add, atomic_load, cpu_relax, thread_yield
 from ._numba_kernels import fast_exp, fast_softplus
@@ -52,8 +54,44 @@ def _dot_row(x, b, w, o, scale, bias):
     return acc
 
 
-@nb.njit(inline="always", fastmath=True, cache=True)
 def _rows_times_weight(x, w, o, scale, bias, out):
+    """out[b] = x[b] . row o of the weight (scaled, biased) for every row b of x; w float, int8 with a per-row
+    scale (1-D), or packed int4 with group scales (2-D scale, :mod:`ssmkit.ops.int4_linear`). Jitted code only:
+    the overload below picks the kernel from the scale's rank while compiling."""
+    raise NotImplementedError("_rows_times_weight is called from numba kernels only")
+
+
+@overload(_rows_times_weight, jit_options={"fastmath": True})
+def _rows_times_weight_impl(x, w, o, scale, bias, out):
+    if isinstance(scale, types.Array) and scale.ndim == 2:
+        return lambda x, w, o, scale, bias, out: _rows_int4(x, w, o, scale, bias, out)
+    return lambda x, w, o, scale, bias, out: _rows_dense(x, w, o, scale, bias, out)
+
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _rows_int4(x, w, o, scale, bias, out):
+    """out[b] = x[b] . dequantized row o for every row b: w (O, K / 2) packed int4 bytes, scale (O, groups).
+    Nibbles are unpacked in registers; each group's product is summed before its scale multiplies it."""
+    n_groups = scale.shape[1]
+    half = w.shape[1] // n_groups  # bytes per group = group_size / 2
+    for b in range(x.shape[0]):
+        acc = x[b, 0] - x[b, 0]
+        for g in range(n_groups):
+            base = 2 * half * g
+            wb = half * g
+            s = x[b, 0] - x[b, 0]
+            for j in range(half):
+                v = np.int32(w[o, wb + j])
+                s += (x[b, base + j] * np.float32((v & 15) - 8)
+                      + x[b, base + half + j] * np.float32(((v >> 4) & 15) - 8))
+            acc += s * scale[o, g]
+        if bias.shape[0] > 0:
+            acc += bias[o]
+        out[b] = acc
+
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _rows_dense(x, w, o, scale, bias, out):
     """out[b] = _dot_row(x, b, w, o, scale, bias) for every row b of x; rows go four at a time so each load
     of the weight row feeds four products (decode batches make the product compute-bound, not load-bound)."""
     n = x.shape[0]
@@ -233,8 +271,9 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
                 if chunk < 0:
                     break
                 for r in range(chunk * _ROWS_X, min(wx.shape[0], chunk * _ROWS_X + _ROWS_X)):
+                    _rows_times_weight(u, wx, r, sx, bdt[:0], col)
                     for b in range(nb_rows):
-                        xdbl[b, r] = _dot_row(u, b, wx, r, sx, bdt[:0])
+                        xdbl[b, r] = col[b]
                 _finish_stage(counters, st + 2, n_threads)
             _wait_stage(counters, st + 2, n2, n_threads)
             # stage 3: dt = softplus(dt_proj(dt_low)), state update, readout, skip and gate

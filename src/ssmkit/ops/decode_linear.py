@@ -2,12 +2,14 @@
 
     y = decode_linear(x, weight, bias)                 # x (..., in) -> (..., out)
     y = decode_linear(x, q, bias, scale=scale)         # int8 weight-only: q (out, in) int8, scale (out,)
+    y = decode_linear(x, p, bias, scale=scale)         # int4: p (out, in / 2) packed, scale (out, in / group)
 
 A decode step reads every weight once for a handful of rows, so it is bound by memory bandwidth. On CPU, float32
 and float64 inputs with at most :data:`DECODE_MAX_ROWS` rows that need no gradient run one numba launch in which
 the threads claim chunks of output rows; each weight row is read once for all input rows. Everything else calls
-``F.linear`` (on the dequantized weight for int8). Oracles: ``F.linear`` and
-:func:`ssmkit.ops.reference.int8_linear`.
+``F.linear`` (on the dequantized weight for int8 and int4). Oracles: ``F.linear`` and
+:func:`ssmkit.ops.reference.int8_linear`; for int4 (:mod:`ssmkit.ops.int4_linear`), ``F.linear`` on the
+dequantized weight.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor | None)
     if not isinstance(weight, Tensor) or weight.ndim != 2:
         raise ValueError(f"decode_linear: weight must be a tensor (out, in), got {desc(weight)}")
     out_f, in_f = weight.shape
+    packed = isinstance(scale, Tensor) and scale.ndim == 2  # int4: two weights per byte, group-wise scales
+    if packed:
+        in_f *= 2
     if not isinstance(x, Tensor) or x.ndim < 1 or x.shape[-1] != in_f or not x.is_floating_point():
         raise ValueError(f"decode_linear: x must be a float tensor (..., {in_f}), got {desc(x)}")
     if scale is None:
@@ -40,14 +45,31 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor | None)
     else:
         if weight.dtype != torch.int8:
             raise ValueError(f"decode_linear: with a scale, weight must be int8, got {weight.dtype}")
-        if not isinstance(scale, Tensor) or tuple(scale.shape) != (out_f,) or not scale.is_floating_point():
-            raise ValueError(f"decode_linear: scale must be a float tensor ({out_f},), got {desc(scale)}")
+        groups = scale.shape[1] if packed and scale.shape[1] > 0 else 0
+        if not isinstance(scale, Tensor) or not scale.is_floating_point() or scale.shape[0] != out_f or (
+                packed and (groups == 0 or in_f % groups or (in_f // groups) % 2)):
+            raise ValueError(f"decode_linear: scale must be a float tensor ({out_f},) (int8) or ({out_f}, groups) "
+                             f"with groups dividing in_features {in_f} into even groups (int4), got {desc(scale)}")
     if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (out_f,)):
         raise ValueError(f"decode_linear: bias must be None or a tensor ({out_f},), got {desc(bias)}")
     devices = {t.device for t in (x, weight, bias, scale) if t is not None}
     if len(devices) > 1:
         raise ValueError("decode_linear: x, weight, bias and scale must be on one device, "
                          f"got {sorted(map(str, devices))}")
+
+
+def dequantized(weight: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The (out, in) weight in ``dtype``: ``weight`` itself (float), int8 times per-row scales, or unpacked int4
+    times group scales (a 2-D scale)."""
+    if scale is None:
+        return weight
+    if scale.ndim == 2:
+        out_f, n_bytes = weight.shape
+        n_groups = scale.shape[1]
+        b = weight.view(torch.uint8).to(torch.int16).reshape(out_f, n_groups, n_bytes // n_groups)
+        q = torch.cat([(b & 15) - 8, (b >> 4) - 8], dim=2).to(dtype)
+        return (q * scale.to(dtype)[..., None]).reshape(out_f, 2 * n_bytes)
+    return weight.to(dtype) * scale.to(dtype)[:, None]
 
 
 def decode_fusable(x: Tensor, tensors: list[Tensor]) -> bool:
@@ -68,8 +90,7 @@ def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, scal
     rows = math.prod(x.shape[:-1])
     # the kernel needs a row to read (in_features 0 gives bias, or zeros, through F.linear)
     if not (0 < rows <= DECODE_MAX_ROWS and weight.shape[1] > 0 and decode_fusable(x, tensors)):
-        w = weight if scale is None else weight.to(x.dtype) * scale.to(x.dtype)[:, None]
-        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        return F.linear(x, dequantized(weight, scale, x.dtype), None if bias is None else bias.to(x.dtype))
     from . import _numba_decode as D
 
     def arr(t: Tensor | None):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .decode_linear import decode_fusable
+from .decode_linear import decode_fusable, dequantized
 from .linear_scan import use_fused
 from .threads import kernel_threads
 
@@ -50,10 +50,11 @@ class MambaStepWeights(NamedTuple):
     d: Tensor  # (Di,)
     out_w: Tensor  # (d_model, Di)
     out_b: Tensor | None  # (d_model,)
-    # int8 weight-only layers (ssmkit.ops.quantize_int8): in_w / x_w / out_w int8 with these per-row scales
-    in_scale: Tensor | None = None  # (2 Di,)
-    x_scale: Tensor | None = None  # (R + 2N,)
-    out_scale: Tensor | None = None  # (d_model,)
+    # int8 weight-only layers (ssmkit.ops.quantize_int8): in_w / x_w / out_w int8 with these per-row scales;
+    # int4 (ssmkit.ops.int4_linear): in_w / x_w / out_w packed (rows, in / 2) with 2-D scales (rows, in / group)
+    in_scale: Tensor | None = None  # (2 Di,) or (2 Di, d_model / group)
+    x_scale: Tensor | None = None  # (R + 2N,) or (R + 2N, Di / group)
+    out_scale: Tensor | None = None  # (d_model,) or (d_model, Di / group)
 
 
 _OPTIONAL = frozenset({"in_b", "conv_b", "out_b", "in_scale", "x_scale", "out_scale"})
@@ -71,7 +72,7 @@ def check_step_args(x: Tensor, w: MambaStepWeights, conv_state: Tensor, ssm_stat
     if not isinstance(x, Tensor) or x.ndim != 2:
         raise ValueError(f"mamba_step: x must be (batch, d_model), got {getattr(x, 'shape', type(x).__name__)}")
     batch, d_model = x.shape
-    if w.in_w.ndim != 2 or w.in_w.shape[1] != d_model or w.in_w.shape[0] % 2:
+    if w.in_w.ndim != 2 or _cols(w.in_w, w.in_scale) != d_model or w.in_w.shape[0] % 2:
         raise _shape_error("weights.in_w", ("2 * d_inner", d_model), w.in_w)
     di = w.in_w.shape[0] // 2
     if w.conv_w.ndim != 2 or w.conv_w.shape[0] != di:
@@ -83,30 +84,48 @@ def check_step_args(x: Tensor, w: MambaStepWeights, conv_state: Tensor, ssm_stat
     if w.dt_w.ndim != 2 or w.dt_w.shape[0] != di:
         raise _shape_error("weights.dt_w", (di, "dt_rank"), w.dt_w)
     rank = w.dt_w.shape[1]
-    expected = {
-        "in_b": (2 * di,), "conv_b": (di,), "x_w": (rank + 2 * n_state, di), "dt_b": (di,), "d": (di,),
-        "out_w": (d_model, di), "out_b": (d_model,),
-    }
-    expected.update(in_scale=(2 * di,), x_scale=(rank + 2 * n_state,), out_scale=(d_model,))
+    expected = {"in_b": (2 * di,), "conv_b": (di,), "dt_b": (di,), "d": (di,), "out_b": (d_model,)}
     for name, shape in expected.items():
         t = getattr(w, name)
         if t is None and name in _OPTIONAL:
             continue
         if not isinstance(t, Tensor) or tuple(t.shape) != shape:
             raise _shape_error(f"weights.{name}", shape, t)
-    for name, scale in (("in_w", "in_scale"), ("x_w", "x_scale"), ("out_w", "out_scale")):
-        if (getattr(w, name).dtype == torch.int8) != (getattr(w, scale) is not None):
-            given = "given" if getattr(w, scale) is not None else "None"
+    for name, scale, shape in (("in_w", "in_scale", (2 * di, d_model)), ("x_w", "x_scale", (rank + 2 * n_state, di)),
+                               ("out_w", "out_scale", (d_model, di))):
+        t, sc = getattr(w, name), getattr(w, scale)
+        if sc is not None and (not isinstance(sc, Tensor) or sc.ndim not in (1, 2) or sc.shape[0] != shape[0]
+                               or (sc.ndim == 2 and not _valid_groups(shape[1], sc.shape[1]))):
+            raise ValueError(f"mamba_step: weights.{scale} must be ({shape[0]},) (int8) or ({shape[0]}, groups) "
+                             f"with groups dividing {shape[1]} into even groups (int4), got {_desc(sc)}")
+        if not isinstance(t, Tensor) or t.ndim != 2 or (t.shape[0], _cols(t, sc)) != shape:
+            want = shape if sc is None or sc.ndim == 1 else (shape[0], shape[1] // 2)
+            raise _shape_error(f"weights.{name}", want, t)
+        if (t.dtype == torch.int8) != (sc is not None):
+            given = "given" if sc is not None else "None"
             raise ValueError(f"mamba_step: weights.{name} must be int8 exactly when weights.{scale} is given, "
-                             f"got {getattr(w, name).dtype} with {scale} {given}")
+                             f"got {t.dtype} with {scale} {given}")
     if not isinstance(conv_state, Tensor) or tuple(conv_state.shape) != (batch, di, width - 1):
         raise _shape_error("conv_state", (batch, di, width - 1), conv_state)
     if not isinstance(ssm_state, Tensor) or tuple(ssm_state.shape) != (batch, di, n_state):
         raise _shape_error("ssm_state", (batch, di, n_state), ssm_state)
 
 
+def _desc(t: object) -> str:
+    return f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+
+
+def _cols(w: Tensor, scale: Tensor | None) -> int:
+    """The input features of a weight: packed int4 (a 2-D scale) holds two per byte."""
+    return 2 * w.shape[1] if isinstance(scale, Tensor) and scale.ndim == 2 else w.shape[1]
+
+
+def _valid_groups(cols: int, groups: int) -> bool:
+    return groups > 0 and cols % groups == 0 and (cols // groups) % 2 == 0
+
+
 def _weight(w: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
-    return w if scale is None else w.to(dtype) * scale.to(dtype)[:, None]
+    return dequantized(w, scale, dtype)
 
 
 def _torch_step(x: Tensor, w: MambaStepWeights, conv_state: Tensor, ssm_state: Tensor
@@ -185,7 +204,7 @@ class MambaStackPlan:
                 if (a is None) != (b is None) or (a is not None and (a.shape != b.shape or a.dtype != b.dtype)):
                     raise ValueError(f"MambaStackPlan: layers[{i}].{name} differs in shape or dtype from "
                                      f"layers[0].{name}")
-        d_model = first.in_w.shape[1]
+        d_model = _cols(first.in_w, first.in_scale)
         if norm_weights is not None and (len(norm_weights) != len(layers)
                                          or any(tuple(n.shape) != (d_model,) for n in norm_weights)):
             raise ValueError(f"MambaStackPlan: norm_weights must be {len(layers)} tensors of shape ({d_model},)")
@@ -194,9 +213,12 @@ class MambaStackPlan:
                              f"got {tuple(final_weight.shape)}")
         if head is not None:
             hw, hs, hb = head
-            if hw.ndim != 2 or hw.shape[1] != d_model or (hw.dtype == torch.int8) != (hs is not None):
-                raise ValueError(f"MambaStackPlan: head weight must be (V, {d_model}), int8 exactly when a scale "
-                                 f"is given, got {tuple(hw.shape)} {hw.dtype}")
+            if (hw.ndim != 2 or _cols(hw, hs) != d_model or (hw.dtype == torch.int8) != (hs is not None)
+                    or (hs is not None and (hs.ndim not in (1, 2) or hs.shape[0] != hw.shape[0]
+                                            or (hs.ndim == 2 and not _valid_groups(d_model, hs.shape[1]))))):
+                raise ValueError(f"MambaStackPlan: head weight must be (V, {d_model}) (or packed int4 (V, "
+                                 f"{d_model // 2}) with a (V, groups) scale), int8 exactly when a scale is given, "
+                                 f"got {tuple(hw.shape)} {hw.dtype}")
         self.layers, self.residual, self.head = list(layers), residual, head
         self.norm_weights = None if norm_weights is None else list(norm_weights)
         self.eps, self.final_weight, self.final_eps = norm_eps, final_weight, final_eps
