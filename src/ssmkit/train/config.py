@@ -31,6 +31,8 @@ from .._annotations import NO_MATCH, allowed_types, match_type, type_name
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "float64")
 AUTOCASTS = ("none", "bf16")
+#: self-pretraining objectives (train.pretrain), see :mod:`ssmkit.train.pretrain`
+PRETRAIN_OBJECTIVES = ("none", "ar", "denoise")
 SECTIONS = ("task", "model", "train")
 #: warm-up length when train.warmup_steps is not given (capped at train.steps)
 DEFAULT_WARMUP_STEPS = 100
@@ -80,6 +82,12 @@ class TrainConfig:
             one busy process trained 2-10x slower than 1), and PyTorch's CPU results depend on its thread count in
             the last bits, so a fixed default keeps a seed's training bitwise reproducible.
         plots: write loss.png and metric.png (at checkpoints and at the end).
+        pretrain: self-pretraining on the task's own training inputs before the task ("Never Train from
+            Scratch", Amos et al. 2023): "none", "ar" (next-input prediction; causal models only) or "denoise"
+            (reconstruct corrupted inputs; any model). See :mod:`ssmkit.train.pretrain`.
+        pretrain_steps: optimizer steps of self-pretraining, run before the ``steps`` task steps (the run has
+            :attr:`total_steps` = pretrain_steps + steps); 0 with pretrain="none", >= 1 otherwise.
+        pretrain_mask_rate: share of input positions corrupted by pretrain="denoise", in (0, 1).
     """
 
     steps: int = 1000
@@ -109,6 +117,9 @@ class TrainConfig:
     sequence_parallel: int = 1
     threads: int | None = 1
     plots: bool = True
+    pretrain: str = "none"
+    pretrain_steps: int = 0
+    pretrain_mask_rate: float = 0.15
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -116,7 +127,7 @@ class TrainConfig:
             setattr(self, f.name, coerce_value(f"train.{f.name}", getattr(self, f.name), hints[f.name]))
         for name, lo in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("sequence_parallel", 1), ("seed", 0),
                          ("eval_every", 0), ("eval_batches", 0), ("log_every", 1), ("save_every", 0),
-                         ("keep_checkpoints", 1)):
+                         ("keep_checkpoints", 1), ("pretrain_steps", 0)):
             if getattr(self, name) < lo:
                 raise _fail(name, f"must be an int >= {lo}, got {getattr(self, name)}")
         for name in ("eval_batch_size", "chunk_len", "threads"):
@@ -141,7 +152,8 @@ class TrainConfig:
             if not ok:
                 interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
                 raise _fail(name, f"must be a number in {interval}, got {v!r}")
-        for name, choices in (("schedule", SCHEDULES), ("dtype", DTYPES), ("autocast", AUTOCASTS)):
+        for name, choices in (("schedule", SCHEDULES), ("dtype", DTYPES), ("autocast", AUTOCASTS),
+                              ("pretrain", PRETRAIN_OBJECTIVES)):
             if getattr(self, name) not in choices:
                 expected = ", ".join(map(repr, choices))
                 raise _fail(name, f"got {getattr(self, name)!r}; expected one of {expected}")
@@ -151,11 +163,33 @@ class TrainConfig:
                                              f"take a state yet)")
         if self.autocast == "bf16" and self.dtype != "float32":
             raise _fail("autocast", f"='bf16' needs dtype='float32', got dtype={self.dtype!r}")
+        self._check_pretrain()
+
+    def _check_pretrain(self) -> None:
+        if not 0.0 < self.pretrain_mask_rate < 1.0:
+            raise _fail("pretrain_mask_rate", f"must be a number in (0, 1), got {self.pretrain_mask_rate!r}")
+        if self.pretrain == "none":
+            if self.pretrain_steps != 0:
+                raise _fail("pretrain_steps", f"={self.pretrain_steps} needs train.pretrain='ar' or 'denoise' "
+                                              f"(pretrain is 'none')")
+            return
+        if self.pretrain_steps < 1:
+            raise _fail("pretrain_steps", f"must be an int >= 1 with pretrain={self.pretrain!r}, "
+                                          f"got {self.pretrain_steps}")
+        for name, off in (("chunk_len", None), ("sequence_parallel", 1)):
+            if getattr(self, name) != off:
+                raise _fail("pretrain", f"={self.pretrain!r} cannot be combined with {name}="
+                                        f"{getattr(self, name)} (self-pretraining runs whole sequences)")
 
     @property
     def warmup(self) -> int:
         """Warm-up steps in effect: ``warmup_steps``, or min(100, steps) when it is None."""
         return min(DEFAULT_WARMUP_STEPS, self.steps) if self.warmup_steps is None else self.warmup_steps
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run: pretrain_steps of self-pretraining, then steps on the task."""
+        return self.pretrain_steps + self.steps
 
     @property
     def micro_batch_size(self) -> int:

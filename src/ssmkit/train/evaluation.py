@@ -57,7 +57,7 @@ class EvaluationMixin:
         self.metrics.append({"step": self.step, "split": "val", **metrics,
                              "eval_time": time.perf_counter() - t})
         m = self.task.metric
-        log.info("step %d/%d  val %s %.4f%s", self.step, self.cfg.steps, m, metrics.get(m, math.nan),
+        log.info("step %d/%d  val %s %.4f%s", self.step, self.cfg.total_steps, m, metrics.get(m, math.nan),
                  f"  loss {metrics['loss']:.4f}" if "loss" in metrics and m != "loss" else "")
         return metrics
 

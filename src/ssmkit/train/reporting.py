@@ -19,7 +19,7 @@ class ReportingMixin:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.cfg.steps, initial=self.step, unit="step",
+        return tqdm(total=self.cfg.total_steps, initial=self.step, unit="step",
                     desc=f"{self.task.name}/{self.setup.model.preset}")
 
     def report_info(self, interrupted: bool = False) -> dict[str, Any]:
@@ -28,7 +28,7 @@ class ReportingMixin:
             "task": task.name, "task_params": task.params.to_dict(), "kind": task.kind, "metric": task.metric,
             "higher_is_better": task.higher_is_better, "chance": task.chance_level, "preset": spec.preset,
             "head": spec.head, "model_summary": self.model.summary(),
-            "parameters": self.model.num_parameters(), "steps": self.cfg.steps, "steps_done": self.step,
+            "parameters": self.model.num_parameters(), "steps": self.cfg.total_steps, "steps_done": self.step,
             "batch_size": self.cfg.batch_size, "lr": self.cfg.lr,
             "final": self.last_eval, "wall_time": self.elapsed(),
             "tokens_per_s": self.tokens_seen / max(self.train_time, 1e-9), "peak_rss_bytes": peak_rss_bytes(),

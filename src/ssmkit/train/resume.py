@@ -33,9 +33,12 @@ class ResumeMixin:
         if ckpt is None:
             raise ResumeError(f"--resume: no checkpoint in {self.ckpt_root}")
         saved = read_training_state(ckpt)
-        if int(saved[0]["step"]) > self.cfg.steps:
-            raise ResumeError(f"train.steps={self.cfg.steps} is below the checkpoint's step {saved[0]['step']} "
-                              f"({ckpt}); resume with train.steps >= {saved[0]['step']}")
+        step, cfg = int(saved[0]["step"]), self.cfg
+        if step > cfg.total_steps:
+            what = f"train.steps={cfg.steps}" if not cfg.pretrain_steps else (
+                f"train.pretrain_steps + train.steps = {cfg.total_steps}")
+            raise ResumeError(f"{what} is below the checkpoint's step {step} ({ckpt}); resume with "
+                              f"{'train.steps' if not cfg.pretrain_steps else 'a total'} >= {step}")
         return ckpt, saved
 
     def _load_model(self, ckpt: Path) -> SequenceModel:
@@ -62,6 +65,13 @@ class ResumeMixin:
         if changed and self.is_main:
             log.warning("resuming with changed train settings: %s", ", ".join(
                 f"{k}: {saved.get('train', {}).get(k)!r} -> {now['train'][k]!r}" for k in changed))
+        self._enter_phase(int(meta["step"]))
+        if self.pretrainer is not None:
+            head = meta.get("pretrain_head")
+            if head is None:
+                raise ResumeError(f"{ckpt}: step {meta['step']} is in the self-pretraining phase but the checkpoint "
+                                  f"holds no pretraining head (was it written with train.pretrain='none'?)")
+            self.pretrainer.load_head_state(head)
         optimizer_from_flat(self.optimizer, tensors, meta["optimizer"])
         self.source.load_state_dict(meta["source"])
         self.step = int(meta["step"])
@@ -108,12 +118,14 @@ class ResumeMixin:
         return self.last_checkpoint
 
     def _write_checkpoint(self, rank_streams: list[Any] | None) -> Path:
-        state = {"steps": self.cfg.steps, "source": self.source.state_dict(), "tokens_seen": self.tokens_seen,
+        state = {"steps": self.cfg.total_steps, "source": self.source.state_dict(), "tokens_seen": self.tokens_seen,
                  "train_time": self.train_time, "elapsed": self.elapsed(), "last_eval": self.last_eval,
                  "schedule": {"kind": self.schedule.kind, "total_steps": self.schedule.total_steps,
                               "warmup_steps": self.schedule.warmup_steps,
                               "min_ratio": self.schedule.min_ratio, "next_step": self.step},
                  "config": self.setup.to_dict(), "world_size": self.dist.world_size}
+        if self.pretrainer is not None:
+            state["pretrain_head"] = self.pretrainer.head_state()
         if rank_streams is not None:
             state["rank_rng"] = [{"tensors": t, "meta": m} for t, m in rank_streams]
         return save_training_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, state,

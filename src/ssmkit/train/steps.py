@@ -28,7 +28,9 @@ class StepsMixin:
         the weights are the same, counted on the piece."""
         cfg = self.cfg
         world = self.dist.world_size
-        total = batch_weight(self.task, batch)
+        pt = self.pretrainer
+        weigh = (lambda b: pt.weight(b)) if pt is not None else (lambda b: batch_weight(self.task, b))
+        total = weigh(batch)
         shard = dp.shard_rows(batch, self.dp_rank, self.dp_size) if self.ddp is not None else batch
         micro = split_batch(shard, cfg.grad_accum)
         loss_value = 0.0
@@ -37,7 +39,7 @@ class StepsMixin:
                 from ..distributed.sequence import shard_sequence
 
                 mb = {k: shard_sequence(v, self.sp_group) for k, v in mb.items()}
-            weight = batch_weight(self.task, mb)
+            weight = weigh(mb)
             share = weight / total if total > 0 else 1.0 / (len(micro) * world)
             scale = share * world
             sync = self.ddp is None or i == len(micro) - 1 or cfg.chunk_len is not None
@@ -45,6 +47,11 @@ class StepsMixin:
                     (contextlib.nullcontext() if sync else self.ddp.no_sync()):
                 if cfg.chunk_len is not None:
                     loss_value += share * self._chunked(mb, scale)
+                    continue
+                if pt is not None:
+                    loss = pt.loss(mb)
+                    (loss * scale).backward()
+                    loss_value += share * float(loss.detach())
                     continue
                 outputs = model_outputs(self.model, self.task, mb, forward=self.ddp)
                 if self.sp_group is not None and weight == 0:  # a piece with nothing scored still joins backward
@@ -72,8 +79,8 @@ class StepsMixin:
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"non-finite training loss ({loss_value}) at step {self.step + 1}; "
                                      f"try a lower train.lr (now {self.cfg.lr}) or train.grad_clip")
-        grad_norm = clip_gradients(self.model, self.cfg.grad_clip)
-        self.schedule.apply(self.optimizer, self.step)
+        grad_norm = clip_gradients(self.model if self.pretrainer is None else self.pretrainer.net, self.cfg.grad_clip)
+        self.schedule.apply(self.optimizer, self.step - self.phase_start)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, grad_norm

@@ -15,6 +15,11 @@ is called); every ``save_every`` steps, at the end and on SIGINT/SIGTERM a check
 ``Trainer(..., resume=True)`` continues from the newest checkpoint exactly: model, optimizer, schedule, RNG
 states and data position.
 
+Self-pretraining (``train.pretrain``, see :mod:`ssmkit.train.pretrain`): the first ``pretrain_steps`` steps train
+the backbone on the task's own training inputs with a fresh head, their own AdamW and schedule, and no
+validation; then the ``steps`` task steps start with a fresh AdamW and schedule and the batch source rewound to
+its start (the data of a from-scratch run). Resume is exact in either phase.
+
 Data parallel: when a ``torch.distributed`` process group is initialised (``torchrun``, see
 :mod:`ssmkit.distributed`), every rank draws the same global batch, trains its contiguous shard
 (``batch_size / world_size`` rows, in ``grad_accum`` micro-batches) through ``DistributedDataParallel``, and
@@ -43,6 +48,7 @@ from .checkpoints import RngStates, step_dir_name
 from .evaluation import EvaluationMixin, evaluate_model
 from .interrupts import SignalsMixin, TrainingInterrupted
 from .optim import LRSchedule, build_optimizer
+from .pretrain import SelfPretrainer
 from .reporting import ReportingMixin
 from .resume import ResumeMixin
 from .run_dir import CHECKPOINTS, MetricsLog, write_config
@@ -92,6 +98,9 @@ class Trainer(StepsMixin, EvaluationMixin, ResumeMixin, SignalsMixin, ReportingM
             self._check_same_config()
         if self.sp > 1:
             self._check_sequence_parallel_task()
+        if cfg.pretrain != "none" and self.dist.distributed:
+            raise ValueError(f"train.pretrain={cfg.pretrain!r} does not support data-parallel (torchrun) training yet; "
+                             f"train on one process")
         ckpt, saved, loaded = None, None, {}
         if resume:
             def read() -> tuple[Path, tuple[dict[str, Any], dict[str, torch.Tensor]]]:
@@ -117,10 +126,11 @@ class Trainer(StepsMixin, EvaluationMixin, ResumeMixin, SignalsMixin, ReportingM
 
             local = self.model if self.sp_group is None else SequenceParallel(self.model, self.sp_group)
             self.ddp = dp.wrap_model(local)
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.schedule = LRSchedule.from_config(cfg)
+        self.pretrainer: SelfPretrainer | None = None
+        self._enter_phase(0)
         self.source: BatchSource = source if source is not None else TaskBatchSource(
             self.task, cfg.batch_size, cfg.seed, fresh_data=cfg.fresh_data)
+        self._initial_source_state = self.source.state_dict()
         self.step = 0
         self.tokens_seen = 0
         self.train_time = 0.0  # seconds spent in training steps (all sessions)
@@ -142,6 +152,27 @@ class Trainer(StepsMixin, EvaluationMixin, ResumeMixin, SignalsMixin, ReportingM
             self.metrics.reset()
         if self.is_main:
             write_config(self.run_dir, setup.to_dict())
+
+    def _enter_phase(self, step: int) -> None:
+        """The optimizer, schedule and (during self-pretraining) pretrainer of the phase that optimizer step
+        ``step + 1`` belongs to: steps < ``pretrain_steps`` self-pretrain the backbone with a fresh head, the
+        rest train the task. Each phase starts a fresh AdamW and its own warm-up and decay."""
+        cfg = self.cfg
+        if step < cfg.pretrain_steps:
+            if self.pretrainer is None:
+                with self.rng.active():  # the head's initialisation draws from the run's stream
+                    self.pretrainer = SelfPretrainer(self.model, cfg.pretrain, cfg.pretrain_mask_rate, cfg.seed)
+            self.optimizer = build_optimizer(self.pretrainer.net, cfg)
+            self.schedule = LRSchedule(cfg.pretrain_steps, min(cfg.warmup, cfg.pretrain_steps), cfg.schedule,
+                                       cfg.min_lr_ratio)
+            self.phase_start = 0
+            return
+        if self.pretrainer is not None and self.is_main:
+            log.info("step %d: self-pretraining (%s) done; training the task", step, cfg.pretrain)
+        self.pretrainer = None
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.schedule = LRSchedule.from_config(cfg)
+        self.phase_start = cfg.pretrain_steps
 
     def _check_same_config(self) -> None:
         """Every rank must train the same run (a node started with other settings would silently diverge)."""
@@ -176,7 +207,7 @@ class Trainer(StepsMixin, EvaluationMixin, ResumeMixin, SignalsMixin, ReportingM
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self, until: int | None = None) -> dict[str, float]:
-        """Train to ``cfg.steps`` (or stop after step ``until``, saving a checkpoint); returns the last
+        """Train to ``cfg.total_steps`` (or stop after step ``until``, saving a checkpoint); returns the last
         validation metrics. Raises :class:`TrainingInterrupted` after SIGINT/SIGTERM (checkpoint saved).
         The run's RNG states are in place for the whole loop (see :class:`RngStates`)."""
         with self.rng.active():
@@ -184,7 +215,8 @@ class Trainer(StepsMixin, EvaluationMixin, ResumeMixin, SignalsMixin, ReportingM
 
     def _train(self, until: int | None) -> dict[str, float]:
         cfg = self.cfg
-        target = cfg.steps if until is None else min(until, cfg.steps)
+        total = cfg.total_steps
+        target = total if until is None else min(until, total)
         old_handlers = self._install_signals()
         old_threads = torch.get_num_threads()
         if cfg.threads is not None:
@@ -201,6 +233,8 @@ class Trainer(StepsMixin, EvaluationMixin, ResumeMixin, SignalsMixin, ReportingM
             while self.step < target:
                 t0 = time.perf_counter()
                 batch = self.source.next_batch()
+                if self.pretrainer is not None:
+                    batch = self.pretrainer.prepare(batch, self.step)
                 loss, grad_norm = self.train_step(batch)
                 dt = time.perf_counter() - t0
                 tokens = batch_tokens(batch)
@@ -209,14 +243,16 @@ class Trainer(StepsMixin, EvaluationMixin, ResumeMixin, SignalsMixin, ReportingM
                 self.train_time += dt
                 window_loss, window_n = window_loss + loss, window_n + 1
                 window_tokens, window_time = window_tokens + tokens, window_time + dt
-                if self.metrics is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                    rec = {"step": self.step, "split": "train", "loss": window_loss / window_n,
+                if self.metrics is not None and (self.step % cfg.log_every == 0 or self.step == total
+                                                 or self.step == cfg.pretrain_steps):
+                    split = "pretrain" if self.pretrainer is not None else "train"
+                    rec = {"step": self.step, "split": split, "loss": window_loss / window_n,
                            "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                            "tokens_per_s": window_tokens / max(window_time, 1e-9), "tokens": self.tokens_seen,
                            "elapsed": self.elapsed()}
                     self.metrics.append(rec)
                     if bar is None:
-                        log.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s", self.step, cfg.steps,
+                        log.info("step %d/%d  %s loss %.4f  lr %.2e  %.0f tok/s", self.step, total, split,
                                  rec["loss"], rec["lr"], rec["tokens_per_s"])
                     window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
                 if bar is not None:
@@ -225,17 +261,21 @@ class Trainer(StepsMixin, EvaluationMixin, ResumeMixin, SignalsMixin, ReportingM
                     if self.task.metric in self.last_eval:
                         post[f"val_{self.task.metric}"] = f"{self.last_eval[self.task.metric]:.4f}"
                     bar.set_postfix(post, refresh=False)
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                if self.pretrainer is not None and self.step == cfg.pretrain_steps:
+                    self._enter_phase(self.step)
+                    self.source.load_state_dict(self._initial_source_state)  # the task sees a from-scratch run's data
+                if (cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < total
+                        and self.step > cfg.pretrain_steps):
                     self._eval_and_log()
                     self.write_outputs(plots=False)
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < total:
                     self.save_checkpoint()
                     self.write_outputs()
                 if self._stop_agreed if self.ddp is not None else self._signal is not None:
                     path = self.save_checkpoint()
                     self.write_outputs(interrupted=True)
                     raise TrainingInterrupted(self._signal or signal.SIGTERM, self.step, path)
-            if self.step < cfg.steps:  # stopped early on purpose (until)
+            if self.step < total:  # stopped early on purpose (until)
                 self.save_checkpoint()
                 self.write_outputs(interrupted=True)
                 return self.last_eval
