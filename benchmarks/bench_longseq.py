@@ -2,9 +2,18 @@
 
     python benchmarks/bench_longseq.py [--length 1048576] [--chunk-len 32768]
                                        [--hf-lengths 4096 16384 65536] [--hf-cap-gib 12] [--quick]
+    python benchmarks/bench_longseq.py --bound-only --length 131072 --models mamba mamba2
 
 Model: a 2-layer Mamba CausalLM, d_model 256, byte vocabulary (256), d_state 16, expand 2, d_conv 4, tied
-embeddings, RMSNorm, no MLP; float32, batch 1, random weights and tokens.
+embeddings, RMSNorm, no MLP; float32, batch 1, random weights and tokens. ``--models mamba2`` adds the same
+model with Mamba2 mixers (d_state 128, expand 2, headdim 64, chunk_size 64).
+
+Bound (printed with every ssmkit run, in the same process): the step's FLOPs at the measured one-thread GEMM
+rate plus its exps at the measured exp rate. FLOPs per token come from the model's shapes: 2·in·out per Linear
+(projections and the tied head), the depthwise conv, and for Mamba2 the SSD products (2·Q·N·G + 2·Q·P·H + 4·N·P·H
+per token, Q = chunk_size); exps per token: d_inner·d_state (Mamba's Δ·A), Q·H (Mamba2's segment sums). A chunked
+step runs the forward twice (pass 1 and the recompute) and a backward of twice the forward's GEMM FLOPs, and the
+scan's backward recomputes its exps: bound = tokens × (4·F / GEMM rate + 3·X / exp rate).
 
 - ssmkit: ``ssmkit.train.chunked.chunked_loss_backward`` (exact gradient; state checkpoints at chunk
   boundaries and per-chunk recomputation) on the full length, in a fresh process: peak RSS, time, chunk_len.
@@ -30,7 +39,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import current_rss_bytes, peak_rss_bytes, print_table, run_child, write_json  # noqa: E402
+from common import (  # noqa: E402
+    best_time,
+    current_rss_bytes,
+    machine_bounds,
+    peak_rss_bytes,
+    print_table,
+    run_child,
+    write_json,
+)
 
 D_MODEL, N_LAYERS, VOCAB, D_STATE, EXPAND, D_CONV = 256, 2, 256, 16, 2, 4
 GIB, MIB = 1 << 30, 1 << 20
@@ -47,16 +64,58 @@ def _tokens(length: int):
     return x, labels
 
 
-def child_ssmkit(length: int, chunk_len: int) -> dict:
-    """Peak RSS and time of one chunked training step (ssmkit) on ``length`` tokens."""
+MIXERS = {"mamba": {"d_state": D_STATE, "expand": EXPAND, "d_conv": D_CONV},
+          "mamba2": {"d_state": 128, "expand": EXPAND, "d_conv": D_CONV, "headdim": 64, "chunk_size": 64}}
+
+
+def per_token_cost(model) -> tuple[float, float]:
+    """(forward FLOPs, exps) per token of ``model``, from its shapes (see the module docstring)."""
+    from torch import nn
+
+    from ssmkit.layers import Mamba, Mamba2
+
+    flops = sum(2.0 * m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    exps = 0.0
+    for m in model.modules():
+        if isinstance(m, Mamba):
+            flops += 2.0 * m.d_inner * m.d_conv
+            exps += m.d_inner * m.d_state
+        elif isinstance(m, Mamba2):
+            q, n, g, h, p = m.chunk_size, m.d_state, m.ngroups, m.nheads, m.headdim
+            flops += 2.0 * (m.d_inner + 2 * g * n) * m.d_conv + 2.0 * q * n * g + 2.0 * q * p * h + 4.0 * n * p * h
+            exps += q * h
+    return flops, exps
+
+
+def machine_rates() -> dict:
+    """One-thread GEMM FLOP/s (a (4096 x 256) @ (256 x 1024) float32 product, the shape of the input
+    projection) and exp/s."""
+    import torch
+
+    a, b = torch.randn(4096, D_MODEL), torch.randn(D_MODEL, 4 * D_MODEL)
+    out = torch.empty(4096, 4 * D_MODEL)
+    t = best_time(lambda: torch.mm(a, b, out=out), repeat=5)
+    return {"gemm_flops": 2.0 * a.shape[0] * a.shape[1] * b.shape[1] / t,
+            "exp_per_s": machine_bounds(1 << 22)["exp_Gelem_per_s"] * 1e9}
+
+
+def bound_seconds(model, length: int, rates: dict) -> float:
+    flops, exps = per_token_cost(model)
+    return length * (4 * flops / rates["gemm_flops"] + 3 * exps / rates["exp_per_s"])
+
+
+def child_ssmkit(length: int, chunk_len: int, name: str = "mamba") -> dict:
+    """Peak RSS and time of one chunked training step (ssmkit) on ``length`` tokens, and the bound measured in
+    the same process."""
     import torch
 
     from ssmkit.models import CausalLM, ModelConfig
     from ssmkit.train.chunked import chunked_loss_backward
 
+    torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = ModelConfig(d_model=D_MODEL, n_layers=N_LAYERS, pattern="mamba", vocab_size=VOCAB,
-                      mixer_options={"mamba": {"d_state": D_STATE, "expand": EXPAND, "d_conv": D_CONV}})
+    cfg = ModelConfig(d_model=D_MODEL, n_layers=N_LAYERS, pattern=name, vocab_size=VOCAB,
+                      mixer_options={name: MIXERS[name]})
     model = CausalLM(cfg)
     x, labels = _tokens(length)
     warm_x, warm_l = x[:, :256], labels[:, :256]  # numba kernels load/compile outside the measurement
@@ -67,7 +126,11 @@ def child_ssmkit(length: int, chunk_len: int) -> dict:
     stats = chunked_loss_backward(model, {"input_ids": x, "labels": labels}, chunk_len)
     seconds = time.perf_counter() - t0
     grads_ok = all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
-    return {"length": length, "chunk_len": chunk_len, "seconds": seconds, "peak_rss": peak_rss_bytes(),
+    rates = machine_rates()
+    flops, exps = per_token_cost(model)
+    return {"model": name, "length": length, "chunk_len": chunk_len, "seconds": seconds,
+            "bound_s": bound_seconds(model, length, rates), "rates": rates, "fwd_flops_per_token": flops,
+            "exps_per_token": exps, "peak_rss": peak_rss_bytes(),
             "base_rss": base, "loss": stats["loss"], "tokens": stats["tokens"], "chunks": stats["chunks"],
             "state_bytes": stats["state_bytes"], "grads_finite": grads_ok,
             "params": model.num_parameters()}
@@ -103,7 +166,7 @@ def child_hf(length: int, cap_bytes: int) -> dict:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         kind, *args = sys.argv[2:]
-        result = child_ssmkit(int(args[0]), int(args[1])) if kind == "ssmkit" else child_hf(
+        result = child_ssmkit(int(args[0]), int(args[1]), *args[2:]) if kind == "ssmkit" else child_hf(
             int(args[0]), int(args[1]))
         print(json.dumps(result))
         return
@@ -116,7 +179,24 @@ def main() -> None:
                          "free RAM)")
     ap.add_argument("--rss-limit-gib", type=float, default=8.0, help="the bound ssmkit's step must stay under")
     ap.add_argument("--quick", action="store_true", help="small lengths (a smoke test of this script)")
+    ap.add_argument("--models", nargs="+", default=["mamba"], choices=sorted(MIXERS))
+    ap.add_argument("--bound-only", action="store_true",
+                    help="only ssmkit's chunked step at --length per model, against its bound (no transformers)")
     a = ap.parse_args()
+    if a.bound_only:
+        rows = []
+        for name in a.models:
+            r = run_child(SCRIPT, "ssmkit", str(a.length), str(min(a.chunk_len, a.length)), name, timeout=3600)
+            if "error" in r:
+                print(f"{name}: FAILED: {r['error']}")
+                continue
+            rows.append({"model": name, "length": a.length, "chunk_len": r["chunk_len"], "time_s": r["seconds"],
+                         "bound_s": r["bound_s"], "ratio": r["seconds"] / r["bound_s"],
+                         "MFLOP/token": 4 * r["fwd_flops_per_token"] / 1e6, "exps/token": 3 * r["exps_per_token"],
+                         "GFLOP/s": r["rates"]["gemm_flops"] / 1e9, "Gexp/s": r["rates"]["exp_per_s"] / 1e9})
+        print_table(rows, list(rows[0]) if rows else ["model"])
+        write_json("bench_longseq_bound", {"table": rows, "loadavg": os.getloadavg()})
+        return
     if a.quick:
         a.length, a.chunk_len, a.hf_lengths = 8192, 2048, [512, 1024]
     load_start = os.getloadavg()
@@ -145,7 +225,8 @@ def main() -> None:
     runs[-1].setdefault("length", a.length)
     for r in runs:
         print(f"ssmkit chunked L={r['length']}: " + (
-            f"{r['seconds']:.1f}s, peak RSS {r['peak_rss'] / GIB:.2f} GiB" if "error" not in r
+            f"{r['seconds']:.1f}s (bound {r['bound_s']:.1f}s, {r['seconds'] / r['bound_s']:.2f}x), "
+            f"peak RSS {r['peak_rss'] / GIB:.2f} GiB" if "error" not in r
             else f"FAILED: {r['error']}"), flush=True)
 
     # extrapolate transformers' peak RSS to the full length from its per-token growth
