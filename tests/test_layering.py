@@ -14,7 +14,7 @@ TIERS = {
     "_dataclass_dict": 0, "_annotations": 0, "ops": 0, "init": 0,
     "layers": 1,
     "models": 2, "data": 2, "distributed": 2,
-    "objectives": 3, "train": 3, "infer": 3, "interop": 3,
+    "objectives": 3, "train": 3, "infer": 3, "interop": 3, "timeseries": 3,
     "experiments": 4, "export": 4,
     "cli": 5, "selfcheck": 5,
 }

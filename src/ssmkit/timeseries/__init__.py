@@ -1,0 +1,10 @@
+"""Time series: forecasting and classification with SSMs against standard baselines, on offline data.
+
+- :mod:`.datasets`: the forecasting suite (pmdarima, statsmodels) and the UCR/UEA classification suite (sktime);
+- :mod:`.csv_series`: user CSVs in the ETT layout, with one-line errors;
+- :mod:`.companion`: SpaceTime's companion-matrix SSM (convolution, recurrence, closed loop);
+- :mod:`.models`: SpaceTime, S-Mamba, Mamba/S4D forecasters, DLinear, the bidirectional SSM classifier;
+- :mod:`.baselines`: seasonal naive, ETS, ARIMA (statsmodels), MiniRocket and 1-NN DTW (sktime);
+- :mod:`.protocol`: rolling-origin evaluation; :mod:`.metrics`: MASE, sMAPE, MSE, MAE, ranks;
+- :mod:`.suite`: ``python -m ssmkit.timeseries.suite forecast|classify`` writes docs/time_series.md.
+"""
