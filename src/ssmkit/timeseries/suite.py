@@ -48,7 +48,7 @@ def _log(msg: str) -> None:
 
 def run_forecast(quick: bool, out: Path) -> tuple[list[dict], str]:
     seeds = [0] if quick else [0, 1, 2]
-    cfg = TrainConfig(steps=40 if quick else 200)
+    cfg = TrainConfig(steps=40 if quick else 150)
     names = QUICK_FORECAST if quick else tuple(FORECAST_SUITE)
     rows: list[dict] = []
     seconds: dict[str, float] = {}
@@ -83,7 +83,7 @@ def run_forecast(quick: bool, out: Path) -> tuple[list[dict], str]:
 
 def run_classify(quick: bool, out: Path) -> tuple[list[dict], str]:
     seeds = [0] if quick else [0, 1, 2]
-    cfg = TrainConfig(steps=50 if quick else 300, batch_size=16, lr=2e-3)
+    cfg = TrainConfig(steps=50 if quick else 200, batch_size=16, lr=2e-3)
     names = QUICK_CLASSIFY if quick else CLASSIFY_SUITE
     rows: list[dict] = []
     seconds: dict[str, float] = {}
