@@ -16,12 +16,12 @@ import argparse
 import os
 import sys
 
-from . import bench, birdie, demo, eval, export, generate, import_gguf, models, reproduce, tasks, train
+from . import bench, birdie, demo, eval, export, forecast, generate, import_gguf, models, reproduce, tasks, train
 from .common import EXIT_USAGE, Parser, UsageError
 
 __all__ = ["EXIT_USAGE", "UsageError", "build_parser", "main"]
 
-_COMMANDS = (train, eval, generate, tasks, models, bench, birdie, demo, export, import_gguf, reproduce)
+_COMMANDS = (train, eval, generate, tasks, models, bench, birdie, demo, export, import_gguf, reproduce, forecast)
 
 
 def build_parser() -> argparse.ArgumentParser:
