@@ -62,7 +62,8 @@ class Backbone(nn.Module):
             self.input_proj = nn.Linear(config.d_input, d)
         self.blocks = nn.ModuleList(
             Block(name, build_mixer(name, d, config.mixer_options), d, norm=config.norm,
-                  norm_eps=config.norm_eps, mlp=config.mlp, d_mlp=config.d_mlp, dropout=config.dropout, index=i)
+                  norm_eps=config.norm_eps, mlp=config.mlp, d_mlp=config.d_mlp, dropout=config.dropout, index=i,
+                  residual_multiplier=config.residual_multiplier)
             for i, name in enumerate(mixers)
         )
         self.final_norm = Norm(d, config.norm, config.norm_eps)
@@ -125,7 +126,14 @@ class Backbone(nn.Module):
     def embed(self, inputs: Tensor) -> Tensor:
         """Validated inputs -> the residual stream (..., d_model) in ``residual_dtype``."""
         x = self.embedding(inputs) if self.embedding is not None else self.input_proj(inputs)
+        if self.config.embedding_multiplier != 1.0:
+            x = x * self.config.embedding_multiplier
         return x.to(self.residual_dtype)
+
+    def final_hidden(self, h: Tensor) -> Tensor:
+        """The final norm, divided by ``config.logits_scaling`` (so that a linear head's logits are)."""
+        hidden = self.final_norm(h)
+        return hidden if self.config.logits_scaling == 1.0 else hidden / self.config.logits_scaling
 
     # ------------------------------------------------------------------------------------------ state
     def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None) -> ModelState:
@@ -171,7 +179,7 @@ class Backbone(nn.Module):
             h, s = block(h, None if states is None else states[i], reset=reset, prefix_mask=prefix_mask,
                          return_final_state=return_final_state)
             new_states.append(s)
-        hidden = self.final_norm(h)
+        hidden = self.final_hidden(h)
         return hidden, (ModelState(new_states) if return_final_state else None)
 
     def step(
@@ -189,14 +197,16 @@ class Backbone(nn.Module):
         inputs_t = self.check_inputs(inputs_t, input_name, step=True)
         states = self._check_state(state).layers
         h = self.embed(inputs_t)
-        fused = fused_step(self, h, state, head)
+        cfg = self.config
+        plain = cfg.residual_multiplier == 1.0 and cfg.logits_scaling == 1.0  # the fused kernel has no multipliers
+        fused = fused_step(self, h, state, head) if plain else None
         if fused is not None:
             return fused
         new_states = []
         for block, s in zip(self.blocks, states, strict=True):
             h, s = block.step(h, s)
             new_states.append(s)
-        hidden = self.final_norm(h)
+        hidden = self.final_hidden(h)
         out = None
         if head is not None:
             weight, scale, bias = linear_weights(head)

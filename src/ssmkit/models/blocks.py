@@ -83,6 +83,7 @@ class Block(nn.Module):
         mlp, d_mlp: "none" | "gelu" | "swiglu" and its hidden width.
         dropout: on each sub-block's output.
         index: the block's position in the backbone (for error messages).
+        residual_multiplier: scales each sub-block's output before its residual add (1.0: no scaling).
     """
 
     def __init__(
@@ -97,9 +98,11 @@ class Block(nn.Module):
         d_mlp: int = 0,
         dropout: float = 0.0,
         index: int = 0,
+        residual_multiplier: float = 1.0,
     ) -> None:
         super().__init__()
         self.mixer_name, self.index = mixer_name, index
+        self.residual_multiplier = residual_multiplier
         spec = registry.get_spec(mixer_name)
         self.causal = spec.causal
         # prefix-* mixers, or a plain attn configured with mask="prefix"
@@ -117,10 +120,13 @@ class Block(nn.Module):
     def _where(self) -> str:
         return f"layer {self.index} ({self.mixer_name})"
 
+    def scale_output(self, y: Tensor) -> Tensor:
+        return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier
+
     def _mlp(self, h: Tensor) -> Tensor:
         if self.mlp is None:
             return h
-        return h + self.dropout(self.mlp(self.mlp_norm(h))).to(h.dtype)
+        return h + self.scale_output(self.dropout(self.mlp(self.mlp_norm(h)))).to(h.dtype)
 
     @state_kwargs
     def forward(
@@ -149,7 +155,7 @@ class Block(nn.Module):
             if type(e) not in (TypeError, ValueError):
                 raise
             raise type(e)(f"{self._where()}: {e}") from e
-        h = h + self.dropout(y).to(h.dtype)
+        h = h + self.scale_output(self.dropout(y)).to(h.dtype)
         return self._mlp(h), new_state
 
     def step(self, h_t: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
@@ -161,7 +167,7 @@ class Block(nn.Module):
             if type(e) not in (TypeError, ValueError):
                 raise
             raise type(e)(f"{self._where()}: {e}") from e
-        h_t = h_t + self.dropout(y).to(h_t.dtype)
+        h_t = h_t + self.scale_output(self.dropout(y)).to(h_t.dtype)
         return self._mlp(h_t), state
 
     def init_state(self, batch_size: int, dtype: torch.dtype | None = None) -> LayerState:

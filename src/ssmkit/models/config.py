@@ -220,6 +220,10 @@ class ModelConfig:
         d_output: Regressor/Forecaster's per-step output width.
         init_std: std of the normal init of the embedding and an untied LM head; None (default) =
             ``d_model ** -0.5`` (see :attr:`embedding_std` and docs/init.md); 0.02 was the old default.
+        embedding_multiplier, residual_multiplier, logits_scaling: muP-style constants (GraniteMoeHybrid):
+            the embedding output is multiplied by the first, every mixer/MLP output by the second before its
+            residual add, and the final norm's output divided by the third (so logits are divided by it).
+            1.0 (default) skips them.
     """
 
     d_model: int
@@ -240,6 +244,9 @@ class ModelConfig:
     pooling: str = "mean"
     d_output: int | None = None
     init_std: float | None = None
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
 
     def __post_init__(self) -> None:
         self.d_model = _pos_int("d_model", self.d_model)
@@ -268,6 +275,8 @@ class ModelConfig:
         self.d_output = _pos_int("d_output", self.d_output, optional=True)
         if self.init_std is not None:
             self.init_std = _number("init_std", self.init_std, 0.0, 1e3, lo_open=True, hi_open=False)
+        for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            setattr(self, name, _number(name, getattr(self, name), 0.0, 1e6, lo_open=True, hi_open=False))
 
     def _check_pattern(self) -> None:
         p = self.pattern
