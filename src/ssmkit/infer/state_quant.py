@@ -5,9 +5,10 @@
 
 A decode server keeps one recurrent state per sequence; for Mamba that is (Di, N) float32 per layer, for Mamba-2
 (H, P, N). Stored as int8, each vector over the state dimension N gets its own float32 scale (symmetric,
-scale = max|h| / 127, q = round(h / scale)), so the state takes about a quarter of the bytes (a 130M-shaped Mamba:
-2.4 MB -> 0.74 MB per sequence). Each step dequantizes, runs the model's ordinary (fused) step in float32 and
-quantizes the new state again, so the rounding (at most half a step per entry) re-enters at every token.
+scale = max|h| / 127, q = round(h / scale)), so the SSM state takes about a quarter of the bytes plus the scales (a
+130M-shaped Mamba: 2.36 MB -> 0.74 MB per sequence; with its float conv windows, 2.8 MB -> 1.18 MB). Each step
+dequantizes, runs the model's ordinary (fused) step in float32 and quantizes the new state again, so the rounding
+(at most half a step per entry) re-enters at every token.
 
 Which tensors: the ``ssm`` fields of Mamba and Mamba-2 states (rank >= 3: (batch, ..., N)). Short conv windows,
 the vector states of GatedSSM/RG-LRU/S4D (no state dimension to share a scale over) and attention KV caches stay

@@ -1,0 +1,129 @@
+"""ssmkit against llama.cpp on the same weights, in one run: decode and prefill tokens/s, as ratios.
+
+    nice -n 10 python benchmarks/bench_llamacpp.py [--cache DIR] [--threads 2] [--layers 24] [--jobs 2]
+
+1. Builds llama.cpp's ``llama-bench`` once into ``--cache`` (default ~/.cache/ssmkit/llamacpp): the sdist of
+   llama-cpp-python (``pip download llama-cpp-python==VERSION --no-binary :all: --no-deps``) carries llama.cpp in
+   vendor/llama.cpp; cmake with GGML_NATIVE=OFF and explicit AVX2/AVX-512 flags (the native build turned on AMX,
+   whose quantized products died with 'illegal instruction' on this machine's VM), static, no curl.
+2. Builds a 130M-shaped Mamba (d_model 768, 24 layers, vocab 50280, random weights) in ssmkit and exports it
+   with ``ssmkit.export.gguf.to_gguf`` as f32, q8_0 and q4_0.
+3. Times ``llama-bench`` (decode: -p 0 -n 128; prefill: -p 2048 -n 0) and ssmkit (decode: 128 greedy steps at
+   batch 1 of the float32, int8 and int4-g32 models; prefill: the backbone forward over 2048 tokens plus the
+   LM head on the last one) with the same threads, and measures the read bandwidth in the same process.
+Writes benchmarks/results/bench_llamacpp.json. Not part of the tests (it builds C++ for minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode_quant import read_bandwidth, time_decode, weight_bytes  # noqa: E402
+from common import print_table, write_json  # noqa: E402
+
+from ssmkit.export.gguf import to_gguf  # noqa: E402
+from ssmkit.infer.quantize import quantize_weights  # noqa: E402
+from ssmkit.models import CausalLM, ModelConfig  # noqa: E402
+
+VERSION = "0.3.36"
+CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+               "-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+               "-DGGML_BMI2=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AMX_TILE=OFF",
+               "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF", "-DGGML_OPENMP=OFF"]
+
+
+def build_llama_bench(cache: Path, jobs: int) -> Path:
+    """Path of the cached llama-bench, building it first if missing."""
+    exe = cache / "build" / "bin" / "llama-bench"
+    if exe.exists():
+        return exe
+    cache.mkdir(parents=True, exist_ok=True)
+    sdist = cache / f"llama_cpp_python-{VERSION}.tar.gz"
+    if not sdist.exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={VERSION}", "--no-binary",
+                        ":all:", "--no-deps", "-d", str(cache)], check=True)
+    src = cache / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
+    if not src.exists():
+        with tarfile.open(sdist) as tar:
+            tar.extractall(cache, filter="data")
+    build = cache / "build"
+    subprocess.run(["cmake", "-S", str(src), "-B", str(build), *CMAKE_FLAGS], check=True)
+    subprocess.run(["cmake", "--build", str(build), "-j", str(jobs), "--target", "llama-bench"], check=True)
+    if not exe.exists():
+        raise RuntimeError(f"bench_llamacpp: the build finished but {exe} is missing")
+    return exe
+
+
+def llama_bench(exe: Path, model: Path, threads: int, prompt: int, gen: int) -> float:
+    """Tokens/s that llama-bench reports (its mean over repetitions)."""
+    out = subprocess.run([str(exe), "-m", str(model), "-t", str(threads), "-p", str(prompt), "-n", str(gen),
+                          "-r", "3", "-o", "json"], check=True, capture_output=True, text=True)
+    rows = json.loads(out.stdout)
+    return float(rows[0]["avg_ts"])
+
+
+@torch.no_grad()
+def prefill_tok_per_s(model, length: int, repeat: int = 2) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    best = float("inf")
+    for _ in range(repeat + 1):
+        t = time.perf_counter()
+        hidden, _ = model.backbone(ids, return_final_state=True, input_name="input_ids")
+        model.lm_head(hidden[:, -1])
+        best = min(best, time.perf_counter() - t)
+    return length / best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cache", type=Path, default=Path(os.path.expanduser("~/.cache/ssmkit/llamacpp")))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--jobs", type=int, default=2, help="parallel compile jobs for the one-time build")
+    p.add_argument("--gen", type=int, default=128)
+    p.add_argument("--prefill", type=int, default=2048)
+    args = p.parse_args()
+    if shutil.which("cmake") is None:
+        p.error("cmake is not on PATH")
+    exe = build_llama_bench(args.cache, args.jobs)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(d_model=768, pattern=f"mamba*{args.layers}", vocab_size=50280)).eval()
+    files = {}
+    for quant in ("f32", "q8_0", "q4_0"):
+        files[quant] = args.cache / f"mamba-{args.layers}l-{quant}.gguf"
+        if not files[quant].exists():
+            to_gguf(model, files[quant], quant=quant)
+    ours = {"f32": model, "q8_0": quantize_weights(model), "q4_0": quantize_weights(model, bits=4, group_size=32)}
+    bw = read_bandwidth(args.threads)
+    rows = []
+    for quant, m in ours.items():
+        ll_dec = llama_bench(exe, files[quant], args.threads, 0, args.gen)
+        our_dec = 1 / time_decode(m, args.gen, repeat=2)
+        ll_pre = llama_bench(exe, files[quant], args.threads, args.prefill, 0)
+        our_pre = prefill_tok_per_s(m, args.prefill)
+        bound = bw / weight_bytes(m)
+        rows.append({"precision": f"{quant} (ssmkit {'float32' if quant == 'f32' else quant[:2].replace('q', 'int')})",
+                     "decode_ssmkit": our_dec, "decode_llamacpp": ll_dec, "decode_ratio": our_dec / ll_dec,
+                     "decode_bound": bound, "ssmkit_of_bound": our_dec / bound,
+                     "prefill_ssmkit": our_pre, "prefill_llamacpp": ll_pre, "prefill_ratio": our_pre / ll_pre})
+    print(f"threads {args.threads}, read bandwidth {bw / 1e9:.1f} GB/s")
+    print_table(rows, list(rows[0]))
+    write_json("bench_llamacpp", {"threads": args.threads, "layers": args.layers, "read_bandwidth_Bps": bw,
+                                  "llama_cpp_python": VERSION, "cmake_flags": CMAKE_FLAGS, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
