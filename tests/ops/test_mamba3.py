@@ -77,6 +77,18 @@ def test_kernel_matches_oracle(batch, length, groups, rep, P, N, rank, S, angles
     assert_all_close(grads, grads_r)
 
 
+@pytest.mark.parametrize("rank", [None, 2])
+def test_kernel_matches_oracle_wide(rank):
+    """N and P past the kernel's 8-lane dot products (and their tails), with resets, reverse and all options."""
+    args, kw = make(2, 45, 4, 11, 2, 13, rank, 3, seed=29)
+    reset = torch.rand(2, 45, generator=torch.Generator().manual_seed(2)) < 0.1
+    for reverse in (False, True):
+        out, grads = run(mamba3, args, kw, reset=reset, reverse=reverse)
+        out_r, grads_r = run(R.mamba3, args, kw, reset=reset, reverse=reverse)
+        assert_all_close(out, out_r)
+        assert_all_close(grads, grads_r)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_euler_end_without_rotation_is_ssd(reverse):
     """trap = 1 (exponential Euler), no rotation, no biases, SISO: Mamba-2's SSD (its chunked algorithm)."""

@@ -23,6 +23,23 @@ M3_CHUNK = 32  # steps between state checkpoints
 _TWO_PI = 2.0 * math.pi
 
 
+@nb.njit(fastmath=EXACT_MATH, inline="always", cache=True)
+def _dot(a, b, lanes):
+    """sum_i a_i b_i over 1-D a, b in 8 interleaved partial sums (a vector of 8 lanes, scratch ``lanes``) added
+    in a fixed tree, then the tail: one exact definition that vectorises without reordering anything."""
+    n = a.shape[0]
+    m = n - n % 8
+    for v in range(8):
+        lanes[v] = 0.0
+    for i in range(0, m, 8):
+        for v in range(8):
+            lanes[v] += a[i + v] * b[i + v]
+    tot = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]))
+    for i in range(m, n):
+        tot += a[i] * b[i]
+    return tot
+
+
 @nb.njit(fastmath=EXACT_MATH, cache=True)
 def _step(x, dt, A, lam, B, C, Bb, Cb, w, bi, t, hh, g, kpv, th, h, kp, xp, k, q, cs, sn):
     """One step in place for task (bi, hh): th, h updated; k, q set to this step's rotated key and query.
@@ -53,12 +70,14 @@ def _step(x, dt, A, lam, B, C, Bb, Cb, w, bi, t, hh, g, kpv, th, h, kp, xp, k, q
     beta = (1.0 - lm) * d * alpha * kpv
     gamma = lm * d
     al = alpha * kpv
-    for p in range(P):
+    for p in range(P):  # innermost loops run over n, contiguous, with no reduction: they vectorise
         for n in range(N):
-            hv = al * h[p, n]
-            for r in range(R):
-                hv += beta * xp[r, p] * kp[r, n] + gamma * x[bi, t, r, hh, p] * k[r, n]
-            h[p, n] = hv
+            h[p, n] *= al
+        for r in range(R):
+            c1 = beta * xp[r, p]
+            c2 = gamma * x[bi, t, r, hh, p]
+            for n in range(N):
+                h[p, n] += c1 * kp[r, n] + c2 * k[r, n]
     return alpha
 
 
@@ -81,6 +100,7 @@ def mamba3_fwd(x, dt, A, lam, B, C, Bb, Cb, w, Dv, keep, th0, h0, k0, x0, revers
         q = np.empty((R, N), dtype=x.dtype)
         cs = np.empty(S, dtype=x.dtype)
         sn = np.empty(S, dtype=x.dtype)
+        lanes = np.empty(8, dtype=x.dtype)
         for i in range(L):
             t = L - 1 - i if reverse else i
             if save and i % T == 0:
@@ -92,10 +112,7 @@ def mamba3_fwd(x, dt, A, lam, B, C, Bb, Cb, w, Dv, keep, th0, h0, k0, x0, revers
             _step(x, dt, A, lam, B, C, Bb, Cb, w, bi, t, hh, g, keep[bi, t], th, h, kp, xp, k, q, cs, sn)
             for r in range(R):
                 for p in range(P):
-                    acc = 0.0
-                    for n in range(N):
-                        acc += h[p, n] * q[r, n]
-                    y[bi, t, r, hh, p] = acc + Dv[hh] * x[bi, t, r, hh, p]
+                    y[bi, t, r, hh, p] = _dot(h[p], q[r], lanes) + Dv[hh] * x[bi, t, r, hh, p]
             kp[:, :] = k
             for r in range(R):
                 for p in range(P):
@@ -134,6 +151,10 @@ def mamba3_bwd(x, dt, A, lam, B, C, Bb, Cb, w, Dv, keep, reverse, ck_th, ck_h, c
         gq = np.empty((R, N), dtype=x.dtype)
         gk = np.empty((R, N), dtype=x.dtype)
         gxl = np.empty((R, P), dtype=x.dtype)
+        gxc = np.empty((R, N), dtype=x.dtype)
+        gxp = np.empty((R, N), dtype=x.dtype)
+        lanes = np.empty(N, dtype=x.dtype)
+        lanes8 = np.empty(8, dtype=x.dtype)
         gBb_l = np.zeros((R, N), dtype=x.dtype)
         gCb_l = np.zeros((R, N), dtype=x.dtype)
         gD_l = 0.0
@@ -168,50 +189,53 @@ def mamba3_bwd(x, dt, A, lam, B, C, Bb, Cb, w, Dv, keep, reverse, ck_th, ck_h, c
                     for r in range(R):
                         for p in range(P):
                             xp[r, p] = x[bi, tp, r, hh, p] * kpv
-                # outputs: y_r = h q_r + D x_r
+                # outputs: y_r = h q_r + D x_r; then h_t = alpha h_{t-1} + beta sum_r xp_r kp_r^T
+                # + gamma sum_r x_r k_r^T. Reductions over p run as vectors over n (lanes, Gx*); the ones over n
+                # (into gxl, px) are plain sums.
+                alpha = math.exp(d * A[bi, t, hh])
+                lm = lam[bi, t, hh]
+                beta = (1.0 - lm) * d * alpha
+                gamma = lm * d
                 for r in range(R):
                     for n in range(N):
                         gq[r, n] = 0.0
                         gk[r, n] = pk[r, n]
-                    for p in range(P):
+                        gxc[r, n] = 0.0
+                        gxp[r, n] = 0.0
+                for n in range(N):
+                    lanes[n] = 0.0
+                for p in range(P):
+                    for r in range(R):
                         gyv = gy[bi, t, r, hh, p]
                         gD_l += gyv * x[bi, t, r, hh, p]
                         gxl[r, p] = Dv[hh] * gyv + px[r, p]
                         for n in range(N):
                             gq[r, n] += hs[j + 1, p, n] * gyv
                             Gh[p, n] += gyv * qs[j, r, n]
-                # h_t = alpha h_{t-1} + beta sum_r xp_r kp_r^T + gamma sum_r x_r k_r^T
-                alpha = math.exp(d * A[bi, t, hh])
-                lm = lam[bi, t, hh]
-                beta = (1.0 - lm) * d * alpha
-                gamma = lm * d
+                    for n in range(N):
+                        lanes[n] += Gh[p, n] * hs[j, p, n]
+                    for r in range(R):
+                        xr = x[bi, t, r, hh, p]
+                        xpr = xp[r, p]
+                        for n in range(N):
+                            gxc[r, n] += Gh[p, n] * xr
+                            gxp[r, n] += Gh[p, n] * xpr
+                        gxl[r, p] += gamma * _dot(Gh[p], ks[j + 1, r], lanes8)
+                        px[r, p] = beta * _dot(Gh[p], ks[j, r], lanes8) * kpv
                 g_al = 0.0
+                for n in range(N):
+                    g_al += lanes[n]
+                g_al *= kpv
                 g_be = 0.0
                 g_ga = 0.0
                 for r in range(R):
                     for n in range(N):
-                        pk[r, n] = 0.0
+                        g_ga += gxc[r, n] * ks[j + 1, r, n]
+                        g_be += gxp[r, n] * ks[j, r, n]
+                        gk[r, n] += gamma * gxc[r, n]
+                        pk[r, n] = beta * gxp[r, n] * kpv
                     for p in range(P):
-                        px[r, p] = 0.0
-                for p in range(P):
-                    for n in range(N):
-                        gv = Gh[p, n]
-                        g_al += gv * hs[j, p, n]
-                        for r in range(R):
-                            xr = x[bi, t, r, hh, p]
-                            g_be += gv * xp[r, p] * ks[j, r, n]
-                            g_ga += gv * xr * ks[j + 1, r, n]
-                            gxl[r, p] += gamma * gv * ks[j + 1, r, n]
-                            gk[r, n] += gamma * gv * xr
-                            px[r, p] += beta * gv * ks[j, r, n]
-                            pk[r, n] += beta * gv * xp[r, p]
-                g_al *= kpv
-                for r in range(R):
-                    for p in range(P):
-                        px[r, p] *= kpv
                         gx[bi, t, r, hh, p] = gxl[r, p]
-                    for n in range(N):
-                        pk[r, n] *= kpv
                 ga = g_al * alpha + g_be * beta
                 gA[bi, t, hh] = ga * d
                 gd = ga * A[bi, t, hh] + g_be * (1.0 - lm) * alpha + g_ga * lm
