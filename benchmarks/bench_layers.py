@@ -7,6 +7,8 @@
 - Mamba2 (d_model 768, expand 2, head_dim 64 -> 24 heads, N 128): the same against `Mamba2Mixer`.
 - S4D (d_model 768, N 64): conv mode vs the S4 reference code's way of building the kernel (materialising the
   (H, N/2, L) Vandermonde tensor, reimplemented here) and vs ssmkit's own scan mode.
+- Mamba3 (SISO and MIMO rank 4) vs ssmkit's Mamba2 at equal state size (24 heads x 64 x N 128): forward,
+  forward+backward and one-token step.
 - H3 (d_model 768, 12 heads): no installable peer exists; reported against ssmkit's causal Attention of the same
   width as a reference point.
 Writes benchmarks/results/bench_layers.json.
@@ -125,6 +127,39 @@ def bench_mamba2(length: int, quick: bool) -> list[dict]:
     ]
 
 
+def bench_mamba3(length: int, quick: bool) -> list[dict]:
+    """Mamba3 (SISO, and MIMO rank 4) against ssmkit's Mamba2 at equal state size: d_model 768, expand 2,
+    head_dim 64 (24 heads), N 128, so both carry (24, 64, 128) per layer. speedup = Mamba2 time / Mamba3 time."""
+    from ssmkit.layers import Mamba2, Mamba3
+
+    torch.manual_seed(0)
+    m2 = Mamba2(D_MODEL, d_state=128, expand=2, headdim=64, chunk_size=256)
+    x = torch.randn(1, length, D_MODEL)
+    xt = torch.randn(1, D_MODEL)
+    rep = 1 if quick else 3
+    with torch.no_grad():
+        t2_f = best_time(lambda: m2(x), repeat=rep)
+        _, s2 = m2(x[:, :64], return_final_state=True)
+        t2_step = _step_latency(lambda: m2.step(xt, s2))
+    t2 = best_time(lambda: _fwd_bwd(m2, x), repeat=rep)
+    rows = []
+    for name, kw in (("Mamba3", {}), ("Mamba3 MIMO-4", {"mimo_rank": 4})):
+        m3 = Mamba3(D_MODEL, d_state=128, expand=2, headdim=64, **kw)
+        with torch.no_grad():
+            t3_f = best_time(lambda m3=m3: m3(x), repeat=rep)
+            _, s3 = m3(x[:, :64], return_final_state=True)
+            t3_step = _step_latency(lambda m3=m3, s3=s3: m3.step(xt, s3))
+        t3 = best_time(lambda m3=m3: _fwd_bwd(m3, x), repeat=rep)
+        peer = "ssmkit Mamba2, same (H, P, N)"
+        rows += [
+            {"case": f"{name} fwd L={length}", "ssmkit_s": t3_f, "peer_s": t2_f, "peer": peer, "speedup": t2_f / t3_f},
+            {"case": f"{name} fwd+bwd L={length}", "ssmkit_s": t3, "peer_s": t2, "peer": peer, "speedup": t2 / t3},
+            {"case": f"{name} one-token step", "ssmkit_s": t3_step, "peer_s": t2_step, "peer": peer,
+             "speedup": t2_step / t3_step},
+        ]
+    return rows
+
+
 def _naive_s4d_kernel(layer, length: int) -> torch.Tensor:
     """The S4 reference code's S4D kernel: materialise (H, N/2, L) complex powers, then reduce over N."""
     _, log_dA, dB, C = layer.discrete()  # (H, N/2) complex each
@@ -179,7 +214,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", nargs="*", choices=["mamba", "mamba2", "s4d", "h3"])
+    parser.add_argument("--only", nargs="*", choices=["mamba", "mamba2", "mamba3", "s4d", "h3"])
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     try:
@@ -188,7 +223,8 @@ def main() -> None:
         transformers.logging.set_verbosity_error()
     except ImportError:
         pass
-    benches = {"mamba": bench_mamba, "mamba2": bench_mamba2, "s4d": bench_s4d, "h3": bench_h3}
+    benches = {"mamba": bench_mamba, "mamba2": bench_mamba2, "mamba3": bench_mamba3, "s4d": bench_s4d,
+               "h3": bench_h3}
     rows = []
     for name, fn in benches.items():
         if args.only and name not in args.only:
