@@ -10,10 +10,10 @@ any per-row number of tokens (ragged rows: row b keeps ``n[b]`` tokens, 0 <= n[b
 
 How each layer family rolls back (chosen per mixer class, most specific first):
 
-* Mamba / Mamba2: the pass keeps the short-conv input window and the scan inputs at the k positions (a few
-  (batch, k, d_inner)-sized tensors); ``select`` slices the conv window at n[b] and reruns only the scan with
-  the step size set to 0 beyond n[b] (exp(0 * A) = 1 and 0 * B * x = 0: the state is carried unchanged, exactly).
-  No projection is recomputed.
+* Mamba / Mamba2: the projections and the short conv run over the k positions at once; the recurrence runs
+  position by position in PyTorch (the same update ``step`` makes), keeping the state after every position
+  (k + 1 states of (d_inner, d_state) per row; k is small); ``select`` picks row b's state at n[b] and slices
+  the stored conv input window there. Nothing is recomputed.
 * Attention (causal or prefix, no sliding window): the KV cache after all k tokens, with row b's last
   k - n[b] entries cut off and the row shifted right (the cache is right-aligned; ``pos`` masks the padding).
 * Every other layer (S4, S4D, H3, LongConv, GatedSSM, RG-LRU, sliding-window attention): ``select`` runs the
@@ -35,7 +35,6 @@ from ..layers.mamba import Mamba, MambaState
 from ..layers.mamba2 import Mamba2, Mamba2State
 from ..models.heads import CausalLM
 from ..models.outputs import ModelState
-from ..ops import selective_scan, ssd
 from .states import _merge_layer
 
 
@@ -89,54 +88,77 @@ def _kept(n: Tensor, k: int) -> Tensor:
     return torch.arange(k, device=n.device)[None, :] < n[:, None]
 
 
-class MambaSnapshots(LayerSnapshots):
-    """Mamba: the conv input window and the scan inputs (u, step size, B, C) at the k positions."""
+class _ScanSnapshots(LayerSnapshots):
+    """Shared by Mamba and Mamba2: the conv input window and the recurrent state after every position."""
+
+    def _conv(self, xc: Tensor) -> Tensor:
+        """The short conv over the stored window: xc (batch, k, channels) -> (batch, k, channels)."""
+        conv = self.layer.conv1d
+        self.window = torch.cat([self.state.conv, xc.transpose(1, 2)], dim=2)
+        return F.conv1d(self.window, conv.weight, conv.bias, groups=self.window.shape[1]).transpose(1, 2)
+
+    def _scan(self, decay: Tensor, inject: Tensor, h: Tensor) -> Tensor:
+        """h_t = decay_t * h_{t-1} + inject_t for t < k (decay broadcastable to inject (batch, k, ...)): the
+        states (batch, k + 1, ...) with the initial one first (the recurrence ``step`` runs, position by
+        position)."""
+        states = [h]
+        for t in range(inject.shape[1]):
+            h = torch.addcmul(inject[:, t], decay[:, t], h)
+            states.append(h)
+        self.states = torch.stack(states, 1)
+        return self.states[:, 1:]
+
+    def _states_at(self, n: Tensor, rows: Tensor) -> Tensor:
+        return self.states[rows, n]
+
+
+class MambaSnapshots(_ScanSnapshots):
+    """Mamba: the scan runs position by position in PyTorch (k is small), keeping every state."""
 
     def run(self) -> Tensor:
         m, s, x = self.layer, self.state, self.x
+        m._check_state(s, x)
         xi, z = m.in_proj(x).chunk(2, dim=-1)
-        self.window = torch.cat([s.conv, xi.transpose(1, 2)], dim=2)
-        u, _ = m.conv1d(xi, s.conv)
-        self.u = F.silu(u)
-        dt_r, self.B, self.C = m.x_proj(self.u).split([m.dt_rank, m.d_state, m.d_state], dim=-1)
-        self.delta = F.softplus(F.linear(dt_r, m.dt_proj.weight) + m.dt_proj.bias)
-        self.A = -torch.exp(m.A_log)
-        y = selective_scan(self.u, self.delta, self.A, self.B, self.C, m.D, z, initial_state=s.ssm)
-        return m.out_proj(y)
+        u = F.silu(self._conv(xi))
+        dt_r, B, C = m.x_proj(u).split([m.dt_rank, m.d_state, m.d_state], dim=-1)
+        delta = F.softplus(F.linear(dt_r, m.dt_proj.weight) + m.dt_proj.bias)  # (batch, k, d_inner)
+        acc = s.ssm.dtype
+        delta, u_acc = delta.to(acc), u.to(acc)
+        decay = torch.exp(delta[..., None] * -torch.exp(m.A_log.to(acc)))  # (batch, k, d_inner, N)
+        inject = (delta * u_acc)[..., None] * B.to(acc)[:, :, None, :]
+        h = self._scan(decay, inject, s.ssm)
+        y = (h @ C.to(acc)[..., None]).squeeze(-1) + m.D.to(acc) * u_acc
+        return m.out_proj((y * F.silu(z.to(acc))).to(x.dtype))
 
     def select(self, n: Tensor, rows: Tensor) -> MambaState:
         conv = _conv_window(self.window, n, rows, self.layer.d_conv - 1)
-        delta = self.delta.index_select(0, rows) * _kept(n, self.x.shape[1])[..., None].to(self.delta.dtype)
-        sel = [t.index_select(0, rows) for t in (self.u, self.B, self.C)]
-        _, ssm = selective_scan(sel[0], delta, self.A, sel[1], sel[2], initial_state=self.state.ssm[rows],
-                                return_final_state=True)
-        return MambaState(conv=conv, ssm=ssm.contiguous())
+        return MambaState(conv=conv, ssm=self._states_at(n, rows).contiguous())
 
 
-class Mamba2Snapshots(LayerSnapshots):
-    """Mamba-2: the conv input window and the SSD inputs (x, dt, B, C) at the k positions."""
+class Mamba2Snapshots(_ScanSnapshots):
+    """Mamba-2: the SSD recurrence runs position by position in PyTorch (k is small), keeping every state."""
 
     def run(self) -> Tensor:
         m, s, x = self.layer, self.state, self.x
+        m._check_state(s, x)
         batch, k, _ = x.shape
         H, P, G, N = m.nheads, m.headdim, m.ngroups, m.d_state
         z, xBC, dt = m.in_proj(x).split([m.d_inner, m.conv_dim, H], dim=-1)
-        self.window = torch.cat([s.conv, xBC.transpose(1, 2)], dim=2)
-        xBC, _ = m.conv1d(xBC, s.conv)
-        xs, B, C = F.silu(xBC).split([m.d_inner, G * N, G * N], dim=-1)
-        self.xs, self.B, self.C = xs.unflatten(-1, (H, P)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
-        self.dt, self.A = m._dt(dt), -torch.exp(m.A_log)
-        y = ssd(self.xs, self.dt, self.A, self.B, self.C, D=m.D, chunk_size=m.chunk_size, initial_state=s.ssm)
-        return m.out_proj(m.norm(y.reshape(batch, k, m.d_inner), z))
+        xs, B, C = F.silu(self._conv(xBC)).split([m.d_inner, G * N, G * N], dim=-1)
+        acc = s.ssm.dtype
+        dt = m._dt(dt).to(acc)  # (batch, k, H)
+        decay = torch.exp(dt * -torch.exp(m.A_log.to(acc)))[..., None, None]  # (batch, k, H, 1, 1)
+        xh = xs.to(acc).view(batch, k, G, H // G, P)
+        Bg = B.to(acc).view(batch, k, G, 1, 1, N)
+        inject = ((dt.view(batch, k, G, H // G, 1) * xh)[..., None] * Bg).view(batch, k, H, P, N)
+        h = self._scan(decay, inject, s.ssm)  # (batch, k, H, P, N)
+        y = (h.view(batch, k, G, H // G, P, N) @ C.to(acc).view(batch, k, G, 1, N, 1)).squeeze(-1)
+        y = torch.addcmul(y, xh, m.D.to(acc).view(G, H // G, 1)).reshape(batch, k, m.d_inner)
+        return m.out_proj(m.norm(y.to(x.dtype), z))
 
     def select(self, n: Tensor, rows: Tensor) -> Mamba2State:
-        m = self.layer
-        conv = _conv_window(self.window, n, rows, m.d_conv - 1)
-        dt = self.dt.index_select(0, rows) * _kept(n, self.x.shape[1])[..., None].to(self.dt.dtype)
-        xs, B, C = (t.index_select(0, rows) for t in (self.xs, self.B, self.C))
-        _, ssm = ssd(xs, dt, self.A, B, C, chunk_size=m.chunk_size, initial_state=self.state.ssm[rows],
-                     return_final_state=True)
-        return Mamba2State(conv=conv, ssm=ssm.contiguous())
+        conv = _conv_window(self.window, n, rows, self.layer.d_conv - 1)
+        return Mamba2State(conv=conv, ssm=self._states_at(n, rows).contiguous())
 
 
 class AttentionSnapshots(LayerSnapshots):
