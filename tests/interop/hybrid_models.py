@@ -58,6 +58,15 @@ def jamba(seed: int = 0, **kw):
     return _build("JambaForCausalLM", "JambaConfig", seed, **kw)
 
 
+def granite(seed: int = 0, **kw):
+    kw = {"hidden_size": 16, "intermediate_size": 8, "shared_intermediate_size": 12, "num_hidden_layers": 3,
+          "layer_types": ["mamba", "attention", "mamba"], "num_attention_heads": 4, "num_key_value_heads": 2,
+          "num_local_experts": 4, "num_experts_per_tok": 2, "mamba_n_heads": 4, "mamba_d_state": 4,
+          "mamba_chunk_size": 4, "mamba_n_groups": 2, "embedding_multiplier": 3.0, "residual_multiplier": 0.4,
+          "logits_scaling": 2.5, "attention_multiplier": 0.3, **kw}
+    return _build("GraniteMoeHybridForCausalLM", "GraniteMoeHybridConfig", seed, **kw)
+
+
 #: name -> builder; each family twice, the second covering its other options
 HF_MODELS = {
     "falcon_mamba": lambda: falcon_mamba(),
@@ -79,4 +88,9 @@ HF_MODELS = {
     "jamba-dense-tied": lambda: jamba(
         4, num_experts=1, attn_layer_period=4, attn_layer_offset=0, mamba_proj_bias=True, mamba_conv_bias=False,
         tie_word_embeddings=True, mamba_expand=1, num_key_value_heads=1, rms_norm_eps=1e-4),
+    "granite": lambda: granite(),
+    "granite-dense-rope-tied": lambda: granite(
+        5, num_local_experts=0, position_embedding_type="rope", tie_word_embeddings=True, attention_bias=True,
+        layer_types=["attention", "mamba", "attention"], rope_parameters={"rope_type": "default", "rope_theta": 300.0},
+        mamba_proj_bias=True, rms_norm_eps=1e-4),
 }

@@ -79,9 +79,9 @@ def mamba2_fields(model: CausalLM, eps_name: str) -> dict[str, Any]:
                 limit=tuple(m.dt_limit))
 
 
-def gqa_layer(model: CausalLM, *, bias_together: bool = True):
+def gqa_layer(model: CausalLM, *, bias_together: bool = True, any_scale: bool = False):
     a = layer_of(model, "gqa")
-    if a.scale is not None:
+    if a.scale is not None and not any_scale:
         raise fail(f"gqa scale={a.scale}: this family uses head_dim ** -0.5")
     if bias_together and (a.q_proj.bias is None) != (a.o_proj.bias is None):
         raise fail("gqa qkv_bias and out_bias must be equal (one attention_bias)")

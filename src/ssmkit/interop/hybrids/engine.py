@@ -19,6 +19,9 @@ from ...models.checkpoint import load_state
 from ...models.config import ModelConfig
 from ...models.heads import CausalLM
 
+#: a transformers tensor, or the i-th of n equal row blocks of it: (key, i, n)
+Key = tuple[str, int, int]
+
 
 def fail(msg: str) -> ValueError:
     return ValueError(f"to_transformers: {msg}")
@@ -34,23 +37,36 @@ class Sub:
     """One ssmkit block in transformers' terms.
 
     kind: the ssmkit mixer name; norm: transformers key of the block's pre-norm weight; prefix: transformers
-    prefix of the mixer's parameters; names: exact renames (ssmkit mixer key -> transformers key) and prefixes:
-    leading renames (e.g. "mlp." -> "").
+    prefix of the mixer's parameters; names: exact renames (ssmkit mixer key -> transformers key, or
+    (transformers key, i, n): the i-th of n equal row blocks of that tensor, e.g. the gate half of a fused
+    gate/up projection) and prefixes: leading renames (e.g. "mlp." -> "").
     """
 
     kind: str
     norm: str
     prefix: str
-    names: dict[str, str] = field(default_factory=dict)
+    names: dict[str, str | tuple[str, int, int]] = field(default_factory=dict)
     prefixes: dict[str, str] = field(default_factory=dict)
 
-    def rename(self, key: str) -> str:
+    def rename(self, key: str) -> Key:
         if key in self.names:
-            return f"{self.prefix}.{self.names[key]}"
+            v = self.names[key]
+            return (f"{self.prefix}.{v}", 0, 1) if isinstance(v, str) else (f"{self.prefix}.{v[0]}", v[1], v[2])
         for a, b in self.prefixes.items():
             if key.startswith(a):
-                return f"{self.prefix}.{b}{key[len(a):]}"
-        return f"{self.prefix}.{key}"
+                return f"{self.prefix}.{b}{key[len(a):]}", 0, 1
+        return f"{self.prefix}.{key}", 0, 1
+
+
+def part(t: Tensor, key: Key) -> Tensor:
+    """The row block of ``t`` that ``key`` (name, i, n) names (t itself for n == 1)."""
+    _, i, n = key
+    if n == 1:
+        return t
+    rows = t.shape[0] // n
+    if rows * n != t.shape[0]:
+        raise ValueError(f"{key[0]}: {t.shape[0]} rows do not split into {n} equal blocks")
+    return t.narrow(0, i * rows, rows)
 
 
 @dataclass(frozen=True)
@@ -68,27 +84,32 @@ class Family:
     layout: Callable[[Any], list[Sub]]
 
 
-def key_pairs(family: Family, hf_config: Any, model: CausalLM) -> list[tuple[str, str]]:
+def key_pairs(family: Family, hf_config: Any, model: CausalLM) -> list[tuple[str, Key]]:
     """(ssmkit key, transformers key) for every weight of ``model`` (tied lm_head excluded)."""
     layout = family.layout(hf_config)
     kinds = [s.kind for s in layout]
     if kinds != model.backbone.mixer_names:
         raise ValueError(f"{family.name}: the model's pattern {model.backbone.mixer_names} does not match the "
                          f"transformers layout {kinds}")
-    pairs = [("backbone.embedding.weight", family.embed), ("backbone.final_norm.weight", family.final_norm)]
+    pairs = [("backbone.embedding.weight", (family.embed, 0, 1)),
+             ("backbone.final_norm.weight", (family.final_norm, 0, 1))]
     if not model.config.tie_embeddings:
-        pairs.append(("lm_head.weight", "lm_head.weight"))
+        pairs.append(("lm_head.weight", ("lm_head.weight", 0, 1)))
     for j, (sub, block) in enumerate(zip(layout, model.backbone.blocks, strict=True)):
-        pairs.append((f"backbone.blocks.{j}.norm.weight", sub.norm))
+        pairs.append((f"backbone.blocks.{j}.norm.weight", (sub.norm, 0, 1)))
         pairs += [(f"backbone.blocks.{j}.mixer.{k}", sub.rename(k)) for k in block.mixer.state_dict()]
     return pairs
 
 
-def _check_cover(family: Family, pairs: list[tuple[str, str]], theirs: dict[str, Tensor], tied: bool) -> None:
-    mapped = {t for _, t in pairs}
+def _check_cover(family: Family, pairs: list[tuple[str, Key]], theirs: dict[str, Tensor], tied: bool) -> None:
+    mapped = {t[0] for _, t in pairs}
     ignored = {"lm_head.weight"} if tied else set()
     missing = sorted(mapped - set(theirs))
     unmapped = sorted(set(theirs) - mapped - ignored)
+    parts: dict[str, tuple[int, set[int]]] = {}
+    for _, (k, i, n) in pairs:
+        parts.setdefault(k, (n, set()))[1].add(i)
+    unmapped += sorted(f"{k} (row blocks {sorted(got)} of {n})" for k, (n, got) in parts.items() if len(got) != n)
     if missing or unmapped:
         raise ValueError(f"{family.name}: weights do not map one to one -- not in transformers' model: "
                          f"{', '.join(missing) or 'none'}; not mapped: {', '.join(unmapped) or 'none'}")
@@ -103,7 +124,7 @@ def from_hf(family: Family, hf: nn.Module) -> CausalLM:
     pairs = key_pairs(family, hf.config, model)
     theirs = hf.state_dict()
     _check_cover(family, pairs, theirs, config.tie_embeddings)
-    load_state(model, {o: theirs[t].detach() for o, t in pairs}, where=f"transformers {type(hf).__name__}")
+    load_state(model, {o: part(theirs[t[0]], t).detach() for o, t in pairs}, where=f"transformers {type(hf).__name__}")
     return model.eval()
 
 
@@ -136,9 +157,10 @@ def to_hf(family: Family, model: CausalLM, overrides: dict[str, Any]) -> nn.Modu
     ours = model.state_dict()
     with torch.no_grad():
         for o, t in pairs:
-            if theirs[t].shape != ours[o].shape:
-                raise fail(f"{o} {tuple(ours[o].shape)} does not fit {t} {tuple(theirs[t].shape)}")
-            theirs[t].copy_(ours[o])
+            dst = part(theirs[t[0]], t)
+            if dst.shape != ours[o].shape:
+                raise fail(f"{o} {tuple(ours[o].shape)} does not fit {t[0]} {tuple(dst.shape)}")
+            dst.copy_(ours[o])
     if cfg.tie_word_embeddings and hf.lm_head.weight.data_ptr() != hf.get_input_embeddings().weight.data_ptr():
         raise RuntimeError(f"to_transformers: transformers did not tie {family.hf_class}'s lm_head")
     return hf.eval()
