@@ -7,10 +7,11 @@ greedy's; with ``temperature > 0`` a draft token d is kept with probability min(
 rejection a token is drawn from max(p - q, 0) renormalised (p, q: the target's and the draft's filtered
 distributions), so every token is distributed as plain sampling from the target would give it.
 
-Tree (``tree=(b, d)``, greedy only): the draft proposes its top-b tokens at every level down to depth d (b**d
-root-to-leaf paths). The target verifies all paths in one pass, as a batch of paths (each from a copy of the
-row's state; shared prefixes are recomputed, there is no tree scan), keeps the longest accepted path and sets its
-state to that path's end. Output again equals plain greedy.
+Tree (``tree=(b, d)``, greedy only): the draft proposes its top-b tokens at every level down to depth d
+(1 + b + ... + b**d nodes). The target verifies the whole tree in one pass (:mod:`ssmkit.infer.tree`: each
+node's Mamba/Mamba-2 state comes from its parent's, attention sees the node's ancestors), keeps the deepest
+accepted node and sets its state to that node's path. Models with other mixers verify the b**d root-to-leaf
+paths as batch rows instead (shared prefixes recomputed). Output again equals plain greedy.
 
     tokens, stats = speculative_generate(target, ids, 64, draft_model=draft, num_draft=4)
     print(stats.acceptance_rate, stats.tokens_per_pass)
@@ -19,6 +20,7 @@ state to that path's end. Output again equals plain greedy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +33,7 @@ from .generate import _check_model, _plan, _prefill
 from .multitoken import forward_snapshots
 from .sampling import filter_logits, sample_from_logits
 from .states import merge_states
+from .tree import TokenTree, forward_tree, tree_supported
 
 
 @dataclass
@@ -179,19 +182,67 @@ def _chain_round(plan, draft: CausalLM, k: int, last: Tensor, s_t: ModelState, s
     return out, n + 1, snaps.select(n + 1), _pick_states(states, n + 1)
 
 
+@functools.cache
+def _tree_tables(branches: int, depth: int) -> tuple[TokenTree, Tensor, Tensor, Tensor]:
+    """(tree, parents (T,), depths (T,), leaf_paths (T, depth + 1)): for every node, the root-to-leaf path of its
+    first leaf (so the path through the node)."""
+    tree = TokenTree.full(branches, depth)
+    leaf_paths = []
+    for i in range(tree.size):
+        leaf = i
+        while leaf * branches + 1 < tree.size:  # the first child in breadth-first order of a full tree
+            leaf = leaf * branches + 1
+        leaf_paths.append(tree.path(leaf))
+    return (tree, torch.tensor(tree.parents), torch.tensor(tree.depths()), torch.tensor(leaf_paths))
+
+
 @torch.no_grad()
-def _tree_round(plan, draft: CausalLM, tree: tuple[int, int], last: Tensor, s_t: ModelState, s_d: ModelState,
-                active: Tensor) -> tuple[Tensor, Tensor, ModelState, ModelState]:
-    """One round with a tree of drafts (greedy): see the module docstring. Same returns as _chain_round."""
+def _draft_tree(draft: CausalLM, tree: tuple[int, int], last: Tensor, s_d: ModelState) -> tuple[Tensor, Tensor]:
+    """The draft's top-b tokens per level: -> (nodes (m, T) in TokenTree.full order with ``last`` as the root,
+    paths (m * b**d, d) root-to-leaf draft tokens, row-major)."""
     b, depth = tree
     m = last.shape[0]
     lg, s = draft.step(last, s_d)
+    levels = [last[:, None]]
     paths = torch.empty((m, 0), dtype=torch.long, device=last.device)
     for level in range(depth):
         top = torch.topk(lg, b, dim=-1).indices  # (rows, b), best first
         paths = torch.cat([paths.repeat_interleave(b, 0), top.reshape(-1, 1)], 1)
+        levels.append(top.reshape(m, -1))
         if level < depth - 1:
             lg, s = draft.step(top.reshape(-1), s.map(lambda t: t.repeat_interleave(b, 0)))
+    return torch.cat(levels, 1), paths
+
+
+@torch.no_grad()
+def _tree_round(plan, draft: CausalLM, tree: tuple[int, int], last: Tensor, s_t: ModelState, s_d: ModelState,
+                active: Tensor) -> tuple[Tensor, Tensor, ModelState, ModelState]:
+    """One round with a tree of drafts (greedy): see the module docstring. Same returns as _chain_round."""
+    nodes, paths = _draft_tree(draft, tree, last, s_d)
+    if not tree_supported(plan.model):
+        return _paths_round(plan, draft, tree, last, s_t, s_d, paths)
+    tt, parents, depths, leaf_paths = _tree_tables(*tree)
+    logits, snaps = forward_tree(plan.model, nodes, tt, s_t)
+    g = torch.argmax(logits, dim=-1)  # (m, T)
+    ok = torch.ones_like(nodes, dtype=torch.bool)
+    for i in range(1, tt.size):  # parents come first: a node is accepted when its parent is and it matches
+        p = int(parents[i])
+        ok[:, i] = ok[:, p] & (nodes[:, i] == g[:, p])
+    best = torch.argmax(ok.long() * (depths + 1), dim=1)  # the deepest accepted node (the path is unique)
+    n = depths[best]
+    chosen = nodes.gather(1, leaf_paths[best])  # (m, depth + 1): root, then a path through the best node
+    final = g.gather(1, best[:, None]).squeeze(1)
+    out = torch.cat([chosen[:, 1:], chosen[:, 1:2]], 1).scatter(1, n[:, None], final[:, None])
+    _, dsnaps = forward_snapshots(draft, chosen, s_d)
+    return out, n + 1, snaps.select(best), dsnaps.select(n + 1)
+
+
+@torch.no_grad()
+def _paths_round(plan, draft: CausalLM, tree: tuple[int, int], last: Tensor, s_t: ModelState, s_d: ModelState,
+                 paths: Tensor) -> tuple[Tensor, Tensor, ModelState, ModelState]:
+    """Tree verification for models without a tree form: every root-to-leaf path as its own batch row."""
+    b, depth = tree
+    m = last.shape[0]
     n_paths = b ** depth
     verify = torch.cat([last.repeat_interleave(n_paths)[:, None], paths], 1)  # (m * P, depth + 1)
     logits, snaps = forward_snapshots(plan.model, verify, s_t.map(lambda t: t.repeat_interleave(n_paths, 0)))
