@@ -32,6 +32,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 2e-3
     evals: int = 10  # validation passes (checkpoint selection) over the run
+    max_val: int = 256  # validation windows (evenly spaced over the last 15% of the training windows)
     seasonal_residual: bool = True  # neural forecasters learn the correction to seasonal naive
 
 
@@ -65,7 +66,8 @@ def train_forecaster(name: str, z: np.ndarray, end: int, context: int, horizon: 
                          f"{end} points before the first origin; shorten the context")
     n_val = max(1, int(round(0.15 * len(x))))
     xt, yt = torch.tensor(x[:-n_val], dtype=torch.float32), torch.tensor(y[:-n_val], dtype=torch.float32)
-    xv, yv = torch.tensor(x[-n_val:], dtype=torch.float32), torch.tensor(y[-n_val:], dtype=torch.float32)
+    pick = np.linspace(len(x) - n_val, len(x) - 1, min(n_val, cfg.max_val)).round().astype(int)
+    xv, yv = torch.tensor(x[pick], dtype=torch.float32), torch.tensor(y[pick], dtype=torch.float32)
     torch.manual_seed(seed)
     model = FORECASTERS[name](context, horizon, z.shape[1])
     if cfg.seasonal_residual:
