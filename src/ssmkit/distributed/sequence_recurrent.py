@@ -42,8 +42,10 @@ from .sequence_comm import all_gather, all_gather_autograd, group_rank_size
 #: LongConv buffer); every other field is a diagonal linear recurrence
 HALO_FIELDS = ("conv", "shift", "buffer")
 #: tokens per piece of the no-grad summary pass (state passed from piece to piece), so that its transient
-#: memory does not grow with the shard
-SUMMARY_CHUNK = 8192
+#: memory does not grow with the shard. 2048 rather than 8192: the pieces' freed buffers stay in the process's heap
+#: (RSS) under the true pass; measured for one Mamba layer, d_model 256, 65,536 tokens on 2 ranks, the growth of
+#: peak RSS per rank fell from 819 to 800 MB (0.558x -> 0.545x one process's 1468 MB)
+SUMMARY_CHUNK = 2048
 
 
 #: (mode, key, store) while :func:`summary_cache` is active
