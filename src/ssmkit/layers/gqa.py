@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import AttentionState
-from .base import SequenceLayer, check_d_model, state_kwargs
+from .base import SequenceLayer, check_d_model, state_kwargs, to_compute
 from .ffn import check_bool, check_positive_int
 
 
@@ -134,11 +134,13 @@ class GQAttention(SequenceLayer):
         reset = self.check_reset(reset, x)
         batch, length, _ = x.shape
         if initial_state is not None:
-            initial_state = self._check_cache(initial_state, batch, x.dtype)
+            initial_state = self._check_cache(initial_state, batch, self.act_dtype(x))
         cache_len = 0 if initial_state is None else initial_state.k.shape[2]
-        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # under autocast q, k, v (and the cache) are float32; the attention itself runs in autocast's dtype
+        q, k, v = to_compute(self, self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         idx = torch.arange(length, device=x.device)
         pos0 = torch.zeros(batch, 1, dtype=torch.long, device=x.device) if initial_state is None \
             else initial_state.pos[:, None]

@@ -11,7 +11,7 @@ outputs are summed with the routing weights; an optional always-on shared expert
 
 then optionally renormalised to sum to one (``norm_topk``) and multiplied by ``scaling``. Routing computes in
 (at least) float32. :meth:`MoE.forward` gathers each expert's tokens; :func:`moe_reference` is the plain oracle
-(every expert on every token, a loop over the experts).
+(every expert on every token, a loop over the experts). Under ``torch.autocast`` the router stays in float32.
 
 Weights (experts stacked, transformers' 3-D layout): ``router.weight`` (n_experts, d_model), ``router_bias``
 (n_experts,) buffer for "sigmoid", ``w_in`` (n_experts, d_in, d_model) with d_in = 2 d_hidden when gated (gate
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import SequenceLayer, check_choice, check_d_model, state_kwargs
+from .base import SequenceLayer, check_choice, check_d_model, no_autocast, state_kwargs
 from .ffn import ACTIVATIONS, MLPWeights, NoState, check_bool, check_positive_int
 
 ROUTERS = ("softmax", "topk_softmax", "sigmoid")
@@ -116,7 +116,8 @@ class MoE(SequenceLayer):
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (tokens, d_model) -> (weights (tokens, top_k) in x's dtype, expert ids (tokens, top_k))."""
         cdt = torch.promote_types(x.dtype, torch.float32)
-        logits = F.linear(x.to(cdt), self.router.weight.to(cdt))
+        with no_autocast(x):  # routing decisions in float32 even under autocast
+            logits = F.linear(x.to(cdt), self.router.weight.to(cdt))
         if self.router_kind == "softmax":
             w, idx = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
         elif self.router_kind == "topk_softmax":
