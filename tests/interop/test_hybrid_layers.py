@@ -125,3 +125,20 @@ def test_bad_options_fail_in_one_line(make, match):
     with pytest.raises(ValueError, match=match) as e:
         make()
     assert "\n" not in str(e.value)
+
+
+def test_gqa_steps_after_a_packed_chunk_see_only_their_segment():
+    """Rows whose segment started inside the prefilled chunk keep older cache entries masked while stepping."""
+    torch.manual_seed(0)
+    layer = _perturb(GQAttention(D, n_heads=4, n_kv_heads=2, rotary_dim=2).double(), 7)
+    x = _x(2, 9, D, seed=8)
+    reset = torch.zeros(2, 9, dtype=torch.bool)
+    reset[0, 3] = reset[1, 1] = True
+    with torch.no_grad():
+        whole = layer(x, reset=reset)
+        y, state = layer(x[:, :5], reset=reset[:, :5], return_final_state=True)
+        ys = [y]
+        for t in range(5, 9):
+            y_t, state = layer.step(x[:, t], state)
+            ys.append(y_t[:, None])
+    assert_close(torch.cat(ys, 1), whole, 1e-12, "steps after a packed chunk")

@@ -157,6 +157,10 @@ class GQAttention(SequenceLayer):
         gqa = self.n_heads != self.n_kv_heads
         if initial_state is None and reset is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+        elif reset is None and length == 1 and bool((initial_state.pos >= cache_len).all()):
+            # one new token whose row sees its whole cache (plain decoding): no mask needed
+            keys, vals = torch.cat([initial_state.k, k], 2), torch.cat([initial_state.v, v], 2)
+            out = F.scaled_dot_product_attention(q, keys, vals, scale=self.scale, enable_gqa=gqa)
         else:
             key_seg = seg
             if initial_state is not None:  # cached entries of the current segment are segment 0; older ones -1
