@@ -1,0 +1,157 @@
+"""Hybrid-model speed: ssmkit vs transformers on a NemotronH-shaped model (Mamba-2, GQA attention and MLP blocks)
+with random weights, converted with ssmkit.interop so both sides hold identical weights, in one process (ratios).
+
+    python benchmarks/bench_hybrid.py [--quick] [--threads N]
+
+Model: NemotronHForCausalLM, d_model 512, 8 layers "M-M-*-M-" (Mamba-2: 16 heads x 64, d_state 64, 2 groups;
+attention: 8 query / 2 kv heads of 64; MLP: relu2, 1536 wide), vocab 32000. Cases:
+- prefill of a 2048-token prompt, batch 1: time to the last position's logits and the cache/state (ssmkit:
+  forward with return_final_state; transformers: forward with use_cache=True, logits_to_keep=1);
+- decode after a 2048-token prompt, batch 1 and 8: the time of 32 one-token steps from the prefilled cache (ssmkit:
+  CausalLM.step; transformers: its forward on one token with the cache), with the logits of both compared;
+- generate as a user sees it (2048-token prompt, 32 greedy tokens, batch 1): both generate functions, and whether
+  they produced the same tokens.
+``--quick``: 4 layers "M*M-", 256-token prompts, 8 steps. Writes benchmarks/results/bench_hybrid.json.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import best_time, current_rss_bytes, print_table, write_json  # noqa: E402
+
+FULL = {"pattern": "M-M-*-M-", "context": 2048, "steps": 32, "batches": [1, 8], "repeat": 2}
+QUICK = {"pattern": "M*M-", "context": 256, "steps": 8, "batches": [1, 8], "repeat": 2}
+TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
+
+
+def build(pattern: str):
+    """(transformers model, ssmkit model) with the same random weights."""
+    import transformers
+
+    from ssmkit.interop import from_transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.NemotronHConfig(
+        vocab_size=32000, hidden_size=512, layers_block_type=[TYPES[c] for c in pattern], num_attention_heads=8,
+        num_key_value_heads=2, head_dim=64, intermediate_size=1536, ssm_state_size=64, mamba_num_heads=16,
+        mamba_head_dim=64, n_groups=2, chunk_size=128, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    hf = transformers.NemotronHForCausalLM(cfg).eval()
+    return hf, from_transformers(hf)
+
+
+def ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 32000, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def prefill_case(hf, ours, length: int, repeat: int) -> dict:
+    x = ids(1, length, seed=7)
+    res: dict = {}
+
+    @torch.no_grad()
+    def run_ours():
+        hidden, _ = ours.backbone(x, return_final_state=True, input_name="input_ids")
+        res["ours"] = ours.lm_head(hidden[:, -1])
+
+    @torch.no_grad()
+    def run_hf():
+        res["hf"] = hf(x, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    t_ours = best_time(run_ours, repeat=repeat, warmup=1)
+    t_hf = best_time(run_hf, repeat=repeat, warmup=1)
+    err = float((res["ours"] - res["hf"]).abs().max() / res["hf"].abs().max())
+    return {"case": f"prefill {length} b1", "ssmkit_s": t_ours, "transformers_s": t_hf, "speedup": t_hf / t_ours,
+            "ssmkit_tok_per_s": length / t_ours, "transformers_tok_per_s": length / t_hf, "logits_rel_err": err}
+
+
+@torch.no_grad()
+def decode_case(hf, ours, batch: int, context: int, steps: int, repeat: int) -> dict:
+    x = ids(batch, context + steps, seed=batch)
+    prompt, nxt = x[:, :context], x[:, context:]
+
+    def ours_run() -> tuple[float, torch.Tensor]:
+        state = ours(prompt, return_final_state=True).state
+        t0 = time.perf_counter()
+        for t in range(steps):
+            lg, state = ours.step(nxt[:, t], state)
+        return time.perf_counter() - t0, lg
+
+    def hf_run() -> tuple[float, torch.Tensor]:
+        cache = hf(prompt, use_cache=True, logits_to_keep=1).cache
+        t0 = time.perf_counter()
+        for t in range(steps):
+            out = hf(nxt[:, t:t + 1], cache=cache, use_cache=True)
+            cache = out.cache
+        return time.perf_counter() - t0, out.logits[:, -1]
+
+    ours_run(), hf_run()  # warm-up
+    t_ours, lg_ours = min((ours_run() for _ in range(repeat)), key=lambda r: r[0])
+    t_hf, lg_hf = min((hf_run() for _ in range(repeat)), key=lambda r: r[0])
+    err = float((lg_ours - lg_hf).abs().max() / lg_hf.abs().max())
+    n = batch * steps
+    return {"case": f"decode @{context} b{batch}", "ssmkit_s": t_ours, "transformers_s": t_hf,
+            "speedup": t_hf / t_ours, "ssmkit_tok_per_s": n / t_ours, "transformers_tok_per_s": n / t_hf,
+            "logits_rel_err": err}
+
+
+@torch.no_grad()
+def generate_case(hf, ours, context: int, new: int, repeat: int) -> dict:
+    from ssmkit.infer import generate
+
+    x = ids(1, context, seed=11)
+    out: dict = {}
+
+    def run_ours():
+        out["ours"] = generate(ours, x, new)
+
+    def run_hf():
+        out["hf"] = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                                do_sample=False)[:, context:]
+
+    t_ours = best_time(run_ours, repeat=repeat, warmup=1)
+    t_hf = best_time(run_hf, repeat=repeat, warmup=1)
+    return {"case": f"generate {context}+{new} b1", "ssmkit_s": t_ours, "transformers_s": t_hf,
+            "speedup": t_hf / t_ours, "ssmkit_tok_per_s": new / t_ours, "transformers_tok_per_s": new / t_hf,
+            "same_tokens": bool(torch.equal(out["ours"], out["hf"]))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="4 layers, 256-token prompts (a smoke run)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides")
+    args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    p = QUICK if args.quick else FULL
+    warnings.simplefilter("ignore")
+    t0 = time.perf_counter()
+    hf, ours = build(p["pattern"])
+    print(f"model: {ours.summary()}  (threads: {torch.get_num_threads()})")
+    rows = [prefill_case(hf, ours, p["context"], p["repeat"])]
+    rows += [decode_case(hf, ours, b, p["context"], p["steps"], p["repeat"]) for b in p["batches"]]
+    rows.append(generate_case(hf, ours, p["context"], p["steps"], p["repeat"]))
+    print_table(rows, ["case", "speedup", "ssmkit_s", "transformers_s", "ssmkit_tok_per_s", "transformers_tok_per_s",
+                       "logits_rel_err", "same_tokens"])
+    path = write_json("bench_hybrid" + ("_quick" if args.quick else ""), {
+        "quick": args.quick, "threads": torch.get_num_threads(), "params": p, "model": ours.summary(), "rows": rows,
+        "rss_bytes_end": current_rss_bytes(), "wall_s": time.perf_counter() - t0})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
