@@ -54,17 +54,24 @@ def check_bool(owner: str, name: str, v: object) -> bool:
 class MLPWeights(nn.Module):
     """The projections of one (gated or plain) MLP: x (..., d_model) -> (..., d_model)."""
 
-    def __init__(self, d_model: int, d_hidden: int, act: str, gated: bool, bias: bool, **kw) -> None:
+    def __init__(self, d_model: int, d_hidden: int, act: str, gated: bool, bias: bool, gate_multiplier: float = 1.0,
+                 down_multiplier: float = 1.0, **kw) -> None:
         super().__init__()
         self.act, self.gated = act, gated
+        self.gate_multiplier, self.down_multiplier = gate_multiplier, down_multiplier
         self.gate_proj = nn.Linear(d_model, d_hidden, bias=bias, **kw) if gated else None
         self.up_proj = nn.Linear(d_model, d_hidden, bias=bias, **kw)
         self.down_proj = nn.Linear(d_hidden, d_model, bias=bias, **kw)
 
     def forward(self, x: Tensor) -> Tensor:
         act = ACTIVATIONS[self.act]
-        h = act(self.gate_proj(x)) * self.up_proj(x) if self.gate_proj is not None else act(self.up_proj(x))
-        return self.down_proj(h)
+        if self.gate_proj is None:
+            h = act(self.up_proj(x))
+        else:
+            g = self.gate_proj(x)
+            h = act(g if self.gate_multiplier == 1.0 else g * self.gate_multiplier) * self.up_proj(x)
+        y = self.down_proj(h)
+        return y if self.down_multiplier == 1.0 else y * self.down_multiplier
 
 
 class FeedForward(SequenceLayer):
@@ -76,6 +83,8 @@ class FeedForward(SequenceLayer):
         act: one of :data:`ACTIVATIONS` ("silu", "gelu", "gelu_pytorch_tanh", "relu", "relu2").
         gated: gate_proj present (SwiGLU-style) or not.
         bias: biases in the projections.
+        gate_multiplier, down_multiplier: FalconH1's muP constants: act(gate_proj(x) * gate_multiplier) and
+            down_proj(...) * down_multiplier (1.0 skips them).
 
     Shapes: x (batch, length, d_model) -> y (batch, length, d_model).
     """
@@ -88,6 +97,8 @@ class FeedForward(SequenceLayer):
         gated: bool = True,
         *,
         bias: bool = False,
+        gate_multiplier: float = 1.0,
+        down_multiplier: float = 1.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -98,7 +109,13 @@ class FeedForward(SequenceLayer):
         self.act = check_choice(name, "act", act, tuple(ACTIVATIONS))
         self.gated = check_bool(name, "gated", gated)
         check_bool(name, "bias", bias)
-        self.mlp = MLPWeights(d_model, self.d_hidden, act, gated, bias, device=device, dtype=dtype)
+        for k, v in (("gate_multiplier", gate_multiplier), ("down_multiplier", down_multiplier)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{name}: {k} must be a positive number, got {v!r}")
+        if gate_multiplier != 1.0 and not gated:
+            raise ValueError(f"{name}: gate_multiplier needs gated=True")
+        self.mlp = MLPWeights(d_model, self.d_hidden, act, gated, bias, float(gate_multiplier), float(down_multiplier),
+                              device=device, dtype=dtype)
 
     def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None) -> NoState:
         check_positive_int(f"{type(self).__name__}.init_state", "batch_size", batch_size)

@@ -30,6 +30,7 @@ class GQAttention(SequenceLayer):
         rotary_base: the rotary frequency base.
         scale: the softmax scale; None = head_dim ** -0.5.
         qkv_bias, out_bias: biases of q/k/v_proj and of o_proj.
+        key_multiplier: keys are k_proj(x) * key_multiplier (FalconH1's muP constant; 1.0 skips it).
 
     Shapes: x (batch, length, d_model) -> y (batch, length, d_model).
     """
@@ -46,6 +47,7 @@ class GQAttention(SequenceLayer):
         *,
         qkv_bias: bool = False,
         out_bias: bool = False,
+        key_multiplier: float = 1.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -72,6 +74,9 @@ class GQAttention(SequenceLayer):
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
             raise ValueError(f"{name}: scale must be a positive number or None, got {scale!r}")
         self.scale = None if scale is None else float(scale)
+        if isinstance(key_multiplier, bool) or not isinstance(key_multiplier, (int, float)) or not key_multiplier > 0:
+            raise ValueError(f"{name}: key_multiplier must be a positive number, got {key_multiplier!r}")
+        self.key_multiplier = float(key_multiplier)
         check_bool(name, "qkv_bias", qkv_bias)
         check_bool(name, "out_bias", out_bias)
         kw = {"device": device, "dtype": dtype}
@@ -138,6 +143,8 @@ class GQAttention(SequenceLayer):
         cache_len = 0 if initial_state is None else initial_state.k.shape[2]
         # under autocast q, k, v (and the cache) are float32; the attention itself runs in autocast's dtype
         q, k, v = to_compute(self, self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        if self.key_multiplier != 1.0:
+            k = k * self.key_multiplier
         q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)

@@ -42,7 +42,7 @@ _PLAIN: dict[str, tuple[str, str]] = {
     "attn": ("attention", "Attention"),
     # for transformers' hybrid families (ssmkit.interop): GQA attention, MLP and MoE blocks, Mamba with dt/B/C norms
     "gqa": ("gqa", "GQAttention"), "ffn": ("ffn", "FeedForward"), "moe": ("moe", "MoE"),
-    "normed-mamba": ("normed_mamba", "NormedMamba"),
+    "normed-mamba": ("normed_mamba", "NormedMamba"), "parallel-h1": ("falcon_h1", "ParallelHybrid"),
     # the Mamba paper's Table 1 ablations: selective SSM without a gate, H3 with S6, Mamba with S4D
     "s6": ("ablation", "S6"), "h3-s6": ("ablation", "H3S6"), "mamba-s4d": ("ablation", "MambaS4D"),
 }
