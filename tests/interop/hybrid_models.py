@@ -67,6 +67,16 @@ def granite(seed: int = 0, **kw):
     return _build("GraniteMoeHybridForCausalLM", "GraniteMoeHybridConfig", seed, **kw)
 
 
+def falcon_h1(seed: int = 0, **kw):
+    kw = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "head_dim": 4, "mamba_d_ssm": 32, "mamba_n_heads": 4, "mamba_d_head": 8,
+          "mamba_d_state": 4, "mamba_n_groups": 2, "mamba_chunk_size": 4, "embedding_multiplier": 2.0,
+          "lm_head_multiplier": 0.5, "mlp_multipliers": [1.5, 0.75], "key_multiplier": 0.8,
+          "attention_in_multiplier": 1.25, "attention_out_multiplier": 0.6,
+          "ssm_multipliers": [0.5, 1.5, 2.0, 0.25, 1.2], "ssm_in_multiplier": 0.9, "ssm_out_multiplier": 1.1, **kw}
+    return _build("FalconH1ForCausalLM", "FalconH1Config", seed, **kw)
+
+
 #: name -> builder; each family twice, the second covering its other options
 HF_MODELS = {
     "falcon_mamba": lambda: falcon_mamba(),
@@ -93,4 +103,10 @@ HF_MODELS = {
         5, num_local_experts=0, position_embedding_type="rope", tie_word_embeddings=True, attention_bias=True,
         layer_types=["attention", "mamba", "attention"], rope_parameters={"rope_type": "default", "rope_theta": 300.0},
         mamba_proj_bias=True, rms_norm_eps=1e-4),
+    "falcon_h1": lambda: falcon_h1(),
+    "falcon_h1-norm-bias-tied": lambda: falcon_h1(
+        6, mamba_rms_norm=True, mamba_norm_before_gate=False, attention_bias=True, mlp_bias=True, mamba_proj_bias=True,
+        projectors_bias=True, mamba_conv_bias=False, tie_word_embeddings=True, num_key_value_heads=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 300.0}),
+    "falcon_h1-norm-before-gate": lambda: falcon_h1(7, mamba_rms_norm=True, mamba_norm_before_gate=True),
 }

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ssmkit.layers.attention import Attention
+from ssmkit.layers.falcon_h1 import ParallelHybrid
 from ssmkit.layers.ffn import FeedForward
 from ssmkit.layers.gqa import GQAttention
 from ssmkit.layers.moe import MoE, moe_reference
@@ -73,6 +74,10 @@ LAYERS = {
     "gqa-plain-wide": lambda: GQAttention(D, n_heads=2, n_kv_heads=1, head_dim=6, scale=0.3, out_bias=True),
     "normed-mamba": lambda: NormedMamba(D, d_state=4, dt_rank=3, bcdt_weights=True, bcdt_eps=1e-4),
     "normed-mamba-weightless": lambda: NormedMamba(D, d_state=4, dt_rank=2, bias=True),
+    "parallel-h1": lambda: ParallelHybrid(D, n_heads=2, n_kv_heads=1, rotary_dim=4, key_multiplier=0.7, d_state=4,
+                                          headdim=4, ngroups=2, chunk_size=4, ssm_rms_norm=True,
+                                          ssm_multipliers=(0.5, 1.5, 2.0, 0.25, 1.2), ssm_in_multiplier=0.9,
+                                          attn_in_multiplier=1.3, attn_out_multiplier=0.6),
 }
 
 

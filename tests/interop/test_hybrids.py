@@ -1,5 +1,5 @@
-"""transformers' hybrid families (FalconMamba, Bamba, NemotronH, Jamba, GraniteMoeHybrid) against ssmkit: logits
-within 1e-4 of transformers' own CPU forward (float32 and float64), 30 greedy tokens identical to transformers'
+"""transformers' hybrid families (FalconMamba, Bamba, NemotronH, Jamba, GraniteMoeHybrid, FalconH1) against ssmkit:
+logits within 1e-4 of transformers' own CPU forward (float32 and float64), 30 greedy tokens identical to transformers'
 cached ``generate``, chunked cached forwards and steps equal to one full forward, exact round trips (objects and
 directories), and one-line errors for options ssmkit does not implement. Never touches the hub."""
 
@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from tests.interop.hybrid_models import HF_MODELS, VOCAB, bamba, falcon_mamba, granite, jamba, nemotron_h
+from tests.interop.hybrid_models import HF_MODELS, VOCAB, bamba, falcon_h1, falcon_mamba, granite, jamba, nemotron_h
 
 transformers = pytest.importorskip("transformers")
 
@@ -143,6 +143,7 @@ def test_directories_round_trip(tmp_path):
     (lambda: nemotron_h(mamba_hidden_act="gelu"), r"NemotronH: config option mamba_hidden_act='gelu'"),
     (lambda: nemotron_h(mlp_hidden_act="tanh"), r"NemotronH: config option mlp_hidden_act='tanh'"),
     (lambda: jamba(hidden_act="relu"), r"Jamba: config option hidden_act='relu' is not supported"),
+    (lambda: falcon_h1(projectors_bias=True), r"FalconH1: config option projectors_bias=True is not supported"),
     (lambda: granite(position_embedding_type="alibi"),
      r"GraniteMoeHybrid: config option position_embedding_type='alibi' is not supported"),
 ])

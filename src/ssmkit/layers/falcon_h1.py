@@ -71,6 +71,7 @@ class H1Mamba2(Mamba2):
         mult = tuple(_number(name, "ssm_multipliers", m) for m in ssm_multipliers)
         if len(mult) != 5:
             raise ValueError(f"{name}: ssm_multipliers must hold 5 numbers (z, x, B, C, dt), got {ssm_multipliers!r}")
+        self.ssm_multipliers = mult
         gn = self.ngroups * self.d_state
         sizes = (self.d_inner, self.d_inner, gn, gn, self.nheads)
         mup = torch.cat([torch.full((n,), m) for n, m in zip(sizes, mult, strict=True)])

@@ -1,4 +1,4 @@
-"""transformers interop for the hybrid families: FalconMamba, Bamba, NemotronH, Jamba, GraniteMoeHybrid.
+"""transformers interop for the hybrid families: FalconMamba, Bamba, NemotronH, Jamba, GraniteMoeHybrid, FalconH1.
 
 Each family is one module describing its config translation and its block layout (:mod:`.engine`). In ssmkit a
 hybrid model is an ordinary :class:`~ssmkit.models.CausalLM` whose pattern spells every sub-block out: a
@@ -13,11 +13,12 @@ from typing import Any
 from torch import nn
 
 from ...models.heads import CausalLM
-from . import bamba, falcon_mamba, granite, jamba, nemotron_h
+from . import bamba, falcon_h1, falcon_mamba, granite, jamba, nemotron_h
 from .engine import Family, from_hf, hf_config, to_hf
 
 #: transformers model_type -> family
-FAMILIES: dict[str, Family] = {m.FAMILY.model_type: m.FAMILY for m in (falcon_mamba, bamba, nemotron_h, jamba, granite)}
+_MODULES = (falcon_mamba, bamba, nemotron_h, jamba, granite, falcon_h1)
+FAMILIES: dict[str, Family] = {m.FAMILY.model_type: m.FAMILY for m in _MODULES}
 #: transformers CausalLM class name -> family
 BY_CLASS: dict[str, Family] = {f.hf_class: f for f in FAMILIES.values()}
 
