@@ -60,8 +60,11 @@ def test_ar_targets_skip_padding_and_segment_starts():
     want_scored = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 0]], dtype=torch.bool)  # not into pad / a new segment
     assert torch.equal(b["pt_scored"], want_scored)
     assert torch.equal(b["pt_targets"][want_scored], torch.tensor([4, 5, 6, 8, 10, 11]))
-    assert torch.equal(b["pt_reset"], torch.tensor([[0, 0, 0, 0, 1], [0, 0, 1, 0, 0]], dtype=torch.bool))
+    assert torch.equal(b["pt_reset"], reset)  # causal, right-padded: nothing real can see the padding
     assert pt.weight(b) == 6
+    bi = ModelConfig(d_model=8, n_layers=1, pattern="bi-s4d", vocab_size=20, num_classes=3)
+    d = SelfPretrainer(SequenceClassifier(bi), "denoise", 0.15, 0).prepare({"input_ids": ids, "mask": mask}, 0)
+    assert torch.equal(d["pt_reset"], torch.tensor([[0, 0, 0, 0, 1], [0, 0, 0, 0, 0]], dtype=torch.bool))
 
 
 def test_denoise_corrupts_real_positions_only_and_is_a_function_of_the_step():

@@ -12,7 +12,8 @@ an LM-style head, then fine-tune the same backbone on the task with the task's h
 The head is ``Linear(d_model, vocab_size)`` (cross entropy) for token inputs and ``Linear(d_model, d_input)``
 (mean squared error per position) for real-valued inputs. The corruption of step ``s`` is drawn from a generator
 seeded by ``(train.seed, s)``, so a resumed run draws the same corruption. Padded batches (``mask``) are run
-with a segment start at every padding boundary, so real positions never see padding.
+with a segment start at every padding boundary, so real positions never see padding (not needed, and skipped
+because it costs SSMs their convolution path, for a causal backbone on right-padded batches).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class PretrainNet(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, inputs: Tensor, reset: Tensor) -> Tensor:
+    def forward(self, inputs: Tensor, reset: Tensor | None) -> Tensor:
         """inputs (batch, length) ids or (batch, length, d_input) -> (batch, length, head outputs)."""
         hidden, _ = self.backbone(inputs, reset=reset)
         return self.head(hidden)
@@ -69,6 +70,7 @@ class SelfPretrainer:
             nn.init.zeros_(head.bias)
         self.net = PretrainNet(backbone, head.to(backbone.param_dtype))
         self.objective, self.mask_rate, self.seed = objective, mask_rate, seed
+        self.causal = bool(backbone.causal)
         self.vocab_size = cfg.vocab_size
 
     # ------------------------------------------------------------------------------------------ batches
@@ -84,7 +86,9 @@ class SelfPretrainer:
         b, n = x.shape[:2]
         valid = batch["mask"] if "mask" in batch else torch.ones(b, n, dtype=torch.bool)
         reset = torch.zeros(b, n, dtype=torch.bool) if "reset" not in batch else batch["reset"].clone()
-        reset[:, 1:] |= valid[:, 1:] != valid[:, :-1]  # padding starts its own segment
+        right_padded = bool((valid[:, 1:] <= valid[:, :-1]).all())
+        if not (self.causal and right_padded):  # else no real position can see the padding after it
+            reset[:, 1:] |= valid[:, 1:] != valid[:, :-1]  # padding starts its own segment
         if self.objective == "ar":
             inputs, targets = x, torch.roll(x, -1, dims=1)
             scored = torch.zeros(b, n, dtype=torch.bool)
@@ -108,7 +112,8 @@ class SelfPretrainer:
     def loss(self, batch: Batch, forward: nn.Module | None = None) -> Tensor:
         """Mean loss over the scored positions of a prepared batch: cross entropy (tokens) or squared error
         averaged over d_input (real inputs); 0 (with a graph) when nothing is scored."""
-        out = (forward or self.net)(batch["pt_inputs"], batch["pt_reset"])
+        reset = batch["pt_reset"]
+        out = (forward or self.net)(batch["pt_inputs"], reset if bool(reset.any()) else None)
         scored = batch["pt_scored"]
         if not bool(scored.any()):
             return out.sum() * 0.0
