@@ -38,10 +38,11 @@ from .tree import TokenTree, forward_tree, tree_supported
 
 @dataclass
 class SpecStats:
-    """Counts over a speculative run: target passes (rounds), drafted and accepted draft tokens, emitted tokens
-    (excluding each row's first token, which comes from the prefill)."""
+    """Counts over a speculative run: target passes (rounds), row-passes (rows verified, summed over passes),
+    drafted and accepted draft tokens, emitted tokens (excluding each row's first token, from the prefill)."""
 
     passes: int = 0
+    row_passes: int = 0
     drafted: int = 0
     accepted: int = 0
     emitted: int = 0
@@ -55,8 +56,6 @@ class SpecStats:
     def tokens_per_pass(self) -> float:
         """Mean tokens a row gains per target pass (accepted drafts + the target's own token)."""
         return self.emitted / self.row_passes if self.row_passes else 0.0
-
-    row_passes: int = 0
 
 
 def self_draft(model: CausalLM, n_layers: int) -> CausalLM:
