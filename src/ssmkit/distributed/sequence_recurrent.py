@@ -26,7 +26,10 @@ gradients, and 2 + batch int64 per rank.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -65,6 +68,26 @@ def summary_cache(mode: str, key: object, store: dict) -> Iterator[None]:
         yield
     finally:
         _CACHE.reset(token)
+
+
+def _libc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def trim_heap() -> None:
+    """Give the heap's free memory back to the OS (glibc's malloc_trim; a no-op elsewhere). The summary pass's
+    freed buffers otherwise stay resident under the true pass: measured for one Mamba2 layer (d_model 256,
+    65,536 tokens, P = 2), peak RSS growth per rank 1701-1762 MB without, 1648-1675 MB with (one process 3042 MB)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _fields(state: LayerState) -> dict[str, Tensor]:
@@ -168,6 +191,7 @@ class _ShardPass(torch.autograd.Function):
                     ms[n] = both[:, 0]
                     h0[n] = zf[n] if rank == 0 else _scan(both[:, 0], both[:, 1], rank)
                 del state, fin, two
+            trim_heap()
             if cache is not None and cache[0] == "record":  # the backward scan needs M of the later ranks only
                 cache[2][slot] = ({n: m[rank + 1:] for n, m in ms.items()}, h0)
         if ms and next(iter(ms.values())).shape[0] < size:  # replayed: M of ranks > rank, re-indexed
