@@ -45,7 +45,10 @@ def test_finished_runs_are_skipped_and_seeds_aggregated(tmp_path):
     first = run_reproduction(repro, tmp_path, quick=True, only="mamba", seeds=2, progress=False)
     rec = tmp_path / "mamba" / "seed1" / "record.json"
     stamp = rec.stat().st_mtime_ns
+    (tmp_path / "selective-copy.notes.md").write_text("Mamba copies; hand-written.")
     again = run_reproduction(repro, tmp_path, quick=True, only="mamba", seeds=2, progress=False)
+    assert "## Observations" in (tmp_path / "selective-copy.md").read_text() and "hand-written." in \
+        (tmp_path / "selective-copy.md").read_text()
     assert again["skipped"] == 2 and rec.stat().st_mtime_ns == stamp
     (s,) = again["settings"]
     assert s == first["settings"][0] and s["n"] == 2 and len(s["values"]) == 2

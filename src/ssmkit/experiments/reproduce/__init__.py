@@ -34,7 +34,8 @@ their checkpoint. A custom ``run_one`` returns at least ``{"metric", "value", "c
 "wall_s"}`` (see :func:`.runner.train_one`; :func:`.runner.train_sections` trains one stage resumably, e.g.
 into ``run_dir / "pretrain"`` then ``run_dir / "finetune"``). Seeds are aggregated as mean ± sd; the report
 (:mod:`.report`) writes ``NAME.md`` with the paper's claim and table beside ours, the reproduction's own
-section and plots, the exact command, wall time and machine.
+section and plots, the exact command, wall time and machine, and the hand-written observations of
+``NAME.notes.md`` in the same directory when that file exists (so a regenerated page keeps them).
 """
 
 from .registry import Budget, Reproduction, Setting, get_reproduction, reproductions

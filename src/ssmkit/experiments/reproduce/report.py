@@ -99,6 +99,7 @@ def write_report(ctx: ReportContext, directory: Path) -> Path:
         "",
         own.strip(),
         "",
+        *notes(directory, repro.name),
         "## Settings",
         "",
         "Each setting's sections as given to `ssmkit.train.resolve_run` (the runner adds `train.seed` and "
@@ -110,6 +111,16 @@ def write_report(ctx: ReportContext, directory: Path) -> Path:
     path = directory / repro.doc_name
     path.write_text("\n".join(parts).replace("\n\n\n", "\n\n") + "\n")
     return path
+
+
+def notes(directory: Path, name: str) -> list[str]:
+    """The hand-written observations ``directory/NAME.notes.md`` (what agrees with the paper, what does not
+    and why), included in every regenerated report; none if the file does not exist."""
+    path = Path(directory) / f"{name}.notes.md"
+    if not path.is_file():
+        return []
+    return ["## Observations", "", f"(Hand-written in `{path.name}`; the numbers above are regenerated.)", "",
+            path.read_text().strip(), ""]
 
 
 def save_figure(fig: Any, directory: Path, name: str) -> str:
