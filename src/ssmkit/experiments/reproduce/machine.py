@@ -38,6 +38,6 @@ def machine_info() -> dict[str, Any]:
 
 def machine_line(info: dict[str, Any]) -> str:
     """One line for the report, e.g. '2 cores (2 usable), Intel(R) Xeon(R) ..., Linux 6.1, torch 2.13.0'."""
-    load = "" if info.get("load_1min") is None else f", load average {info['load_1min']} at the start"
+    load = "" if info.get("load_1min") is None else f", load average {info['load_1min']} when this report began"
     return (f"{info['cores']} cores ({info['usable_cores']} usable), {info['cpu']}, {info['os']}, "
             f"Python {info['python']}, torch {info['torch']}{load}")

@@ -50,6 +50,13 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
+def load_range(loads: list[float]) -> str:
+    """'; load average 7.1-15.3 when the runs started' (or '' without loads)."""
+    if not loads:
+        return ""
+    return f"; load average {min(loads):g}-{max(loads):g} when the runs started"
+
+
 def headline_table(summary: dict[str, Any]) -> str:
     """Setting | coordinates | headline metric mean ± sd over seeds | min-max | seeds."""
     settings = summary["settings"]
@@ -91,7 +98,8 @@ def write_report(ctx: ReportContext, directory: Path) -> Path:
         f"- Budget: {budget}; {s['seeds']} seed(s) per setting, {s['runs']} runs. {ctx.budget.note}".rstrip(),
         f"- Wall time: {minutes(s['compute_s'])} of training and evaluation summed over the runs "
         f"(this invocation: {minutes(s['session_s'])}, {s['skipped']} finished runs reused).",
-        f"- Machine: {machine_line(s['machine'])}. Finished {s['finished']}.",
+        f"- Machine: {machine_line(s['machine'])}{load_range(s.get('run_loads') or [])}. Report written "
+        f"{s['finished']}.",
         "",
         headline_table(s),
         "",

@@ -169,8 +169,9 @@ def run_reproduction(repro: Reproduction, out: str | Path, *, quick: bool = Fals
                 skipped += 1
             else:
                 bar.set_postfix_str(f"{setting.name} seed {seed}")
+                load = machine_info()["load_1min"]
                 rec = {"setting": setting.name, "seed": seed, "meta": dict(setting.meta),
-                       **run_one(repro, setting, seed, run_dir, quick)}
+                       **run_one(repro, setting, seed, run_dir, quick), "load_1min": load}
                 _write_json(done, rec)
             records.append(rec)
             bar.update(1)
@@ -200,4 +201,5 @@ def summarise(repro: Reproduction, budget: Budget, records: list[dict[str, Any]]
             "seeds": budget.seeds, "budget_note": budget.note, "expected_minutes": budget.minutes,
             "settings": settings, "runs": len(records), "skipped": skipped,
             "compute_s": round(sum(r.get("wall_s", 0.0) for r in records), 1), "session_s": round(session_s, 1),
+            "run_loads": [r["load_1min"] for r in records if r.get("load_1min") is not None],
             "machine": machine, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
