@@ -8,10 +8,25 @@ from datetime import datetime, timedelta
 
 import numpy as np
 import pytest
+import torch
 
 from ssmkit.cli import main
 from ssmkit.cli.forecast import MODELS
 from ssmkit.timeseries.models import FORECASTERS
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """``ssmkit forecast`` limits torch and BLAS to --threads; give the other tests of this process theirs back."""
+    threads = torch.get_num_threads()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+    else:
+        with threadpool_limits(limits=None):  # restores the limits it found on exit
+            yield
+    torch.set_num_threads(threads)
 
 
 def test_model_names_match():

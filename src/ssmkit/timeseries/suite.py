@@ -3,8 +3,8 @@
     python -m ssmkit.timeseries.suite forecast [--quick] [--out runs/timeseries] [--doc docs/time_series.md]
     python -m ssmkit.timeseries.suite classify [--quick]
 
-The raw rows go to OUT/{forecast,classify}_rows.jsonl; the section between the suite's markers in the doc is
-replaced (the rest of the doc is left alone).
+The raw rows go to OUT/{forecast,classify}_rows.jsonl as they are produced; the section between the
+suite's markers in the doc is replaced (the rest of the doc is left alone).
 """
 
 from __future__ import annotations
@@ -46,6 +46,12 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _append(out: Path, suite: str, rows: list[dict]) -> None:
+    """Append rows to OUT/SUITE_rows.jsonl as they are produced (an interrupted run keeps what it finished)."""
+    with open(out / f"{suite}_rows.jsonl", "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
 def run_forecast(quick: bool, out: Path) -> tuple[list[dict], str]:
     seeds = [0] if quick else [0, 1, 2]
     cfg = TrainConfig(steps=40 if quick else 100)
@@ -59,6 +65,7 @@ def run_forecast(quick: bool, out: Path) -> tuple[list[dict], str]:
             got, _ = evaluate_forecasting(name, s.values, s.season, s.horizons, s.context, [model], seeds, cfg)
             seconds[model] = seconds.get(model, 0.0) + time.perf_counter() - t0
             rows += got
+            _append(out, "forecast", got)
             _log(f"forecast {name} {model}: MASE {sum(r['mase'] for r in got) / len(got):.3f}")
     table, summary = forecast_table(rows, SSM_FORECASTERS)
     rank = summary["mean_rank"]
@@ -83,7 +90,7 @@ def run_forecast(quick: bool, out: Path) -> tuple[list[dict], str]:
 
 def run_classify(quick: bool, out: Path) -> tuple[list[dict], str]:
     seeds = [0] if quick else [0, 1, 2]
-    cfg = TrainConfig(steps=50 if quick else 200, batch_size=16, lr=2e-3)
+    cfg = TrainConfig(steps=50 if quick else 150, batch_size=16, lr=2e-3)
     names = QUICK_CLASSIFY if quick else CLASSIFY_SUITE
     rows: list[dict] = []
     seconds: dict[str, float] = {}
@@ -98,6 +105,7 @@ def run_classify(quick: bool, out: Path) -> tuple[list[dict], str]:
                 acc = train_classifier(train, test, seed, cfg)
             seconds[model] = seconds.get(model, 0.0) + time.perf_counter() - t0
             rows.append({"dataset": name, "model": model, "seed": seed, "accuracy": acc})
+            _append(out, "classify", rows[-1:])
             _log(f"classify {name} {model} seed {seed}: {100 * acc:.1f}%")
     table, summary = classify_table(rows)
     acc = summary["mean_accuracy"]
@@ -128,9 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run = run_forecast if args.suite == "forecast" else run_classify
+    (out / f"{args.suite}_rows.jsonl").unlink(missing_ok=True)
     rows, text = run(args.quick, out)
-    with open(out / f"{args.suite}_rows.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     cmd = f"python -m ssmkit.timeseries.suite {args.suite}{' --quick' if args.quick else ''}"
     write_section(args.doc, f"ts-{args.suite}", f"Produced by `{cmd}`.\n\n{text}", TEMPLATE)
     print(text)
