@@ -214,10 +214,11 @@ class MambaS4D(SequenceLayer):
         st = None if initial_state is None else self.check_state(initial_state, x.shape[0])
         xi, z = to_compute(self, *self.in_proj(x).chunk(2, dim=-1))  # float32 under autocast
         u, conv = self.conv1d(xi, None if st is None else st.conv, reset=reset)
-        y, s = self.ssm(F.silu(u), None if st is None else S4DState(s=st.ssm), reset=reset,
-                        return_final_state=True)
-        out = self.out_proj(y * F.silu(z))
-        return (out, MambaS4DState(conv=conv, ssm=s.s)) if return_final_state else out
+        s0 = None if st is None else S4DState(s=st.ssm)
+        if not return_final_state:  # S4D's conv mode is cheapest without the final-state terms
+            return self.out_proj(self.ssm(F.silu(u), s0, reset=reset) * F.silu(z))
+        y, s = self.ssm(F.silu(u), s0, reset=reset, return_final_state=True)
+        return self.out_proj(y * F.silu(z)), MambaS4DState(conv=conv, ssm=s.s)
 
     def step(self, x_t: Tensor, state: MambaS4DState) -> tuple[Tensor, MambaS4DState]:
         x_t = self.check_step_input(x_t)
