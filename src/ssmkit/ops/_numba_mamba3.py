@@ -23,7 +23,7 @@ M3_CHUNK = 32  # steps between state checkpoints
 _TWO_PI = 2.0 * math.pi
 
 
-@nb.njit(fastmath=EXACT_MATH, inline="always", cache=True)
+@nb.njit(fastmath=EXACT_MATH, cache=True)
 def _dot(a, b, lanes):
     """sum_i a_i b_i over 1-D a, b in 8 interleaved partial sums (a vector of 8 lanes, scratch ``lanes``) added
     in a fixed tree, then the tail: one exact definition that vectorises without reordering anything."""
@@ -81,51 +81,59 @@ def _step(x, dt, A, lam, B, C, Bb, Cb, w, bi, t, hh, g, kpv, th, h, kp, xp, k, q
     return alpha
 
 
-@nb.njit(parallel=True, fastmath=EXACT_MATH, cache=True)
-def mamba3_fwd(x, dt, A, lam, B, C, Bb, Cb, w, Dv, keep, th0, h0, k0, x0, reverse, save,
-               ck_th, ck_h, ck_k, ck_x, y, thT, hT, kT, xT):
+@nb.njit(fastmath=EXACT_MATH, cache=True)
+def _fwd_task(task, x, dt, A, lam, B, C, Bb, Cb, w, Dv, keep, th0, h0, k0, x0, reverse, save,
+              ck_th, ck_h, ck_k, ck_x, y, thT, hT, kT, xT):
     """y = the outputs; thT, hT, kT, xT = the final state; ck_*[:, c] = the state before step c * M3_CHUNK."""
     nbat, L, R, H, P = x.shape
     G, N = B.shape[3], B.shape[4]
     S = w.shape[3]
     T = M3_CHUNK
-    for task in nb.prange(nbat * H):
-        bi, hh = task // H, task % H
-        g = hh // (H // G)
-        th = th0[bi, hh].copy()
-        h = h0[bi, hh].copy()
-        kp = k0[bi, :, hh].copy()
-        xp = x0[bi, :, hh].copy()
-        k = np.empty((R, N), dtype=x.dtype)
-        q = np.empty((R, N), dtype=x.dtype)
-        cs = np.empty(S, dtype=x.dtype)
-        sn = np.empty(S, dtype=x.dtype)
-        lanes = np.empty(8, dtype=x.dtype)
-        for i in range(L):
-            t = L - 1 - i if reverse else i
-            if save and i % T == 0:
-                c = i // T
-                ck_th[bi, c, hh] = th
-                ck_h[bi, c, hh] = h
-                ck_k[bi, c, :, hh] = kp
-                ck_x[bi, c, :, hh] = xp
-            _step(x, dt, A, lam, B, C, Bb, Cb, w, bi, t, hh, g, keep[bi, t], th, h, kp, xp, k, q, cs, sn)
-            for r in range(R):
-                for p in range(P):
-                    y[bi, t, r, hh, p] = _dot(h[p], q[r], lanes) + Dv[hh] * x[bi, t, r, hh, p]
-            kp[:, :] = k
-            for r in range(R):
-                for p in range(P):
-                    xp[r, p] = x[bi, t, r, hh, p]
-        thT[bi, hh] = th
-        hT[bi, hh] = h
-        kT[bi, :, hh] = kp
-        xT[bi, :, hh] = xp
+    bi, hh = task // H, task % H
+    g = hh // (H // G)
+    th = th0[bi, hh].copy()
+    h = h0[bi, hh].copy()
+    kp = k0[bi, :, hh].copy()
+    xp = x0[bi, :, hh].copy()
+    k = np.empty((R, N), dtype=x.dtype)
+    q = np.empty((R, N), dtype=x.dtype)
+    cs = np.empty(S, dtype=x.dtype)
+    sn = np.empty(S, dtype=x.dtype)
+    lanes = np.empty(8, dtype=x.dtype)
+    for i in range(L):
+        t = L - 1 - i if reverse else i
+        if save and i % T == 0:
+            c = i // T
+            ck_th[bi, c, hh] = th
+            ck_h[bi, c, hh] = h
+            ck_k[bi, c, :, hh] = kp
+            ck_x[bi, c, :, hh] = xp
+        _step(x, dt, A, lam, B, C, Bb, Cb, w, bi, t, hh, g, keep[bi, t], th, h, kp, xp, k, q, cs, sn)
+        for r in range(R):
+            for p in range(P):
+                y[bi, t, r, hh, p] = _dot(h[p], q[r], lanes) + Dv[hh] * x[bi, t, r, hh, p]
+        kp[:, :] = k
+        for r in range(R):
+            for p in range(P):
+                xp[r, p] = x[bi, t, r, hh, p]
+    thT[bi, hh] = th
+    hT[bi, hh] = h
+    kT[bi, :, hh] = kp
+    xT[bi, :, hh] = xp
 
 
 @nb.njit(parallel=True, fastmath=EXACT_MATH, cache=True)
-def mamba3_bwd(x, dt, A, lam, B, C, Bb, Cb, w, Dv, keep, reverse, ck_th, ck_h, ck_k, ck_x,
-               gy, gthT, ghT, gkT, gxT, gx, gdt, gA, glam, gBh, gCh, gw, gBb, gCb, gD, gth0, gh0, gk0, gx0):
+def mamba3_fwd(x, dt, A, lam, B, C, Bb, Cb, w, Dv, keep, th0, h0, k0, x0, reverse, save,
+               ck_th, ck_h, ck_k, ck_x, y, thT, hT, kT, xT):
+    """One task per (batch, head): :func:`_fwd_task`."""
+    for task in nb.prange(x.shape[0] * x.shape[3]):
+        _fwd_task(task, x, dt, A, lam, B, C, Bb, Cb, w, Dv, keep, th0, h0, k0, x0, reverse, save,
+                  ck_th, ck_h, ck_k, ck_x, y, thT, hT, kT, xT)
+
+
+@nb.njit(fastmath=EXACT_MATH, cache=True)
+def _bwd_task(task, x, dt, A, lam, B, C, Bb, Cb, w, Dv, keep, reverse, ck_th, ck_h, ck_k, ck_x,
+              gy, gthT, ghT, gkT, gxT, gx, gdt, gA, glam, gBh, gCh, gw, gBb, gCb, gD, gth0, gh0, gk0, gx0):
     """Reverse-time pass. gBh, gCh: (b, L, R, H, N) per-head gradients of B and C (the caller sums each group);
     gBb, gCb: (b, H, R, N) and gD: (b, H) per-batch partials (the caller sums the batch)."""
     nbat, L, R, H, P = x.shape
@@ -133,145 +141,153 @@ def mamba3_bwd(x, dt, A, lam, B, C, Bb, Cb, w, Dv, keep, reverse, ck_th, ck_h, c
     S = w.shape[3]
     T = M3_CHUNK
     nck = ck_h.shape[1]
-    for task in nb.prange(nbat * H):
-        bi, hh = task // H, task % H
-        g = hh // (H // G)
-        Gh = ghT[bi, hh].copy()
-        Gth = gthT[bi, hh].copy()
-        pk = gkT[bi, :, hh].copy()
-        px = gxT[bi, :, hh].copy()
-        hs = np.empty((T + 1, P, N), dtype=x.dtype)
-        ks = np.empty((T + 1, R, N), dtype=x.dtype)
-        qs = np.empty((T, R, N), dtype=x.dtype)
-        css = np.empty((T, S), dtype=x.dtype)
-        sns = np.empty((T, S), dtype=x.dtype)
-        th = np.empty(S, dtype=x.dtype)
-        xp = np.empty((R, P), dtype=x.dtype)
-        x_ck = np.empty((R, P), dtype=x.dtype)
-        gq = np.empty((R, N), dtype=x.dtype)
-        gk = np.empty((R, N), dtype=x.dtype)
-        gxl = np.empty((R, P), dtype=x.dtype)
-        gxc = np.empty((R, N), dtype=x.dtype)
-        gxp = np.empty((R, N), dtype=x.dtype)
-        lanes = np.empty(N, dtype=x.dtype)
-        lanes8 = np.empty(8, dtype=x.dtype)
-        gBb_l = np.zeros((R, N), dtype=x.dtype)
-        gCb_l = np.zeros((R, N), dtype=x.dtype)
-        gD_l = 0.0
-        for c in range(nck - 1, -1, -1):
-            i0 = c * T
-            n_in = min(L, i0 + T) - i0
-            th[:] = ck_th[bi, c, hh]
-            hs[0] = ck_h[bi, c, hh]
-            ks[0] = ck_k[bi, c, :, hh]
-            x_ck[:, :] = ck_x[bi, c, :, hh]
-            xp[:, :] = x_ck
-            for j in range(n_in):  # recompute the chunk's states, keys, queries and angles
-                t = L - 1 - (i0 + j) if reverse else i0 + j
-                hs[j + 1] = hs[j]
-                _step(x, dt, A, lam, B, C, Bb, Cb, w, bi, t, hh, g, keep[bi, t], th, hs[j + 1], ks[j], xp,
-                      ks[j + 1], qs[j], css[j], sns[j])
+    bi, hh = task // H, task % H
+    g = hh // (H // G)
+    Gh = ghT[bi, hh].copy()
+    Gth = gthT[bi, hh].copy()
+    pk = gkT[bi, :, hh].copy()
+    px = gxT[bi, :, hh].copy()
+    hs = np.empty((T + 1, P, N), dtype=x.dtype)
+    ks = np.empty((T + 1, R, N), dtype=x.dtype)
+    qs = np.empty((T, R, N), dtype=x.dtype)
+    css = np.empty((T, S), dtype=x.dtype)
+    sns = np.empty((T, S), dtype=x.dtype)
+    th = np.empty(S, dtype=x.dtype)
+    xp = np.empty((R, P), dtype=x.dtype)
+    x_ck = np.empty((R, P), dtype=x.dtype)
+    gq = np.empty((R, N), dtype=x.dtype)
+    gk = np.empty((R, N), dtype=x.dtype)
+    gxl = np.empty((R, P), dtype=x.dtype)
+    gxc = np.empty((R, N), dtype=x.dtype)
+    gxp = np.empty((R, N), dtype=x.dtype)
+    lanes = np.empty(N, dtype=x.dtype)
+    lanes8 = np.empty(8, dtype=x.dtype)
+    gBb_l = np.zeros((R, N), dtype=x.dtype)
+    gCb_l = np.zeros((R, N), dtype=x.dtype)
+    gD_l = 0.0
+    for c in range(nck - 1, -1, -1):
+        i0 = c * T
+        n_in = min(L, i0 + T) - i0
+        th[:] = ck_th[bi, c, hh]
+        hs[0] = ck_h[bi, c, hh]
+        ks[0] = ck_k[bi, c, :, hh]
+        x_ck[:, :] = ck_x[bi, c, :, hh]
+        xp[:, :] = x_ck
+        for j in range(n_in):  # recompute the chunk's states, keys, queries and angles
+            t = L - 1 - (i0 + j) if reverse else i0 + j
+            hs[j + 1] = hs[j]
+            _step(x, dt, A, lam, B, C, Bb, Cb, w, bi, t, hh, g, keep[bi, t], th, hs[j + 1], ks[j], xp,
+                  ks[j + 1], qs[j], css[j], sns[j])
+            for r in range(R):
+                for p in range(P):
+                    xp[r, p] = x[bi, t, r, hh, p]
+        for j in range(n_in - 1, -1, -1):
+            i = i0 + j
+            t = L - 1 - i if reverse else i
+            kpv = keep[bi, t]
+            d = dt[bi, t, hh]
+            # previous step's input (0 at a reset)
+            if j == 0:
                 for r in range(R):
                     for p in range(P):
-                        xp[r, p] = x[bi, t, r, hh, p]
-            for j in range(n_in - 1, -1, -1):
-                i = i0 + j
-                t = L - 1 - i if reverse else i
-                kpv = keep[bi, t]
-                d = dt[bi, t, hh]
-                # previous step's input (0 at a reset)
-                if j == 0:
-                    for r in range(R):
-                        for p in range(P):
-                            xp[r, p] = x_ck[r, p] * kpv
-                else:
-                    tp = t + 1 if reverse else t - 1
-                    for r in range(R):
-                        for p in range(P):
-                            xp[r, p] = x[bi, tp, r, hh, p] * kpv
-                # outputs: y_r = h q_r + D x_r; then h_t = alpha h_{t-1} + beta sum_r xp_r kp_r^T
-                # + gamma sum_r x_r k_r^T. Reductions over p run as vectors over n (lanes, Gx*); the ones over n
-                # (into gxl, px) are plain sums.
-                alpha = math.exp(d * A[bi, t, hh])
-                lm = lam[bi, t, hh]
-                beta = (1.0 - lm) * d * alpha
-                gamma = lm * d
+                        xp[r, p] = x_ck[r, p] * kpv
+            else:
+                tp = t + 1 if reverse else t - 1
                 for r in range(R):
-                    for n in range(N):
-                        gq[r, n] = 0.0
-                        gk[r, n] = pk[r, n]
-                        gxc[r, n] = 0.0
-                        gxp[r, n] = 0.0
-                for n in range(N):
-                    lanes[n] = 0.0
-                for p in range(P):
-                    for r in range(R):
-                        gyv = gy[bi, t, r, hh, p]
-                        gD_l += gyv * x[bi, t, r, hh, p]
-                        gxl[r, p] = Dv[hh] * gyv + px[r, p]
-                        for n in range(N):
-                            gq[r, n] += hs[j + 1, p, n] * gyv
-                            Gh[p, n] += gyv * qs[j, r, n]
-                    for n in range(N):
-                        lanes[n] += Gh[p, n] * hs[j, p, n]
-                    for r in range(R):
-                        xr = x[bi, t, r, hh, p]
-                        xpr = xp[r, p]
-                        for n in range(N):
-                            gxc[r, n] += Gh[p, n] * xr
-                            gxp[r, n] += Gh[p, n] * xpr
-                        gxl[r, p] += gamma * _dot(Gh[p], ks[j + 1, r], lanes8)
-                        px[r, p] = beta * _dot(Gh[p], ks[j, r], lanes8) * kpv
-                g_al = 0.0
-                for n in range(N):
-                    g_al += lanes[n]
-                g_al *= kpv
-                g_be = 0.0
-                g_ga = 0.0
-                for r in range(R):
-                    for n in range(N):
-                        g_ga += gxc[r, n] * ks[j + 1, r, n]
-                        g_be += gxp[r, n] * ks[j, r, n]
-                        gk[r, n] += gamma * gxc[r, n]
-                        pk[r, n] = beta * gxp[r, n] * kpv
                     for p in range(P):
-                        gx[bi, t, r, hh, p] = gxl[r, p]
-                ga = g_al * alpha + g_be * beta
-                gA[bi, t, hh] = ga * d
-                gd = ga * A[bi, t, hh] + g_be * (1.0 - lm) * alpha + g_ga * lm
-                glam[bi, t, hh] = -g_be * d * alpha + g_ga * d
-                # rotations: k~ = Rot(th) k, q~ = Rot(th) q
-                for s in range(S):
-                    cv, sv = css[j, s], sns[j, s]
-                    gts = 0.0
-                    for r in range(R):
-                        g0, g1 = gk[r, 2 * s], gk[r, 2 * s + 1]
-                        gts += g1 * ks[j + 1, r, 2 * s] - g0 * ks[j + 1, r, 2 * s + 1]
-                        gk[r, 2 * s] = cv * g0 + sv * g1
-                        gk[r, 2 * s + 1] = cv * g1 - sv * g0
-                        g0, g1 = gq[r, 2 * s], gq[r, 2 * s + 1]
-                        gts += g1 * qs[j, r, 2 * s] - g0 * qs[j, r, 2 * s + 1]
-                        gq[r, 2 * s] = cv * g0 + sv * g1
-                        gq[r, 2 * s + 1] = cv * g1 - sv * g0
-                    Gth[s] += gts
-                    gw[bi, t, hh, s] = Gth[s] * d
-                    gd += Gth[s] * w[bi, t, hh, s]
-                    Gth[s] *= kpv
+                        xp[r, p] = x[bi, tp, r, hh, p] * kpv
+            # outputs: y_r = h q_r + D x_r; then h_t = alpha h_{t-1} + beta sum_r xp_r kp_r^T
+            # + gamma sum_r x_r k_r^T. Reductions over p run as vectors over n (lanes, Gx*); the ones over n
+            # (into gxl, px) are plain sums.
+            alpha = math.exp(d * A[bi, t, hh])
+            lm = lam[bi, t, hh]
+            beta = (1.0 - lm) * d * alpha
+            gamma = lm * d
+            for r in range(R):
+                for n in range(N):
+                    gq[r, n] = 0.0
+                    gk[r, n] = pk[r, n]
+                    gxc[r, n] = 0.0
+                    gxp[r, n] = 0.0
+            for n in range(N):
+                lanes[n] = 0.0
+            for p in range(P):
                 for r in range(R):
+                    gyv = gy[bi, t, r, hh, p]
+                    gD_l += gyv * x[bi, t, r, hh, p]
+                    gxl[r, p] = Dv[hh] * gyv + px[r, p]
                     for n in range(N):
-                        gBh[bi, t, r, hh, n] = gk[r, n]
-                        gCh[bi, t, r, hh, n] = gq[r, n]
-                        gBb_l[r, n] += gk[r, n]
-                        gCb_l[r, n] += gq[r, n]
-                gdt[bi, t, hh] = gd
-                al = alpha * kpv
+                        gq[r, n] += hs[j + 1, p, n] * gyv
+                        Gh[p, n] += gyv * qs[j, r, n]
+                for n in range(N):
+                    lanes[n] += Gh[p, n] * hs[j, p, n]
+                for r in range(R):
+                    xr = x[bi, t, r, hh, p]
+                    xpr = xp[r, p]
+                    for n in range(N):
+                        gxc[r, n] += Gh[p, n] * xr
+                        gxp[r, n] += Gh[p, n] * xpr
+                    gxl[r, p] += gamma * _dot(Gh[p], ks[j + 1, r], lanes8)
+                    px[r, p] = beta * _dot(Gh[p], ks[j, r], lanes8) * kpv
+            g_al = 0.0
+            for n in range(N):
+                g_al += lanes[n]
+            g_al *= kpv
+            g_be = 0.0
+            g_ga = 0.0
+            for r in range(R):
+                for n in range(N):
+                    g_ga += gxc[r, n] * ks[j + 1, r, n]
+                    g_be += gxp[r, n] * ks[j, r, n]
+                    gk[r, n] += gamma * gxc[r, n]
+                    pk[r, n] = beta * gxp[r, n] * kpv
                 for p in range(P):
-                    for n in range(N):
-                        Gh[p, n] *= al
-        gth0[bi, hh] = Gth
-        gh0[bi, hh] = Gh
-        gk0[bi, :, hh] = pk
-        gx0[bi, :, hh] = px
-        gBb[bi, hh] = gBb_l
-        gCb[bi, hh] = gCb_l
-        gD[bi, hh] = gD_l
+                    gx[bi, t, r, hh, p] = gxl[r, p]
+            ga = g_al * alpha + g_be * beta
+            gA[bi, t, hh] = ga * d
+            gd = ga * A[bi, t, hh] + g_be * (1.0 - lm) * alpha + g_ga * lm
+            glam[bi, t, hh] = -g_be * d * alpha + g_ga * d
+            # rotations: k~ = Rot(th) k, q~ = Rot(th) q
+            for s in range(S):
+                cv, sv = css[j, s], sns[j, s]
+                gts = 0.0
+                for r in range(R):
+                    g0, g1 = gk[r, 2 * s], gk[r, 2 * s + 1]
+                    gts += g1 * ks[j + 1, r, 2 * s] - g0 * ks[j + 1, r, 2 * s + 1]
+                    gk[r, 2 * s] = cv * g0 + sv * g1
+                    gk[r, 2 * s + 1] = cv * g1 - sv * g0
+                    g0, g1 = gq[r, 2 * s], gq[r, 2 * s + 1]
+                    gts += g1 * qs[j, r, 2 * s] - g0 * qs[j, r, 2 * s + 1]
+                    gq[r, 2 * s] = cv * g0 + sv * g1
+                    gq[r, 2 * s + 1] = cv * g1 - sv * g0
+                Gth[s] += gts
+                gw[bi, t, hh, s] = Gth[s] * d
+                gd += Gth[s] * w[bi, t, hh, s]
+                Gth[s] *= kpv
+            for r in range(R):
+                for n in range(N):
+                    gBh[bi, t, r, hh, n] = gk[r, n]
+                    gCh[bi, t, r, hh, n] = gq[r, n]
+                    gBb_l[r, n] += gk[r, n]
+                    gCb_l[r, n] += gq[r, n]
+            gdt[bi, t, hh] = gd
+            al = alpha * kpv
+            for p in range(P):
+                for n in range(N):
+                    Gh[p, n] *= al
+    gth0[bi, hh] = Gth
+    gh0[bi, hh] = Gh
+    gk0[bi, :, hh] = pk
+    gx0[bi, :, hh] = px
+    gBb[bi, hh] = gBb_l
+    gCb[bi, hh] = gCb_l
+    gD[bi, hh] = gD_l
+
+
+@nb.njit(parallel=True, fastmath=EXACT_MATH, cache=True)
+def mamba3_bwd(x, dt, A, lam, B, C, Bb, Cb, w, Dv, keep, reverse, ck_th, ck_h, ck_k, ck_x,
+               gy, gthT, ghT, gkT, gxT, gx, gdt, gA, glam, gBh, gCh, gw, gBb, gCb, gD, gth0, gh0, gk0, gx0):
+    """One task per (batch, head): :func:`_bwd_task`."""
+    for task in nb.prange(x.shape[0] * x.shape[3]):
+        _bwd_task(task, x, dt, A, lam, B, C, Bb, Cb, w, Dv, keep, reverse, ck_th, ck_h, ck_k, ck_x,
+                  gy, gthT, ghT, gkT, gxT, gx, gdt, gA, glam, gBh, gCh, gw, gBb, gCb, gD, gth0, gh0, gk0, gx0)
