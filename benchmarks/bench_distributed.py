@@ -2,6 +2,11 @@
 
     python benchmarks/bench_distributed.py [--models mamba mamba2] [--lengths 262144 1048576]
                                            [--nprocs 1 2] [--chunk-len 32768] [--timeout 3600] [--quick]
+    python benchmarks/bench_distributed.py --layer-memory --lengths 65536   # one layer, unchunked
+
+``--layer-memory``: one mixer layer (d_model 256, the mixers below), forward + backward of the whole sequence,
+unchunked: P = 1 runs the plain layer, P > 1 ``SequenceParallel(layer)`` on each rank's shard; growth of each rank's
+peak RSS over its RSS before the step, and the ratio to one process.
 
 Model: the 2-layer d_model-256 CausalLM of bench_longseq.py (byte vocabulary, tied embeddings, RMSNorm, no MLP,
 float32, batch 1, random weights and tokens), with Mamba (d_state 16, expand 2) or Mamba2 (d_state 128, expand 2,
@@ -131,11 +136,44 @@ def worker(name: str, length: int, chunk_len: int, nproc: int, rank: int, init_f
     return out
 
 
-def launch(name: str, length: int, chunk_len: int, nproc: int, timeout: float) -> list[dict]:
+def layer_worker(name: str, length: int, nproc: int, rank: int, init_file: str, timeout: float) -> dict:
+    """Peak RSS growth of one layer's forward + backward on this rank's shard (P = 1: the plain layer)."""
+    import torch
+
+    from ssmkit.layers import Mamba, Mamba2
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    layer = (Mamba if name == "mamba" else Mamba2)(D_MODEL, **{k: v for k, v in MIXERS[name].items()})
+    x = torch.randn(1, length, D_MODEL)
+    run = layer
+    if nproc > 1:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        from ssmkit.distributed.sequence import SequenceParallel, shard_sequence
+
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=nproc,
+                                timeout=timedelta(seconds=timeout))
+        x = shard_sequence(x).clone()
+        run = SequenceParallel(layer)
+    run(x[:, :256].clone().requires_grad_()).sum().backward()  # kernels load outside the measurement
+    layer.zero_grad(set_to_none=True)
+    x.requires_grad_()
+    base = current_rss_bytes()
+    t0 = time.perf_counter()
+    run(x).sum().backward()
+    seconds = time.perf_counter() - t0
+    return {"model": name, "length": length, "nproc": nproc, "rank": rank, "seconds": seconds,
+            "peak_rss": peak_rss_bytes(), "base_rss": base}
+
+
+def launch(name: str, length: int, chunk_len: int, nproc: int, timeout: float, kind: str = "--worker") -> list[dict]:
     """``nproc`` fresh worker processes; every one is killed at the deadline."""
     with tempfile.TemporaryDirectory() as tmp:
         init = os.path.join(tmp, "init")
-        procs = [subprocess.Popen([sys.executable, str(SCRIPT), "--worker", name, str(length), str(chunk_len),
+        procs = [subprocess.Popen([sys.executable, str(SCRIPT), kind, name, str(length), str(chunk_len),
                                    str(nproc), str(r), init, str(timeout)], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for r in range(nproc)]
         deadline = time.monotonic() + timeout
@@ -160,6 +198,10 @@ def main() -> None:
         n, length, chunk, nproc, rank, init, timeout = sys.argv[2:]
         print(json.dumps(worker(n, int(length), int(chunk), int(nproc), int(rank), init, float(timeout))))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--layer-worker":
+        n, length, _, nproc, rank, init, timeout = sys.argv[2:]
+        print(json.dumps(layer_worker(n, int(length), int(nproc), int(rank), init, float(timeout))))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["mamba", "mamba2"], choices=sorted(MIXERS))
     ap.add_argument("--lengths", type=int, nargs="+", default=[1 << 18, 1 << 20])
@@ -168,9 +210,13 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds before a run's processes are killed")
     ap.add_argument("--out", default="bench_distributed", help="results file name (benchmarks/results/NAME.json)")
     ap.add_argument("--quick", action="store_true", help="small lengths (a smoke test of this script)")
+    ap.add_argument("--layer-memory", action="store_true", help="one layer, unchunked (see the module docstring)")
     a = ap.parse_args()
     if a.quick:
         a.lengths, a.chunk_len = [8192], 2048
+    if a.layer_memory:
+        layer_memory(a)
+        return
     load_start = os.getloadavg()
     rows, runs = [], []
     for name in a.models:
@@ -207,6 +253,29 @@ def main() -> None:
                "loadavg_end": os.getloadavg()}
     path = write_json(a.out + ("_quick" if a.quick else ""), payload)
     print(f"\nwrote {path} (load average {load_start[0]:.1f} -> {payload['loadavg_end'][0]:.1f})")
+
+
+def layer_memory(a: argparse.Namespace) -> None:
+    rows = []
+    for name in a.models:
+        for length in a.lengths:
+            base = None
+            for nproc in a.nprocs:
+                res = launch(name, length, 0, nproc, a.timeout, "--layer-worker")
+                if "error" in res[0]:
+                    print(f"{name} L={length} P={nproc}: FAILED: {res[0]['error']}", flush=True)
+                    continue
+                grow = max(r["peak_rss"] - r["base_rss"] for r in res)
+                row = {"layer": name, "length": length, "P": nproc, "growth_MiB/rank": grow / MIB,
+                       "time_s": max(r["seconds"] for r in res), "ratio": None}
+                if nproc == 1:
+                    base = grow
+                elif base:
+                    row["ratio"] = grow / base
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print_table(rows, ["layer", "length", "P", "growth_MiB/rank", "time_s", "ratio"])
+    write_json(a.out + "_layer_memory" + ("_quick" if a.quick else ""), {"table": rows, "loadavg": os.getloadavg()})
 
 
 if __name__ == "__main__":
