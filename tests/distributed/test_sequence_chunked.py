@@ -118,6 +118,20 @@ def _chunked_case(rank: int, size: int) -> list[str]:
     return out
 
 
+def _late_state_case(rank: int) -> list[str]:
+    """An initial_state on a rank other than 0 fails on every rank with one line (nobody is left waiting)."""
+    from ssmkit.distributed.sequence import SequenceParallel
+    from ssmkit.layers import Mamba
+
+    layer = Mamba(6, d_state=4).double()
+    state = layer.init_state(1) if rank == 1 else None
+    try:
+        SequenceParallel(layer, None)(torch.zeros(1, 3, 6, dtype=torch.float64), state)
+        return [f"rank {rank}: an initial_state on rank 1 was accepted"]
+    except ValueError as e:
+        return [] if "only rank 0" in str(e) and "\n" not in str(e) else [f"unclear late-state error: {e}"]
+
+
 def _worker(rank: int, size: int, init_file: str, queue) -> None:
     torch.set_num_threads(1)
     import ssmkit.distributed.sequence_recurrent as recurrent
@@ -131,6 +145,7 @@ def _worker(rank: int, size: int, init_file: str, queue) -> None:
             fails += _state_case(name, make, 3 * size + 1, rank, size)
             ran += 1
         fails += _chunked_case(rank, size)
+        fails += _late_state_case(rank)
         queue.put((rank, ran + 1, fails))
     except BaseException:
         queue.put((rank, -1, [traceback.format_exc()]))

@@ -103,10 +103,15 @@ def layer_forward(layer: SequenceLayer, x: Tensor, initial_state=None, *, reset:
     x = layer.check_input(x)
     layer.check_dtype(x, "x")
     reset = layer.check_reset(reset, x)
-    batches = all_gather(torch.tensor([x.shape[0]], device=x.device), group)[:, 0].tolist()
+    meta = all_gather(torch.tensor([x.shape[0], initial_state is not None], device=x.device), group)
+    batches = meta[:, 0].tolist()
     if len(set(batches)) > 1:
         raise ValueError(f"sequence parallel: every rank must hold the same batch rows (shards of the same "
                          f"sequences), got batch sizes {batches} across the group")
+    late = [r for r, k in enumerate(meta[:, 1].tolist()) if k and r > 0]
+    if late:  # checked on every rank, before any other collective, so that no rank is left waiting
+        raise ValueError(f"sequence parallel: {type(layer).__name__} got an initial_state on rank(s) {late}; only "
+                         f"rank 0 of the group takes one (later ranks start from the earlier shards' true state)")
     if isinstance(layer, Attention):
         if initial_state is not None or return_final_state:
             raise NotImplementedError(f"sequence parallel: {type(layer).__name__} does not pass state (its KV "
