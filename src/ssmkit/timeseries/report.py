@@ -40,6 +40,10 @@ def forecast_table(rows: list[dict], ssm_models: tuple[str, ...]) -> tuple[str, 
     lines.append(_fmt_row(["mean rank (MASE)"] + [f"{v:.2f}" for v in r.mean(0)]))
     lines.append(_fmt_row(["sets with MASE < 1"] + [f"{int((mase[:, j] < 1).sum())}/{len(datasets)}"
                                                      for j in range(len(models))]))
+    naive = mase[:, models.index("seasonal_naive")] if "seasonal_naive" in models else None
+    if naive is not None:
+        lines.append(_fmt_row(["sets beating seasonal naive"] + [f"{int((mase[:, j] < naive).sum())}/{len(datasets)}"
+                                                              for j in range(len(models))]))
     for metric, label in (("smape", "mean sMAPE (%)"), ("mse", "mean MSE (z)"), ("mae", "mean MAE (z)")):
         _, _, t = _mean_table(rows, metric)
         lines.append(_fmt_row([label] + [f"{v:.3f}" for v in np.nanmean(t, 0)]))
@@ -50,6 +54,8 @@ def forecast_table(rows: list[dict], ssm_models: tuple[str, ...]) -> tuple[str, 
         best = min(ssm, key=mean_rank.__getitem__)
         j = models.index(best)
         summary.update(best_ssm=best, best_ssm_share_below_1=float((mase[:, j] < 1).mean()))
+        if naive is not None:
+            summary["best_ssm_share_beating_naive"] = float((mase[:, j] < naive).mean())
     return "\n".join(lines), summary
 
 
