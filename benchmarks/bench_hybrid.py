@@ -32,7 +32,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_time, current_rss_bytes, print_table, write_json  # noqa: E402
 
-FULL = {"pattern": "M-M-*-M-", "context": 2048, "steps": 32, "batches": [1, 8], "repeat": 2}
+FULL = {"pattern": "M-M-*-M-", "context": 2048, "steps": 32, "batches": [1, 8], "repeat": 3}
 QUICK = {"pattern": "M*M-", "context": 256, "steps": 8, "batches": [1, 8], "repeat": 2}
 TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
 
