@@ -172,3 +172,23 @@ def test_models_transformers_cannot_hold_fail_in_one_line(make, family, match):
     with pytest.raises(ValueError, match=match) as e:
         to_transformers(make(), family=family)
     assert "\n" not in str(e.value)
+
+
+def test_model_multipliers_are_validated_and_honoured_when_stepping():
+    with pytest.raises(ValueError, match=r"ModelConfig: residual_multiplier must be a number in \(0.0, 1000000.0\]"):
+        ModelConfig(d_model=8, vocab_size=VOCAB, residual_multiplier=0)
+    torch.manual_seed(0)
+    # a pure-Mamba model would take the fused decode kernel, which has no multipliers: stepping must not use it
+    model = CausalLM(ModelConfig(d_model=8, vocab_size=VOCAB, pattern="mamba*2", embedding_multiplier=2.0,
+                                 residual_multiplier=0.5, logits_scaling=3.0)).double()
+    plain = CausalLM(ModelConfig(d_model=8, vocab_size=VOCAB, pattern="mamba*2")).double()
+    plain.load_state_dict(model.state_dict())
+    x = tokens(2, 6, seed=9)
+    with torch.no_grad():
+        full = model(x).logits
+        state, steps = model.init_state(2), []
+        for t in range(6):
+            lg, state = model.step(x[:, t], state)
+            steps.append(lg)
+        assert_close(torch.stack(steps, 1), full, 1e-10, "multipliers: steps vs forward")
+        assert max_err(full, plain(x).logits) > 1e-3  # the multipliers change the function
