@@ -20,6 +20,8 @@ from .conftest import small_lm
     ("mamba", {"mixer_options": {"mamba": {"expand": 1}}}, r"only expand=2"),
     ("mamba", {"mixer_options": {"mamba": {"bias": True}}}, r"bias=True"),
     ("mamba2", {"mixer_options": {"mamba2": {"dt_limit": (0.0, 10.0), "d_state": 16}}}, r"dt_limit"),
+    ("mamba", {"residual_multiplier": 0.5}, r"residual_multiplier=0.5"),
+    ("mamba2", {"logits_scaling": 2.0}, r"logits_scaling=2.0"),
 ])
 def test_models_gguf_cannot_hold_name_what_is_supported(tmp_path, pattern, kw, match):
     model = small_lm(pattern, **kw)

@@ -97,6 +97,8 @@ def test_unsupported_models_and_failed_exports(tmp_path, monkeypatch):
     for pattern, match in (("s4", r"layer 0 is 's4'"), ("mamba,h3", r"layer 1 is 'h3'")):
         with pytest.raises(ValueError, match=r"ONNX export supports a float32 CausalLM .*" + match):
             export_onnx(small_lm(pattern), tmp_path / "x")
+    with pytest.raises(ValueError, match=r"multiplier 1.0; the config has embedding_multiplier=2.0$"):
+        export_onnx(small_lm("mamba", embedding_multiplier=2.0), tmp_path / "x")
     with pytest.raises(ValueError, match=r"float64 \(cast with .float\(\)\)"):
         export_onnx(small_lm("mamba").double(), tmp_path / "x")
     (tmp_path / "taken").mkdir()

@@ -29,6 +29,10 @@ _SUPPORTED = ("a CausalLM whose layers are all 'mamba' (expand 2, conv bias, no 
               "'mamba2' (conv bias, no in/out_proj bias, default dt_limit), with rmsnorm and mlp='none'")
 
 
+#: ModelConfig's muP-style constants; the exported graphs assume each is 1.0
+_MULTIPLIERS = ("embedding_multiplier", "residual_multiplier", "logits_scaling")
+
+
 def _fail(msg: str) -> ValueError:
     return ValueError(f"GGUF export supports {_SUPPORTED}: {msg}")
 
@@ -44,6 +48,9 @@ def check_exportable(model: object) -> str:
     arch = names[0]
     if cfg.norm != "rmsnorm" or cfg.mlp != "none":
         raise _fail(f"config has norm={cfg.norm!r}, mlp={cfg.mlp!r}")
+    for name in _MULTIPLIERS:
+        if getattr(cfg, name) != 1.0:
+            raise _fail(f"config has {name}={getattr(cfg, name)!r} (llama.cpp's mamba graphs have no such scale)")
     if model.lm_head.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise _fail(f"parameters are {model.lm_head.weight.dtype}; GGUF holds at most float32 (cast with .float())")
     for i, block in enumerate(model.backbone.blocks):

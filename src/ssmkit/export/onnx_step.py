@@ -165,6 +165,10 @@ def check_onnx_exportable(model: object) -> None:
     if model.lm_head.weight.dtype != torch.float32:
         raise ValueError(f"ONNX export supports {supported}; the model is {model.lm_head.weight.dtype} (cast "
                          f"with .float())")
+    for field in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+        if getattr(model.config, field) != 1.0:
+            raise ValueError(f"ONNX export supports {supported} and every muP multiplier 1.0; the config has "
+                             f"{field}={getattr(model.config, field)!r}")
     for i, (name, block) in enumerate(zip(model.backbone.mixer_names, model.backbone.blocks, strict=True)):
         m = block.mixer
         ok = name in SUPPORTED and not getattr(m, "reverse", False)
