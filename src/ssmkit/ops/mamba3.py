@@ -240,8 +240,9 @@ def mamba3_step(x: Tensor, dt: Tensor, A: Tensor, trap: Tensor, B: Tensor, C: Te
     k, q = rotate_pairs(Bh, cos, sin), rotate_pairs(Ch, cos, sin)
     alpha = torch.exp(d * A.to(acc))
     beta, gamma = (1 - lam) * d * alpha, lam * d
-    h = (alpha[..., None, None] * state.ssm + beta[..., None, None] * torch.einsum("brhp,brhn->bhpn", xp, kp)
-         + gamma[..., None, None] * torch.einsum("brhp,brhn->bhpn", xs, k))
+    # both outer-product terms in one product over (previous, current) x rank
+    xw = torch.cat((xp * beta[:, None, :, None], xs * gamma[:, None, :, None]), 1)  # (b, 2R, H, P)
+    h = torch.einsum("brhp,brhn->bhpn", xw, torch.cat((kp, k), 1)).addcmul_(alpha[..., None, None], state.ssm)
     y = torch.einsum("bhpn,brhn->brhp", h, q)
     if D is not None:
         y = y + D.to(acc)[:, None] * xs
