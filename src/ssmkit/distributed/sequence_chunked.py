@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .sequence import SequenceParallel, shard_bounds
 from .sequence_comm import _peer, _real, group_rank_size
-from .sequence_recurrent import summary_cache
+from .sequence_recurrent import summary_cache, trim_heap
 
 IGNORE_INDEX = -100
 
@@ -139,6 +139,7 @@ def sequence_parallel_chunked_backward(
     loss_sum = 0.0
     grad_out: list[Tensor] | None = None
     for c in range(n - 1, -1, -1):
+        trim_heap()  # the previous chunk's freed buffers would stay resident under this one's graph
         if c < n - 1 and rank == size - 1 and size > 1:  # before this chunk's collectives (rank 0 sent it)
             grad_out = _recv(list(template.tensors().values()), 0, group)
         state_in = None if states[c] is None else states[c].map(lambda t: t.detach().requires_grad_())
