@@ -8,8 +8,9 @@ steps at batch 1 (``model.step``, the fused one-launch path) and reports tokens/
 bytes of weights one token reads, and the fraction of the bound: the read bandwidth measured in the same process
 (best ``torch.sum`` over a 1 GiB float32 tensor with the same threads) divided by those bytes. ``--quick``: 4
 layers. Then the same for a Mamba-2 of the same width and depth (which steps block by block), with the speed of
-its linear layers alone (each called once per token, nothing in between). vs_float32 is always against the
-Mamba float32 row. Writes benchmarks/results/bench_decode_quant.json.
+its linear layers alone (each called once per token, nothing in between), and a prefill of ``--prefill`` tokens
+(default 512) for float32, W8A8 (integer products), int8 and int4. vs_float32 is against the Mamba float32 decode
+row (the prefill rows: against the float32 prefill). Writes benchmarks/results/bench_decode_quant.json.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from common import print_table, write_json  # noqa: E402
 
 from ssmkit.infer.quantize import quantize_weights  # noqa: E402
 from ssmkit.infer.state_quant import quantize_state, step_int8_state  # noqa: E402
+from ssmkit.infer.w8a8 import quantize_w8a8  # noqa: E402
 from ssmkit.models import CausalLM, ModelConfig  # noqa: E402
 
 
@@ -91,14 +93,28 @@ def time_linears(model, tokens: int, repeat: int = 3) -> float:
     return best
 
 
+def time_prefill(model, ids: torch.Tensor, repeat: int = 2) -> float:
+    """Best seconds of the backbone forward over ``ids`` (1, L) plus the LM head on the last position."""
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeat + 1):
+            t = time.perf_counter()
+            hidden, _ = model.backbone(ids, return_final_state=True, input_name="input_ids")
+            model.lm_head(hidden[:, -1])
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per case (best taken), after one warm-up")
     args = p.parse_args()
-    if args.threads < 1 or args.tokens < 1:
-        p.error("--threads and --tokens must be >= 1")
+    if min(args.threads, args.tokens, args.prefill, args.repeat) < 1:
+        p.error("--threads, --tokens, --prefill and --repeat must be >= 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     layers = 4 if args.quick else 24
@@ -109,23 +125,37 @@ def main() -> None:
                 "int4-g64": (quantize_weights(model, bits=4, group_size=64), False),
                 "float32 + int8-state": (model, True)}
     bw = read_bandwidth(args.threads)
+    print(f"read bandwidth {bw / 1e9:.1f} GB/s", flush=True)
     rows, base = [], None
     for name, (m, int8_state) in variants.items():
-        s = time_decode(m, args.tokens, int8_state)
+        s = time_decode(m, args.tokens, int8_state, args.repeat)
         base = base or s
         nbytes = weight_bytes(m)
         bound = bw / nbytes
         rows.append({"variant": name, "tok_per_s": 1 / s, "vs_float32": base / s, "weight_MB": nbytes / 1e6,
                      "bound_tok_per_s": bound, "fraction_of_bound": (1 / s) / bound})
+        print(rows[-1], flush=True)
     # Mamba-2 steps block by block (no fused stack kernel): its step against its linear layers alone
     model2 = CausalLM(ModelConfig(d_model=768, pattern=f"mamba2*{layers}", vocab_size=50280)).eval()
     for name, m in {"mamba2 float32": model2, "mamba2 int8": quantize_weights(model2),
                     "mamba2 int4-g32": quantize_weights(model2, bits=4, group_size=32)}.items():
-        s, lin = time_decode(m, args.tokens), time_linears(m, args.tokens)
+        s, lin = time_decode(m, args.tokens, repeat=args.repeat), time_linears(m, args.tokens, args.repeat)
         nbytes = weight_bytes(m)
         rows.append({"variant": name, "tok_per_s": 1 / s, "vs_float32": base / s, "weight_MB": nbytes / 1e6,
                      "bound_tok_per_s": bw / nbytes, "fraction_of_bound": (1 / s) / (bw / nbytes),
                      "linears_only_tok_per_s": 1 / lin})
+        print(rows[-1], flush=True)
+    # prefill: float32 against W8A8 (integer products) and the weight-only models (which dequantize for a prefill)
+    ids = torch.randint(0, 50280, (1, args.prefill), generator=torch.Generator().manual_seed(1))
+    w8a8 = quantize_w8a8(model, [ids[:, :256]])
+    pre_base = None
+    for name, m in {"float32": model, "W8A8": w8a8, "int8": variants["int8"][0],
+                    "int4-g32": variants["int4-g32"][0]}.items():
+        s = time_prefill(m, ids, args.repeat)
+        pre_base = pre_base or s
+        rows.append({"variant": f"prefill {args.prefill}: {name}", "tok_per_s": args.prefill / s,
+                     "vs_float32": pre_base / s})
+        print(rows[-1], flush=True)
     bw2 = read_bandwidth(args.threads)
     print(f"read bandwidth {bw / 1e9:.1f} GB/s before, {bw2 / 1e9:.1f} GB/s after; threads {args.threads}")
     print_table(rows, ["variant", "tok_per_s", "vs_float32", "weight_MB", "bound_tok_per_s", "fraction_of_bound",

@@ -47,8 +47,8 @@ def test_packing_bounds_and_zero_groups(group):
     assert bool((q.abs().amax(-1)[scale != 1] == 7).all()), "each group's largest weight maps to +-7"
 
 
-@given(rows=st.integers(1, GEMV_MAX_ROWS + 3), groups=st.integers(1, 4), group=st.sampled_from([32, 64]),
-       d_out=st.integers(1, 90), bias=st.booleans(), lead=st.sampled_from([(), (2,)]))
+@given(rows=st.integers(1, GEMV_MAX_ROWS + 3), groups=st.integers(1, 3), group=st.sampled_from([32, 64]),
+       d_out=st.integers(1, 40), bias=st.booleans(), lead=st.sampled_from([(), (2,)]))
 def test_kernel_matches_dequantize_then_matmul(rows, groups, group, d_out, bias, lead):
     g = torch.Generator().manual_seed(rows * 1000 + groups * 7 + d_out)
     packed, scale = quantize_int4(torch.randn(d_out, groups * group, generator=g), group)
