@@ -23,4 +23,4 @@ def test_quick_pipeline_reports_test_accuracy_beside_the_papers(tmp_path):
     for name, acc in PAPER:
         assert f"| {name} | {acc:.1f} |" in md
     assert f"| ours: S4D {setting.name}, test | {100 * extra['test_accuracy']:.1f} |" in md
-    assert "](s4d-listops.png)" in md
+    assert "](s4d-listops.png)" in md and "x a uniform guess" in md

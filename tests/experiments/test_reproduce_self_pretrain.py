@@ -16,7 +16,7 @@ def test_quick_pipeline_pretrains_only_the_spt_runs(tmp_path):
     budget = repro.quick()
     assert summary["runs"] == len(budget.settings) == 8
     md = (tmp_path / "docs" / "self-pretrain.md").read_text()
-    assert "## The S4D - Transformer gap" in md and "](self-pretrain.png)" in md
+    assert "## The S4D - Transformer gap" in md and "](self-pretrain.png)" in md and "\n- listops: " in md
     assert (tmp_path / "docs" / "self-pretrain.png").is_file()
     for s in budget.settings:
         run = tmp_path / "out" / s.name / "seed0"
