@@ -40,3 +40,30 @@ def test_metric_errors_are_one_line():
         metrics.mase_scale(np.array([1.0, 2.0, 1.0, 2.0]), 2)
     with pytest.raises(ValueError, match="longer than season=4"):
         metrics.mase_scale(np.arange(4.0), 4)
+
+
+def test_forecast_table_ranks_and_targets():
+    from ssmkit.timeseries.report import forecast_table
+
+    rows = []
+    for d, scores in {"a": {"seasonal_naive": 1.2, "ets": 0.8, "s4d": 0.9},
+                      "b": {"seasonal_naive": 0.9, "ets": 1.1, "s4d": 1.0}}.items():
+        for m, v in scores.items():  # two rows per cell average to v
+            rows += [{"dataset": d, "model": m, "mase": v - 0.1, "smape": 1.0, "mse": 1.0, "mae": 1.0},
+                     {"dataset": d, "model": m, "mase": v + 0.1, "smape": 1.0, "mse": 1.0, "mae": 1.0}]
+    table, summary = forecast_table(rows, ("s4d",))
+    assert summary["mean_rank"] == {"seasonal_naive": 2.0, "ets": 2.0, "s4d": 2.0}
+    assert summary["best_ssm"] == "s4d" and summary["best_ssm_share_below_1"] == 0.5
+    assert summary["best_ssm_share_beating_naive"] == 0.5
+    assert "| a | 1.200 | **0.800** | 0.900 |" in table and "| sets with MASE < 1 | 1/2 | 1/2 | 1/2 |" in table
+
+
+def test_write_section_replaces_only_its_section(tmp_path):
+    from ssmkit.timeseries.report import write_section
+
+    doc = tmp_path / "d.md"
+    doc.write_text("intro\n<!-- x:begin -->\nold\n<!-- x:end -->\noutro\n")
+    write_section(doc, "x", "new table", "unused")
+    assert doc.read_text() == "intro\n<!-- x:begin -->\nnew table\n<!-- x:end -->\noutro\n"
+    with pytest.raises(ValueError, match="markers <!-- y:begin -->"):
+        write_section(doc, "y", "t", "unused")
