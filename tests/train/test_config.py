@@ -108,8 +108,8 @@ def test_presets_and_model_resolution():
     # a bare pattern as the model, and leftovers of the preset dropped when the pattern changes
     assert resolve_model({"preset": "gated*2,attn"}, task).config.n_layers == 3
     assert "mamba2" not in resolve_model({"preset": "mamba2", "pattern": "attn"}, task).config.mixer_options
-    with pytest.raises(ValueError, match="unknown model 'mamba3'; valid presets: mamba, mamba2"):
-        resolve_model({"preset": "mamba3"}, task)
+    with pytest.raises(ValueError, match="unknown model 'mamba9'; valid presets: mamba, mamba2"):
+        resolve_model({"preset": "mamba9"}, task)
     with pytest.raises(ValueError, match="model.vocab_size is set by the task"):
         resolve_model({"vocab_size": 64}, task)
     with pytest.raises(ValueError, match="valid heads: CausalLM, PrefixLM"):
