@@ -37,6 +37,15 @@ BAD_VALUES_BY_FLAG = {
     ("models", "--vocab-size"): [("0", "expected an int >= 1, got 0")],
     ("train", "--nproc"): [("0", "expected an int >= 1, got 0")],
     ("train", "--dist-timeout"): [("0", "expected a finite number in (0, inf), got 0"), ("nan", "got nan")],
+    ("generate", "--num-draft"): [("0", "expected an int >= 1, got 0")],
+    ("reproduce", "--seeds"): [("0", "expected an int >= 1, got 0")],
+    ("reproduce", "--steps"): [("0", "expected an int >= 1, got 0")],
+    ("forecast", "--horizon"): [("0", "expected an int >= 1, got 0")],
+    ("forecast", "--season"): [("0", "expected an int >= 1, got 0")],
+    ("forecast", "--context"): [("1", "expected an int >= 2, got 1")],
+    ("forecast", "--steps"): [("0", "expected an int >= 1, got 0")],
+    ("forecast", "--seeds"): [("0", "expected an int >= 1, got 0")],
+    ("forecast", "--threads"): [("0", "expected an int >= 1, got 0")],
 }
 
 

@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 
-SUBCOMMANDS = ("train", "eval", "generate", "tasks", "models", "bench", "birdie", "demo", "export", "import-gguf")
+SUBCOMMANDS = ("train", "eval", "generate", "tasks", "models", "bench", "birdie", "demo", "export", "import-gguf",
+               "reproduce", "forecast")
 TINY = ["--task", "mqar", "--model", "mamba", "--set", "task.vocab_size=32", "--set", "task.seq_len=16",
         "--set", "task.num_pairs=2", "--set", "task.num_train=64", "--set", "task.num_val=16",
         "--set", "model.d_model=16", "--set", "model.mixer_options.mamba.d_state=4", "--set", "train.steps=3",

