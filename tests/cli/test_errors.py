@@ -77,10 +77,12 @@ def test_binary_file_is_not_text(tmp_path, capsys):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("aeon") is not None, reason="aeon is installed")
-def test_ucr_without_aeon_names_the_right_package(tmp_path, capsys):
+def test_ucr_without_aeon_or_sktime_names_the_right_packages(tmp_path, capsys, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sktime" else find_spec(name, *a))
     assert main(["train", "--task", "ucr", "--set", "task.dataset=GunPoint", "--run-dir", str(tmp_path / "r")]) == 2
     line = one_line(capsys)
-    assert "`pip install aeon`" in line and "ssmkit[data]" not in line and "path=" in line
+    assert "`pip install aeon or sktime`" in line and "ssmkit[data]" not in line and "path=" in line
 
 
 def test_removed_on_failure_only_removes_what_it_created(tmp_path):
