@@ -6,6 +6,7 @@ Each op has a plain loop oracle in :mod:`ssmkit.ops.reference`.
 from . import reference
 from .decode_linear import decode_linear
 from .fft_conv import fft_conv
+from .int4_linear import dequantize_int4, int4_linear, quantize_int4
 from .int8_linear import dequantize_int8, int8_linear, quantize_int8
 from .linear_scan import fused_kernels, linear_scan
 from .mamba3 import Mamba3ScanState, mamba3, mamba3_step
@@ -15,4 +16,5 @@ from .ssd import ssd
 
 __all__ = ["fused_kernels", "linear_scan", "selective_scan", "ssd", "fft_conv", "int8_linear", "quantize_int8",
            "dequantize_int8", "reference", "mamba_step", "mamba_stack_step", "MambaStepWeights", "MambaStackPlan",
-           "decode_linear", "mamba3", "mamba3_step", "Mamba3ScanState"]
+           "decode_linear", "mamba3", "mamba3_step", "Mamba3ScanState", "int4_linear", "quantize_int4",
+           "dequantize_int4"]
