@@ -8,7 +8,7 @@ Prompts are the first ``--prompt`` tokens of validation rows. For batch 1 and 4 
 reports new tokens per second (prefill included, best of ``--repeat``), the speedup over plain greedy, the tokens
 a row gains per target pass (the acceptance length) and the acceptance rate, and whether the tokens equal plain
 greedy's: float32 rows identical, and an exact check in float64 (models cast to float64).
-Writes benchmarks/results/bench_speculative.json.
+Writes benchmarks/results/bench_speculative_t<threads>.json.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_json  # noqa: E402
+from common import machine_bounds, print_table, write_json  # noqa: E402
 
 CORPUS = "src/ssmkit/data/corpora/tinyshakespeare.txt"
 TRAIN = {  # name -> model flags (byte-level text task, 128-token rows)
@@ -147,11 +147,19 @@ def main() -> None:
                        "tokens_per_pass", "acceptance_rate", "rows_identical_fp32"])
     print(f"float64 exactness ({exact['rows']} rows x {exact['new_tokens']} tokens): chain identical "
           f"{exact['chain_identical']}, tree identical {exact['tree_identical']}")
+    bounds = machine_bounds()
+    weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
+    bounds["target_weight_MB"] = weight_bytes / 1e6
+    bounds["plain_bound_tokens_per_s_batch1"] = bounds["copy_GBps"] * 1e9 / weight_bytes
+    print(f"machine: copy {bounds['copy_GBps']:.1f} GB/s; reading the target's {weight_bytes / 1e6:.1f} MB of "
+          f"weights once per token bounds plain batch-1 decoding at {bounds['plain_bound_tokens_per_s_batch1']:.0f}"
+          f" tokens/s; load average {os.getloadavg()[0]:.1f}")
     config = {"target": args.target, "draft": args.draft, "target_params": sum(p.numel() for p in target.parameters()),
               "draft_params": sum(p.numel() for p in draft.parameters()), "new_tokens": args.new,
               "prompt": args.prompt, "num_draft": ks, "trees": trees, "threads": args.threads,
               "load_average": list(os.getloadavg())}
-    write_json("bench_speculative", {"config": config, "rows": rows, "float64_exact": exact})
+    write_json(f"bench_speculative_t{args.threads}", {"config": config, "machine_bounds": bounds, "rows": rows,
+                                                     "float64_exact": exact})
 
 
 if __name__ == "__main__":
