@@ -109,3 +109,17 @@ def test_select_checks_its_counts():
         snaps.select(torch.tensor([1, 5]))
     with pytest.raises(ValueError, match="n must be an int64 tensor of shape"):
         snaps.select(torch.tensor([1.0, 2.0]))
+
+
+def test_forward_snapshots_keeps_the_muP_multipliers():
+    """residual_multiplier and logits_scaling (GraniteMoeHybrid, FalconH1) apply in the multi-token pass too."""
+    model = tiny_model("mamba2,attn,mamba", mlp="swiglu", embedding_multiplier=1.5, residual_multiplier=0.7,
+                       logits_scaling=3.0)
+    state = _prefill(model, 2, 3, 0)
+    toks = ids(2, 5, seed=1)
+    want_logits, states = _steps(model, state, toks)
+    logits, snaps = forward_snapshots(model, toks, state)
+    torch.testing.assert_close(logits, want_logits, **TOL)
+    got = snaps.select(torch.tensor([5, 2]))
+    _assert_row_state(got, 0, states[5], 0, "row 0")
+    _assert_row_state(got, 1, states[2], 1, "row 1")

@@ -15,7 +15,9 @@ from tests.infer.test_multitoken import _assert_row_state, _steps
 from tests.infer.util import VOCAB, ids, tiny_model
 
 TOL = {"rtol": 1e-10, "atol": 1e-10}
-PATTERNS = ["mamba*2", "mamba2", "attn", "mamba2,attn,mamba"]
+PATTERNS = ["mamba*2", "mamba2", "attn", "mamba2,attn,mamba", "multipliers"]
+#: GraniteMoeHybrid / FalconH1-style muP constants must apply in the tree pass too
+MULTIPLIERS = {"embedding_multiplier": 1.5, "residual_multiplier": 0.7, "logits_scaling": 3.0}
 ROTARY = {"attn": {"n_heads": 2, "rotary": True}}
 
 
@@ -23,7 +25,12 @@ ROTARY = {"attn": {"n_heads": 2, "rotary": True}}
 @settings(max_examples=3, deadline=None)
 @given(branches=st.integers(1, 3), depth=st.integers(1, 3), seed=st.integers(0, 10**6))
 def test_tree_pass_equals_stepping_each_path(pattern, branches, depth, seed):
-    model = tiny_model("mamba,attn", mixer_options=ROTARY) if pattern == "rotary" else tiny_model(pattern)
+    if pattern == "rotary":
+        model = tiny_model("mamba,attn", mixer_options=ROTARY)
+    elif pattern == "multipliers":
+        model = tiny_model("mamba2,attn", **MULTIPLIERS)
+    else:
+        model = tiny_model(pattern)
     batch = 2
     x = ids(batch, 5, seed=seed)
     _, state = _prefill(model, parse_prompts(x, vocab_size=VOCAB, device=x.device, prompt_lengths=[5, 2]))

@@ -227,8 +227,8 @@ def forward_snapshots(model: CausalLM, ids: Tensor, state: ModelState) -> tuple[
             raise ValueError(f"layer {block.index} ({block.mixer_name}) is bidirectional; multi-token steps "
                              f"need causal layers")
         snap = _snapshot_class(block.mixer)(block.mixer, block.norm(h), s)
-        h = h + snap.run().to(h.dtype)
+        h = h + block.scale_output(snap.run()).to(h.dtype)
         h = block._mlp(h)
         snaps.append(snap)
-    logits = model.lm_head(backbone.final_norm(h))
+    logits = model.lm_head(backbone.final_hidden(h))
     return logits, Snapshots(snaps, batch, k)

@@ -243,7 +243,7 @@ def forward_tree(model: CausalLM, ids: Tensor, tree: TokenTree, state: ModelStat
             raise ValueError(f"layer {block.index} ({block.mixer_name}) has no tree form; verify the tree as a "
                              f"batch of paths")
         snap = cls(block.mixer, block.norm(h), s, tree)
-        h = h + snap.run().to(h.dtype)
+        h = h + block.scale_output(snap.run()).to(h.dtype)
         h = block._mlp(h)
         snaps.append(snap)
-    return model.lm_head(backbone.final_norm(h)), TreeSnapshots(snaps, tree, ids.shape[0])
+    return model.lm_head(backbone.final_hidden(h)), TreeSnapshots(snaps, tree, ids.shape[0])
