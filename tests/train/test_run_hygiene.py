@@ -131,3 +131,25 @@ def test_resume_accepts_a_checkpoint_from_before_a_new_task_parameter(tmp_path):
     assert tr.step == 2
     with pytest.raises(ResumeError, match="another task config"):
         Trainer(setup(3, encoding="bytes"), run, resume=True, quiet=True)
+
+
+def test_resume_accepts_a_checkpoint_from_before_a_new_model_field(tmp_path):
+    """ModelConfig fields added later (the muP multipliers) are absent from older checkpoints; at their defaults
+    they do not block resuming, at another value they do."""
+    import json
+
+    def setup(steps: int, **model):
+        return resolve_run({"task": {"name": "mqar", "vocab_size": 32, "seq_len": 16, "num_pairs": 2,
+                                     "num_train": 32, "num_val": 8}, "model": {**TINY_MODEL, **model},
+                            "train": {"steps": steps, "batch_size": 8, "eval_every": 0, "plots": False}})
+
+    run = tmp_path / "run"
+    Trainer(setup(2), run, quiet=True).train()
+    state = next(run.glob("checkpoints/step-*/trainer_state.json"))
+    meta = json.loads(state.read_text())
+    for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+        del meta["config"]["model"][name]
+    state.write_text(json.dumps(meta))
+    assert Trainer(setup(3), run, resume=True, quiet=True).step == 2
+    with pytest.raises(ResumeError, match="differs from the run's model config"):
+        Trainer(setup(3, logits_scaling=2.0), run, resume=True, quiet=True)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..distributed import data_parallel as dp
-from ..models import SequenceModel, load_pretrained
+from ..models import ModelConfig, SequenceModel, load_pretrained
 from .checkpoints import (
     ResumeError,
     RngStates,
@@ -57,6 +57,12 @@ class ResumeMixin:
                     if f.default is not dataclasses.MISSING}
         saved = {**saved, "task": {**{k: v for k, v in defaults.items() if k in now["task"]},
                                    **(saved.get("task") or {})}}
+        # so do ModelConfig fields added since (e.g. the muP multipliers): the checkpoint's model loads with them
+        model_defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+                          if f.default is not dataclasses.MISSING}
+        if isinstance(saved.get("model"), dict):
+            saved["model"] = {**{k: v for k, v in model_defaults.items() if k in now["model"]
+                                 and k not in saved["model"]}, **saved["model"]}
         for section in ("task", "model"):
             if saved.get(section) != now[section]:
                 raise ResumeError(f"{ckpt}: the checkpoint was trained with another {section} config "
