@@ -67,13 +67,15 @@ def test_kernel_matches_dequantize_then_matmul(rows, groups, group, d_out, bias,
 
 
 def test_close_to_float_weights_and_gradients_through_the_fallback():
-    w, x = torch.randn(300, 128), torch.randn(3, 128)
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(300, 128, generator=g), torch.randn(3, 128, generator=g)
     packed, scale = quantize_int4(w, 32)
     ref = F.linear(x, w)
     assert float((int4_linear(x, packed, scale) - ref).abs().max() / ref.abs().max()) < 0.15
     xg = x.clone().requires_grad_(True)
     int4_linear(xg, packed, scale).sum().backward()
-    torch.testing.assert_close(xg.grad, dequantize_int4(packed, scale).sum(0).expand(3, 128))
+    # float32 sums of 300 terms in another order: allow a few ulps of the sum's magnitude
+    torch.testing.assert_close(xg.grad, dequantize_int4(packed, scale).sum(0).expand(3, 128), rtol=1e-5, atol=1e-4)
 
 
 def _int4_weights(d_model=64, di=64, n=4, rank=2, width=4, seed=0):
