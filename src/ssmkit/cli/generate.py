@@ -43,8 +43,11 @@ def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), help="nucleus sampling threshold in (0, 1]")
     p.add_argument("--seed", type=int_at_least(0), help="sampling seed")
     p.add_argument("--escapes", action="store_true", help="decode backslash escapes (\\n) in a text --prompt")
-    p.add_argument("--int8", action="store_true", help="decode with int8 weight-only linear layers (faster, "
-                                                      "approximate: see ssmkit.infer.quantize)")
+    quant = p.add_mutually_exclusive_group()
+    quant.add_argument("--int8", action="store_true", help="decode with int8 weight-only linear layers (faster, "
+                                                          "approximate: see ssmkit.infer.quantize)")
+    quant.add_argument("--int4", action="store_true", help="decode with 4-bit weights, one scale per 32 inputs "
+                                                          "(an eighth of the bytes, approximate: docs/quantization.md)")
     p.add_argument("--draft", metavar="DRAFT_RUN",
                    help="speculative decoding with this run's (or model directory's) smaller model as the draft "
                         "(same vocabulary and tokenizer), or 'self:N' for the model's own first N layers; the "
@@ -193,8 +196,8 @@ def run(args: argparse.Namespace) -> int:
     if args.example is not None and task is None:
         raise UsageError(f"--example needs a run directory with a task; {args.run_dir} is a bare model "
                          f"directory (use --prompt)")
-    if args.int8:
-        model = quantize_weights(model)
+    if args.int8 or args.int4:
+        model = quantize_weights(model, bits=4 if args.int4 else 8)
     vocab = model.config.vocab_size
     tok = _tokenizer(args, ckpt, config, vocab)
     if args.top_k is not None and args.top_k > vocab:
