@@ -74,7 +74,38 @@ class MLPWeights(nn.Module):
         return y if self.down_multiplier == 1.0 else y * self.down_multiplier
 
 
-class FeedForward(SequenceLayer):
+class PositionwiseLayer(SequenceLayer):
+    """The sequence-layer contract for a layer that maps each position on its own (empty state): subclasses
+    define ``mix(x (..., d_model)) -> (..., d_model)``; forward and step both call it."""
+
+    def mix(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None) -> NoState:
+        check_positive_int(f"{type(self).__name__}.init_state", "batch_size", batch_size)
+        return NoState()
+
+    @state_kwargs
+    def forward(self, x: Tensor, initial_state: NoState | None = None, *, reset: Tensor | None = None,
+                return_final_state: bool = False):
+        """x: (batch, length, d_model) -> y, or (y, NoState()) with ``return_final_state``."""
+        x = self.check_input(x)
+        self.check_dtype(x)
+        self.check_reset(reset, x)
+        if initial_state is not None:
+            self.check_state(initial_state, x.shape[0])
+        y = self.mix(x)
+        return (y, NoState()) if return_final_state else y
+
+    def step(self, x_t: Tensor, state: NoState) -> tuple[Tensor, NoState]:
+        """x_t: (batch, d_model) -> (y_t, NoState())."""
+        x_t = self.check_step_input(x_t)
+        self.check_dtype(x_t, "x_t")
+        self.check_state(state, x_t.shape[0])
+        return self.mix(x_t), NoState()
+
+
+class FeedForward(PositionwiseLayer):
     """A position-wise MLP with the sequence-layer contract (empty state).
 
     Args:
@@ -117,28 +148,9 @@ class FeedForward(SequenceLayer):
         self.mlp = MLPWeights(d_model, self.d_hidden, act, gated, bias, float(gate_multiplier), float(down_multiplier),
                               device=device, dtype=dtype)
 
-    def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None) -> NoState:
-        check_positive_int(f"{type(self).__name__}.init_state", "batch_size", batch_size)
-        return NoState()
-
-    @state_kwargs
-    def forward(self, x: Tensor, initial_state: NoState | None = None, *, reset: Tensor | None = None,
-                return_final_state: bool = False):
-        """x: (batch, length, d_model) -> y, or (y, NoState()) with ``return_final_state``."""
-        x = self.check_input(x)
-        self.check_dtype(x)
-        self.check_reset(reset, x)
-        if initial_state is not None:
-            self.check_state(initial_state, x.shape[0])
-        y = self.mlp(x)
-        return (y, NoState()) if return_final_state else y
-
-    def step(self, x_t: Tensor, state: NoState) -> tuple[Tensor, NoState]:
-        """x_t: (batch, d_model) -> (y_t, NoState())."""
-        x_t = self.check_step_input(x_t)
-        self.check_dtype(x_t, "x_t")
-        self.check_state(state, x_t.shape[0])
-        return self.mlp(x_t), NoState()
+    def mix(self, x: Tensor) -> Tensor:
+        """x (..., d_model) -> (..., d_model)."""
+        return self.mlp(x)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_hidden={self.d_hidden}, act={self.act!r}, gated={self.gated}"

@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import SequenceLayer, check_choice, check_d_model, no_autocast, state_kwargs
-from .ffn import ACTIVATIONS, MLPWeights, NoState, check_bool, check_positive_int
+from .base import check_choice, check_d_model, no_autocast
+from .ffn import ACTIVATIONS, MLPWeights, PositionwiseLayer, check_bool, check_positive_int
 
 ROUTERS = ("softmax", "topk_softmax", "sigmoid")
 
 
-class MoE(SequenceLayer):
+class MoE(PositionwiseLayer):
     """Top-k routed mixture of MLP experts (empty state).
 
     Args:
@@ -159,30 +159,6 @@ class MoE(SequenceLayer):
         if self.shared is not None:
             out = out + self.shared(flat)
         return out.view(x.shape)
-
-    # ------------------------------------------------------------------------------------------ contract
-    def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None) -> NoState:
-        check_positive_int(f"{type(self).__name__}.init_state", "batch_size", batch_size)
-        return NoState()
-
-    @state_kwargs
-    def forward(self, x: Tensor, initial_state: NoState | None = None, *, reset: Tensor | None = None,
-                return_final_state: bool = False):
-        """x: (batch, length, d_model) -> y, or (y, NoState()) with ``return_final_state``."""
-        x = self.check_input(x)
-        self.check_dtype(x)
-        self.check_reset(reset, x)
-        if initial_state is not None:
-            self.check_state(initial_state, x.shape[0])
-        y = self.mix(x)
-        return (y, NoState()) if return_final_state else y
-
-    def step(self, x_t: Tensor, state: NoState) -> tuple[Tensor, NoState]:
-        """x_t: (batch, d_model) -> (y_t, NoState())."""
-        x_t = self.check_step_input(x_t)
-        self.check_dtype(x_t, "x_t")
-        self.check_state(state, x_t.shape[0])
-        return self.mix(x_t), NoState()
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_hidden={self.d_hidden}, n_experts={self.n_experts}, "
