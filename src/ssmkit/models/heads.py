@@ -151,6 +151,15 @@ class SequenceModel(nn.Module):
         padding_mask = check_mask("padding_mask", padding_mask, batch, length, inputs.device)
         return reset, padding_mask, _padding_reset(reset, padding_mask, has_state)
 
+    def _needs_padding_cut(self, padding_mask: Tensor | None, prefix_mask: object, final_state: bool) -> bool:
+        """False when cutting segments at the padding cannot change what the caller gets back: every layer is
+        causal (no prefix_mask), each row's padding comes after all its real tokens, and no final state is
+        returned; then only real positions are read, and none of them can see the padding after it. Skipping
+        the cut keeps SSMs on their convolution / chunked-scan path (a reset forces the sequential scan)."""
+        if padding_mask is None or final_state or prefix_mask is not None or not self.backbone.causal:
+            return True
+        return not bool((padding_mask[:, 1:] <= padding_mask[:, :-1]).all())
+
     # ------------------------------------------------------------------------------------------ state
     def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None) -> ModelState:
         """Zero recurrent state (empty KV caches for attention layers) for ``batch_size`` sequences."""
@@ -273,7 +282,9 @@ class SequenceClassifier(SequenceModel):
         at position 0): logits (n_segments, num_classes), segments numbered row by row, left to right.
       * ``padding_mask`` (batch, length) bool, True on real tokens: padded positions are excluded from
         pooling, and every boundary between padding and real tokens becomes a segment start for the backbone, so
-        padding never leaks into real positions even through bidirectional layers. Segments (of ``reset``)
+        padding never leaks into real positions even through bidirectional layers. (Not needed, and skipped, for a
+        causal backbone whose rows are right-padded, without prefix_mask or a returned final state: no real
+        position can see the padding after it, and SSMs keep their fast convolution path.) Segments (of ``reset``)
         with no real token are dropped from the output; without ``reset`` a row with no real token is an
         error.
     Labels: int (n_segments,) (or (batch,)) in [0, num_classes), -100 ignored; loss = mean cross entropy.
@@ -330,6 +341,8 @@ class SequenceClassifier(SequenceModel):
     ) -> ClassifierOutput:
         """inputs: token ids (batch, length) or floats (batch, length, d_input) -> ClassifierOutput."""
         reset, padding_mask, run_reset = self._masks(inputs, reset, padding_mask, initial_state is not None)
+        if not self._needs_padding_cut(padding_mask, prefix_mask, return_final_state):
+            run_reset = reset
         hidden, state = self.backbone(inputs, initial_state, reset=run_reset, prefix_mask=prefix_mask,
                                       return_final_state=return_final_state)
         logits = self.classifier(self.pool(hidden, reset, padding_mask))
