@@ -34,6 +34,15 @@ def test_train_config_rejects(kw, match):
         TrainConfig(**kw)
 
 
+def test_train_config_accepts_sequence_parallel_with_chunk_len():
+    """Sequence parallel and chunked training combine (tests/distributed/test_sequence_parallel_chunked_training.py
+    checks the result); self-pretraining still refuses either."""
+    cfg = TrainConfig(sequence_parallel=2, chunk_len=64)
+    assert (cfg.sequence_parallel, cfg.chunk_len) == (2, 64)
+    with pytest.raises(ValueError, match="train.pretrain"):
+        TrainConfig(sequence_parallel=2, chunk_len=64, pretrain="ar", pretrain_steps=1)
+
+
 def test_train_config_from_dict_unknown_key_lists_valid():
     with pytest.raises(ValueError, match="valid keys: steps, batch_size"):
         TrainConfig.from_dict({"stepz": 3})

@@ -157,10 +157,6 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 expected = ", ".join(map(repr, choices))
                 raise _fail(name, f"got {getattr(self, name)!r}; expected one of {expected}")
-        if self.sequence_parallel > 1 and self.chunk_len is not None:
-            raise _fail("sequence_parallel", f"={self.sequence_parallel} cannot be combined with chunk_len (chunked "
-                                             f"training passes state between chunks; sequence-parallel shards do not "
-                                             f"take a state yet)")
         if self.autocast == "bf16" and self.dtype != "float32":
             raise _fail("autocast", f"='bf16' needs dtype='float32', got dtype={self.dtype!r}")
         self._check_pretrain()

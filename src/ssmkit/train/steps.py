@@ -25,7 +25,8 @@ class StepsMixin:
         over the ranks), and the return value is this rank's part of the global loss (the ranks' parts sum to
         it). With ``train.sequence_parallel=P`` each group of P consecutive ranks shares a row shard and each
         rank trains its contiguous piece of every sequence (:class:`~ssmkit.distributed.sequence.SequenceParallel`);
-        the weights are the same, counted on the piece."""
+        the weights are the same, counted on the piece. With ``train.chunk_len`` as well, the group's ranks
+        share each micro-batch's chunks instead (:meth:`_sequence_chunked`)."""
         cfg = self.cfg
         world = self.dist.world_size
         pt = self.pretrainer
@@ -35,6 +36,9 @@ class StepsMixin:
         micro = split_batch(shard, cfg.grad_accum)
         loss_value = 0.0
         for i, mb in enumerate(micro):
+            if self.sp_group is not None and cfg.chunk_len is not None:  # chunks sharded over the group
+                loss_value += self._sequence_chunked(mb, weigh(mb), total, len(micro) * world, world)
+                continue
             if self.sp_group is not None:  # this rank's contiguous piece of every sequence
                 from ..distributed.sequence import shard_sequence
 
@@ -61,6 +65,10 @@ class StepsMixin:
                 (loss * scale).backward()
             loss_value += share * float(loss.detach())
         if self.ddp is not None and cfg.chunk_len is not None:  # chunked passes bypass the DDP wrapper
+            if self.sp_group is not None:  # every rank must hold the same parameters' gradients (as DDP gives)
+                for p in self.model.parameters():
+                    if p.requires_grad and p.grad is None:
+                        p.grad = torch.zeros_like(p)
             dp.average_gradients(self.model.parameters())
         return loss_value
 
@@ -93,3 +101,31 @@ class StepsMixin:
                                f"(ssmkit.train.chunked: {e})") from e
         stats = chunked_loss_backward(self.model, batch, self.cfg.chunk_len, loss_scale=scale)
         return float(stats["loss"])
+
+    def _sequence_chunked(self, mb: dict[str, torch.Tensor], weight: float, total: float, parts: int,
+                          world: int) -> float:
+        """Sequence parallel + chunked: the group's ranks run ``mb`` (this row shard's whole sequences) chunk by
+        chunk, each chunk split over the group (:func:`~ssmkit.distributed.sequence_chunked.
+        sequence_parallel_chunked_backward`). Each rank keeps its part of the gradient of ``world x share x`` the
+        micro-batch's mean loss (the group's parts sum to it; the world average follows in
+        :meth:`accumulate_gradients`); returns this rank's part of the global loss (``share x loss / P``: the
+        group's P ranks all see the micro-batch loss).
+
+        Args: mb: micro-batch (rows, length) tensors, unsharded along time; weight: its scored items; total:
+        the global batch's; parts: ``grad_accum x world`` (the equal share when nothing is scored)."""
+        from ..distributed.sequence_chunked import sequence_parallel_chunked_backward
+
+        if "mask" in mb:  # an lm's padding only marks unscored positions; the model does not take it
+            if bool(((mb["labels"] != -100) & ~mb["mask"]).any()):
+                raise ValueError(f"train.sequence_parallel={self.sp} with train.chunk_len: batch['mask'] is False "
+                                 f"at scored positions (labels not -100) of task {self.task.name!r}")
+            mb = {k: v for k, v in mb.items() if k != "mask"}
+        unknown = sorted(set(mb) - {"input_ids", "labels", "reset"})
+        if unknown:
+            raise ValueError(f"train.sequence_parallel={self.sp} with train.chunk_len needs batches of input_ids, "
+                             f"labels and optionally reset; task {self.task.name!r} also gives {unknown}")
+        share = weight / total if total > 0 else 1.0 / parts
+        with autocast_context(self.cfg.autocast), self._rank_stream():
+            stats = sequence_parallel_chunked_backward(self.model, mb, self.cfg.chunk_len, group=self.sp_group,
+                                                       loss_scale=share * world, sum_gradients=False)
+        return share * float(stats["loss"]) / self.sp
