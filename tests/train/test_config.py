@@ -143,3 +143,22 @@ def test_resolve_run_errors():
         resolve_run({"task": {}})
     with pytest.raises(ValueError, match="num_pairs"):
         resolve_run({"task": {"name": "mqar", "seq_len": 16, "num_pairs": 40}})
+
+
+@pytest.mark.parametrize(("seq_len", "chunk_len", "ok"), [(64, 32, True), (64, 30, True), (64, 21, False)])
+def test_sequence_parallel_chunks_must_each_split_over_the_ranks(seq_len, chunk_len, ok):
+    """Each chunk is itself split over the sequence-parallel ranks, so a last chunk shorter than P is refused
+    before training (checked by the trainer once the job has joined; the check itself needs no job)."""
+    from types import SimpleNamespace
+
+    from ssmkit.train.trainer import Trainer
+
+    task = get_task("mqar", vocab_size=seq_len + 8, seq_len=seq_len, num_pairs=2,
+                    num_train=8, num_val=8)
+    fake = SimpleNamespace(sp=4, task=task, cfg=TrainConfig(sequence_parallel=4, chunk_len=chunk_len))
+    if ok:
+        Trainer._check_sequence_parallel_task(fake)
+    else:
+        with pytest.raises(ValueError, match=r"train.chunk_len=21 leaves a last chunk of 1 of the task's 64 "
+                                             r"positions, fewer than train.sequence_parallel=4"):
+            Trainer._check_sequence_parallel_task(fake)

@@ -200,10 +200,15 @@ class Trainer(StepsMixin, EvaluationMixin, ResumeMixin, SignalsMixin, ReportingM
             raise ValueError(f"train.sequence_parallel={self.sp}: task {self.task.name!r} has prefix masks, which "
                              f"sequence parallelism does not support yet")
         x = sample["input_ids"] if "input_ids" in sample else sample["inputs"]
+        length, chunk = int(x.shape[1]), self.cfg.chunk_len
         try:
-            shard_bounds(int(x.shape[1]), self.sp)
+            shard_bounds(length, self.sp)
         except ValueError as e:
             raise ValueError(f"train.sequence_parallel={self.sp}: {e}") from None
+        if chunk is not None and 0 < length % chunk < self.sp:  # every chunk is itself split over the ranks
+            raise ValueError(f"train.chunk_len={chunk} leaves a last chunk of {length % chunk} of the task's "
+                             f"{length} positions, fewer than train.sequence_parallel={self.sp}; choose a chunk_len "
+                             f"that divides {length} or leaves at least {self.sp}")
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self, until: int | None = None) -> dict[str, float]:
