@@ -43,14 +43,13 @@ def quick() -> Budget:
 
 def full() -> Budget:
     return Budget(
-        (_setting("s4d-L512", {"max_length": 512, "num_train": 20000}, 1200),), seeds=2, minutes=20,
+        (_setting("s4d-L512", {"max_length": 512, "num_train": 20000}, 1200),), seeds=2, minutes=12,
         note=("Shrunk from LRA's 500-2,000 token expressions (96K training examples, ~50 epochs, 6 layers of "
               "width 128+) to 32-512 tokens, 20,000 examples, 1,200 steps of 32 (38,400 expressions, ~2 epochs), "
               "d_model 64, 2 layers, 2 seeds. 512 tokens is what fits: batches are padded to ~500 tokens; since "
               "the classifier no longer cuts a causal backbone's rows at their right padding, S4D keeps its FFT "
               "convolution (one training step at 256-512 tokens measured 4.7x faster than with the cut, 0.86 s "
-              "against 4.10 s, best of 3 at load ~6; 250 steps at 32-512 took 1.7 min in the runner). Minutes: "
-              "estimated from that."))
+              "against 4.10 s, best of 3 at load ~6). Minutes: measured, 11.4 min for the 2 runs at load 1.6-4.4."))
 
 
 def evaluate(model: Any, setup: Any, setting: Setting, quick: bool) -> dict[str, Any]:
