@@ -16,7 +16,7 @@ TIERS = {
     "models": 2, "data": 2, "distributed": 2,
     "objectives": 3, "train": 3, "infer": 3, "interop": 3, "timeseries": 3,
     "experiments": 4, "export": 4,
-    "cli": 5, "selfcheck": 5,
+    "cli": 5, "selfcheck": 5, "__main__": 6,
 }
 #: imports allowed within one tier (tier 0 shares private helpers; nothing else is sideways)
 SIDEWAYS = {("ops", "_dataclass_dict"), ("init", "ops"), ("init", "_dataclass_dict")}
