@@ -34,6 +34,19 @@ class AttentionState(LayerState):
     pos: Tensor
 
 
+def segments_and_positions(batch: int, length: int, reset: Tensor | None, initial_state: AttentionState | None,
+                           device: torch.device) -> tuple[Tensor, Tensor]:
+    """(segment ids, positions), both (batch, length) int64: a reset at t starts a new segment at position 0;
+    without one, positions continue from ``initial_state.pos``."""
+    idx = torch.arange(length, device=device)
+    pos0 = torch.zeros(batch, 1, dtype=torch.long, device=device) if initial_state is None \
+        else initial_state.pos[:, None]
+    if reset is None:
+        return torch.zeros(batch, length, dtype=torch.long, device=device), pos0 + idx
+    start = torch.where(reset, idx, -1).cummax(1).values
+    return reset.long().cumsum(1), torch.where(start >= 0, idx - start, pos0 + idx)
+
+
 def _default_heads(d_model: int) -> int:
     """The largest n <= max(1, d_model // 64) that divides d_model (head_dim about 64 or more)."""
     n = max(1, d_model // 64)
@@ -229,18 +242,7 @@ class Attention(SequenceLayer):
         # under autocast q, k, v (and the cache) are float32; the attention itself runs in autocast's dtype
         qkv = to_compute(self, self.qkv(x))
         q, k, v = qkv.view(batch, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        idx = torch.arange(length, device=x.device)
-        pos0 = (
-            torch.zeros(batch, 1, dtype=torch.long, device=x.device) if initial_state is None
-            else initial_state.pos[:, None]
-        )
-        if reset is None:
-            seg = torch.zeros(batch, length, dtype=torch.long, device=x.device)
-            pos = pos0 + idx
-        else:
-            seg = reset.long().cumsum(1)
-            start = torch.where(reset, idx, -1).cummax(1).values
-            pos = torch.where(start >= 0, idx - start, pos0 + idx)
+        seg, pos = segments_and_positions(batch, length, reset, initial_state, x.device)
         if self.rotary:
             q, k = self._rotate(q, pos), self._rotate(k, pos)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import AttentionState
+from .attention import AttentionState, segments_and_positions
 from .base import SequenceLayer, check_d_model, state_kwargs, to_compute
 from .ffn import check_bool, check_positive_int
 
@@ -148,16 +148,7 @@ class GQAttention(SequenceLayer):
         q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        idx = torch.arange(length, device=x.device)
-        pos0 = torch.zeros(batch, 1, dtype=torch.long, device=x.device) if initial_state is None \
-            else initial_state.pos[:, None]
-        if reset is None:
-            seg = torch.zeros(batch, length, dtype=torch.long, device=x.device)
-            pos = pos0 + idx
-        else:
-            seg = reset.long().cumsum(1)
-            start = torch.where(reset, idx, -1).cummax(1).values
-            pos = torch.where(start >= 0, idx - start, pos0 + idx)
+        seg, pos = segments_and_positions(batch, length, reset, initial_state, x.device)
         if self.rotary_dim:
             q, k = self._rotate(q, pos), self._rotate(k, pos)
         keys, vals = k, v
@@ -175,6 +166,7 @@ class GQAttention(SequenceLayer):
                 cached = torch.arange(cache_len, device=x.device)[None, :]
                 current = cached >= cache_len - initial_state.pos.clamp(max=cache_len)[:, None]
                 key_seg = torch.cat([current.long() - 1, seg], 1)
+            idx = torch.arange(length, device=x.device)
             rel = idx[:, None] + cache_len - torch.arange(keys.shape[2], device=x.device)[None, :]
             allowed = (key_seg[:, None, :] == seg[:, :, None]) & (rel >= 0)[None]
             out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=allowed[:, None], scale=self.scale,
