@@ -224,6 +224,8 @@ class ModelConfig:
             the embedding output is multiplied by the first, every mixer/MLP output by the second before its
             residual add, and the final norm's output divided by the third (so logits are divided by it).
             1.0 (default) skips them.
+        logits_soft_cap: CausalLM logits become ``cap * tanh(logits / cap)`` (RecurrentGemma); None (default)
+            leaves them uncapped.
     """
 
     d_model: int
@@ -247,6 +249,7 @@ class ModelConfig:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
+    logits_soft_cap: float | None = None
 
     def __post_init__(self) -> None:
         self.d_model = _pos_int("d_model", self.d_model)
@@ -277,6 +280,9 @@ class ModelConfig:
             self.init_std = _number("init_std", self.init_std, 0.0, 1e3, lo_open=True, hi_open=False)
         for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
             setattr(self, name, _number(name, getattr(self, name), 0.0, 1e6, lo_open=True, hi_open=False))
+        if self.logits_soft_cap is not None:
+            self.logits_soft_cap = _number("logits_soft_cap", self.logits_soft_cap, 0.0, 1e6, lo_open=True,
+                                           hi_open=False)
 
     def _check_pattern(self) -> None:
         p = self.pattern
