@@ -5,6 +5,7 @@ Plain mixers (one :mod:`ssmkit.layers` class each):
     mamba   Mamba         mamba2  Mamba2        mamba3  Mamba3    s4d   S4D       s4  S4       h3  H3
     longconv LongConv     gated   GatedSSM      rglru RGLRU     attn Attention (causal by default)
     gqa GQAttention       ffn FeedForward       moe MoE         normed-mamba NormedMamba
+    griffin GriffinRecurrent                    local-gqa LocalGQAttention  (RecurrentGemma)
     s6 S6                 h3-s6 H3S6            mamba-s4d MambaS4D   (Mamba's Table 1 ablations)
 
 Wrapped mixers:
@@ -43,6 +44,7 @@ _PLAIN: dict[str, tuple[str, str]] = {
     # for transformers' hybrid families (ssmkit.interop): GQA attention, MLP and MoE blocks, Mamba with dt/B/C norms
     "gqa": ("gqa", "GQAttention"), "ffn": ("ffn", "FeedForward"), "moe": ("moe", "MoE"),
     "normed-mamba": ("normed_mamba", "NormedMamba"), "parallel-h1": ("falcon_h1", "ParallelHybrid"),
+    "griffin": ("griffin", "GriffinRecurrent"), "local-gqa": ("local_gqa", "LocalGQAttention"),  # RecurrentGemma
     # the Mamba paper's Table 1 ablations: selective SSM without a gate, H3 with S6, Mamba with S4D
     "s6": ("ablation", "S6"), "h3-s6": ("ablation", "H3S6"), "mamba-s4d": ("ablation", "MambaS4D"),
 }

@@ -1,0 +1,81 @@
+"""Sliding-window (local) grouped-query attention: :class:`~ssmkit.layers.gqa.GQAttention` whose queries see only
+the last ``window`` keys of their segment (themselves included), with a KV cache of at most window - 1 entries.
+Griffin's / RecurrentGemma's local MQA (n_kv_heads=1, partial rotary, o_proj bias) is one configuration.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention import AttentionState, segments_and_positions
+from .base import state_kwargs, to_compute
+from .ffn import check_positive_int
+from .gqa import GQAttention
+
+
+class LocalGQAttention(GQAttention):
+    """GQAttention with a sliding window: query t sees keys s of its segment with t - window < s <= t.
+
+    Args:
+        window: the number of keys a query sees (itself included); default 2048 (RecurrentGemma's).
+        The others as :class:`~ssmkit.layers.gqa.GQAttention`.
+
+    Shapes: x (batch, length, d_model) -> y (batch, length, d_model); state an AttentionState whose cache holds
+    at most window - 1 entries (bounded memory however long the sequence).
+    """
+
+    def __init__(self, d_model: int, n_heads: int = 1, n_kv_heads: int | None = None, head_dim: int | None = None,
+                 rotary_dim: int = 0, rotary_base: float = 10000.0, scale: float | None = None, *, window: int = 2048,
+                 qkv_bias: bool = False, out_bias: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(d_model, n_heads, n_kv_heads, head_dim, rotary_dim, rotary_base, scale, qkv_bias=qkv_bias,
+                         out_bias=out_bias, device=device, dtype=dtype)
+        self.window = check_positive_int(type(self).__name__, "window", window)
+
+    @state_kwargs
+    def forward(self, x: Tensor, initial_state: AttentionState | None = None, *, reset: Tensor | None = None,
+                return_final_state: bool = False):
+        """x: (batch, length, d_model) -> y, or (y, KV cache) with ``return_final_state``.
+
+        initial_state: a KV cache to continue from; reset: (batch, length) bool segment starts."""
+        x = self.check_input(x)
+        self.check_dtype(x)
+        reset = self.check_reset(reset, x)
+        batch, length, _ = x.shape
+        if initial_state is not None:
+            initial_state = self._check_cache(initial_state, batch, self.act_dtype(x))
+        cache_len = 0 if initial_state is None else initial_state.k.shape[2]
+        q, k, v = to_compute(self, self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        seg, pos = segments_and_positions(batch, length, reset, initial_state, x.device)
+        if self.rotary_dim:
+            q, k = self._rotate(q, pos), self._rotate(k, pos)
+        keys, vals, key_seg = k, v, seg
+        if initial_state is not None:  # cached entries of the current segment are segment 0; older ones -1
+            keys, vals = torch.cat([initial_state.k, k], 2), torch.cat([initial_state.v, v], 2)
+            current = torch.arange(cache_len, device=x.device)[None, :] >= \
+                cache_len - initial_state.pos.clamp(max=cache_len)[:, None]
+            key_seg = torch.cat([current.long() - 1, seg], 1)
+        gqa = self.n_heads != self.n_kv_heads
+        if initial_state is None and reset is None and length <= self.window:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+        else:
+            rel = torch.arange(length, device=x.device)[:, None] + cache_len - \
+                torch.arange(keys.shape[2], device=x.device)[None, :]
+            allowed = (key_seg[:, None, :] == seg[:, :, None]) & ((rel >= 0) & (rel < self.window))[None]
+            out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=allowed[:, None], scale=self.scale,
+                                                 enable_gqa=gqa)
+        y = self.o_proj(out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
+        if not return_final_state:
+            return y
+        new_pos = pos[:, -1] + 1
+        n_keys = keys.shape[2]
+        keep = min(int(new_pos.clamp(max=n_keys).max()), self.window - 1)  # entries a later query can still see
+        return y, AttentionState(k=keys[:, :, n_keys - keep:], v=vals[:, :, n_keys - keep:], pos=new_pos)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, window={self.window}"
