@@ -205,20 +205,7 @@ class MambaStackPlan:
                     raise ValueError(f"MambaStackPlan: layers[{i}].{name} differs in shape or dtype from "
                                      f"layers[0].{name}")
         d_model = _cols(first.in_w, first.in_scale)
-        if norm_weights is not None and (len(norm_weights) != len(layers)
-                                         or any(tuple(n.shape) != (d_model,) for n in norm_weights)):
-            raise ValueError(f"MambaStackPlan: norm_weights must be {len(layers)} tensors of shape ({d_model},)")
-        if final_weight is not None and tuple(final_weight.shape) != (d_model,):
-            raise ValueError(f"MambaStackPlan: final_weight must have shape ({d_model},), "
-                             f"got {tuple(final_weight.shape)}")
-        if head is not None:
-            hw, hs, hb = head
-            if (hw.ndim != 2 or _cols(hw, hs) != d_model or (hw.dtype == torch.int8) != (hs is not None)
-                    or (hs is not None and (hs.ndim not in (1, 2) or hs.shape[0] != hw.shape[0]
-                                            or (hs.ndim == 2 and not _valid_groups(d_model, hs.shape[1]))))):
-                raise ValueError(f"MambaStackPlan: head weight must be (V, {d_model}) (or packed int4 (V, "
-                                 f"{d_model // 2}) with a (V, groups) scale), int8 exactly when a scale is given, "
-                                 f"got {tuple(hw.shape)} {hw.dtype}")
+        check_stack_extras("MambaStackPlan", len(layers), d_model, norm_weights, final_weight, head)
         self.layers, self.residual, self.head = list(layers), residual, head
         self.norm_weights = None if norm_weights is None else list(norm_weights)
         self.eps, self.final_weight, self.final_eps = norm_eps, final_weight, final_eps
@@ -242,6 +229,24 @@ class MambaStackPlan:
         """Whether ``tensors`` (the plan's weights in the order it takes them: the layers' fields, the norms, the
         final norm, the head) need a new plan."""
         return not self.key.matches(tensors)
+
+
+def check_stack_extras(owner: str, n_layers: int, d_model: int, norm_weights: list[Tensor] | None,
+                       final_weight: Tensor | None, head: tuple | None) -> None:
+    """The block norms, final norm and head of a stack plan fit ``n_layers`` blocks of width ``d_model``."""
+    if norm_weights is not None and (len(norm_weights) != n_layers
+                                     or any(tuple(n.shape) != (d_model,) for n in norm_weights)):
+        raise ValueError(f"{owner}: norm_weights must be {n_layers} tensors of shape ({d_model},)")
+    if final_weight is not None and tuple(final_weight.shape) != (d_model,):
+        raise ValueError(f"{owner}: final_weight must have shape ({d_model},), got {tuple(final_weight.shape)}")
+    if head is not None:
+        hw, hs, hb = head
+        if (hw.ndim != 2 or _cols(hw, hs) != d_model or (hw.dtype == torch.int8) != (hs is not None)
+                or (hs is not None and (hs.ndim not in (1, 2) or hs.shape[0] != hw.shape[0]
+                                        or (hs.ndim == 2 and not _valid_groups(d_model, hs.shape[1]))))):
+            raise ValueError(f"{owner}: head weight must be (V, {d_model}) (or packed int4 (V, {d_model // 2}) "
+                             f"with a (V, groups) scale), int8 exactly when a scale is given, "
+                             f"got {tuple(hw.shape)} {hw.dtype}")
 
 
 def _rms_norm(h: Tensor, w: Tensor | None, eps: float) -> Tensor:

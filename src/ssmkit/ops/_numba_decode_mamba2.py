@@ -1,0 +1,177 @@
+"""Numba kernel for decoding a stack of Mamba-2 (SSD) blocks: one token for a few rows in one parallel launch.
+
+The work sharing (stage counters, chunk claiming, barriers) and the matrix-row products (float, int8, int4) are
+those of :mod:`._numba_decode`; this file only adds the Mamba-2 stages. Arrays are C-contiguous; float32 or
+float64 throughout (one dtype per call); int8 bytes for quantized weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+from ._numba_decode import (
+    _claim,
+    _finish_stage,
+    _next_chunk,
+    _rms_norm,
+    _rows_stage,
+    _rows_times_weight,
+    _silu,
+    _wait_stage,
+)
+from ._numba_kernels import fast_exp, fast_softplus
+
+#: stages per layer (block norm, in_proj + conv + dt, SSD state update, gated norm, out_proj); the kernel
+#: needs counter_slots(STAGES * L + 2, threads) counters
+STAGES = 5
+_ROWS_IN = 32  # in_proj rows per chunk
+_CHANNELS = 16  # SSD channels (of headdim * nheads) per chunk
+_ROWS_OUT = 16  # out_proj rows per chunk
+
+
+@nb.njit(parallel=True, fastmath=True, cache=True)
+def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, conv_w, conv_b, conv_state,
+                 dt_b, a_log, d_skip, gnorm_w, consts, n_groups, w_out, s_out, b_out, ssm_state, conv_new, ssm_new,
+                 xn, zb, xbc, dts, y, out, w_head, s_head, b_head, logits, counters, n_threads):
+    """One token through a stack of Mamba-2 blocks, h <- h + mamba2_l(norm_l(h)) for l = 0..L-1, then
+    out = final_norm(h) (RMSNorm) and, when w_head (V, d_model) has rows, logits (B, V) = head(out).
+
+    h (B, d_model): the residual stream, updated in place (``residual=False``: each layer's output replaces it).
+    Per-layer weights are numba typed Lists of L arrays: w_in (Di + C + H, d_model) with C = Di + 2 G N conv
+    channels, rows ordered (z, x, B, C, dt) (float, int8 with per-row scale s_in, or packed int4 with a 2-D
+    s_in; s_in length 0 for float); b_in (rows,) or length 0; conv_w (C, K); conv_b (C,) or length 0;
+    dt_b, a_log, d_skip (H,); gnorm_w (Di,) the gated RMSNorm weight; w_out (d_model, Di) with s_out, b_out like
+    w_in's. norm_w: block RMSNorm weights (d_model,) or length 0 for none; final_w likewise (length 0 copies h).
+    consts (L, 3): dt clamp (lo, hi), finite (fast-math assumes no infinities), and the gated norm's
+    epsilon per layer. n_groups: G (B and C groups, and the
+    gated norm's groups). States: conv (L, B, C, K - 1), ssm (L, B, Di, N) (Di = heads x headdim); the new
+    ones go to conv_new / ssm_new. Scratch: xn (B, d_model), zb (B, Di), xbc (B, C), dts (B, 2 H), y (B, Di).
+    counters: int64 zeros (counter_slots(STAGES * L + 2, n_threads),).
+
+    Every stage's work happens inside claimed chunks and each shared buffer is rewritten only after a barrier
+    that needs every chunk reading it, so a thread that starts late (or never) changes nothing.
+    """
+    nb_rows = h.shape[0]
+    n_layers = len(w_in)
+    di = zb.shape[1]
+    n_conv = xbc.shape[1]
+    gn = (n_conv - di) // 2  # G * N
+    n_state = gn // n_groups
+    n_heads = a_log[0].shape[0]
+    headdim = di // n_heads
+    heads_per_group = n_heads // n_groups
+    group_size = di // n_groups
+    for t in nb.prange(n_threads):
+        col = np.empty(nb_rows, dtype=h.dtype)
+        cursor = np.zeros(1, dtype=np.int64)
+        for layer in range(n_layers):
+            st = STAGES * layer
+            wi, si, bi = w_in[layer], s_in[layer], b_in[layer]
+            cw, cb, cs, cn = conv_w[layer], conv_b[layer], conv_state[layer], conv_new[layer]
+            dtb, al, dsk, gw = dt_b[layer], a_log[layer], d_skip[layer], gnorm_w[layer]
+            ss, sn = ssm_state[layer], ssm_new[layer]
+            wo, so, bo = w_out[layer], s_out[layer], b_out[layer]
+            lo, hi, geps = consts[layer, 0], consts[layer, 1], consts[layer, 2]
+            width = cw.shape[1]
+            # stage 0: the block's norm (one chunk: it needs the whole row)
+            if _claim(counters, st, 0, n_threads) == 0:
+                _rms_norm(h, norm_w[layer], eps, xn)
+                if not residual:
+                    h[:, :] = 0
+                _finish_stage(counters, st, n_threads)
+            _wait_stage(counters, st, 1, n_threads)
+            # stage 1: in_proj; z kept, (x, B, C) through the causal conv and SiLU, dt through softplus and clamp
+            n1 = (wi.shape[0] + _ROWS_IN - 1) // _ROWS_IN
+            cursor[0] = 0
+            while True:
+                chunk = _next_chunk(counters, st + 1, n1, t, n_threads, cursor)
+                if chunk < 0:
+                    break
+                for o in range(chunk * _ROWS_IN, min(wi.shape[0], chunk * _ROWS_IN + _ROWS_IN)):
+                    _rows_times_weight(xn, wi, o, si, bi, col)
+                    if o < di:
+                        for b in range(nb_rows):
+                            zb[b, o] = col[b]
+                    elif o < di + n_conv:
+                        c = o - di
+                        for b in range(nb_rows):
+                            v = col[b]
+                            acc = cw[c, width - 1] * v
+                            for j in range(width - 1):
+                                acc += cw[c, j] * cs[b, c, j]
+                            for j in range(width - 2):
+                                cn[b, c, j] = cs[b, c, j + 1]
+                            if width > 1:
+                                cn[b, c, width - 2] = v
+                            if cb.shape[0] > 0:
+                                acc += cb[c]
+                            xbc[b, c] = _silu(acc)
+                    else:
+                        hh = o - di - n_conv
+                        for b in range(nb_rows):
+                            dt = min(max(fast_softplus(col[b] + dtb[hh]), lo), hi)
+                            dts[b, hh] = dt
+                            dts[b, n_heads + hh] = fast_exp(-dt * fast_exp(al[hh]))
+                _finish_stage(counters, st + 1, n_threads)
+            _wait_stage(counters, st + 1, n1, n_threads)
+            # stage 2: the SSD state update and readout per channel, the skip and the gate y * silu(z)
+            n2 = (di + _CHANNELS - 1) // _CHANNELS
+            cursor[0] = 0
+            while True:
+                chunk = _next_chunk(counters, st + 2, n2, t, n_threads, cursor)
+                if chunk < 0:
+                    break
+                for c in range(chunk * _CHANNELS, min(di, chunk * _CHANNELS + _CHANNELS)):
+                    hh = c // headdim
+                    boff = di + (hh // heads_per_group) * n_state  # this head's B in xbc; its C is gn further
+                    for b in range(nb_rows):
+                        xv = xbc[b, c]
+                        dx = dts[b, hh] * xv
+                        da = dts[b, n_heads + hh]
+                        acc = dsk[hh] * xv
+                        for n in range(n_state):
+                            sv = ss[b, c, n] * da + dx * xbc[b, boff + n]
+                            sn[b, c, n] = sv
+                            acc += sv * xbc[b, boff + gn + n]
+                        y[b, c] = acc * _silu(zb[b, c])
+                _finish_stage(counters, st + 2, n_threads)
+            _wait_stage(counters, st + 2, n2, n_threads)
+            # stage 3: the gated RMSNorm, one chunk per (row, group)
+            n3 = nb_rows * n_groups
+            cursor[0] = 0
+            while True:
+                chunk = _next_chunk(counters, st + 3, n3, t, n_threads, cursor)
+                if chunk < 0:
+                    break
+                b, g = chunk // n_groups, chunk % n_groups
+                c0 = g * group_size
+                ms = y[b, c0] * y[b, c0]
+                for c in range(c0 + 1, c0 + group_size):
+                    ms += y[b, c] * y[b, c]
+                inv = 1 / math.sqrt(ms / group_size + geps)
+                for c in range(c0, c0 + group_size):
+                    y[b, c] = y[b, c] * inv * gw[c]
+                _finish_stage(counters, st + 3, n_threads)
+            _wait_stage(counters, st + 3, n3, n_threads)
+            # stage 4: out_proj into the residual stream
+            n4 = (wo.shape[0] + _ROWS_OUT - 1) // _ROWS_OUT
+            cursor[0] = 0
+            while True:
+                chunk = _next_chunk(counters, st + 4, n4, t, n_threads, cursor)
+                if chunk < 0:
+                    break
+                for o in range(chunk * _ROWS_OUT, min(wo.shape[0], chunk * _ROWS_OUT + _ROWS_OUT)):
+                    _rows_times_weight(y, wo, o, so, bo, col)
+                    for b in range(nb_rows):
+                        h[b, o] += col[b]
+                _finish_stage(counters, st + 4, n_threads)
+            _wait_stage(counters, st + 4, n4, n_threads)
+        last = STAGES * n_layers
+        if _claim(counters, last, 0, n_threads) == 0:
+            _rms_norm(h, final_w, final_eps, out)
+            _finish_stage(counters, last, n_threads)
+        _wait_stage(counters, last, 1, n_threads)
+        _rows_stage(out, w_head, s_head, b_head, logits, counters, last + 1, t, n_threads, col, cursor)
