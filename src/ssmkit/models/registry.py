@@ -44,6 +44,7 @@ _PLAIN: dict[str, tuple[str, str]] = {
     # for transformers' hybrid families (ssmkit.interop): GQA attention, MLP and MoE blocks, Mamba with dt/B/C norms
     "gqa": ("gqa", "GQAttention"), "ffn": ("ffn", "FeedForward"), "moe": ("moe", "MoE"),
     "normed-mamba": ("normed_mamba", "NormedMamba"), "parallel-h1": ("falcon_h1", "ParallelHybrid"),
+    "zamba2": ("zamba2_shared", "Zamba2Hybrid"),  # Zamba2's hybrid layer (shared attention + MLP, then Mamba-2)
     "griffin": ("griffin", "GriffinRecurrent"), "local-gqa": ("local_gqa", "LocalGQAttention"),  # RecurrentGemma
     # the Mamba paper's Table 1 ablations: selective SSM without a gate, H3 with S6, Mamba with S4D
     "s6": ("ablation", "S6"), "h3-s6": ("ablation", "H3S6"), "mamba-s4d": ("ablation", "MambaS4D"),
