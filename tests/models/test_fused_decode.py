@@ -69,7 +69,7 @@ def test_int8_model_fused_equals_blockwise():
 
 
 @pytest.mark.parametrize("overrides", [{"mlp": "swiglu"}, {"norm": "layernorm"}, {"pattern": "mamba,gated"},
-                                       {"pattern": "mamba2"}])
+                                       {"pattern": "mamba,mamba2"}])
 def test_other_backbones_step_block_by_block(overrides):
     cfg = ModelConfig(**{"d_model": 16, "n_layers": 2, "vocab_size": 30, **overrides})
     model = CausalLM(cfg).eval()

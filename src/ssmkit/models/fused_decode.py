@@ -78,9 +78,10 @@ def _kind(backbone) -> type | None:
     if kind not in (Mamba, Mamba2):
         return None
     for block in backbone.blocks:
-        if type(block.mixer) is not kind or block.mlp is not None or block.norm.kind != "rmsnorm":
+        norm = block.norm
+        if type(block.mixer) is not kind or block.mlp is not None or norm is None or norm.kind != "rmsnorm":
             return None
-        if block.norm.eps != eps or (block.training and block.dropout.p > 0):
+        if norm.eps != eps or (block.training and block.dropout.p > 0):
             return None
     return kind
 
@@ -94,7 +95,7 @@ def _mixer_settings(mixer: nn.Module) -> tuple:
 
 def _settings(backbone, norms: list[nn.Module]) -> tuple:
     blocks = backbone.blocks._modules.values()
-    return (tuple(b.training for b in blocks), tuple(n.eps for n in norms),
+    return (tuple(b.training for b in blocks), tuple(getattr(n, "eps", None) for n in norms),
             tuple(_mixer_settings(b._modules["mixer"]) for b in blocks), backbone.final_norm.eps)
 
 
@@ -115,7 +116,7 @@ def stack_plan(backbone, head: nn.Module | None = None) -> MambaStackPlan | Mamb
     owner = backbone if head is None else head
     cached = _CACHE.get(owner)
     if cached is not None and cached.registrations == _REGISTRATIONS[0]:
-        norms = [b._modules["norm"] for b in backbone.blocks._modules.values()]
+        norms = [b._modules.get("norm") for b in backbone.blocks._modules.values()]
         if (cached.settings == _settings(backbone, norms)
                 and cached.key.matches(cached.tensors)):
             return cached.plan
