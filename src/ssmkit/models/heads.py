@@ -87,6 +87,26 @@ def _padding_reset(reset: Tensor | None, padding_mask: Tensor | None, has_state:
     return edges if reset is None else reset | edges
 
 
+class SoftCappedHead(nn.Module):
+    """A bias-free linear LM head with a logit soft cap: x (..., d_model) -> cap * tanh((x W^T) / cap) (..., vocab).
+
+    It keeps ``weight`` (vocab, d_model) under the name of an ``nn.Linear`` head's (so checkpoints and tying are
+    unchanged) but is deliberately not an ``nn.Linear``: code that swaps linear layers (quantization) or reads
+    their weights for a fused step must not drop the cap."""
+
+    def __init__(self, d_model: int, vocab_size: int, cap: float) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.cap = d_model, vocab_size, float(cap)
+        self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
+        self.bias = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(F.linear(x, self.weight) / self.cap) * self.cap
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, cap={self.cap}"
+
+
 class SequenceModel(nn.Module):
     """Base of every head: holds a validated copy of the config and the backbone."""
 
@@ -181,6 +201,8 @@ class CausalLM(SequenceModel):
     ``tie_embeddings``). Every layer must be causal (no bi-* mixers). See the module docstring for the
     label convention.
 
+    With ``config.logits_soft_cap`` the head is a :class:`SoftCappedHead` (logits cap * tanh(logits / cap)).
+
     forward: input_ids (batch, length) -> LMOutput(logits (batch, length, vocab_size), loss, state).
     step: token_ids (batch,) -> (logits (batch, vocab_size), state): one O(1) recurrent step per layer
     (attention layers append to their KV cache).
@@ -200,7 +222,10 @@ class CausalLM(SequenceModel):
             raise self._fail("pattern", f"has non-causal (bidirectional) layers {', '.join(bi)}; a language "
                                         f"model needs causal or prefix-* layers")
         cfg = self.config
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.logits_soft_cap is None:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        else:
+            self.lm_head = SoftCappedHead(cfg.d_model, cfg.vocab_size, cfg.logits_soft_cap)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
         else:
@@ -243,6 +268,9 @@ class CausalLM(SequenceModel):
 
     def step(self, token_ids: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
         """One token per sequence: token_ids (batch,) -> (logits (batch, vocab_size), new state)."""
+        if isinstance(self.lm_head, SoftCappedHead):  # the backbone's fused head is a plain linear layer
+            hidden, state, _ = self.backbone.step_with_head(token_ids, state, None, input_name="token_ids")
+            return self.lm_head(hidden), state
         _, state, logits = self.backbone.step_with_head(token_ids, state, self.lm_head, input_name="token_ids")
         return logits, state
 

@@ -1,4 +1,5 @@
-"""transformers interop for the hybrid families: FalconMamba, Bamba, NemotronH, Jamba, GraniteMoeHybrid, FalconH1.
+"""transformers interop for the hybrid families: FalconMamba, Bamba, NemotronH, Jamba, GraniteMoeHybrid, FalconH1,
+RecurrentGemma.
 
 Each family is one module describing its config translation and its block layout (:mod:`.engine`). In ssmkit a
 hybrid model is an ordinary :class:`~ssmkit.models.CausalLM` whose pattern spells every sub-block out: a
@@ -13,14 +14,16 @@ from typing import Any
 from torch import nn
 
 from ...models.heads import CausalLM
-from . import bamba, falcon_h1, falcon_mamba, granite, jamba, nemotron_h
+from . import bamba, falcon_h1, falcon_mamba, granite, jamba, nemotron_h, recurrent_gemma
 from .engine import Family, from_hf, hf_config, to_hf
 
 #: transformers model_type -> family
-_MODULES = (falcon_mamba, bamba, nemotron_h, jamba, granite, falcon_h1)
+_MODULES = (falcon_mamba, bamba, nemotron_h, jamba, granite, falcon_h1, recurrent_gemma)
 FAMILIES: dict[str, Family] = {m.FAMILY.model_type: m.FAMILY for m in _MODULES}
 #: transformers CausalLM class name -> family
 BY_CLASS: dict[str, Family] = {f.hf_class: f for f in FAMILIES.values()}
+#: families whose weights need more than renaming (RecurrentGemma's norms hold w, ssmkit's the scale 1 + w)
+_OWN_CONVERSION = {m.FAMILY.model_type: m for m in (recurrent_gemma,)}
 
 
 def family_of(name: str) -> Family:
@@ -50,12 +53,16 @@ def hybrid_from_transformers(hf: nn.Module) -> CausalLM:
     name = type(hf).__name__
     if name not in BY_CLASS:
         raise TypeError(f"expected one of {', '.join(BY_CLASS)}, got {name}")
-    return from_hf(BY_CLASS[name], hf)
+    fam = BY_CLASS[name]
+    own = _OWN_CONVERSION.get(fam.model_type)
+    return own.from_transformers(hf) if own else from_hf(fam, hf)
 
 
 def hybrid_to_transformers(model: CausalLM, family: str, **overrides: Any) -> nn.Module:
     """The transformers LM of ``family`` equal to ``model``."""
-    return to_hf(family_of(family), model, overrides)
+    fam = family_of(family)
+    own = _OWN_CONVERSION.get(fam.model_type)
+    return own.to_transformers(model, overrides) if own else to_hf(fam, model, overrides)
 
 
 def hybrid_config(model: CausalLM, family: str, **overrides: Any) -> Any:
