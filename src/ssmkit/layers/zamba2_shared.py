@@ -180,7 +180,7 @@ class Zamba2Hybrid(SequenceLayer):
         attn = _SharedAttention(2 * d, n_heads, n_kv, hd, hd if check_bool(name, "rotary", rotary) else 0,
                                 rotary_base, (hd / 2) ** -0.5, device="meta")
         self.rotary = rotary
-        for p, width in (("q", n_heads * hd), ("k", n_kv * hd), ("v", n_kv * hd)):
+        for p in "qkv":
             lora = LowRank(2 * d, adapter_rank, 2 * d) if attn_adapters else None
             setattr(attn, f"{p}_proj", Adapted(f"{p}_proj", lora))
         attn.o_proj = Adapted("o_proj", None)

@@ -37,6 +37,19 @@ def check_mask(name: str, mask: object, batch: int, length: int, device: torch.d
     return mask
 
 
+def _shared_modules(blocks: nn.ModuleList) -> nn.ModuleList | None:
+    """Weights several blocks share (Zamba2's shared transformer blocks): a mixer class with ``build_shared``
+    builds them once for all its layers and keeps references; the backbone holds them, so each weight has one
+    state_dict key (``backbone.shared.{i}``). None when no mixer shares weights."""
+    groups: dict[type, list] = {}
+    for block in blocks:
+        if hasattr(type(block.mixer), "build_shared"):
+            groups.setdefault(type(block.mixer), []).append(block.mixer)
+    if not groups:
+        return None
+    return nn.ModuleList(m for cls, layers in groups.items() for m in cls.build_shared(layers))
+
+
 class Backbone(nn.Module):
     """Embedding/input projection, ``n_layers`` pre-norm residual blocks and a final norm.
 
@@ -67,6 +80,7 @@ class Backbone(nn.Module):
             for i, name in enumerate(mixers)
         )
         self.final_norm = Norm(d, config.norm, config.norm_eps)
+        self.shared = _shared_modules(self.blocks)
 
     # ------------------------------------------------------------------------------------------ dtypes
     @property
@@ -174,10 +188,11 @@ class Backbone(nn.Module):
                              "prefix_layers in the config, use prefix-* mixers, or use PrefixLM)")
         states = None if initial_state is None else self._check_state(initial_state).layers
         h = self.embed(inputs)
+        embeddings = h  # the input embeddings, which Zamba2's hybrid layers read at every depth
         new_states = []
         for i, block in enumerate(self.blocks):
             h, s = block(h, None if states is None else states[i], reset=reset, prefix_mask=prefix_mask,
-                         return_final_state=return_final_state)
+                         return_final_state=return_final_state, embeddings=embeddings)
             new_states.append(s)
         hidden = self.final_hidden(h)
         return hidden, (ModelState(new_states) if return_final_state else None)
@@ -202,9 +217,9 @@ class Backbone(nn.Module):
         fused = fused_step(self, h, state, head) if plain else None
         if fused is not None:
             return fused
-        new_states = []
+        new_states, embeddings = [], h
         for block, s in zip(self.blocks, states, strict=True):
-            h, s = block.step(h, s)
+            h, s = block.step(h, s, embeddings=embeddings)
             new_states.append(s)
         hidden = self.final_hidden(h)
         out = None

@@ -7,6 +7,9 @@ Block (pre-norm residual):
 
 The residual stream ``h`` may be wider than the parameters (float32 for 16-bit models when
 ``residual_in_fp32``); norms compute in the residual dtype and hand the mixer/MLP their parameters' dtype.
+
+A mixer with ``takes_residual = True`` (Zamba2's hybrid layer) gets no pre-norm: it reads ``h`` itself and the
+model's input embeddings (``embeddings=``), and normalises what it needs on its own.
 """
 
 from __future__ import annotations
@@ -107,7 +110,9 @@ class Block(nn.Module):
         self.causal = spec.causal
         # prefix-* mixers, or a plain attn configured with mask="prefix"
         self.accepts_prefix = spec.accepts_prefix or getattr(mixer, "mask", None) == "prefix"
-        self.norm = Norm(d_model, norm, norm_eps)
+        #: the mixer reads the raw residual stream and the input embeddings (no pre-norm here)
+        self.takes_residual = bool(getattr(mixer, "takes_residual", False))
+        self.norm = None if self.takes_residual else Norm(d_model, norm, norm_eps)
         self.mixer = mixer
         self.mlp_norm = Norm(d_model, norm, norm_eps) if mlp != "none" else None
         self.mlp = MLP(d_model, d_mlp, mlp) if mlp != "none" else None
@@ -137,10 +142,12 @@ class Block(nn.Module):
         reset: Tensor | None = None,
         prefix_mask: Tensor | None = None,
         return_final_state: bool = False,
+        embeddings: Tensor | None = None,
     ) -> tuple[Tensor, LayerState | None]:
-        """h: (batch, length, d_model) residual stream -> (new h, the mixer's new state or None)."""
-        x = self.norm(h)
-        kw: dict = {"reset": reset}
+        """h: (batch, length, d_model) residual stream -> (new h, the mixer's new state or None). ``embeddings``
+        (the model's input embeddings, like h) go to a ``takes_residual`` mixer and are ignored otherwise."""
+        x, kw = self._mixer_input(h, embeddings)
+        kw["reset"] = reset
         if prefix_mask is not None and self.accepts_prefix:
             kw["prefix_mask"] = prefix_mask
         try:
@@ -158,11 +165,17 @@ class Block(nn.Module):
         h = h + self.scale_output(self.dropout(y)).to(h.dtype)
         return self._mlp(h), new_state
 
-    def step(self, h_t: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
+    def _mixer_input(self, h: Tensor, embeddings: Tensor | None) -> tuple[Tensor, dict]:
+        """(the mixer's input, its extra keyword arguments)."""
+        if not self.takes_residual:
+            return self.norm(h), {}
+        return h, {"embeddings": embeddings}
+
+    def step(self, h_t: Tensor, state: LayerState, *, embeddings: Tensor | None = None) -> tuple[Tensor, LayerState]:
         """One position: h_t (batch, d_model) -> (new h_t, new mixer state)."""
-        x = self.norm(h_t)
+        x, kw = self._mixer_input(h_t, embeddings)
         try:
-            y, state = self.mixer.step(x, state)
+            y, state = self.mixer.step(x, state, **kw)
         except (TypeError, ValueError) as e:
             if type(e) not in (TypeError, ValueError):
                 raise

@@ -1,5 +1,5 @@
 """transformers interop for the hybrid families: FalconMamba, Bamba, NemotronH, Jamba, GraniteMoeHybrid, FalconH1,
-RecurrentGemma.
+RecurrentGemma, Zamba2.
 
 Each family is one module describing its config translation and its block layout (:mod:`.engine`). In ssmkit a
 hybrid model is an ordinary :class:`~ssmkit.models.CausalLM` whose pattern spells every sub-block out: a
@@ -14,16 +14,17 @@ from typing import Any
 from torch import nn
 
 from ...models.heads import CausalLM
-from . import bamba, falcon_h1, falcon_mamba, granite, jamba, nemotron_h, recurrent_gemma
+from . import bamba, falcon_h1, falcon_mamba, granite, jamba, nemotron_h, recurrent_gemma, zamba2
 from .engine import Family, from_hf, hf_config, to_hf
 
 #: transformers model_type -> family
-_MODULES = (falcon_mamba, bamba, nemotron_h, jamba, granite, falcon_h1, recurrent_gemma)
+_MODULES = (falcon_mamba, bamba, nemotron_h, jamba, granite, falcon_h1, recurrent_gemma, zamba2)
 FAMILIES: dict[str, Family] = {m.FAMILY.model_type: m.FAMILY for m in _MODULES}
 #: transformers CausalLM class name -> family
 BY_CLASS: dict[str, Family] = {f.hf_class: f for f in FAMILIES.values()}
-#: families whose weights need more than renaming (RecurrentGemma's norms hold w, ssmkit's the scale 1 + w)
-_OWN_CONVERSION = {m.FAMILY.model_type: m for m in (recurrent_gemma,)}
+#: families whose weights need more than renaming (RecurrentGemma's norms hold w, ssmkit's the scale 1 + w;
+#: Zamba2's shared blocks, whose weights transformers repeats under every layer using them)
+_OWN_CONVERSION = {m.FAMILY.model_type: m for m in (recurrent_gemma, zamba2)}
 
 
 def family_of(name: str) -> Family:
