@@ -1,14 +1,17 @@
 """ssmkit against llama.cpp on the same weights, in one run: decode and prefill tokens/s, as ratios.
 
-    nice -n 10 python benchmarks/bench_llamacpp.py [--cache DIR] [--threads 2] [--layers 24] [--jobs 2]
+    python benchmarks/bench_llamacpp.py [--arch mamba|mamba2] [--cache DIR] [--threads 2] [--layers 24] [--jobs 2]
 
 1. Builds llama.cpp's ``llama-bench`` once into ``--cache`` (default ~/.cache/ssmkit/llamacpp): the sdist of
    llama-cpp-python (``pip download llama-cpp-python==VERSION --no-binary :all: --no-deps``) carries llama.cpp in
    vendor/llama.cpp; cmake with GGML_NATIVE=OFF and explicit AVX2/AVX-512 flags (the native build turned on AMX,
    whose quantized products died with 'illegal instruction' on this machine's VM), static, no curl.
-2. Builds a 130M-shaped Mamba (d_model 768, 24 layers, vocab 50280, random weights) in ssmkit and exports it
-   with ``ssmkit.export.gguf.to_gguf`` as f32, q8_0 and q4_0.
-3. Times ``llama-bench`` (decode: -p 0 -n 128; prefill: -p 2048 -n 0) and ssmkit (decode: 128 greedy steps at
+2. Checks the exporter against llama.cpp's own ``convert_hf_to_gguf.py`` (llamacpp_convert.py): a small model of
+   the same family, converted both ways, must give bit-identical tensors.
+3. Builds a 130M-shaped Mamba or Mamba-2 (d_model 768, 24 layers, vocab 50280, random weights; Mamba-2 with
+   d_state 128 and head width 64 as mamba2-130m) in ssmkit and exports it with ``ssmkit.export.gguf.to_gguf`` as
+   f32, q8_0 and q4_0.
+4. Times ``llama-bench`` (decode: -p 0 -n 128; prefill: -p 2048 -n 0) and ssmkit (decode: 128 greedy steps at
    batch 1 of the float32, int8 and int4-g32 models; prefill: the backbone forward over 2048 tokens plus the
    LM head on the last one) with the same threads, and measures the read bandwidth in the same process.
 Writes benchmarks/results/bench_llamacpp.json. Not part of the tests (it builds C++ for minutes).
@@ -23,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode_quant import read_bandwidth, time_decode, weight_bytes  # noqa: E402
 from common import print_table, write_json  # noqa: E402
+from llamacpp_convert import check as converter_check  # noqa: E402
 
 from ssmkit.export.gguf import to_gguf  # noqa: E402
 from ssmkit.infer.quantize import quantize_weights  # noqa: E402
@@ -90,6 +95,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cache", type=Path, default=Path(os.path.expanduser("~/.cache/ssmkit/llamacpp")))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--arch", choices=["mamba", "mamba2"], default="mamba")
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--jobs", type=int, default=2, help="parallel compile jobs for the one-time build")
     p.add_argument("--gen", type=int, default=128)
@@ -100,10 +106,18 @@ def main() -> None:
     exe = build_llama_bench(args.cache, args.jobs)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = CausalLM(ModelConfig(d_model=768, pattern=f"mamba*{args.layers}", vocab_size=50280)).eval()
+    options = {"mamba2": {"d_state": 128, "headdim": 64}} if args.arch == "mamba2" else {}
+    small = CausalLM(ModelConfig(d_model=64, pattern=f"{args.arch}*2", vocab_size=50280,
+                                 mixer_options=options)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        convert = converter_check(small, args.cache, VERSION, Path(tmp))
+    print(f"llama.cpp's converter and ssmkit's exporter: {convert['tensors']} tensors, "
+          f"bit-identical: {convert['identical']}")
+    model = CausalLM(ModelConfig(d_model=768, pattern=f"{args.arch}*{args.layers}", vocab_size=50280,
+                                 mixer_options=options)).eval()
     files = {}
     for quant in ("f32", "q8_0", "q4_0"):
-        files[quant] = args.cache / f"mamba-{args.layers}l-{quant}.gguf"
+        files[quant] = args.cache / f"{args.arch}-{args.layers}l-{quant}.gguf"
         if not files[quant].exists():
             to_gguf(model, files[quant], quant=quant)
     ours = {"f32": model, "q8_0": quantize_weights(model), "q4_0": quantize_weights(model, bits=4, group_size=32)}
@@ -119,10 +133,14 @@ def main() -> None:
                      "decode_ssmkit": our_dec, "decode_llamacpp": ll_dec, "decode_ratio": our_dec / ll_dec,
                      "decode_bound": bound, "ssmkit_of_bound": our_dec / bound,
                      "prefill_ssmkit": our_pre, "prefill_llamacpp": ll_pre, "prefill_ratio": our_pre / ll_pre})
-    print(f"threads {args.threads}, read bandwidth {bw / 1e9:.1f} GB/s")
+    load = os.getloadavg()[0]
+    print(f"{args.arch}, threads {args.threads}, read bandwidth {bw / 1e9:.1f} GB/s, load average {load:.1f}")
     print_table(rows, list(rows[0]))
-    write_json("bench_llamacpp", {"threads": args.threads, "layers": args.layers, "read_bandwidth_Bps": bw,
-                                  "llama_cpp_python": VERSION, "cmake_flags": CMAKE_FLAGS, "rows": rows})
+    name = "bench_llamacpp" if args.arch == "mamba" else f"bench_llamacpp_{args.arch}"
+    write_json(name, {"arch": args.arch, "threads": args.threads, "layers": args.layers, "read_bandwidth_Bps": bw,
+                      "load_average": load, "llama_cpp_python": VERSION, "cmake_flags": CMAKE_FLAGS,
+                      "converter_check": {k: v for k, v in convert.items() if k not in ("ours", "theirs")},
+                      "rows": rows})
 
 
 if __name__ == "__main__":
