@@ -1,0 +1,109 @@
+"""Mamba-2 decode: the fused one-launch step against the block-by-block step and the memory-bandwidth bound.
+
+    nice -n 10 python benchmarks/bench_decode_mamba2.py [--quick] [--threads 1 2] [--tokens T] [--batch B]
+
+Model: a 130M-shaped Mamba-2 (d_model 768, 24 layers, d_state 128, headdim 64, one group, vocab 50280, tied
+head, random weights) built with ssmkit, in float32 and with ``quantize_weights`` int8 and int4 (group 32). For
+each thread count and precision it times T greedy decode steps at batch B (default 1) two ways, in the same
+process and interleaved: ``model.step`` (the fused path: every block and the LM head in one numba launch) and
+the block-by-block step (embedding, each ``block.step`` in Python, the final norm, the head through
+``decode_linear``: what every non-fused model runs). It prints tokens/s, the fused/block-by-block ratio, and the
+fraction of two bounds from the read bandwidth measured in the same process (best ``torch.sum`` over 1 GiB with
+the same threads): weights only, and weights plus the recurrent state read and written per token (Mamba-2's
+state is 24 x 24 x 64 x 128 floats = 18.9 MB per row, read and written once). ``--quick``: 4 layers.
+Writes benchmarks/results/bench_decode_mamba2.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode_quant import read_bandwidth, weight_bytes  # noqa: E402
+from common import print_table, write_json  # noqa: E402
+
+from ssmkit.infer.quantize import quantize_weights  # noqa: E402
+from ssmkit.layers.base import linear_weights  # noqa: E402
+from ssmkit.models import CausalLM, ModelConfig  # noqa: E402
+from ssmkit.models.fused_decode import stack_plan  # noqa: E402
+from ssmkit.models.outputs import ModelState  # noqa: E402
+from ssmkit.ops.decode_linear import decode_linear  # noqa: E402
+
+
+def blockwise_step(model: CausalLM, tok: torch.Tensor, state: ModelState) -> tuple[torch.Tensor, ModelState]:
+    """The block-by-block step (what Backbone.step_with_head runs for a model the fused kernel does not take)."""
+    bb = model.backbone
+    h = bb.embed(tok)
+    new = []
+    for block, s in zip(bb.blocks, state.layers, strict=True):
+        h, s = block.step(h, s)
+        new.append(s)
+    weight, scale, bias = linear_weights(model.lm_head)
+    return decode_linear(bb.final_norm(h), weight, bias, scale=scale), ModelState(new)
+
+
+def state_bytes(model: CausalLM, batch: int) -> int:
+    """Bytes of the recurrent state one step reads and writes (both counted)."""
+    return 2 * sum(t.numel() * t.element_size() for s in model.init_state(batch).layers for t in (s.conv, s.ssm))
+
+
+def time_decode(step, model: CausalLM, batch: int, tokens: int) -> float:
+    """Seconds per token of ``tokens`` greedy steps from a zero state."""
+    with torch.no_grad():
+        state = model.init_state(batch)
+        tok = torch.zeros(batch, dtype=torch.long)
+        t = time.perf_counter()
+        for _ in range(tokens):
+            logits, state = step(tok, state)
+            tok = logits.argmax(-1)
+        return (time.perf_counter() - t) / tokens
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per case (best taken), after one warm-up")
+    args = p.parse_args()
+    if min(*args.threads, args.tokens, args.batch, args.repeat) < 1:
+        p.error("--threads, --tokens, --batch and --repeat must be >= 1")
+    torch.manual_seed(0)
+    layers = 4 if args.quick else 24
+    model = CausalLM(ModelConfig(d_model=768, pattern=f"mamba2*{layers}", vocab_size=50280)).eval()
+    variants = {"float32": model, "int8": quantize_weights(model), "int4-g32": quantize_weights(model, bits=4)}
+    for name, m in variants.items():
+        if stack_plan(m.backbone, m.lm_head) is None:
+            raise SystemExit(f"{name}: the fused Mamba-2 plan is not available")
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        bw = read_bandwidth(threads)
+        print(f"threads {threads}: read bandwidth {bw / 1e9:.1f} GB/s", flush=True)
+        for name, m in variants.items():
+            fused = blocks = float("inf")
+            for _ in range(args.repeat + 1):  # interleaved, best of each; the first round warms up
+                fused = min(fused, time_decode(m.step, m, args.batch, args.tokens))
+                blocks = min(blocks, time_decode(lambda t, s, m=m: blockwise_step(m, t, s), m, args.batch,
+                                                 args.tokens))
+            w_bytes, s_bytes = weight_bytes(m), state_bytes(m, args.batch)
+            rows.append({"threads": threads, "variant": name, "fused_tok_s": args.batch / fused,
+                         "blocks_tok_s": args.batch / blocks, "fused_vs_blocks": blocks / fused,
+                         "weight_MB": w_bytes / 1e6, "state_rw_MB": s_bytes / 1e6,
+                         "bound_w_tok_s": args.batch * bw / w_bytes,
+                         "frac_bound_w": (1 / fused) / (bw / w_bytes),
+                         "frac_bound_w_state": (1 / fused) / (bw / (w_bytes + s_bytes))})
+            print(rows[-1], flush=True)
+    print_table(rows, ["threads", "variant", "fused_tok_s", "blocks_tok_s", "fused_vs_blocks", "weight_MB",
+                       "state_rw_MB", "bound_w_tok_s", "frac_bound_w", "frac_bound_w_state"])
+    write_json("bench_decode_mamba2", {"layers": layers, "tokens": args.tokens, "batch": args.batch, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
