@@ -206,3 +206,18 @@ def test_layer_needs_its_shared_block_and_the_embeddings():
     with pytest.raises(ValueError, match=r"embeddings \(the model's input embeddings\) must match h"):
         layer(x)
     assert layer(x, embeddings=x).shape == x.shape
+
+
+def test_int8_weights_reach_the_shared_blocks():
+    from ssmkit.infer import Int8Linear, quantize_weights
+
+    ours = _ours(5, z2={"rotary": True, "attn_adapters": True}).eval()
+    q = quantize_weights(ours)  # a deep copy: its mixers must use the copy's (quantized) shared blocks
+    hybrids = [b.mixer for b in q.backbone.blocks if isinstance(b.mixer, Zamba2Hybrid)]
+    assert all(h.shared[0] in list(q.backbone.shared) for h in hybrids)
+    assert isinstance(q.backbone.shared[0].q_proj, Int8Linear)
+    prompt = tokens(2, 4)
+    assert generate(q, prompt, 5).shape == (2, 5)
+    with torch.no_grad():
+        q.backbone.shared[0].q_proj.scale.mul_(3.0)  # the quantized weights are the ones in use
+        assert (logits(q, prompt) - logits(quantize_weights(ours), prompt)).abs().max().item() > 1e-4

@@ -17,6 +17,7 @@ Mamba-2 state, so state passing, ``step`` and packing (``reset``) follow the lay
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -86,20 +87,28 @@ class Adapted(nn.Module):
             raise RuntimeError("Zamba2Hybrid has no shared block: build it in a model (Backbone) or call attach()")
         return getattr(self.owner[0], self.name)
 
-    @property
-    def weight(self) -> Tensor:
-        return self.base.weight
-
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
         return y if self.adapter is None else y + self.adapter(x)
 
 
 class _SharedAttention(GQAttention):
-    """GQAttention whose projections are :class:`Adapted` views of a shared block's q/k/v/o."""
+    """GQAttention whose projections are :class:`Adapted` views of a shared block's q/k/v/o (float or quantized:
+    dtype and device come from the shared q projection's first floating-point tensor)."""
 
     def _first_float(self) -> Tensor:
-        return self.q_proj.weight
+        base = self.q_proj.base
+        for t in itertools.chain(base.parameters(), base.buffers()):
+            if t.is_floating_point():
+                return t
+        raise RuntimeError("Zamba2Hybrid: the shared q projection holds no floating-point tensor")
+
+    def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None) -> AttentionState:
+        """An empty KV cache: k, v (batch, n_kv_heads, 0, head_dim), pos (batch,) zeros."""
+        check_positive_int(f"{type(self).__name__}.init_state", "batch_size", batch_size)
+        ref = self._first_float()
+        kv = torch.zeros(batch_size, self.n_kv_heads, 0, self.head_dim, dtype=dtype or ref.dtype, device=ref.device)
+        return AttentionState(k=kv, v=kv.clone(), pos=torch.zeros(batch_size, dtype=torch.long, device=ref.device))
 
 
 @dataclass
