@@ -56,8 +56,8 @@ def _ours(seed: int, **opts) -> CausalLM:
 
 
 MODELS = {
-    # two shared blocks over three invocations, adapters on q/k/v and the MLP, rotary, gelu
-    "zamba2": lambda: zamba2(),
+    # two shared blocks over three invocations, adapters on q/k/v and the MLP, rotary (base 500), gelu
+    "zamba2": lambda: zamba2(rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
     # one shared block, GQA, no rotary, no attention adapters, biases, silu, a hybrid first layer, a dt floor
     "zamba2-gqa-bias-silu": lambda: zamba2(
         1, layers_block_type=["hybrid", "mamba", "hybrid", "mamba"], num_hidden_layers=4, num_mem_blocks=1,
@@ -167,6 +167,7 @@ def test_shared_weights_are_held_once_and_used_by_every_invocation():
     (lambda: zamba2(hidden_act="tanh"), r"Zamba2: config option hidden_act='tanh' is not supported"),
     (lambda: zamba2(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}),
      r"Zamba2: config option rope_parameters\['rope_type'\]='linear' is not supported"),
+    (lambda: zamba2(attention_dropout=0.1), r"Zamba2: config option attention_dropout=0.1 is not supported"),
     (lambda: zamba2(num_key_value_heads=2), r"Zamba2: config option num_key_value_heads=2 is not supported"),
     (lambda: zamba2(n_mamba_heads=3, mamba_ngroups=1),
      r"Zamba2: config option n_mamba_heads=3 is not supported"),

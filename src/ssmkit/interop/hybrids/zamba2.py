@@ -41,6 +41,7 @@ _SSM_NORM_EPS = 1e-5  # transformers fixes the gated norm's epsilon of Zamba2's 
 
 def config_from_hf(c: Any) -> ModelConfig:
     require(NAME, "hidden_act", c.hidden_act, tuple(_ACTS))
+    require(NAME, "attention_dropout", c.attention_dropout, (0, 0.0))  # ssmkit's attention has no dropout
     kinds = {"linear_attention": "mamba2", "hybrid": "zamba2"}
     for t in c.layers_block_type:
         require(NAME, "layers_block_type entry", t, tuple(kinds))
