@@ -8,8 +8,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ssmkit.timeseries.classify import SSMClassifier
 from ssmkit.timeseries.companion import CompanionSSM
-from ssmkit.timeseries.models import FORECASTERS, SeasonalResidual, SSMClassifier, seasonal_naive
+from ssmkit.timeseries.models import FORECASTERS, SeasonalResidual, seasonal_naive
 
 
 def _layer(d_model: int, d_state: int, seed: int) -> CompanionSSM:
@@ -89,6 +90,7 @@ def test_classifier_shape_and_bidirectionality():
     later[:, -1] += 1.0
     layer = clf.layers[0]
     # the first position's features see the last step (a causal layer's would not)
-    assert not torch.allclose(layer(clf.embed(x))[:, 0], layer(clf.embed(later))[:, 0])
-    with pytest.raises(ValueError, match=r"x must be \(batch, length, 2\)"):
+    h, h_later = (clf.embed(v.transpose(1, 2)).transpose(1, 2) for v in (x, later))
+    assert not torch.allclose(layer(h)[:, 0], layer(h_later)[:, 0])
+    with pytest.raises(ValueError, match=r"x must be \(batch, length >= 1, 2\)"):
         clf(torch.randn(1, 20, 3, dtype=torch.float64))

@@ -42,6 +42,17 @@ def test_classification_suite_loads_offline():
     assert xtr.shape == (40, 6, 100)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("sktime") is None, reason="sktime ships JapaneseVowels")
+def test_japanese_vowels_is_padded_with_each_case_last_value():
+    (xtr, ytr), (xte, yte) = load_classification("JapaneseVowels")
+    assert xtr.shape == (270, 12, 29) and xte.shape == (370, 12, 29) and len(set(ytr)) == 9
+    assert np.isfinite(xtr).all() and np.isfinite(xte).all()
+    # the shortest training case (7 steps in the archive) repeats its last frame to the end
+    flat = (np.diff(xtr, axis=2) == 0).all(axis=1)  # (cases, 28): no channel changes at that step
+    run = flat[:, ::-1].cumprod(1).sum(1)  # trailing steps with no change
+    assert run.max() == 29 - 7
+
+
 @pytest.mark.skipif(not HAVE_UCR, reason="sktime (or aeon) ships the UCR sets: pip install sktime")
 @pytest.mark.skipif(importlib.util.find_spec("sktime") is None, reason="the baselines use sktime")
 def test_dtw_baseline_on_a_shipped_set():

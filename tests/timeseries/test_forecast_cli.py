@@ -54,6 +54,10 @@ def test_forecast_end_to_end(tmp_path, capsys):
     assert models == {"spacetime", "seasonal_naive", "ets", "arima", "dlinear"}
     assert {r["horizon"] for r in rows} == {2, 4} and len({r["origin"] for r in rows}) == 5
     assert all(np.isfinite(r["mase"]) and r["mase"] > 0 for r in rows)
+    # the neural model and ARIMA carry 80% intervals; seasonal naive and ETS do not
+    assert all(0 <= r["cov80"] <= 1 for r in rows if r["model"] in ("spacetime", "arima"))
+    assert all(r["cov80"] is None for r in rows if r["model"] in ("seasonal_naive", "ets"))
+    assert "spacetime's is its calibrated Gaussian head" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize(("body", "args", "needle"), [

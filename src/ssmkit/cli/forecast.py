@@ -20,7 +20,8 @@ def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
                            "Read FILE.csv (a timestamp column, then numeric columns, as in ETT), evaluate MODEL\n"
                            "and the baselines over 5 rolling origins at horizons H/2 and H (MASE, sMAPE, and\n"
                            "MSE/MAE on the z-normalised target), and write OUT/report.md, metrics.json,\n"
-                           "forecast.png and intervals.png (ARIMA's 80% interval). See docs/time_series.md."))
+                           "forecast.png and intervals.png (80% intervals: MODEL's calibrated Gaussian head,\n"
+                           "mixed over seeds, and ARIMA's). See docs/time_series.md."))
     p.add_argument("--data", required=True, metavar="FILE.csv", help="the CSV file")
     p.add_argument("--target", required=True, metavar="COL", help="the column to forecast")
     p.add_argument("--horizon", type=int_at_least(1), help="steps ahead (default: the season, or 10)")

@@ -3,8 +3,10 @@
 - :mod:`.datasets`: the forecasting suite (pmdarima, statsmodels) and the UCR/UEA classification suite (sktime);
 - :mod:`.csv_series`: user CSVs in the ETT layout, with one-line errors;
 - :mod:`.companion`: SpaceTime's companion-matrix SSM (convolution, recurrence, closed loop);
-- :mod:`.models`: SpaceTime, S-Mamba, Mamba/S4D forecasters, DLinear, the bidirectional SSM classifier;
+- :mod:`.models`: SpaceTime, S-Mamba, Mamba/S4D forecasters, DLinear; :mod:`.intervals`: their Gaussian
+  prediction intervals; :mod:`.classify`: the bidirectional SSM classifier, validation choice, seed ensembles;
 - :mod:`.baselines`: seasonal naive, ETS, ARIMA (statsmodels), MiniRocket and 1-NN DTW (sktime);
 - :mod:`.protocol`: rolling-origin evaluation; :mod:`.metrics`: MASE, sMAPE, MSE, MAE, ranks;
-- :mod:`.suite`: ``python -m ssmkit.timeseries.suite forecast|classify`` writes docs/time_series.md.
+- :mod:`.suite`: one data set of either suite at a time, and its markdown; run by ``ssmkit reproduce
+  ts-forecast`` and ``ts-classify`` (docs/reproductions/ts-*.md).
 """

@@ -85,8 +85,11 @@ FORECAST_SUITE: dict[str, SeriesSpec] = {s.name: s for s in [
     SeriesSpec("macrodata", "statsmodels", 4, (4, 8), 16, _statsmodels("macrodata")),
 ]}
 
-#: equal-length UCR/UEA sets shipped inside sktime's wheel (BasicMotions has 6 channels)
-CLASSIFY_SUITE: tuple[str, ...] = ("GunPoint", "ItalyPowerDemand", "ArrowHead", "BasicMotions", "OSULeaf", "ACSF1")
+#: UCR/UEA sets shipped inside sktime's wheel (BasicMotions 6 channels, JapaneseVowels 12 and unequal lengths)
+CLASSIFY_SUITE: tuple[str, ...] = ("GunPoint", "ItalyPowerDemand", "ArrowHead", "BasicMotions", "OSULeaf", "ACSF1",
+                                   "JapaneseVowels")
+#: unequal-length sets, padded at the end by repeating each case's last value (see :func:`load_padded`)
+PADDED = ("JapaneseVowels",)
 
 
 def load_series(name: str) -> Series:
@@ -104,8 +107,32 @@ def load_series(name: str) -> Series:
 def load_classification(name: str) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """((X_train, y_train), (X_test, y_test)) with X (cases, channels, length) float64 and y str labels.
 
-    Uses :func:`ssmkit.data.ucr.load_ucr_split` (aeon, else sktime, both offline).
+    Uses :func:`ssmkit.data.ucr.load_ucr_split` (aeon, else sktime, both offline); the sets of :data:`PADDED`
+    go through :func:`load_padded`.
     """
     from ..data.ucr import load_ucr_split
 
+    if name in PADDED:
+        return load_padded(name)
+
     return load_ucr_split(name, "train"), load_ucr_split(name, "test")
+
+
+def pad_cases(cases: list[np.ndarray], length: int) -> np.ndarray:
+    """(channels, length_i) arrays -> (cases, channels, length), each padded at the end with its last value."""
+    if any(c.shape[1] < 1 or c.shape[1] > length for c in cases):
+        raise ValueError(f"pad_cases: every case needs 1..{length} steps")
+    return np.stack([np.concatenate([c, np.repeat(c[:, -1:], length - c.shape[1], 1)], 1) for c in cases])
+
+
+def load_padded(name: str) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """An unequal-length set shipped by sktime, both splits padded to the longest case of either split."""
+    datasets = require_module("sktime.datasets", task=f"timeseries {name}", pip="sktime")
+    splits = []
+    for split in ("train", "test"):
+        frame, y = datasets.load_UCR_UEA_dataset(name, split=split, return_type="nested_univ")
+        cases = [np.stack([np.asarray(frame.iloc[i, j], dtype=np.float64) for j in range(frame.shape[1])])
+                 for i in range(len(frame))]
+        splits.append((cases, np.asarray(y).astype(str)))
+    length = max(c.shape[1] for cases, _ in splits for c in cases)
+    return tuple((pad_cases(cases, length), y) for cases, y in splits)  # type: ignore[return-value]

@@ -1,4 +1,4 @@
-"""Forecasters and a classifier built from ssmkit's layers, plus DLinear (a linear baseline).
+"""Forecasters built from ssmkit's layers, plus DLinear (a linear baseline); the classifier is in :mod:`.classify`.
 
 Every forecaster maps a context (batch, context, variates) to a forecast (batch, horizon, variates). The SSM
 forecasters normalise each window by its own mean and std over time and undo it on the output (RevIN without
@@ -146,27 +146,6 @@ class DLinear(_Forecaster):
         trend = nn.functional.avg_pool1d(padded, self.kernel, stride=1)
         y = (self.trend(trend) + self.seasonal(xt - trend)).transpose(1, 2)
         return y + seasonal_naive(x, self.season, self.horizon) if self.season else y
-
-
-class SSMClassifier(nn.Module):
-    """Bidirectional S4D blocks (pre-norm residual) over time, mean pooling, a linear classifier:
-    (batch, length, channels) -> logits (batch, classes)."""
-
-    def __init__(self, channels: int, classes: int, d_model: int = 64, n_layers: int = 2) -> None:
-        super().__init__()
-        self.channels = channels
-        self.embed = nn.Linear(channels, d_model)
-        self.layers = nn.ModuleList(Bidirectional(S4D(d_model, d_state=32)) for _ in range(n_layers))
-        self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_layers + 1))
-        self.head = nn.Linear(d_model, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 3 or x.shape[-1] != self.channels:
-            raise ValueError(f"SSMClassifier: x must be (batch, length, {self.channels}), got {tuple(x.shape)}")
-        h = self.embed(x)
-        for layer, norm in zip(self.layers, self.norms, strict=False):
-            h = h + layer(norm(h))
-        return self.head(self.norms[-1](h).mean(1))
 
 
 class SeasonalResidual(nn.Module):

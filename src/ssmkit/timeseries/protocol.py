@@ -8,6 +8,10 @@ Forecasting protocol on a series of n points with horizons H_1 < ... < H_max:
   ``TrainConfig.seasonal_residual`` is off) train once per seed on windows that end before o_1 (the last 15%
   of those windows choose the checkpoint), on the series z-normalised by the mean and std of y[:o_1];
   statistical baselines refit at every origin on (at most the last ``max_history`` points of) y[:o];
+- every neural model carries a :class:`.intervals.GaussianHead`, calibrated on the same validation windows;
+- ``ssm``: among the SSM forecasters evaluated, the seed ensemble (mean forecast, Gaussian mixture interval)
+  of the variant, or of all variants together, with the lowest MSE on the validation windows (never on the
+  forecast origins);
 - MASE (scale: the in-sample seasonal-naive error of y[:o]) and sMAPE on the original scale of the target,
   MSE and MAE on its z-normalised scale.
 """
@@ -15,7 +19,7 @@ Forecasting protocol on a series of n points with horizons H_1 < ... < H_max:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,7 +27,8 @@ from torch import nn
 
 from . import metrics
 from .baselines import stat_forecast
-from .models import FORECASTERS, SeasonalResidual, SSMClassifier
+from .intervals import Z80, GaussianHead, coverage, mixture
+from .models import FORECASTERS, SSM_FORECASTERS, SeasonalResidual
 
 
 @dataclass
@@ -56,10 +61,24 @@ def _windows(z: np.ndarray, end: int, context: int, horizon: int) -> tuple[np.nd
     return x, y
 
 
+@dataclass
+class Fitted:
+    """A trained forecaster and its predictions on the validation windows, (windows, horizon, variates)."""
+
+    model: GaussianHead
+    val_pred: np.ndarray
+    val_true: np.ndarray
+    val_mse: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.val_mse = float(((self.val_pred - self.val_true) ** 2).mean())
+
+
 def train_forecaster(name: str, z: np.ndarray, end: int, context: int, horizon: int, seed: int,
-                     cfg: TrainConfig, season: int = 1) -> nn.Module:
-    """Train forecaster ``name`` on windows of the normalised series z (time, variates) ending by ``end``
-    (wrapped in :class:`SeasonalResidual` with ``season`` when ``cfg.seasonal_residual``)."""
+                     cfg: TrainConfig, season: int = 1) -> Fitted:
+    """Train forecaster ``name`` (with a :class:`GaussianHead`) on windows of the normalised series z
+    (time, variates) ending by ``end`` (wrapped in :class:`SeasonalResidual` with ``season`` when
+    ``cfg.seasonal_residual``); the validation windows choose the checkpoint and calibrate sigma."""
     x, y = _windows(z, end, context, horizon)
     if len(x) < 2:
         raise ValueError(f"context={context} + horizon={horizon} leave {len(x)} training window(s) in the "
@@ -69,9 +88,8 @@ def train_forecaster(name: str, z: np.ndarray, end: int, context: int, horizon: 
     pick = np.linspace(len(x) - n_val, len(x) - 1, min(n_val, cfg.max_val)).round().astype(int)
     xv, yv = torch.tensor(x[pick], dtype=torch.float32), torch.tensor(y[pick], dtype=torch.float32)
     torch.manual_seed(seed)
-    model = FORECASTERS[name](context, horizon, z.shape[1])
-    if cfg.seasonal_residual:
-        model = SeasonalResidual(model, season)
+    inner = FORECASTERS[name](context, horizon, z.shape[1])
+    model = GaussianHead(SeasonalResidual(inner, season) if cfg.seasonal_residual else inner)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
     gen = torch.Generator().manual_seed(seed)
@@ -80,7 +98,7 @@ def train_forecaster(name: str, z: np.ndarray, end: int, context: int, horizon: 
     for step in range(1, cfg.steps + 1):
         model.train()
         idx = torch.randint(len(xt), (min(cfg.batch_size, len(xt)),), generator=gen)
-        loss = nn.functional.mse_loss(model(xt[idx]), yt[idx])
+        loss = model.loss(xt[idx], yt[idx])
         opt.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -90,29 +108,51 @@ def train_forecaster(name: str, z: np.ndarray, end: int, context: int, horizon: 
             model.eval()
             with torch.no_grad():
                 val = float(nn.functional.mse_loss(model(xv), yv))
-            if val < best:
+            if val < best or best_state is None:
                 best, best_state = val, copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
-    return model.eval()
+    model.eval()
+    model.calibrate(xv, yv)
+    with torch.no_grad():
+        pred = model(xv).double().numpy()
+    return Fitted(model, pred, yv.double().numpy())
 
 
 def _score(rows: list[dict], base: dict, forecast: np.ndarray, series: np.ndarray, o: int,
-           horizons: tuple[int, ...], season: int, mean: float, std: float) -> None:
+           horizons: tuple[int, ...], season: int, mean: float, std: float,
+           lower: np.ndarray | None = None, upper: np.ndarray | None = None) -> None:
     for h in horizons:
         f, a = forecast[:h], series[o:o + h]
         rows.append({**base, "origin": o, "horizon": h,
                      "mase": metrics.mase(f, a, series[:o], season), "smape": metrics.smape(f, a),
                      "mse": metrics.mse((f - mean) / std, (a - mean) / std),
-                     "mae": metrics.mae((f - mean) / std, (a - mean) / std)})
+                     "mae": metrics.mae((f - mean) / std, (a - mean) / std),
+                     "cov80": None if lower is None else coverage(lower[:h], upper[:h], a)})
+
+
+def _choose(fits: dict[str, list[Fitted]]) -> tuple[str, list[str]]:
+    """(choice, members): the variant, or 'all' variants, whose seed-ensemble validation MSE is lowest."""
+    def val_mse(members: list[str]) -> float:
+        pred = np.mean([f.val_pred for m in members for f in fits[m]], 0)
+        return float(((pred - fits[members[0]][0].val_true) ** 2).mean())
+
+    options = {m: [m] for m in fits}
+    if len(fits) > 1:
+        options["all"] = list(fits)
+    choice = min(options, key=lambda k: val_mse(options[k]))
+    return choice, options[choice]
 
 
 def evaluate_forecasting(name: str, values: np.ndarray, season: int, horizons: tuple[int, ...], context: int,
                          models: list[str], seeds: list[int], cfg: TrainConfig, n_origins: int = 5,
-                         max_history: int = 1000, keep_forecasts: bool = False) -> tuple[list[dict], dict]:
+                         max_history: int = 1000, keep_forecasts: bool = False,
+                         select: bool = False) -> tuple[list[dict], dict]:
     """Score ``models`` (neural names of FORECASTERS or statistical baselines) on one series.
 
-    values (time, variates) with the target in column 0. Returns (rows of metrics, forecasts) where forecasts
-    maps model -> {origin: PointForecast-like dict} when ``keep_forecasts`` (first seed only).
+    values (time, variates) with the target in column 0. Neural models get one row per seed, origin and
+    horizon; with ``select``, the validation-chosen SSM ensemble is added as model ``ssm`` (its rows carry
+    ``choice``). Returns (rows, forecasts) where forecasts maps model -> {origin: {"mean", "lower", "upper"}}
+    (80% intervals; neural models: the mixture over seeds) when ``keep_forecasts``.
     """
     series = values[:, 0]
     os_ = origins(len(values), horizons, n_origins)
@@ -123,61 +163,39 @@ def evaluate_forecasting(name: str, values: np.ndarray, season: int, horizons: t
         raise ValueError(f"{name}: a column is constant before the first origin (line {train_end + 1}); "
                          "nothing to learn from")
     z = ((values - mu) / sd).astype(np.float32)
+    ctx = torch.tensor(np.stack([z[o - context:o] for o in os_]))
     rows: list[dict] = []
     kept: dict = {}
+    fits: dict[str, list[Fitted]] = {}
+    preds: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # model -> per seed (mean, sigma) (origins, hmax)
     for model in models:
         if model in FORECASTERS:
             for seed in seeds:
-                net = train_forecaster(model, z, train_end, context, hmax, seed, cfg, season)
+                fit = train_forecaster(model, z, train_end, context, hmax, seed, cfg, season)
                 with torch.no_grad():
-                    ctx = torch.tensor(np.stack([z[o - context:o] for o in os_]))
-                    out = net(ctx)[:, :, 0].double().numpy() * sd[0] + mu[0]
-                for o, f in zip(os_, out, strict=True):
+                    m, s = fit.model.dist(ctx)
+                m, s = m[:, :, 0].double().numpy() * sd[0] + mu[0], s[:, :, 0].double().numpy() * sd[0]
+                fits.setdefault(model, []).append(fit)
+                preds.setdefault(model, []).append((m, s))
+                for o, f, sig in zip(os_, m, s, strict=True):
                     _score(rows, {"dataset": name, "model": model, "seed": seed}, f, series, o, horizons,
-                           season, mu[0], sd[0])
-                    if keep_forecasts and seed == seeds[0]:
-                        kept.setdefault(model, {})[o] = {"mean": f}
+                           season, mu[0], sd[0], f - Z80 * sig, f + Z80 * sig)
+            if keep_forecasts:
+                mean, sig = mixture(*map(np.stack, zip(*preds[model], strict=True)))
+                kept[model] = {o: {"mean": mean[i], "lower": mean[i] - Z80 * sig[i], "upper": mean[i] + Z80 * sig[i]}
+                               for i, o in enumerate(os_)}
         else:
             for o in os_:
                 pf = stat_forecast(model, series[max(0, o - max_history):o], season, hmax)
                 _score(rows, {"dataset": name, "model": model, "seed": -1}, pf.mean, series, o, horizons,
-                       season, mu[0], sd[0])
+                       season, mu[0], sd[0], pf.lower, pf.upper)
                 if keep_forecasts:
                     kept.setdefault(model, {})[o] = {"mean": pf.mean, "lower": pf.lower, "upper": pf.upper}
+    ssm = {m: f for m, f in fits.items() if m in SSM_FORECASTERS}
+    if select and ssm:
+        choice, members = _choose(ssm)
+        mean, sig = mixture(*map(np.stack, zip(*[p for m in members for p in preds[m]], strict=True)))
+        for i, o in enumerate(os_):
+            _score(rows, {"dataset": name, "model": "ssm", "seed": -1, "choice": choice}, mean[i], series, o,
+                   horizons, season, mu[0], sd[0], mean[i] - Z80 * sig[i], mean[i] + Z80 * sig[i])
     return rows, kept
-
-
-def train_classifier(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], seed: int,
-                     cfg: TrainConfig) -> float:
-    """Test accuracy of :class:`SSMClassifier` trained for ``cfg.steps`` steps on the whole training split.
-
-    X (cases, channels, length), z-normalised per channel by the training split; labels str.
-    """
-    classes = sorted(set(train[1].tolist()))
-    index = {c: i for i, c in enumerate(classes)}
-    mean = train[0].mean(axis=(0, 2), keepdims=True)
-    std = np.where((s := train[0].std(axis=(0, 2), keepdims=True)) > 0, s, 1.0)
-
-    def prep(x: np.ndarray) -> torch.Tensor:
-        return torch.tensor(((x - mean) / std).transpose(0, 2, 1), dtype=torch.float32)
-
-    xt, xs = prep(train[0]), prep(test[0])
-    yt = torch.tensor([index[c] for c in train[1]])
-    torch.manual_seed(seed)
-    model = SSMClassifier(xt.shape[2], len(classes))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(cfg.steps):
-        model.train()
-        idx = torch.randint(len(xt), (min(cfg.batch_size, len(xt)),), generator=gen)
-        loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    model.eval()
-    with torch.no_grad():
-        pred = torch.cat([model(xs[i:i + 64]).argmax(-1) for i in range(0, len(xs), 64)])
-    return float(np.mean(np.array(classes)[pred.numpy()] == test[1]))
