@@ -222,3 +222,19 @@ def test_int8_weights_reach_the_shared_blocks():
     with torch.no_grad():
         q.backbone.shared[0].q_proj.scale.mul_(3.0)  # the quantized weights are the ones in use
         assert (logits(q, prompt) - logits(quantize_weights(ours), prompt)).abs().max().item() > 1e-4
+
+
+def test_gradients_match_transformers_including_the_shared_weights():
+    from ssmkit.interop.hybrids.engine import part
+    from ssmkit.interop.hybrids.zamba2 import key_pairs
+
+    hf = MODELS["zamba2"]().double()
+    ours = from_transformers(hf)
+    x = tokens(2, 9, seed=7)
+    hf(x).logits.square().mean().backward()
+    ours(x).logits.square().mean().backward()
+    theirs = dict(hf.named_parameters())  # tied copies appear once, with the gradient of every use
+    pairs = key_pairs(hf.config, ours)
+    for key, p in ours.named_parameters():
+        t = next(k for k in pairs[key] if k[0] in theirs)
+        assert_close(p.grad, part(theirs[t[0]].grad, t), 1e-5, key)  # transformers keeps parts in float32
