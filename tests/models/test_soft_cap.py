@@ -14,9 +14,9 @@ from tests.layers.contract import assert_close
 CAP = 0.5
 
 
-def _pair(tie: bool) -> tuple[CausalLM, CausalLM]:
+def _pair(tie: bool, pattern: str = "gated,attn") -> tuple[CausalLM, CausalLM]:
     """(capped model, the same weights uncapped), float64."""
-    cfg = ModelConfig(d_model=8, vocab_size=16, pattern="gated,attn", tie_embeddings=tie, logits_soft_cap=CAP)
+    cfg = ModelConfig(d_model=8, vocab_size=16, pattern=pattern, tie_embeddings=tie, logits_soft_cap=CAP)
     torch.manual_seed(0)
     capped = CausalLM(cfg).double().eval()
     plain = CausalLM(cfg.replace(logits_soft_cap=None)).double().eval()
@@ -24,9 +24,9 @@ def _pair(tie: bool) -> tuple[CausalLM, CausalLM]:
     return capped, plain
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_forward_step_and_head_are_capped(tie):
-    capped, plain = _pair(tie)
+@pytest.mark.parametrize("tie, pattern", [(True, "gated,attn"), (False, "gated,attn"), (True, "mamba*2")])
+def test_forward_step_and_head_are_capped(tie, pattern):
+    capped, plain = _pair(tie, pattern)  # mamba*2 steps through the fused decode kernel, the cap after it
     assert isinstance(capped.lm_head, SoftCappedHead) and not isinstance(capped.lm_head, torch.nn.Linear)
     assert (capped.lm_head.weight is capped.backbone.embedding.weight) == tie
     x = torch.randint(0, 16, (2, 7), generator=torch.Generator().manual_seed(1))
