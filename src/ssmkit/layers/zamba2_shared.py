@@ -197,8 +197,9 @@ class Zamba2Hybrid(SequenceLayer):
         self.mlp_adapter = LowRank(d, adapter_rank, 2 * self.d_hidden)
         self.linear = nn.Linear(d, d, bias=False)
         self.norm = RMSNorm(d, self.norm_eps)
-        self.mamba = Mamba2(d, d_state, d_conv, expand, headdim, ngroups, chunk_size, dt_min, dt_max, dt_init_floor,
-                            tuple(dt_limit), conv_bias, bias, ssm_norm_eps)
+        self.mamba = Mamba2(d, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim, ngroups=ngroups,
+                            chunk_size=chunk_size, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
+                            dt_limit=tuple(dt_limit), conv_bias=conv_bias, bias=bias, norm_eps=ssm_norm_eps)
         self.shared: list[Zamba2SharedBlock] = []  # set by attach(); not a submodule
 
     # ------------------------------------------------------------------------------------------ sharing
