@@ -63,6 +63,9 @@ class LocalGQAttention(GQAttention):
         gqa = self.n_heads != self.n_kv_heads
         if initial_state is None and reset is None and length <= self.window:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+        elif reset is None and length == 1 and cache_len < self.window and bool((initial_state.pos >= cache_len).all()):
+            # one new token whose row sees its whole cache (plain decoding): no mask needed
+            out = F.scaled_dot_product_attention(q, keys, vals, scale=self.scale, enable_gqa=gqa)
         else:
             rel = torch.arange(length, device=x.device)[:, None] + cache_len - \
                 torch.arange(keys.shape[2], device=x.device)[None, :]
