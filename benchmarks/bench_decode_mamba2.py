@@ -11,7 +11,13 @@ the block-by-block step (embedding, each ``block.step`` in Python, the final nor
 fraction of two bounds from the read bandwidth measured in the same process (best ``torch.sum`` over 1 GiB with
 the same threads): weights only, and weights plus the recurrent state read and written per token (Mamba-2's
 state is 24 x 24 x 64 x 128 floats = 18.9 MB per row, read and written once). ``--quick``: 4 layers.
-Writes benchmarks/results/bench_decode_mamba2.json.
+
+``--families``: where a non-fused step's time goes, for 130M-shaped stacks of every steppable family (Mamba,
+Mamba-2, GatedSSM, RG-LRU and a Mamba-2 + attention hybrid, 1 of 6 layers attention, after a 64-token prefill),
+float32 and int8, on one thread: the block-by-block step against the model's linear layers alone, each called
+once through ``decode_linear`` (the weight-reading floor a fused step would approach), in process CPU time
+(robust to other jobs on a shared machine) and wall time.
+Writes benchmarks/results/bench_decode_mamba2.json (or bench_decode_families.json).
 """
 
 from __future__ import annotations
@@ -64,6 +70,70 @@ def time_decode(step, model: CausalLM, batch: int, tokens: int) -> float:
         return (time.perf_counter() - t) / tokens
 
 
+def linears_floor(model: CausalLM) -> list[tuple]:
+    """(x, weight, scale, bias) of every linear layer a step reads, the LM head last (zero inputs)."""
+    out = []
+    for name, m in model.named_modules():
+        if name.endswith("dt_proj") or not hasattr(m, "in_features") or name == "lm_head":
+            continue
+        w, sc, b = linear_weights(m)
+        out.append((torch.zeros(1, m.in_features), w, sc, b))
+    w, sc, b = linear_weights(model.lm_head)
+    return out + [(torch.zeros(1, model.config.d_model), w, sc, b)]
+
+
+def cpu_and_wall(fn, tokens: int) -> tuple[float, float]:
+    c, t = time.process_time(), time.perf_counter()
+    for _ in range(tokens):
+        fn()
+    return (time.process_time() - c) / tokens, (time.perf_counter() - t) / tokens
+
+
+def families(args) -> None:
+    """The --families table (module docstring)."""
+    torch.set_num_threads(1)
+    patterns = {"mamba": "mamba*24", "mamba2": "mamba2*24", "gated": "gated*24", "rglru": "rglru*24",
+                "mamba2+attn": "(mamba2*5,attn)*4"}
+    ids = torch.randint(0, 50280, (1, 64), generator=torch.Generator().manual_seed(1))
+    tok = torch.zeros(1, dtype=torch.long)
+    rows = []
+    for fam, pattern in patterns.items():
+        base = CausalLM(ModelConfig(d_model=768, pattern=pattern, vocab_size=50280,
+                                    mixer_options={"mamba": {"d_state": 16}, "attn": {"n_heads": 12}})).eval()
+        for prec, m in (("float32", base), ("int8", quantize_weights(base))):
+            with torch.no_grad():
+                _, state0 = m.backbone(ids, return_final_state=True, input_name="input_ids")
+                floor = linears_floor(m)
+                best = [float("inf")] * 6
+                for _ in range(args.repeat + 1):
+                    cur = [state0, state0]
+
+                    def fused(cur=cur, m=m):
+                        cur[0] = m.step(tok, cur[0])[1]
+
+                    def blocks(cur=cur, m=m):
+                        cur[1] = blockwise_step(m, tok, cur[1])[1]
+
+                    def lin(floor=floor):
+                        for x, w, sc, b in floor:
+                            decode_linear(x, w, b, scale=sc)
+
+                    got = cpu_and_wall(fused, args.tokens) + cpu_and_wall(blocks, args.tokens) + cpu_and_wall(
+                        lin, args.tokens)
+                    best = [min(a, b) for a, b in zip(best, got, strict=True)]
+            fc, fw, bc, bw_, lc, lw = best
+            fused_plan = stack_plan(m.backbone, m.lm_head) is not None
+            rows.append({"family": fam, "weights": prec, "fused": fused_plan, "step_cpu_ms": fc * 1e3,
+                         "blocks_cpu_ms": bc * 1e3, "linears_cpu_ms": lc * 1e3,
+                         "blocks_minus_linears_ms": (bc - lc) * 1e3, "share_not_linears": (bc - lc) / bc,
+                         "step_wall_ms": fw * 1e3, "blocks_wall_ms": bw_ * 1e3, "linears_wall_ms": lw * 1e3})
+            print(rows[-1], flush=True)
+    print_table(rows, ["family", "weights", "fused", "step_cpu_ms", "blocks_cpu_ms", "linears_cpu_ms",
+                       "blocks_minus_linears_ms", "share_not_linears", "step_wall_ms", "blocks_wall_ms",
+                       "linears_wall_ms"])
+    write_json("bench_decode_families", {"threads": 1, "tokens": args.tokens, "rows": rows})
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -71,9 +141,13 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3, help="timed runs per case (best taken), after one warm-up")
+    p.add_argument("--families", action="store_true", help="the per-family step breakdown instead")
     args = p.parse_args()
     if min(*args.threads, args.tokens, args.batch, args.repeat) < 1:
         p.error("--threads, --tokens, --batch and --repeat must be >= 1")
+    if args.families:
+        families(args)
+        return
     torch.manual_seed(0)
     layers = 4 if args.quick else 24
     model = CausalLM(ModelConfig(d_model=768, pattern=f"mamba2*{layers}", vocab_size=50280)).eval()

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .decode_linear import decode_fusable, dequantized
-from .linear_scan import use_fused
 from .mamba_step import WeightsKey, _cols, _desc, _np, _rms_norm, _stacked, _valid_groups, check_stack_extras
 from .threads import kernel_threads
 
@@ -181,7 +180,7 @@ class Mamba2StackPlan:
         self.key = WeightsKey(tensors)
         like = first.d
         self.dtype = like.dtype
-        self.fusable = (like.dtype in (torch.float32, torch.float64) and use_fused(*tensors)
+        self.fusable = (like.dtype in (torch.float32, torch.float64) and all(t.device.type == "cpu" for t in tensors)
                         and all(t.dtype in (like.dtype, torch.int8) for t in tensors))
         if self.fusable:
             from numba.typed import List

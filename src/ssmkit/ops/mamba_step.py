@@ -213,7 +213,7 @@ class MambaStackPlan:
         tensors += ([final_weight] if final_weight is not None else []) + [t for t in (head or ()) if t is not None]
         self.key = WeightsKey(tensors)
         self.dtype, self.device = like.dtype, like.device
-        self.fusable = (like.dtype in (torch.float32, torch.float64) and use_fused(*tensors)
+        self.fusable = (like.dtype in (torch.float32, torch.float64) and all(t.device.type == "cpu" for t in tensors)
                         and all(t.dtype in (like.dtype, torch.int8) for t in tensors))
         if self.fusable:
             from numba.typed import List
