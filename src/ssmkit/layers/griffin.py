@@ -69,10 +69,10 @@ class RGLRUGates(nn.Module):
     def gates(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """u (..., lru_width) -> (input gate i, recurrence gate r), each (..., lru_width)."""
         n, b = self.input_gate_bias.shape
-        uh = u.unflatten(-1, (n, b))
-        i = torch.einsum("...hi,hij->...hj", uh, self.input_gate_weight) + self.input_gate_bias
-        r = torch.einsum("...hi,hij->...hj", uh, self.recurrent_gate_weight) + self.recurrent_gate_bias
-        return torch.sigmoid(i).flatten(-2), torch.sigmoid(r).flatten(-2)
+        uh = u.reshape(-1, n, b).transpose(0, 1)  # (n_heads, positions, block): one matmul per block
+        i = torch.baddbmm(self.input_gate_bias[:, None], uh, self.input_gate_weight)
+        r = torch.baddbmm(self.recurrent_gate_bias[:, None], uh, self.recurrent_gate_weight)
+        return (torch.sigmoid(i).transpose(0, 1).reshape(u.shape), torch.sigmoid(r).transpose(0, 1).reshape(u.shape))
 
 
 class GriffinRecurrent(SequenceLayer):
@@ -133,14 +133,23 @@ class GriffinRecurrent(SequenceLayer):
                             h=torch.zeros(batch_size, self.lru_width, dtype=compute_dtype(dt), device=dev),
                             pos=torch.zeros(batch_size, dtype=torch.long, device=dev))
 
-    def _check(self, state: object, batch: int, dtype: torch.dtype) -> GriffinState:
-        st = self.check_state(state, batch)
+    def _check(self, st: object, batch: int, dtype: torch.dtype, check_pos: bool = True) -> GriffinState:
+        """A GriffinState for ``batch`` rows of ``dtype`` inputs (checked field by field, cheaply: every step
+        calls this)."""
         name = type(self).__name__
-        for field, want in (("conv", dtype), ("h", compute_dtype(dtype)), ("pos", torch.long)):
-            got = getattr(st, field).dtype
-            if got != want:
-                raise TypeError(f"{name}: state.{field} must have dtype {want} for {dtype} inputs, got {got}")
-        if bool((st.pos < 0).any()):
+        if type(st) is not GriffinState:
+            raise TypeError(f"{name}: state must be a GriffinState (from {name}.init_state or a {name} forward), got "
+                            f"{type(st).__name__}")
+        w = self.lru_width
+        for field, shape, want in (("conv", (batch, self.conv_width - 1, w), dtype),
+                                   ("h", (batch, w), compute_dtype(dtype)), ("pos", (batch,), torch.long)):
+            t = getattr(st, field)
+            if t.shape != shape:
+                raise ValueError(f"{name}: state.{field} must have shape {shape}, got {tuple(t.shape)}; was this state "
+                                 f"made by another layer or batch size?")
+            if t.dtype != want:
+                raise TypeError(f"{name}: state.{field} must have dtype {want} for {dtype} inputs, got {t.dtype}")
+        if check_pos and bool((st.pos < 0).any()):
             raise ValueError(f"{name}: state.pos must be non-negative")
         return st
 
@@ -177,12 +186,44 @@ class GriffinRecurrent(SequenceLayer):
         start = (pos == 0)[..., None]
         a = torch.where(start, torch.zeros_like(log_a), torch.exp(log_a))
         norm = torch.where(start, torch.ones_like(log_a), torch.sqrt(-torch.expm1(2 * log_a)))
-        h, h_last = linear_scan(a, u_conv * i * norm, initial_state=st.h, return_final_state=True)
+        b = u_conv * i * norm
+        if length == 1:  # one decoding step: the recurrence itself, without the scan kernel's launch
+            h_last = a[:, 0].to(st.h.dtype) * st.h + b[:, 0].to(st.h.dtype)
+            h = h_last.to(b.dtype)[:, None]
+        else:
+            h, h_last = linear_scan(a, b, initial_state=st.h, return_final_state=True)
         y = self.linear_out(h * y_branch)
         if not return_final_state:
             return y
         conv = torch.cat([st.conv, u], 1)[:, length:]
         return y, GriffinState(conv=conv, h=h_last, pos=pos[:, -1] + 1)
+
+    def step(self, x_t: Tensor, state: GriffinState) -> tuple[Tensor, GriffinState]:
+        """One token x_t: (batch, d_model) -> (y_t (batch, d_model), new state); the forward's arithmetic with fewer
+        small ops (no segment bookkeeping, conv masking only while a row is within conv_width - 1 of its start)."""
+        x_t = self.check_step_input(x_t)
+        self.check_dtype(x_t, "x_t")
+        y_branch, u = to_compute(self, ACTIVATIONS[self.act](self.linear_y(x_t)), self.linear_x(x_t))
+        st = self._check(state, x_t.shape[0], u.dtype, check_pos=False)
+        window = torch.cat([st.conv, u[:, None]], 1)  # (batch, conv_width, width), oldest first
+        new_conv = window[:, 1:]
+        k_max, first = self.conv_width - 1, int(st.pos.min())  # one sync decides both special cases below
+        if first < 0:
+            raise ValueError(f"{type(self).__name__}: state.pos must be non-negative")
+        if first < k_max:  # row j holds lag k_max - j: only lags <= pos count
+            lag = torch.arange(k_max, -1, -1, device=x_t.device)
+            window = torch.where((st.pos[:, None] >= lag)[..., None], window, torch.zeros((), dtype=window.dtype))
+        u_conv = (window * self.conv_1d.weight[:, 0, :].t()).sum(1) + self.conv_1d.bias
+        i, r = self.rg_lru.gates(u_conv)
+        log_a = -self.c * r * F.softplus(self.rg_lru.recurrent_param)
+        a, norm = torch.exp(log_a), torch.sqrt(-torch.expm1(2 * log_a))
+        if first == 0:  # some row starts its segment: no decay, no normalisation there
+            start = (st.pos == 0)[:, None]
+            a = torch.where(start, torch.zeros((), dtype=a.dtype), a)
+            norm = torch.where(start, torch.ones((), dtype=norm.dtype), norm)
+        h = a.to(st.h.dtype) * st.h + (u_conv * i * norm).to(st.h.dtype)
+        y = self.linear_out(h.to(u.dtype) * y_branch)
+        return y, GriffinState(conv=new_conv, h=h, pos=st.pos + 1)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, lru_width={self.lru_width}, n_heads={self.n_heads}, "
