@@ -110,3 +110,24 @@ def test_bad_options_fail_in_one_line():
         GriffinRecurrent(D, act="tanh")
     with pytest.raises(ValueError, match=r"^LocalGQAttention: window must be a positive int, got 0$"):
         LocalGQAttention(D, window=0)
+
+
+@settings(max_examples=8, deadline=None)
+@given(length=st.integers(2, 10), conv=st.integers(1, 4), seed=st.integers(0, 999))
+def test_griffin_steps_after_a_packed_prefix(length, conv, seed):
+    """Rows at different positions of their segments (some within conv_width - 1 of a start, some at one) step
+    exactly as the forward runs them."""
+    torch.manual_seed(seed)
+    layer = _perturb(GriffinRecurrent(D, lru_width=6, n_heads=2, conv_width=conv).double(), seed)
+    x = _x(3, length + 3, D, seed=seed)
+    reset = random_reset(3, length + 3, seed, p=0.4)
+    reset[:, length:] = False
+    reset[0, length - 1] = True  # row 0's next step is one token into a segment
+    with torch.no_grad():
+        want = layer(x, reset=reset)
+        _, state = layer(x[:, :length], reset=reset[:, :length], return_final_state=True)
+        steps = []
+        for t in range(length, length + 3):
+            y, state = layer.step(x[:, t], state)
+            steps.append(y)
+    assert_close(torch.stack(steps, 1), want[:, length:], 1e-12, "Griffin steps after a packed prefix")
