@@ -112,13 +112,15 @@ def test_bad_options_fail_in_one_line():
         LocalGQAttention(D, window=0)
 
 
-@settings(max_examples=8, deadline=None)
-@given(length=st.integers(2, 10), conv=st.integers(1, 4), seed=st.integers(0, 999))
-def test_griffin_steps_after_a_packed_prefix(length, conv, seed):
-    """Rows at different positions of their segments (some within conv_width - 1 of a start, some at one) step
-    exactly as the forward runs them."""
+@settings(max_examples=12, deadline=None)
+@given(length=st.integers(2, 10), width=st.integers(1, 4), attention=st.booleans(), seed=st.integers(0, 999))
+def test_steps_after_a_packed_prefix(length, width, attention, seed):
+    """Rows at different positions of their segments (some within conv_width - 1 or window - 1 of a start, some at
+    one) step exactly as the forward runs them."""
     torch.manual_seed(seed)
-    layer = _perturb(GriffinRecurrent(D, lru_width=6, n_heads=2, conv_width=conv).double(), seed)
+    make = (lambda: LocalGQAttention(D, n_heads=2, n_kv_heads=1, rotary_dim=2, window=width + 1)) if attention \
+        else (lambda: GriffinRecurrent(D, lru_width=6, n_heads=2, conv_width=width))
+    layer = _perturb(make().double(), seed)
     x = _x(3, length + 3, D, seed=seed)
     reset = random_reset(3, length + 3, seed, p=0.4)
     reset[:, length:] = False
@@ -130,4 +132,4 @@ def test_griffin_steps_after_a_packed_prefix(length, conv, seed):
         for t in range(length, length + 3):
             y, state = layer.step(x[:, t], state)
             steps.append(y)
-    assert_close(torch.stack(steps, 1), want[:, length:], 1e-12, "Griffin steps after a packed prefix")
+    assert_close(torch.stack(steps, 1), want[:, length:], 1e-12, f"{type(layer).__name__} steps after a prefix")

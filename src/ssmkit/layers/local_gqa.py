@@ -80,5 +80,50 @@ class LocalGQAttention(GQAttention):
         keep = min(int(new_pos.clamp(max=n_keys).max()), self.window - 1)  # entries a later query can still see
         return y, AttentionState(k=keys[:, :, n_keys - keep:], v=vals[:, :, n_keys - keep:], pos=new_pos)
 
+    def _rotate(self, t: Tensor, pos: Tensor) -> Tensor:
+        """GQAttention's rotary embedding, with the inverse frequencies kept per (dtype, device) instead of
+        recomputed on every decoding step."""
+        r = self.rotary_dim
+        cdt = torch.promote_types(t.dtype, torch.float32)
+        cache = self.__dict__.setdefault("_inv_freq", {})
+        key = (cdt, t.device, r, self.rotary_base)
+        if key not in cache:
+            cache.clear()
+            cache[key] = self.rotary_base ** (-torch.arange(0, r, 2, dtype=cdt, device=t.device) / r)
+        ang = pos.to(cdt)[:, None, :, None] * cache[key]
+        cos, sin = torch.cos(ang).to(t.dtype), torch.sin(ang).to(t.dtype)
+        half = r // 2
+        t1, t2, rest = t[..., :half], t[..., half:r], t[..., r:]
+        return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin, rest], dim=-1)
+
+    def step(self, x_t: Tensor, state: AttentionState) -> tuple[Tensor, AttentionState]:
+        """One token x_t: (batch, d_model) -> (y_t, cache with it appended, at most window - 1 entries); the
+        forward's arithmetic without its segment bookkeeping."""
+        x_t = self.check_step_input(x_t)
+        self.check_dtype(x_t, "x_t")
+        batch = x_t.shape[0]
+        st = self._check_cache(state, batch, self.act_dtype(x_t))
+        q, k, v = to_compute(self, self.q_proj(x_t), self.k_proj(x_t), self.v_proj(x_t))
+        q = q.view(batch, self.n_heads, 1, self.head_dim)
+        k = k.view(batch, self.n_kv_heads, 1, self.head_dim)
+        v = v.view(batch, self.n_kv_heads, 1, self.head_dim)
+        if self.rotary_dim:
+            q, k = self._rotate(q, st.pos[:, None]), self._rotate(k, st.pos[:, None])
+        cache_len = st.k.shape[2]
+        keys, vals = torch.cat([st.k, k], 2), torch.cat([st.v, v], 2)
+        lo, hi = st.pos.aminmax()
+        lo, hi = int(lo), int(hi)  # one sync each: the mask and the cache length below depend on them
+        mask = None
+        if cache_len >= self.window or lo < cache_len:  # some cached entry is out of the window or the segment
+            j = torch.arange(cache_len, device=x_t.device)
+            seen = (j >= cache_len - st.pos.clamp(max=cache_len)[:, None]) & (cache_len - j < self.window)
+            mask = torch.cat([seen, torch.ones(batch, 1, dtype=torch.bool, device=x_t.device)], 1)[:, None, None]
+        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=self.scale,
+                                             enable_gqa=self.n_heads != self.n_kv_heads)
+        y = self.o_proj(out.reshape(batch, self.n_heads * self.head_dim))
+        keep = min(hi + 1, cache_len + 1, self.window - 1)
+        n_keys = cache_len + 1
+        return y, AttentionState(k=keys[:, :, n_keys - keep:], v=vals[:, :, n_keys - keep:], pos=st.pos + 1)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, window={self.window}"
