@@ -154,16 +154,19 @@ class GriffinRecurrent(SequenceLayer):
         return st
 
     # ------------------------------------------------------------------------------------------ forward
-    def _conv(self, u: Tensor, prev: Tensor, pos: Tensor) -> Tensor:
+    def _conv(self, u: Tensor, prev: Tensor, pos: Tensor | None) -> Tensor:
         """Depthwise causal conv of u (batch, length, width) after ``prev`` (batch, conv_width - 1, width);
-        the input at lag k counts only when pos (batch, length) >= k (same segment)."""
+        the input at lag k counts only when pos (batch, length) >= k (same segment). pos None: every lag counts
+        (prev is then zeros or entirely of the current segment)."""
         k_max, length = self.conv_width - 1, u.shape[1]
         full = torch.cat([prev, u], 1)
         w = self.conv_1d.weight[:, 0, :]  # (width, conv_width): column conv_width - 1 - k weighs lag k
         out = self.conv_1d.bias + full[:, k_max:] * w[:, k_max]
         for k in range(1, k_max + 1):
             tap = full[:, k_max - k:k_max - k + length] * w[:, k_max - k]
-            out = out + torch.where((pos >= k)[..., None], tap, torch.zeros((), dtype=tap.dtype, device=tap.device))
+            if pos is not None:
+                tap = torch.where((pos >= k)[..., None], tap, torch.zeros((), dtype=tap.dtype, device=tap.device))
+            out = out + tap
         return out
 
     @state_kwargs
@@ -180,7 +183,9 @@ class GriffinRecurrent(SequenceLayer):
         st = self.init_state(batch, dtype=u.dtype) if initial_state is None else self._check(initial_state, batch,
                                                                                              u.dtype)
         _, pos = segments_and_positions(batch, length, reset, st, x.device)
-        u_conv = self._conv(u, st.conv, pos)
+        # the conv needs masks only at a reset or within conv_width - 1 of a state's segment start
+        plain = reset is None and (initial_state is None or int(st.pos.min()) >= self.conv_width - 1)
+        u_conv = self._conv(u, st.conv, None if plain else pos)
         i, r = self.rg_lru.gates(u_conv)
         log_a = -self.c * r * F.softplus(self.rg_lru.recurrent_param)
         start = (pos == 0)[..., None]
