@@ -1,12 +1,15 @@
 """MQAR (Zoology): multi-query associative recall against model width, sequence length / key-value pairs and
-recurrent state size, for attention, Mamba, Mamba-2, H3, LongConv, GatedSSM and RG-LRU.
+recurrent state size, for attention, Mamba, Mamba-2, H3, LongConv and GatedSSM (RG-LRU in --quick only).
 
-Four parts (setting names ``<model>-w<width>-<task>[-N<d_state>]``):
+Parts of the full budget, in the order they run (setting names ``<model>-w<width>-<task>[-N<d_state>]``), so
+an interrupted run has the cheap, informative parts first:
 
-    width   every model at widths 64, 128, 256 on L=64 with 8 pairs
-    length  every model at width 128 on L=128 with 16 pairs
-    state   Mamba, Mamba-2 and H3 at width 64 with a smaller and a larger d_state than their preset
-    small   every model at widths 64 and 128 on L=32 with 4 pairs (docs/init.md's setting)
+    width-64   every model at width 64 on L=64 with 8 pairs
+    width-128  every model at width 128 on L=64 with 8 pairs
+    small      docs/init.md's setting, L=32 with 4 pairs (attention at 64; Mamba at 64 and 128; the rest at 128)
+    state      Mamba and Mamba-2 at width 64 on L=64 with 8 pairs, a smaller and a larger d_state than the preset
+    length     every model at width 128 on L=128 with 16 pairs
+    width-256  every model at width 256 on L=64 with 8 pairs
 
 The state size of a run is counted, not assumed: the floats of the model's recurrent state (attention: its KV
 cache) after reading one full-length example (complex numbers count twice).
@@ -30,7 +33,11 @@ MODELS: dict[str, tuple[str, str | None, int | None]] = {
     "attn": ("attn", None, None), "mamba": ("mamba", "mamba", 16), "mamba2": ("mamba2", "mamba2", 32),
     "h3": ("h3", "h3", 32), "longconv": ("longconv", None, None), "gated": ("gated", None, None),
     "rglru": ("rglru", None, None)}
-STATE_SWEEP = {"mamba": (4, 64), "mamba2": (8, 128), "h3": (8, 128)}
+#: the models of the full budget (RG-LRU, the other gated linear recurrence, only in --quick: time)
+GRID = ("attn", "mamba", "mamba2", "h3", "longconv", "gated")
+STATE_SWEEP = {"mamba": (4, 64), "mamba2": (8, 128)}
+#: docs/init.md's setting, already run at these widths (kept so the finished runs are reused)
+SMALL = (("attn", 64), ("mamba", 64), ("mamba", 128), ("mamba2", 128), ("h3", 128), ("gated", 128))
 TRAIN = {"steps": 1500, "batch_size": 32, "lr": 2e-3, "warmup_steps": 100}
 
 
@@ -52,17 +59,20 @@ def setting(model: str, width: int, task: str, train: dict[str, Any], d_state: i
 
 
 def full() -> Budget:
-    s = [setting(m, w, "L64-kv8", TRAIN) for w in (64, 128, 256) for m in MODELS]
-    s += [setting(m, 128, "L128-kv16", TRAIN) for m in MODELS]
+    s = [setting(m, w, "L64-kv8", TRAIN) for w in (64, 128) for m in GRID]
+    s += [setting(m, w, "L32-kv4", TRAIN) for m, w in SMALL]
     s += [setting(m, 64, "L64-kv8", TRAIN, d_state=n) for m, ns in STATE_SWEEP.items() for n in ns]
-    s += [setting(m, w, "L32-kv4", TRAIN) for w in (64, 128) for m in MODELS]
+    s += [setting(m, 128, "L128-kv16", TRAIN) for m in GRID]
+    s += [setting(m, 256, "L64-kv8", TRAIN) for m in GRID]
     return Budget(tuple(s), seeds=1, minutes=120, note=(
-        "Zoology trains vocabulary 8,192 for 64 epochs of 100K examples with a learning-rate sweep per model; "
-        "here vocabulary 128/256/512 for L=64/128/256, 1,500 steps of 32 sequences, one learning rate (2e-3, "
-        "where the attention preset learns L=64 with 8 pairs; docs/init.md), one seed; L=256 with 32 pairs "
-        "(TASKS) is left out of the full budget for time. Runtime estimated for an idle 2-core machine from "
-        "docs/init.md's timings (about 20 s per 600 steps at L=32, width 64): ~2 hours; about 3x that at a load "
-        "of 10. Run parts of it with --only."))
+        "Zoology trains vocabulary 8,192 on a mix of lengths 64-256 with 4-64 pairs (about 180K sequences) for "
+        "32-64 epochs at batch 256, sweeping the learning rate per model (1e-3 to 3e-2); here one task per run, "
+        "vocabulary 128/256 for L=64/128 (64 for docs/init.md's L=32), 1,500 steps of 32 sequences (48K "
+        "sequences, about 1/100 of Zoology's), one learning rate (2e-3, where the attention preset learns L=64 "
+        "with 8 pairs; docs/init.md), one seed. Left out for time: L=256 and 512, 32-64 pairs, RG-LRU (GatedSSM "
+        "stands for the gated linear recurrences), width 512. Runtime: about 2 hours on an idle 2-core machine, "
+        "estimated from the measured per-run times in the report (1 thread per run); 2-3x that at a load of 10. "
+        "Run parts of it with --only, e.g. --only '*-w64-L64-kv8'."))
 
 
 def quick() -> Budget:
