@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..models.heads import CausalLM, PrefixLM
 from ..models.outputs import ModelState
+from .fused_spec import fused_draft, fused_plan, fused_verify
 from .generate import _check_model, _plan, _prefill
 from .multitoken import forward_snapshots
 from .sampling import filter_logits, sample_from_logits
@@ -236,6 +237,33 @@ def _tree_round(plan, draft: CausalLM, tree: tuple[int, int], last: Tensor, s_t:
     return out, n + 1, snaps.select(best), dsnaps.select(n + 1)
 
 
+@functools.cache
+def _level_index(branches: int, depth: int) -> list[tuple[Tensor, Tensor]]:
+    """Per level below the root: (its nodes, their parents) of TokenTree.full(branches, depth)."""
+    tree, parents, _, _ = _tree_tables(branches, depth)
+    return [(torch.tensor(lv), parents[torch.tensor(lv)]) for lv in tree.levels()[1:]]
+
+
+@torch.no_grad()
+def _fused_round(plan, draft: CausalLM, plans: tuple, tree: tuple[int, int], last: Tensor, s_t: ModelState,
+                 s_d: ModelState) -> tuple[Tensor, Tensor, ModelState, ModelState]:
+    """A greedy round on pure-Mamba target and draft in two launches (:mod:`ssmkit.infer.fused_spec`): the draft's
+    tree (a chain is the tree (1, k)), then the target's verify pass. Same returns as _chain_round."""
+    tt, _, depths, leaf_paths = _tree_tables(*tree)
+    nodes, dsnaps = fused_draft(draft, plans[1], last, tree[0], tree[1], s_d)
+    logits, snaps = fused_verify(plan.model, plans[0], nodes, tt, s_t)
+    g = torch.argmax(logits, dim=-1)  # (m, T)
+    ok = torch.ones_like(nodes, dtype=torch.bool)
+    for idx, par in _level_index(*tree):  # a node is accepted when its parent is and it is its parent's argmax
+        ok[:, idx] = ok[:, par] & (nodes[:, idx] == g[:, par])
+    best = torch.argmax(ok.long() * (depths + 1), dim=1)  # the deepest accepted node (the path is unique)
+    n = depths[best]
+    chosen = nodes.gather(1, leaf_paths[best])
+    final = g.gather(1, best[:, None]).squeeze(1)
+    out = torch.cat([chosen[:, 1:], chosen[:, 1:2]], 1).scatter(1, n[:, None], final[:, None])
+    return out, n + 1, snaps.select(best), dsnaps.select(best)
+
+
 @torch.no_grad()
 def _paths_round(plan, draft: CausalLM, tree: tuple[int, int], last: Tensor, s_t: ModelState, s_d: ModelState,
                  paths: Tensor) -> tuple[Tensor, Tensor, ModelState, ModelState]:
@@ -301,6 +329,9 @@ def speculative_generate(
     else:
         last = _sample(_probs(logits, plan), _uniforms(plan, active))
     out[:, 0] = last
+    with torch.no_grad():  # pure-Mamba target and draft, greedy: fused draft and verify passes
+        fused = (fused_plan(plan.model, s_t), fused_plan(draft, s_d)) if plan.temperature == 0 else (None,)
+    fused = fused if None not in fused else None
     count = torch.ones(batch, dtype=torch.long, device=device)
     eos = None if plan.eos is None else torch.tensor(plan.eos, device=device)
     done = count >= plan.max_new_tokens
@@ -313,7 +344,9 @@ def speculative_generate(
         if not bool(keep.all()):
             active, last = active[keep], last[keep]
             s_t, s_d = (s.map(lambda t, k_=keep: t[k_]) for s in (s_t, s_d))
-        if tree is None:
+        if fused is not None:
+            toks, n, s_t, s_d = _fused_round(plan, draft, fused, tree or (1, k), last, s_t, s_d)
+        elif tree is None:
             toks, n, s_t, s_d = _chain_round(plan, draft, k, last, s_t, s_d, active)
         else:
             toks, n, s_t, s_d = _tree_round(plan, draft, tree, last, s_t, s_d, active)
