@@ -133,3 +133,14 @@ def test_steps_after_a_packed_prefix(length, width, attention, seed):
             y, state = layer.step(x[:, t], state)
             steps.append(y)
     assert_close(torch.stack(steps, 1), want[:, length:], 1e-12, f"{type(layer).__name__} steps after a prefix")
+
+
+def test_gradients_stay_finite_when_the_decay_is_one():
+    """softplus(Λ) = 0 in float32 gives a = 1 exactly: √(1 - a²) = 0 there, and its (discarded, at the segment
+    start; otherwise large but finite) gradient must not turn into NaN."""
+    layer = GriffinRecurrent(D, n_heads=2)
+    with torch.no_grad():
+        layer.rg_lru.recurrent_param.fill_(-200.0)
+    x = torch.randn(2, 6, D, requires_grad=True)
+    layer(x).square().sum().backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in layer.parameters())

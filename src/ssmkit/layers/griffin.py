@@ -47,6 +47,12 @@ class GriffinState(LayerState):
     pos: Tensor
 
 
+def _sqrt_one_minus_a2(log_a: Tensor) -> Tensor:
+    """√(1 - a²) from log a, accurate near a = 1; its argument is kept >= the dtype's smallest normal, so that a = 1
+    exactly (log a = 0, e.g. at a segment start whose normalisation is then discarded) gives a finite gradient."""
+    return torch.sqrt((-torch.expm1(2 * log_a)).clamp_min(torch.finfo(log_a.dtype).tiny))
+
+
 class RGLRUGates(nn.Module):
     """The RG-LRU's parameters: Λ (``recurrent_param``, (lru_width,)) and the block-diagonal input / recurrence
     gates (``*_gate_weight`` (n_heads, block, block), ``*_gate_bias`` (n_heads, block))."""
@@ -190,7 +196,7 @@ class GriffinRecurrent(SequenceLayer):
         log_a = -self.c * r * F.softplus(self.rg_lru.recurrent_param)
         start = (pos == 0)[..., None]
         a = torch.where(start, torch.zeros_like(log_a), torch.exp(log_a))
-        norm = torch.where(start, torch.ones_like(log_a), torch.sqrt(-torch.expm1(2 * log_a)))
+        norm = torch.where(start, torch.ones_like(log_a), _sqrt_one_minus_a2(log_a))
         b = u_conv * i * norm
         if length == 1:  # one decoding step: the recurrence itself, without the scan kernel's launch
             h_last = a[:, 0].to(st.h.dtype) * st.h + b[:, 0].to(st.h.dtype)
@@ -221,7 +227,7 @@ class GriffinRecurrent(SequenceLayer):
         u_conv = (window * self.conv_1d.weight[:, 0, :].t()).sum(1) + self.conv_1d.bias
         i, r = self.rg_lru.gates(u_conv)
         log_a = -self.c * r * F.softplus(self.rg_lru.recurrent_param)
-        a, norm = torch.exp(log_a), torch.sqrt(-torch.expm1(2 * log_a))
+        a, norm = torch.exp(log_a), _sqrt_one_minus_a2(log_a)
         if first == 0:  # some row starts its segment: no decay, no normalisation there
             start = (st.pos == 0)[:, None]
             a = torch.where(start, torch.zeros((), dtype=a.dtype), a)
