@@ -51,6 +51,8 @@ def check_exportable(model: object) -> str:
     for name in _MULTIPLIERS:
         if getattr(cfg, name) != 1.0:
             raise _fail(f"config has {name}={getattr(cfg, name)!r} (llama.cpp's mamba graphs have no such scale)")
+    if cfg.logits_soft_cap is not None:
+        raise _fail(f"config has logits_soft_cap={cfg.logits_soft_cap} (llama.cpp's mamba graphs have no soft cap)")
     if model.lm_head.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise _fail(f"parameters are {model.lm_head.weight.dtype}; GGUF holds at most float32 (cast with .float())")
     for i, block in enumerate(model.backbone.blocks):

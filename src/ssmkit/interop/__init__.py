@@ -1,5 +1,5 @@
 """Weight interop with other implementations: transformers' Mamba, Mamba-2 and hybrid LMs (FalconMamba, Bamba,
-NemotronH, Jamba, GraniteMoeHybrid, FalconH1), and llama.cpp's GGUF files."""
+NemotronH, Jamba, GraniteMoeHybrid, FalconH1, Zamba2, RecurrentGemma), and llama.cpp's GGUF files."""
 
 from .gguf import from_gguf
 from .mixers import (

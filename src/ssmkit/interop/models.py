@@ -1,6 +1,6 @@
 """Whole-model conversion between ssmkit's CausalLM and transformers' MambaForCausalLM / Mamba2ForCausalLM, and
-(through :mod:`ssmkit.interop.hybrids`) the hybrid families FalconMamba, Bamba, NemotronH, Jamba, GraniteMoeHybrid
-and FalconH1 (docs/interop.md).
+(through :mod:`ssmkit.interop.hybrids`) the hybrid families FalconMamba, Bamba, NemotronH, Jamba, GraniteMoeHybrid,
+FalconH1, Zamba2 and RecurrentGemma (docs/interop.md).
 
 A transformers Mamba(2) LM is an ssmkit CausalLM with ``pattern`` all "mamba" (or all "mamba2"),
 ``norm="rmsnorm"``, ``mlp="none"``, no dropout; ``tie_embeddings`` follows ``tie_word_embeddings``. Parameters
@@ -157,6 +157,9 @@ def transformers_config(model: CausalLM, **overrides: Any):
         raise _fail(f"config.mlp must be 'none' (transformers' Mamba blocks have no MLP), got {cfg.mlp!r}")
     if cfg.dropout != 0:
         raise _fail(f"config.dropout must be 0 (transformers' Mamba blocks have no dropout), got {cfg.dropout}")
+    if cfg.logits_soft_cap is not None:
+        raise _fail(f"config.logits_soft_cap must be None (transformers' Mamba has no soft cap), "
+                    f"got {cfg.logits_soft_cap}")
     first = model.backbone.blocks[0].mixer
     import transformers
 
@@ -193,7 +196,8 @@ def to_transformers(model: CausalLM | str | Path, family: str | None = None, **c
     """A transformers LM computing the same function as an ssmkit CausalLM (a model or a directory saved by
     ssmkit's ``save_pretrained``), in the same dtype and on the same device, in eval mode: MambaForCausalLM
     (all-"mamba" pattern), Mamba2ForCausalLM (all-"mamba2"), or the hybrid ``family`` ("falcon_mamba", "bamba",
-    "nemotron_h", "jamba", "granitemoehybrid", "falcon_h1"; None = the one family that fits). ``config_overrides``
+    "nemotron_h", "jamba", "granitemoehybrid", "falcon_h1", "zamba2", "recurrent_gemma"; None = the one family
+    that fits). ``config_overrides``
     go to the transformers config."""
     if isinstance(model, (str, Path)):
         from ..models.pretrained import load_pretrained

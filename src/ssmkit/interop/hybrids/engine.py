@@ -186,8 +186,9 @@ def single_kind(model: CausalLM, kinds: tuple[str, ...]) -> None:
         raise fail(f"mixers {bad} have no place in this family (allowed: {', '.join(kinds)})")
 
 
-def common_checks(model: CausalLM) -> ModelConfig:
-    """The model-level settings every family needs: an exact CausalLM, rmsnorm, no block MLP, no dropout."""
+def common_checks(model: CausalLM, soft_cap: bool = False) -> ModelConfig:
+    """The model-level settings every family needs: an exact CausalLM, rmsnorm, no block MLP, no dropout, and no
+    logit soft cap unless the family has one (``soft_cap``)."""
     if type(model) is not CausalLM:
         raise TypeError(f"model must be an ssmkit CausalLM (exactly), got {type(model).__name__}")
     cfg = model.config
@@ -197,6 +198,8 @@ def common_checks(model: CausalLM) -> ModelConfig:
         raise fail(f"config.mlp must be 'none' (MLPs are 'ffn' / 'moe' blocks of the pattern), got {cfg.mlp!r}")
     if cfg.dropout != 0:
         raise fail(f"config.dropout must be 0, got {cfg.dropout}")
+    if cfg.logits_soft_cap is not None and not soft_cap:
+        raise fail(f"config.logits_soft_cap={cfg.logits_soft_cap}: this family has no logit soft cap")
     return cfg
 
 

@@ -69,7 +69,7 @@ def _period(types: list[str]) -> list[str]:
 
 
 def hf_fields(model: CausalLM) -> dict[str, Any]:
-    cfg = common_checks(model)
+    cfg = common_checks(model, soft_cap=True)
     kinds = paired_layers(model, tuple(KINDS.values()), ("ffn",))
     if cfg.embedding_multiplier != normalizer(cfg.d_model):
         raise fail(f"RecurrentGemma scales embeddings by sqrt(d_model) in bfloat16 = {normalizer(cfg.d_model)}, got "
