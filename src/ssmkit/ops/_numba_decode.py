@@ -125,6 +125,58 @@ def _rows_dense(x, w, o, scale, bias, out):
         b += 1
 
 
+def _rows_block(x, w, lo, hi, scale, bias, buf):
+    """buf[o - lo, b] = x[b] . row o of the weight (scaled, biased) for o in [lo, hi) and every row b of x
+    (buf: (>= hi - lo, B)). For fewer than 4 rows of x, float and int8 weights go four weight rows at a time
+    (four independent streams from memory: one core reads about twice as fast as row by row); int4 rows, and
+    4 or more rows of x, go row by row as in :func:`_rows_times_weight`. Jitted code only."""
+    raise NotImplementedError("_rows_block is called from numba kernels only")
+
+
+@overload(_rows_block, jit_options={"fastmath": True})
+def _rows_block_impl(x, w, lo, hi, scale, bias, buf):
+    if isinstance(scale, types.Array) and scale.ndim == 2:
+        def by_row(x, w, lo, hi, scale, bias, buf):
+            for o in range(lo, hi):
+                _rows_int4(x, w, o, scale, bias, buf[o - lo])
+        return by_row
+    return lambda x, w, lo, hi, scale, bias, buf: _rows_block_dense(x, w, lo, hi, scale, bias, buf)
+
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _rows_block_dense(x, w, lo, hi, scale, bias, buf):
+    """:func:`_rows_block` for float or int8 (per-row scale) weights."""
+    o = lo
+    if x.shape[0] < 4:
+        while o + 4 <= hi:
+            for b in range(x.shape[0]):
+                a0 = x[b, 0] - x[b, 0]
+                a1 = a0
+                a2 = a0
+                a3 = a0
+                for k in range(x.shape[1]):
+                    xv = x[b, k]
+                    a0 += xv * w[o, k]
+                    a1 += xv * w[o + 1, k]
+                    a2 += xv * w[o + 2, k]
+                    a3 += xv * w[o + 3, k]
+                if scale.shape[0] > 0:
+                    a0 *= scale[o]
+                    a1 *= scale[o + 1]
+                    a2 *= scale[o + 2]
+                    a3 *= scale[o + 3]
+                if bias.shape[0] > 0:
+                    a0 += bias[o]
+                    a1 += bias[o + 1]
+                    a2 += bias[o + 2]
+                    a3 += bias[o + 3]
+                buf[o - lo, b], buf[o + 1 - lo, b], buf[o + 2 - lo, b], buf[o + 3 - lo, b] = a0, a1, a2, a3
+            o += 4
+    while o < hi:
+        _rows_dense(x, w, o, scale, bias, buf[o - lo])
+        o += 1
+
+
 @nb.njit(inline="always", cache=True)
 def _claim(counters, stage, region, n_threads):
     """The next unclaimed chunk of ``region`` of ``stage``, counted from the region's start."""
@@ -221,7 +273,7 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
     n_layers = len(w_in)
     di = u.shape[1]
     for t in nb.prange(n_threads):
-        col = np.empty(nb_rows, dtype=h.dtype)  # this thread's products of one weight row
+        col = np.empty((_ROWS_LINEAR, nb_rows), dtype=h.dtype)  # this thread's products of a chunk's rows
         cursor = np.zeros(1, dtype=np.int64)
         for layer in range(n_layers):
             st = 5 * layer
@@ -245,10 +297,11 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
                 chunk = _next_chunk(counters, st + 1, n1, t, n_threads, cursor)
                 if chunk < 0:
                     break
-                for o in range(chunk * _ROWS_IN, min(wi.shape[0], chunk * _ROWS_IN + _ROWS_IN)):
-                    _rows_times_weight(xn, wi, o, si, bi, col)
+                lo, hi = chunk * _ROWS_IN, min(wi.shape[0], chunk * _ROWS_IN + _ROWS_IN)
+                _rows_block(xn, wi, lo, hi, si, bi, col)
+                for o in range(lo, hi):
                     for b in range(nb_rows):
-                        v = col[b]
+                        v = col[o - lo, b]
                         xz[b, o] = v
                         if o < di:
                             acc = cw[o, width - 1] * v
@@ -270,10 +323,11 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
                 chunk = _next_chunk(counters, st + 2, n2, t, n_threads, cursor)
                 if chunk < 0:
                     break
-                for r in range(chunk * _ROWS_X, min(wx.shape[0], chunk * _ROWS_X + _ROWS_X)):
-                    _rows_times_weight(u, wx, r, sx, bdt[:0], col)
+                lo, hi = chunk * _ROWS_X, min(wx.shape[0], chunk * _ROWS_X + _ROWS_X)
+                _rows_block(u, wx, lo, hi, sx, bdt[:0], col)
+                for r in range(lo, hi):
                     for b in range(nb_rows):
-                        xdbl[b, r] = col[b]
+                        xdbl[b, r] = col[r - lo, b]
                 _finish_stage(counters, st + 2, n_threads)
             _wait_stage(counters, st + 2, n2, n_threads)
             # stage 3: dt = softplus(dt_proj(dt_low)), state update, readout, skip and gate
@@ -306,10 +360,11 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
                 chunk = _next_chunk(counters, st + 4, n4, t, n_threads, cursor)
                 if chunk < 0:
                     break
-                for o in range(chunk * _ROWS_OUT, min(wo.shape[0], chunk * _ROWS_OUT + _ROWS_OUT)):
-                    _rows_times_weight(y, wo, o, so, bo, col)
+                lo, hi = chunk * _ROWS_OUT, min(wo.shape[0], chunk * _ROWS_OUT + _ROWS_OUT)
+                _rows_block(y, wo, lo, hi, so, bo, col)
+                for o in range(lo, hi):
                     for b in range(nb_rows):
-                        h[b, o] += col[b]
+                        h[b, o] += col[o - lo, b]
                 _finish_stage(counters, st + 4, n_threads)
             _wait_stage(counters, st + 4, n4, n_threads)
         if _claim(counters, 5 * n_layers, 0, n_threads) == 0:
@@ -322,17 +377,18 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _rows_stage(x, w, scale, bias, out, counters, stage, t, n_threads, col, cursor):
     """out[:, o] = x @ w[o] (scaled, biased) for every row o of w, shared by the threads (no barrier after: the
-    launch ends when every thread is done)."""
+    launch ends when every thread is done). col: scratch (>= _ROWS_LINEAR, B)."""
     n_chunks = (w.shape[0] + _ROWS_LINEAR - 1) // _ROWS_LINEAR
     cursor[0] = 0
     while True:
         chunk = _next_chunk(counters, stage, n_chunks, t, n_threads, cursor)
         if chunk < 0:
             break
-        for o in range(chunk * _ROWS_LINEAR, min(w.shape[0], chunk * _ROWS_LINEAR + _ROWS_LINEAR)):
-            _rows_times_weight(x, w, o, scale, bias, col)
+        lo, hi = chunk * _ROWS_LINEAR, min(w.shape[0], chunk * _ROWS_LINEAR + _ROWS_LINEAR)
+        _rows_block(x, w, lo, hi, scale, bias, col)
+        for o in range(lo, hi):
             for b in range(x.shape[0]):
-                out[b, o] = col[b]
+                out[b, o] = col[o - lo, b]
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
@@ -340,6 +396,6 @@ def linear(x, w, scale, bias, out, counters, n_threads):
     """out[b, o] = sum_k x[b, k] w[o, k] (* scale[o]) (+ bias[o]); x (B, K), w (O, K) float or int8, out (B, O);
     scale and bias of length 0 mean none. counters: int64 zeros (counter_slots(1, n_threads),)."""
     for t in nb.prange(n_threads):
-        col = np.empty(x.shape[0], dtype=out.dtype)
+        col = np.empty((_ROWS_LINEAR, x.shape[0]), dtype=out.dtype)
         cursor = np.zeros(1, dtype=np.int64)
         _rows_stage(x, w, scale, bias, out, counters, 0, t, n_threads, col, cursor)

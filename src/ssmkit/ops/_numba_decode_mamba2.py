@@ -13,12 +13,13 @@ import numba as nb
 import numpy as np
 
 from ._numba_decode import (
+    _ROWS_LINEAR,
     _claim,
     _finish_stage,
     _next_chunk,
     _rms_norm,
+    _rows_block,
     _rows_stage,
-    _rows_times_weight,
     _silu,
     _wait_stage,
 )
@@ -65,7 +66,7 @@ def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in,
     heads_per_group = n_heads // n_groups
     group_size = di // n_groups
     for t in nb.prange(n_threads):
-        col = np.empty(nb_rows, dtype=h.dtype)
+        col = np.empty((_ROWS_LINEAR, nb_rows), dtype=h.dtype)  # this thread's products of a chunk's rows
         cursor = np.zeros(1, dtype=np.int64)
         for layer in range(n_layers):
             st = STAGES * layer
@@ -90,15 +91,16 @@ def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in,
                 chunk = _next_chunk(counters, st + 1, n1, t, n_threads, cursor)
                 if chunk < 0:
                     break
-                for o in range(chunk * _ROWS_IN, min(wi.shape[0], chunk * _ROWS_IN + _ROWS_IN)):
-                    _rows_times_weight(xn, wi, o, si, bi, col)
+                lo_, hi_ = chunk * _ROWS_IN, min(wi.shape[0], chunk * _ROWS_IN + _ROWS_IN)
+                _rows_block(xn, wi, lo_, hi_, si, bi, col)
+                for o in range(lo_, hi_):
                     if o < di:
                         for b in range(nb_rows):
-                            zb[b, o] = col[b]
+                            zb[b, o] = col[o - lo_, b]
                     elif o < di + n_conv:
                         c = o - di
                         for b in range(nb_rows):
-                            v = col[b]
+                            v = col[o - lo_, b]
                             acc = cw[c, width - 1] * v
                             for j in range(width - 1):
                                 acc += cw[c, j] * cs[b, c, j]
@@ -112,7 +114,7 @@ def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in,
                     else:
                         hh = o - di - n_conv
                         for b in range(nb_rows):
-                            dt = min(max(fast_softplus(col[b] + dtb[hh]), lo), hi)
+                            dt = min(max(fast_softplus(col[o - lo_, b] + dtb[hh]), lo), hi)
                             dts[b, hh] = dt
                             dts[b, n_heads + hh] = fast_exp(-dt * fast_exp(al[hh]))
                 _finish_stage(counters, st + 1, n_threads)
@@ -163,10 +165,11 @@ def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in,
                 chunk = _next_chunk(counters, st + 4, n4, t, n_threads, cursor)
                 if chunk < 0:
                     break
-                for o in range(chunk * _ROWS_OUT, min(wo.shape[0], chunk * _ROWS_OUT + _ROWS_OUT)):
-                    _rows_times_weight(y, wo, o, so, bo, col)
+                lo_, hi_ = chunk * _ROWS_OUT, min(wo.shape[0], chunk * _ROWS_OUT + _ROWS_OUT)
+                _rows_block(y, wo, lo_, hi_, so, bo, col)
+                for o in range(lo_, hi_):
                     for b in range(nb_rows):
-                        h[b, o] += col[b]
+                        h[b, o] += col[o - lo_, b]
                 _finish_stage(counters, st + 4, n_threads)
             _wait_stage(counters, st + 4, n4, n_threads)
         last = STAGES * n_layers
