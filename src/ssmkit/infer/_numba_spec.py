@@ -28,7 +28,6 @@ from ..ops._numba_decode import (
     _next_chunk,
     _rms_norm,
     _rows_times_weight,
-    _silu,
     _wait_stage,
 )
 from ..ops._numba_kernels import fast_softplus
@@ -80,6 +79,16 @@ def _decay_impl(dt, neg_a, out, bits, scale):
         for n in range(out.shape[0]):
             out[n] = math.exp(dt * neg_a[n])
     return exact
+
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _silu_into(v, out, tmp, bits, scale):
+    """out[j] = silu(v[j]) = v[j] / (1 + exp(-v[j])) as flat loops (vectorised exp for float32); tmp has v's
+    length, bits (int32) and its float32 view scale at least that."""
+    minus = -np.ones(1, dtype=v.dtype)[0]
+    _decay(minus, v, tmp, bits, scale)
+    for j in range(v.shape[0]):
+        out[j] = v[j] / (1 + tmp[j])
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
@@ -177,7 +186,14 @@ def _in_conv(o_lo, o_hi, xn, wi, si, bi, cw, cb, cs, win, act_b, act_i, n_nodes,
                     acc += cw[o, j] * nx[b * n_nodes + p - (width - 1), o]
             if cb.shape[0] > 0:
                 acc += cb[o]
-            u[a, o] = _silu(acc)
+            u[a, o] = acc
+    hi = min(o_hi, di)
+    if o_lo < hi:
+        tmp = np.empty(hi - o_lo, dtype=u.dtype)
+        bits = np.empty(hi - o_lo, dtype=np.int32)
+        scale = bits.view(np.float32)
+        for a in range(xn.shape[0]):
+            _silu_into(u[a, o_lo:hi], u[a, o_lo:hi], tmp, bits, scale)
 
 
 @nb.njit(fastmath=True, cache=True)
@@ -197,6 +213,7 @@ def _scan(c_lo, c_hi, wdt, bdt, al, dsk, ss, sn, parents, act_b, act_i, xdbl, xz
     arg = np.empty(size, dtype=u.dtype)
     decay = np.empty(size, dtype=u.dtype)
     dts = np.empty(c_hi - c_lo, dtype=u.dtype)
+    gate = np.empty(c_hi - c_lo, dtype=u.dtype)
     bits = np.empty(size, dtype=np.int32)
     scale = bits.view(np.float32)
     one = np.ones(1, dtype=u.dtype)[0]
@@ -215,6 +232,8 @@ def _scan(c_lo, c_hi, wdt, bdt, al, dsk, ss, sn, parents, act_b, act_i, xdbl, xz
             for n in range(n_state):
                 arg[(c - c_lo) * n_state + n] = dt * neg_a[(c - c_lo) * n_state + n]
         _decay(one, arg, decay, bits, scale)
+        _silu_into(xz[a, di + c_lo:di + c_hi], gate, arg[:c_hi - c_lo], bits, scale)
+        bv, cv = xdbl[a, rank:rank + n_state], xdbl[a, rank + n_state:rank + 2 * n_state]
         for c in range(c_lo, c_hi):
             dt = dts[c - c_lo]
             uc = u[a, c]
@@ -225,12 +244,12 @@ def _scan(c_lo, c_hi, wdt, bdt, al, dsk, ss, sn, parents, act_b, act_i, xdbl, xz
             else:
                 src = sn[b, p, c]
             dst = sn[b, i, c]
-            base = (c - c_lo) * n_state
+            dec = decay[(c - c_lo) * n_state:(c - c_lo + 1) * n_state]
             for n in range(n_state):
-                hv = src[n] * decay[base + n] + du * xdbl[a, rank + n]
+                hv = src[n] * dec[n] + du * bv[n]
                 dst[n] = hv
-                acc += hv * xdbl[a, rank + n_state + n]
-            y[a, c] = acc * _silu(xz[a, di + c])
+                acc += hv * cv[n]
+            y[a, c] = acc * gate[c - c_lo]
 
 
 @nb.njit(fastmath=True, cache=True)
