@@ -27,18 +27,24 @@ class PhonebookParams(GeneratedParams):
     max_queries: int = param(3, "most names asked for per example (the count is uniform in between)", ge=1)
     question: str = param("both", "where the question goes relative to the book", choices=("before", "after", "both"))
     tokenizer: str = param("byte", "tokenizer of the text", choices=TOKENIZERS)
+    name_parts: int = param(2, "words per name: 2 ('First Last', the paper's) or 1 (shorter books)", ge=1, le=2)
+    digits: int = param(10, "digits per number (10: the paper's XXX-XXX-XXXX; otherwise plain digits)", ge=1,
+                        le=10)
 
     def validate(self) -> None:
         if self.max_queries < self.min_queries:
             self.fail("max_queries", f"need max_queries >= min_queries={self.min_queries}")
         if self.max_queries > self.num_entries:
             self.fail("max_queries", f"need max_queries <= num_entries={self.num_entries}")
+        if self.num_entries > 10 ** self.digits:
+            self.fail("num_entries", f"need num_entries <= 10**digits={10 ** self.digits} (numbers are distinct)")
 
 
-def random_name(rng: np.random.Generator) -> str:
-    """'First Last', each part 2-3 syllables (onset + nucleus + optional coda), capitalised."""
+def random_name(rng: np.random.Generator, parts_: int = 2) -> str:
+    """'First Last' (``parts_`` = 2) or 'First' (1), each part 2-3 syllables (onset + nucleus + optional coda),
+    capitalised."""
     parts = []
-    for _ in range(2):
+    for _ in range(parts_):
         n = int(rng.integers(2, MAX_SYLLABLES + 1))
         syl = [ONSETS[rng.integers(len(ONSETS))] + NUCLEI[rng.integers(len(NUCLEI))] + CODAS[rng.integers(len(CODAS))]
                for _ in range(n)]
@@ -46,9 +52,10 @@ def random_name(rng: np.random.Generator) -> str:
     return " ".join(parts)
 
 
-def random_number(rng: np.random.Generator) -> str:
-    d = "".join(str(x) for x in rng.integers(0, 10, size=10))
-    return f"{d[:3]}-{d[3:6]}-{d[6:]}"
+def random_number(rng: np.random.Generator, digits: int = 10) -> str:
+    """``digits`` random digits: ``XXX-XXX-XXXX`` for 10 (the paper's format), else the plain digits."""
+    d = "".join(str(x) for x in rng.integers(0, 10, size=digits))
+    return f"{d[:3]}-{d[3:6]}-{d[6:]}" if digits == 10 else d
 
 
 def format_question(names: list[str]) -> str:
@@ -103,7 +110,7 @@ class Phonebook(GeneratedTask):
         book: dict[str, str] = {}
         numbers: set[str] = set()
         while len(book) < p.num_entries:
-            name, number = random_name(rng), random_number(rng)
+            name, number = random_name(rng, p.name_parts), random_number(rng, p.digits)
             if name not in book and number not in numbers:
                 book[name] = number
                 numbers.add(number)

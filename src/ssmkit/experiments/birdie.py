@@ -81,7 +81,7 @@ def build_run(cfg: BirdieConfig, name: str) -> tuple[RunSetup, MixtureBatchSourc
                           num_placeholders=cfg.num_placeholders)
     arms = birdie_arms(probe.vocab, length_scale=cfg.length_scale)
     mixture = make_mixture(mixture_name, arms, config=controller_config(cfg))
-    prefix = mixture.prefix_bidirectional and kind == "ssm"
+    prefix = mixture.prefix_bidirectional and kind == "ssm" and cfg.prefix_layers
     task = build_task(cfg, prefix)
     if kind == "ssm":
         model = {"preset": cfg.mixer, "pattern": f"{cfg.mixer}*{cfg.n_layers}"}
@@ -128,33 +128,38 @@ def eval_phonebook(cfg: BirdieConfig, model: CausalLM, task: ObjectiveText, quie
     """Digit accuracy per query count before (a quarter of the examples) and after a phone-book fine-tune of a
     copy of ``model``."""
     vocab = task.vocab
+    book = {"digits": cfg.phonebook_digits, "name_parts": cfg.phonebook_name_parts}
     out: dict[str, Any] = {"zero_shot": {}, "finetuned": {}}
     for q in cfg.phonebook_queries:
         out["zero_shot"][str(q)] = phonebook_digit_accuracy(
             model, vocab, num_entries=cfg.phonebook_entries, num_queries=q,
-            num_examples=max(8, cfg.phonebook_examples // 4), seed=cfg.seed + 99)
+            num_examples=max(8, cfg.phonebook_examples // 4), seed=cfg.seed + 99, **book)
     tuned = copy.deepcopy(model)
     losses = finetune_phonebook(tuned, vocab, steps=cfg.phonebook_steps, batch_size=cfg.phonebook_batch,
                                 lr=cfg.phonebook_lr, num_entries=cfg.phonebook_entries,
                                 max_queries=max(cfg.phonebook_queries), pad_id=task.pad_id, seed=cfg.seed,
-                                quiet=quiet)
+                                quiet=quiet, **book)
     out["finetune_loss"] = _loss_summary(losses)
     for q in cfg.phonebook_queries:
         out["finetuned"][str(q)] = phonebook_digit_accuracy(
             tuned, vocab, num_entries=cfg.phonebook_entries, num_queries=q, num_examples=cfg.phonebook_examples,
-            seed=cfg.seed + 1)
-    out["max_length"] = phonebook_length(vocab, cfg.phonebook_entries, max(cfg.phonebook_queries))
+            seed=cfg.seed + 1, **book)
+    out["max_length"] = phonebook_length(vocab, cfg.phonebook_entries, max(cfg.phonebook_queries), **book)
+    out["finetune_losses"] = [round(v, 4) for v in losses]
     return out
 
 
 def eval_mqar(cfg: BirdieConfig, model: CausalLM, task: ObjectiveText, quiet: bool) -> dict[str, Any]:
     """MQAR value accuracy per number of pairs after an MQAR fine-tune of a copy of ``model``."""
     tuned = copy.deepcopy(model)
+    kv = {"num_keys": cfg.mqar_keys, "interleaved": cfg.mqar_interleaved,
+          "query_fraction": cfg.mqar_query_fraction}
     losses = finetune_mqar(tuned, task.vocab, steps=cfg.mqar_steps, batch_size=cfg.mqar_batch, lr=cfg.mqar_lr,
-                           max_pairs=max(cfg.mqar_pairs), pad_id=task.pad_id, seed=cfg.seed, quiet=quiet)
+                           max_pairs=max(cfg.mqar_pairs), pad_id=task.pad_id, seed=cfg.seed, quiet=quiet, **kv)
     acc = {str(n): mqar_accuracy(tuned, task.vocab, num_pairs=n, num_examples=cfg.mqar_examples,
-                                 pad_id=task.pad_id, seed=cfg.seed + 2024) for n in cfg.mqar_pairs}
-    return {"accuracy": acc, "finetune_loss": _loss_summary(losses)}
+                                 pad_id=task.pad_id, seed=cfg.seed + 2024, **kv) for n in cfg.mqar_pairs}
+    return {"accuracy": acc, "finetune_loss": _loss_summary(losses),
+            "finetune_losses": [round(v, 4) for v in losses]}
 
 
 def _loss_summary(losses: list[float]) -> dict[str, float | None]:
@@ -188,7 +193,7 @@ def run_one(cfg: BirdieConfig, name: str, out_dir: str | Path, *, quiet: bool = 
             raise ValueError(f"{done} was produced with another BirdieConfig ("
                              f"{', '.join(k for k in identity if saved[k] != identity[k])} differ); use another "
                              f"output directory")
-        todo = [e for e in EVALS if _saved_settings(result, e) != cfg.eval_settings(e)]
+        todo = [e for e in cfg.evals if _saved_settings(result, e) != cfg.eval_settings(e)]
         if not todo:
             log.info("%s: already finished (%s)", name, done)
             return result
@@ -215,7 +220,7 @@ def run_one(cfg: BirdieConfig, name: str, out_dir: str | Path, *, quiet: bool = 
         if isinstance(source.mixture, BirdieMixture):
             result["controller_log"] = [{k: e[k] for k in ("step", "action", "explored", "losses", "reward")
                                          if k in e} for e in source.mixture.controller.log]
-        todo = list(EVALS)
+        todo = list(cfg.evals)
     settings = result.setdefault("eval_settings", {})
     old_threads = torch.get_num_threads()
     if cfg.threads is not None:  # the trainer restores its caller's thread count; evaluations use cfg's too

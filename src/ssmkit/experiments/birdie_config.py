@@ -23,8 +23,9 @@ RUNS: dict[str, tuple[str, str]] = {
 EVALS: dict[str, tuple[str, ...]] = {
     "infilling": ("infill_rows",),
     "phonebook": ("phonebook_entries", "phonebook_queries", "phonebook_steps", "phonebook_batch", "phonebook_lr",
-                  "phonebook_examples"),
-    "mqar": ("mqar_pairs", "mqar_steps", "mqar_batch", "mqar_lr", "mqar_examples"),
+                  "phonebook_examples", "phonebook_digits", "phonebook_name_parts"),
+    "mqar": ("mqar_pairs", "mqar_steps", "mqar_batch", "mqar_lr", "mqar_examples", "mqar_keys", "mqar_interleaved",
+             "mqar_query_fraction"),
 }
 
 
@@ -37,6 +38,8 @@ class BirdieConfig:
         runs: which runs (keys of :data:`RUNS`).
         tokens: training token budget of every run (packed positions, padding included) -> ``steps``.
         seq_len, batch_size: packed row length and rows per step.
+        prefix_layers: give the prefix-bidirectional mixtures (ul2, fixed, birdie) a PrefixLM (the paper's
+            bidirectional prefix; needs a mixer with a prefix form); False trains them on a causal model.
         mixer, d_model, n_layers, mlp_ratio: the SSM (SwiGLU MLP after every mixer); the Transformer uses
             ``transformer_heads`` rotary attention heads with the same width, depth and MLP.
         lr, warmup_steps: AdamW peak learning rate (cosine to 10%) and warm-up (a run shorter than
@@ -52,8 +55,14 @@ class BirdieConfig:
         phonebook_entries, phonebook_queries: book size and the query counts evaluated.
         phonebook_steps, phonebook_batch, phonebook_lr: the fine-tune on phone books before the evaluation.
         phonebook_examples: evaluated books per query count.
+        phonebook_digits, phonebook_name_parts: digits per number (10: the paper's ``XXX-XXX-XXXX``) and words
+            per name (2: the paper's "First Last"; 1 makes books shorter).
         mqar_pairs, mqar_steps, mqar_batch, mqar_lr, mqar_examples: MQAR (every key queried) after a fine-tune
-            on 2..max(mqar_pairs) pairs; accuracy per number of pairs.
+            on 2..max(mqar_pairs) pairs; accuracy per number of pairs. mqar_keys: distinct keys (and values;
+            None: 130, half the byte vocabulary); mqar_interleaved: queries as ``q1 v1 q2 v2 ...`` in the label
+            (each value right after its key, Zoology's layout) instead of all queries before the values;
+            mqar_query_fraction: share of the keys queried (below 1 removes answering by elimination).
+        evals: which evaluations (keys of :data:`EVALS`) run after training.
         threads: torch threads per run (1, as train.threads: fast beside other work and bitwise reproducible).
     """
 
@@ -63,6 +72,7 @@ class BirdieConfig:
     seq_len: int = 384
     batch_size: int = 16
     mixer: str = "gated"
+    prefix_layers: bool = True
     d_model: int = 192
     n_layers: int = 4
     mlp_ratio: float = 2.0
@@ -87,12 +97,18 @@ class BirdieConfig:
     phonebook_batch: int = 8
     phonebook_lr: float = 1e-3
     phonebook_examples: int = 32
+    phonebook_digits: int = 10
+    phonebook_name_parts: int = 2
     mqar_pairs: tuple[int, ...] = (8, 16, 32, 64)
     mqar_steps: int = 150
     mqar_batch: int = 16
     mqar_lr: float = 1e-3
     mqar_examples: int = 64
+    mqar_keys: int | None = None
+    mqar_interleaved: bool = False
+    mqar_query_fraction: float = 1.0
     seed: int = 0
+    evals: tuple[str, ...] = tuple(EVALS)
     threads: int | None = 1
 
     def __post_init__(self) -> None:
@@ -108,6 +124,7 @@ class BirdieConfig:
                 "warmup_steps": 0, "num_placeholders": 1, "reward_hidden": 1, "reward_layers": 1,
                 "reward_fit_steps": 0, "val_rows": 1, "eval_every": 1, "eval_rows": 1, "infill_rows": 1,
                 "phonebook_entries": 1, "phonebook_steps": 0, "phonebook_batch": 1, "phonebook_examples": 1,
+                "phonebook_digits": 1, "phonebook_name_parts": 1,
                 "mqar_steps": 0, "mqar_batch": 1, "mqar_examples": 1, "seed": 0}
         for name, lo in ints.items():
             v = getattr(self, name)
@@ -127,6 +144,28 @@ class BirdieConfig:
         if (not isinstance(q, tuple) or not q or any(isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= 128
                                                      for k in q)):
             fail("mqar_pairs", "a non-empty tuple of ints in [2, 128] (keys are distinct byte ids below 128)")
+        if not 1 <= self.phonebook_digits <= 10 or 10 ** self.phonebook_digits < self.phonebook_entries:
+            fail("phonebook_digits", f"an int in [1, 10] with 10**digits >= phonebook_entries={self.phonebook_entries}")
+        if self.phonebook_name_parts not in (1, 2):
+            fail("phonebook_name_parts", "1 or 2")
+        if (not isinstance(self.evals, tuple) or any(e not in EVALS for e in self.evals)
+                or len(set(self.evals)) != len(self.evals)):
+            fail("evals", f"a tuple of distinct names from {list(EVALS)}")
+        if self.mqar_keys is not None and (isinstance(self.mqar_keys, bool) or not isinstance(self.mqar_keys, int)
+                                           or not max(self.mqar_pairs) <= self.mqar_keys <= 128):
+            fail("mqar_keys", f"None or an int in [max(mqar_pairs)={max(self.mqar_pairs)}, 128]")
+        f = self.mqar_query_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            fail("mqar_query_fraction", "a number in (0, 1]")
+        if not isinstance(self.mqar_interleaved, bool):
+            fail("mqar_interleaved", "a bool")
+        from ssmkit.models.registry import PREFIXABLE
+
+        if not isinstance(self.prefix_layers, bool):
+            fail("prefix_layers", "a bool")
+        if self.prefix_layers and self.mixer not in PREFIXABLE:
+            fail("prefix_layers", f"False for mixer {self.mixer!r}, which has no prefix-bidirectional form (those "
+                 f"with one: {', '.join(PREFIXABLE)})")
         if self.d_model % self.transformer_heads:
             fail("transformer_heads", f"a divisor of d_model={self.d_model}")
         if self.explore_decay_steps is not None and (isinstance(self.explore_decay_steps, bool) or not isinstance(
@@ -145,7 +184,7 @@ class BirdieConfig:
         """The settings a run's training depends on (not which runs are requested, the thread count or the
         evaluation settings)."""
         d = self.to_dict()
-        for k in ("runs", "threads", *(f for fs in EVALS.values() for f in fs)):
+        for k in ("runs", "threads", "evals", *(f for fs in EVALS.values() for f in fs)):
             del d[k]
         return d
 

@@ -42,29 +42,32 @@ class PhonebookSample:
     target: str
 
 
-def phonebook_pair(vocab: ObjectiveVocab, rng: np.random.Generator, num_entries: int, num_queries: int
-                   ) -> PhonebookSample:
+def phonebook_pair(vocab: ObjectiveVocab, rng: np.random.Generator, num_entries: int, num_queries: int,
+                   digits: int = 10, name_parts: int = 2) -> PhonebookSample:
     """A byte-level phone-book pair: input = <|PREFIX_LM|> + question, book, question; label = the asked numbers
-    (``"XXX-XXX-XXXX, ..."``, in the order asked) + [DONE]. Needs ``vocab.base_vocab_size >= 256``."""
+    (``"XXX-XXX-XXXX, ..."`` for 10 digits, else plain ``digits`` digits; in the order asked) + [DONE]. Needs
+    ``vocab.base_vocab_size >= 256``."""
     if vocab.base_vocab_size < 256:
         raise ValueError(f"phonebook_pair needs a byte-level vocabulary (base_vocab_size >= 256), got "
                          f"{vocab.base_vocab_size}")
-    prompt, target, _, _ = _phonebook(num_entries, num_queries).text(rng)
+    prompt, target, _, _ = _phonebook(num_entries, num_queries, digits, name_parts).text(rng)
     inp = np.concatenate([[vocab.paradigm_id("prefix_lm")], np.frombuffer(prompt.encode(), dtype=np.uint8)])
     lab = np.concatenate([np.frombuffer(target.encode(), dtype=np.uint8), [vocab.done_id]])
     return PhonebookSample(Pair(inp.astype(np.int64), lab.astype(np.int64), 0), target)
 
 
 @functools.lru_cache(maxsize=64)
-def _phonebook(num_entries: int, num_queries: int) -> Phonebook:
-    return Phonebook(num_entries=num_entries, min_queries=num_queries, max_queries=num_queries, question="both")
+def _phonebook(num_entries: int, num_queries: int, digits: int, name_parts: int) -> Phonebook:
+    return Phonebook(num_entries=num_entries, min_queries=num_queries, max_queries=num_queries, question="both",
+                     digits=digits, name_parts=name_parts)
 
 
 def phonebook_length(vocab: ObjectiveVocab, num_entries: int, num_queries: int, samples: int = 64,
-                     seed: int = 0) -> int:
+                     seed: int = 0, digits: int = 10, name_parts: int = 2) -> int:
     """The longest packed length among ``samples`` random phone books of this size (for choosing seq_len)."""
     rng = np.random.default_rng(seed)
-    return max(phonebook_pair(vocab, rng, num_entries, num_queries).pair.packed_len for _ in range(samples))
+    return max(phonebook_pair(vocab, rng, num_entries, num_queries, digits, name_parts).pair.packed_len
+               for _ in range(samples))
 
 
 def _batch(pairs: Sequence[Pair], seq_len: int, pad_id: int, start_id: int) -> dict[str, torch.Tensor]:
@@ -86,11 +89,13 @@ def _run(model: CausalLM, batch: dict[str, torch.Tensor], **kw):
 
 def finetune_on_pairs(model: CausalLM, vocab: ObjectiveVocab, make_pair: Callable[[np.random.Generator], Pair], *,
                       steps: int, batch_size: int, lr: float, pad_id: int, seed: int = 0, desc: str = "fine-tune",
-                      quiet: bool = True) -> list[float]:
+                      quiet: bool = True, mask_labels: Callable[[torch.Tensor], torch.Tensor] | None = None
+                      ) -> list[float]:
     """Fine-tune ``model`` in place on pairs from ``make_pair(rng)``, packed one per row.
 
     AdamW (weight decay 0), linear warm-up over 10% of the steps then cosine to 10%; gradient clipping at 1.
-    Rows are padded to the longest sample of the batch. Returns the per-step training losses; leaves the model
+    Rows are padded to the longest sample of the batch; ``mask_labels`` (labels -> labels) may unscore
+    positions. Returns the per-step training losses; leaves the model
     in eval mode.
     """
     if steps < 0 or batch_size < 1:
@@ -107,7 +112,8 @@ def finetune_on_pairs(model: CausalLM, vocab: ObjectiveVocab, make_pair: Callabl
             g["lr"] = lr * scale
         pairs = [make_pair(rng) for _ in range(batch_size)]
         batch = _batch(pairs, max(p.packed_len for p in pairs), pad_id, vocab.start_id)
-        out = _run(model, batch, labels=batch["labels"])
+        labels = batch["labels"] if mask_labels is None else mask_labels(batch["labels"])
+        out = _run(model, batch, labels=labels)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -118,19 +124,21 @@ def finetune_on_pairs(model: CausalLM, vocab: ObjectiveVocab, make_pair: Callabl
 
 
 def finetune_phonebook(model: CausalLM, vocab: ObjectiveVocab, *, steps: int, batch_size: int, lr: float,
-                       num_entries: int, max_queries: int, pad_id: int, seed: int = 0, quiet: bool = True
-                       ) -> list[float]:
+                       num_entries: int, max_queries: int, pad_id: int, seed: int = 0, quiet: bool = True,
+                       digits: int = 10, name_parts: int = 2) -> list[float]:
     """:func:`finetune_on_pairs` on phone books of ``num_entries`` with a uniform 1..``max_queries`` queries."""
 
     def make(rng: np.random.Generator) -> Pair:
-        return phonebook_pair(vocab, rng, num_entries, int(rng.integers(1, max_queries + 1))).pair
+        return phonebook_pair(vocab, rng, num_entries, int(rng.integers(1, max_queries + 1)), digits,
+                              name_parts).pair
 
     return finetune_on_pairs(model, vocab, make, steps=steps, batch_size=batch_size, lr=lr, pad_id=pad_id,
                              seed=seed, desc="phone-book fine-tune", quiet=quiet)
 
 
 def phonebook_digit_accuracy(model: CausalLM, vocab: ObjectiveVocab, *, num_entries: int, num_queries: int,
-                             num_examples: int, seed: int = 1234, batch_size: int = 8) -> dict[str, float]:
+                             num_examples: int, seed: int = 1234, batch_size: int = 8, digits: int = 10,
+                             name_parts: int = 2) -> dict[str, float]:
     """Greedy-generate the answers of ``num_examples`` phone books with ``num_queries`` queried numbers.
 
     Returns ``digit_accuracy`` (target digit positions whose generated character matches), ``number_accuracy``
@@ -138,9 +146,10 @@ def phonebook_digit_accuracy(model: CausalLM, vocab: ObjectiveVocab, *, num_entr
     """
     model.eval()
     rng = np.random.default_rng([seed, num_entries, num_queries])
-    samples = [phonebook_pair(vocab, rng, num_entries, num_queries) for _ in range(num_examples)]
+    samples = [phonebook_pair(vocab, rng, num_entries, num_queries, digits, name_parts)
+               for _ in range(num_examples)]
     prefix = bool(model.backbone.accepts_prefix)
-    digits = hits = numbers = numbers_right = exact = 0
+    scored = hits = numbers = numbers_right = exact = 0
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
         prompts = [np.concatenate([s.pair.input, [vocab.start_id]]) for s in chunk]
@@ -155,13 +164,13 @@ def phonebook_digit_accuracy(model: CausalLM, vocab: ObjectiveVocab, *, num_entr
             text = "".join(chr(t) if t < 256 else "\0" for t in row)
             for a, b in zip(s.target.split(", "), _split_like(text, s.target), strict=True):
                 d = [j for j, c in enumerate(a) if c.isdigit()]
-                digits += len(d)
+                scored += len(d)
                 hits += sum(1 for j in d if j < len(b) and b[j] == a[j])
                 numbers += 1
                 numbers_right += a == b
             exact += text[:len(s.target)] == s.target and (len(row) == len(s.target) or
                                                             row[len(s.target)] == vocab.done_id)
-    return {"digit_accuracy": hits / digits, "number_accuracy": numbers_right / numbers,
+    return {"digit_accuracy": hits / scored, "number_accuracy": numbers_right / numbers,
             "exact": exact / len(samples)}
 
 
@@ -227,48 +236,82 @@ def infilling_accuracy(model: CausalLM, vocab: ObjectiveVocab, tokens: np.ndarra
 
 
 # ------------------------------------------------------------------------------------------------- MQAR
-def mqar_pair(vocab: ObjectiveVocab, rng: np.random.Generator, num_pairs: int, num_queries: int | None = None
-              ) -> Pair:
-    """Multi-query associative recall as a prefix pair: input = <|PREFIX_LM|> k1 v1 ... kN vN [SEP] q1 ... qM,
-    label = the values of q1 ... qM, then [DONE]. Keys are distinct ids from [0, base/2), values from
-    [base/2, base) (base = ``vocab.base_vocab_size``); the M <= N queried keys are distinct, in random order."""
+def mqar_pair(vocab: ObjectiveVocab, rng: np.random.Generator, num_pairs: int, num_queries: int | None = None,
+              *, num_keys: int | None = None, interleaved: bool = False) -> Pair:
+    """Multi-query associative recall as a prefix pair.
+
+    Default: input = <|PREFIX_LM|> k1 v1 ... kN vN [SEP] q1 ... qM, label = the values of q1 ... qM, then [DONE].
+    ``interleaved``: input = <|PREFIX_LM|> k1 v1 ... kN vN [SEP], label = q1 v(q1) ... qM v(qM) [DONE] (each value
+    right after its key, as in Zoology's MQAR; :func:`mqar_loss_mask` leaves the keys unscored). Keys are distinct
+    ids from [0, K), values from [half, half + K) with half = base/2 and K = ``num_keys`` (default: half); the
+    M <= N queried keys are distinct, in random order."""
     half = vocab.base_vocab_size // 2
+    k = half if num_keys is None else num_keys
     m = num_pairs if num_queries is None else num_queries
-    if not 1 <= m <= num_pairs <= half:
-        raise ValueError(f"mqar_pair: need 1 <= num_queries ({m}) <= num_pairs ({num_pairs}) <= {half}")
-    keys = rng.choice(half, size=num_pairs, replace=False)
-    values = half + rng.integers(0, vocab.base_vocab_size - half, size=num_pairs)
+    if not 1 <= k <= half:
+        raise ValueError(f"mqar_pair: need 1 <= num_keys ({k}) <= {half}")
+    if not 1 <= m <= num_pairs <= k:
+        raise ValueError(f"mqar_pair: need 1 <= num_queries ({m}) <= num_pairs ({num_pairs}) <= {k}")
+    keys = rng.choice(k, size=num_pairs, replace=False)
+    values = half + rng.integers(0, k, size=num_pairs)
     asked = rng.choice(num_pairs, size=m, replace=False)
     context = np.stack([keys, values], axis=1).reshape(-1)
-    inp = np.concatenate([[vocab.paradigm_id("prefix_lm")], context, [vocab.sep_id], keys[asked]])
-    label = np.concatenate([values[asked], [vocab.done_id]])
+    if interleaved:
+        inp = np.concatenate([[vocab.paradigm_id("prefix_lm")], context, [vocab.sep_id]])
+        label = np.concatenate([np.stack([keys[asked], values[asked]], axis=1).reshape(-1), [vocab.done_id]])
+    else:
+        inp = np.concatenate([[vocab.paradigm_id("prefix_lm")], context, [vocab.sep_id], keys[asked]])
+        label = np.concatenate([values[asked], [vocab.done_id]])
     return Pair(inp.astype(np.int64), label.astype(np.int64), 0)
 
 
+def mqar_queries(num_pairs: int, query_fraction: float) -> int:
+    """How many of ``num_pairs`` keys are queried: ``round(num_pairs * query_fraction)``, at least 1. Querying
+    every key with the values fed back (``interleaved``) lets a model answer the last queries by elimination
+    (the last value is the one not yet given), a shortcut that a fraction of 1/2 removes."""
+    if not 0 < query_fraction <= 1:
+        raise ValueError(f"query_fraction: expected a number in (0, 1], got {query_fraction!r}")
+    return max(1, round(num_pairs * query_fraction))
+
+
+def mqar_loss_mask(vocab: ObjectiveVocab, labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` (batch, length) with the MQAR keys (ids below base/2) set to -100: only values and [DONE]
+    are trained and scored (the queried keys are random, so predicting them is noise)."""
+    return labels.masked_fill((labels >= 0) & (labels < vocab.base_vocab_size // 2), IGNORE_INDEX)
+
+
 def finetune_mqar(model: CausalLM, vocab: ObjectiveVocab, *, steps: int, batch_size: int, lr: float,
-                  max_pairs: int, pad_id: int, seed: int = 0, quiet: bool = True) -> list[float]:
-    """:func:`finetune_on_pairs` on MQAR with a uniform 2..``max_pairs`` pairs, every key queried."""
+                  max_pairs: int, pad_id: int, seed: int = 0, quiet: bool = True, min_pairs: int = 2,
+                  num_keys: int | None = None, interleaved: bool = False, query_fraction: float = 1.0
+                  ) -> list[float]:
+    """:func:`finetune_on_pairs` on MQAR with a uniform ``min_pairs``..``max_pairs`` pairs, of which
+    :func:`mqar_queries` are queried (keys unscored, see :func:`mqar_loss_mask`)."""
 
     def make(rng: np.random.Generator) -> Pair:
-        return mqar_pair(vocab, rng, int(rng.integers(2, max_pairs + 1)))
+        n = int(rng.integers(min_pairs, max_pairs + 1))
+        return mqar_pair(vocab, rng, n, mqar_queries(n, query_fraction), num_keys=num_keys, interleaved=interleaved)
 
     return finetune_on_pairs(model, vocab, make, steps=steps, batch_size=batch_size, lr=lr, pad_id=pad_id,
-                             seed=seed, desc="MQAR fine-tune", quiet=quiet)
+                             seed=seed, desc="MQAR fine-tune", quiet=quiet,
+                             mask_labels=functools.partial(mqar_loss_mask, vocab))
 
 
 @torch.no_grad()
 def mqar_accuracy(model: CausalLM, vocab: ObjectiveVocab, *, num_pairs: int, num_examples: int, pad_id: int,
-                  seed: int = 2024, batch_size: int = 32) -> float:
-    """Teacher-forced accuracy on the queried values (not [DONE]) of ``num_examples`` MQAR pairs."""
+                  seed: int = 2024, batch_size: int = 32, num_keys: int | None = None,
+                  interleaved: bool = False, query_fraction: float = 1.0) -> float:
+    """Teacher-forced accuracy on the queried values (not the keys or [DONE]) of ``num_examples`` MQAR pairs."""
     model.eval()
     rng = np.random.default_rng([seed, num_pairs])
-    pairs = [mqar_pair(vocab, rng, num_pairs) for _ in range(num_examples)]
+    m = mqar_queries(num_pairs, query_fraction)
+    pairs = [mqar_pair(vocab, rng, num_pairs, m, num_keys=num_keys, interleaved=interleaved)
+             for _ in range(num_examples)]
     right = total = 0
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         b = _batch(chunk, max(p.packed_len for p in chunk), pad_id, vocab.start_id)
         pred = _run(model, b).logits.argmax(-1)
-        scored = (b["labels"] != IGNORE_INDEX) & (b["labels"] != vocab.done_id)
+        scored = (b["labels"] >= vocab.base_vocab_size // 2) & (b["labels"] != vocab.done_id)
         right += int(((pred == b["labels"]) & scored).sum())
         total += int(scored.sum())
     return right / total
