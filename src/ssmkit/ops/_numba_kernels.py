@@ -284,11 +284,18 @@ def selective_fwd(u, dt, At, Bm, Cm, Dv, z, keep, h0, blocks, parts, dbias, soft
 
 
 @nb.njit(parallel=True, fastmath=EXACT_MATH, cache=True)
-def selective_bwd(u, dt, At, Bm, Cm, Dv, z, keep, ck, blocks, stripes, reverse, has_D, has_z, gout, ghT,
-                  gu, gdt, gz, gA_part, gD_part, gB_part, gC_part, gh0):
+def selective_bwd(u, dt, At, Bm, Cm, Dv, z, keep, ck, blocks, stripes, dbias, softplus, reverse, has_D, has_z, gout,
+                  ghT, gu, gdt, gz, gA_part, gD_part, gbias_part, gB_part, gC_part, gh0):
     """Reverse-time pass. Each task owns one stripe of channel blocks of one (batch, group) and processes them one
     after another, so its partial sums of gB/gC over channels need no atomics. Each chunk's states are recomputed
-    from its checkpoint into a (T+1, N, W) buffer, then walked backwards."""
+    from its checkpoint into a (T+1, N, W) buffer, with the decays exp(dt A) (times keep) into a (T, N, W) one, so
+    the walk backwards takes no exp. ``dt`` is the raw step input: the step size is ``softplus(dt + dbias)`` when
+    ``softplus``, else ``dt + dbias`` (as in :func:`selective_fwd`); gdt is the gradient for the raw input and
+    gbias_part (batch, dim) its sum over time.
+
+    Per step and state index n, with gh the state gradient after the output term is added (ghn) and a = exp(dt A)
+    keep h_{t-1}: gA += ghn a dt; gdt += ghn a A (+ u sum_n ghn B_n); gu += dt sum_n ghn B_n (+ gy D);
+    gB_n = sum_d ghn dt u; gC_n = sum_d gy h_t; gh <- ghn exp(dt A) keep."""
     nbat, L, _ = u.shape
     N = At.shape[0]
     W = SS_BLOCK
@@ -302,15 +309,19 @@ def selective_bwd(u, dt, At, Bm, Cm, Dv, z, keep, ck, blocks, stripes, reverse, 
         g = stripes[sidx, 0]
         part = stripes[sidx, 1]
         hs = np.zeros((T + 1, N, W), dtype=u.dtype)
+        dAk = np.zeros((T, N, W), dtype=u.dtype)
         gh = np.zeros((N, W), dtype=u.dtype)
         Ab = np.zeros((N, W), dtype=u.dtype)
         gAb = np.zeros((N, W), dtype=u.dtype)
         dtc = np.zeros((T, W), dtype=u.dtype)
+        sgc = np.zeros((T, W), dtype=u.dtype)  # d(step size)/d(raw dt): sigmoid under softplus, else 1
         uc = np.zeros((T, W), dtype=u.dtype)
+        duc = np.zeros((T, W), dtype=u.dtype)
         gyj = np.zeros(W, dtype=u.dtype)
         gdtj = np.zeros(W, dtype=u.dtype)
-        guj = np.zeros(W, dtype=u.dtype)
+        sBj = np.zeros(W, dtype=u.dtype)
         gDb = np.zeros(W, dtype=u.dtype)
+        gbb = np.zeros(W, dtype=u.dtype)
         pB = np.zeros(W, dtype=u.dtype)  # per-lane terms of the gB and gC sums over channels
         pC = np.zeros(W, dtype=u.dtype)
         for blk in range(stripes[sidx, 2], stripes[sidx, 3]):
@@ -320,8 +331,11 @@ def selective_bwd(u, dt, At, Bm, Cm, Dv, z, keep, ck, blocks, stripes, reverse, 
             Ab[:, :] = 0.0
             gAb[:, :] = 0.0
             dtc[:, :] = 0.0
+            sgc[:, :] = 0.0
             uc[:, :] = 0.0
+            duc[:, :] = 0.0
             gDb[:] = 0.0
+            gbb[:] = 0.0
             hs[:, :, :] = 0.0
             for n in range(N):
                 for j in range(w):
@@ -330,12 +344,19 @@ def selective_bwd(u, dt, At, Bm, Cm, Dv, z, keep, ck, blocks, stripes, reverse, 
             for c in range(nchunk - 1, -1, -1):
                 i0 = c * T
                 i1 = min(i0 + T, L)
-                # gather the chunk's dt and u, then recompute its states from the checkpoint
+                # gather the chunk's step sizes and u, then recompute its states and decays from the checkpoint
                 for i in range(i0, i1):
                     t = L - 1 - i if reverse else i
                     for j in range(w):
-                        dtc[i - i0, j] = dt[bi, t, d0 + j]
+                        v = dt[bi, t, d0 + j] + dbias[d0 + j]
+                        if softplus:
+                            sgc[i - i0, j] = one / (one + fast_exp(-v)) if v <= 20 else one
+                            v = fast_softplus(v)
+                        else:
+                            sgc[i - i0, j] = one
+                        dtc[i - i0, j] = v
                         uc[i - i0, j] = u[bi, t, d0 + j]
+                        duc[i - i0, j] = v * u[bi, t, d0 + j]
                 for n in range(N):
                     for j in range(w):
                         hs[0, n, j] = ck[bi, c, n, d0 + j]
@@ -346,15 +367,15 @@ def selective_bwd(u, dt, At, Bm, Cm, Dv, z, keep, ck, blocks, stripes, reverse, 
                     for n in range(N):
                         bn = Bm[bi, t, g, n]
                         for j in range(W):
-                            hs[k + 1, n, j] = fma(fast_exp(dtc[k, j] * Ab[n, j]) * hs[k, n, j], kp,
-                                                  dtc[k, j] * uc[k, j] * bn)
+                            e = fast_exp(dtc[k, j] * Ab[n, j])
+                            dAk[k, n, j] = e * kp
+                            hs[k + 1, n, j] = fma(e * hs[k, n, j], kp, duc[k, j] * bn)
                 for i in range(i1 - 1, i0 - 1, -1):
                     t = L - 1 - i if reverse else i
-                    kp = keep[bi, t]
                     k = i - i0
                     for j in range(W):
                         gdtj[j] = 0.0
-                        guj[j] = 0.0
+                        sBj[j] = 0.0
                         gyj[j] = 0.0
                     if has_z:
                         # the gate's gradient needs y = C.h + D u
@@ -376,32 +397,33 @@ def selective_bwd(u, dt, At, Bm, Cm, Dv, z, keep, ck, blocks, stripes, reverse, 
                     else:
                         for j in range(w):
                             gyj[j] = gout[bi, t, d0 + j]
-                    if has_D:
-                        for j in range(w):
-                            gDb[j] = fma(gyj[j], uc[k, j], gDb[j])
-                            guj[j] = fma(gyj[j], Dv[d0 + j], guj[j])
                     for n in range(N):
                         bn = Bm[bi, t, g, n]
                         cn = Cm[bi, t, g, n]
                         for j in range(W):
                             ghn = fma(gyj[j], cn, gh[n, j])
                             pC[j] = gyj[j] * hs[k + 1, n, j]
-                            dA = fast_exp(dtc[k, j] * Ab[n, j])
-                            hp = hs[k, n, j] * kp
-                            gdtj[j] = fma(ghn, fma(bn, uc[k, j], Ab[n, j] * dA * hp), gdtj[j])
-                            gAb[n, j] = fma(ghn * dA * hp, dtc[k, j], gAb[n, j])
-                            gd = ghn * dtc[k, j]
-                            guj[j] = fma(gd, bn, guj[j])
-                            pB[j] = gd * uc[k, j]
-                            gh[n, j] = ghn * dA * kp
+                            ga = ghn * (dAk[k, n, j] * hs[k, n, j])
+                            gdtj[j] = fma(ga, Ab[n, j], gdtj[j])
+                            gAb[n, j] = fma(ga, dtc[k, j], gAb[n, j])
+                            sBj[j] = fma(ghn, bn, sBj[j])
+                            pB[j] = ghn * duc[k, j]
+                            gh[n, j] = ghn * dAk[k, n, j]
                         gB_part[part, bi, t, g, n] += _lane_sum(pB)
                         gC_part[part, bi, t, g, n] += _lane_sum(pC)
                     for j in range(w):
-                        gdt[bi, t, d0 + j] = gdtj[j]
-                        gu[bi, t, d0 + j] = guj[j]
+                        gv = fma(sBj[j], uc[k, j], gdtj[j]) * sgc[k, j]
+                        gdt[bi, t, d0 + j] = gv
+                        gbb[j] += gv
+                        gu_ = sBj[j] * dtc[k, j]
+                        if has_D:
+                            gDb[j] = fma(gyj[j], uc[k, j], gDb[j])
+                            gu_ = fma(gyj[j], Dv[d0 + j], gu_)
+                        gu[bi, t, d0 + j] = gu_
             for n in range(N):
                 for j in range(w):
                     gh0[bi, n, d0 + j] = gh[n, j]
                     gA_part[bi, n, d0 + j] = gAb[n, j]
             for j in range(w):
                 gD_part[bi, d0 + j] = gDb[j]
+                gbias_part[bi, d0 + j] = gbb[j]

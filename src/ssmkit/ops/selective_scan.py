@@ -36,14 +36,14 @@ def _stripes(blocks: np.ndarray, groups: int, parts: int) -> np.ndarray:
 
 
 class _SelectiveScanFn(torch.autograd.Function):
-    """Fused S6 core with D skip and silu(z) gate. Saves only inputs and (B, L/T, N, D) state checkpoints."""
+    """Fused S6 core with D skip, silu(z) gate and the step size softplus(dt + dt_bias) (softplus only when asked).
+    Saves only inputs and (B, L/T, N, D) state checkpoints."""
 
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, D, z, keep, h0, reverse: bool, grads: bool, dt_bias=None, softplus: bool = False):
-        # grads: the caller will differentiate (else no checkpoints are saved). dt_bias / softplus: applied to dt
-        # inside the kernel, only without grads (the backward takes the final dt)
-        det = [None if t is None else t.detach().contiguous() for t in (u, dt, A, B, C, D, z, keep, h0)]
-        u_, dt_, A_, B_, C_, D_, z_, keep_, h0_ = det
+    def forward(ctx, u, dt, A, B, C, D, z, keep, h0, dt_bias, reverse: bool, grads: bool, softplus: bool):
+        # grads: the caller will differentiate (else no checkpoints are saved)
+        det = [None if t is None else t.detach().contiguous() for t in (u, dt, A, B, C, D, z, keep, h0, dt_bias)]
+        u_, dt_, A_, B_, C_, D_, z_, keep_, h0_, bias_ = det
         batch, length, dim = u_.shape
         N, groups = A_.shape[1], B_.shape[2]
         At = A_.t().contiguous()
@@ -55,25 +55,25 @@ class _SelectiveScanFn(torch.autograd.Function):
         ck = torch.empty((batch, nck, N, dim) if save else (1, 1, 1, 1), dtype=u_.dtype)
         out = torch.empty_like(u_)
         hT = torch.empty(batch, N, dim, dtype=u_.dtype)
+        bias = torch.zeros(dim, dtype=u_.dtype) if bias_ is None else bias_
         ctx.work = u_.numel() * N
         args = (u_.numpy(), dt_.numpy(), At.numpy(), B_.numpy(), C_.numpy(), (dummy if D_ is None else D_).numpy(),
                 (dummy.reshape(1, 1, 1) if z_ is None else z_).numpy(), keep_.numpy(), h0t.numpy(), blocks)
         flags = (reverse, D_ is not None, z_ is not None, save, ck.numpy(), out.numpy(), hT.numpy())
         with K.kernel_threads(ctx.work) as threads:
             parts = np.linspace(0, len(blocks), min(threads, len(blocks)) + 1).round().astype(np.int64)
-            bias = torch.zeros(dim, dtype=u_.dtype) if dt_bias is None else dt_bias.detach().contiguous()
             K.selective_fwd(*args, parts, bias.numpy(), softplus, *flags)
-        ctx.reverse = reverse
-        ctx.has = (D_ is not None, z_ is not None, h0_ is not None)
+        ctx.reverse, ctx.softplus = reverse, softplus
+        ctx.has = (D_ is not None, z_ is not None, h0_ is not None, bias_ is not None)
         ctx.blocks = blocks
         ctx.save_for_backward(u_, dt_, At, B_, C_, dummy if D_ is None else D_,
-                              dummy.reshape(1, 1, 1) if z_ is None else z_, keep_, ck)
+                              dummy.reshape(1, 1, 1) if z_ is None else z_, keep_, ck, bias)
         return out, hT.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, gout, ghT):
-        u, dt, At, B, C, D, z, keep, ck = ctx.saved_tensors
-        has_D, has_z, has_h0 = ctx.has
+        u, dt, At, B, C, D, z, keep, ck, bias = ctx.saved_tensors
+        has_D, has_z, has_h0, has_bias = ctx.has
         batch, length, dim = u.shape
         N, groups = At.shape[0], B.shape[2]
         gout = torch.zeros_like(u) if gout is None else gout.contiguous()
@@ -84,17 +84,20 @@ class _SelectiveScanFn(torch.autograd.Function):
         gz = torch.empty_like(u) if has_z else torch.zeros(1, 1, 1, dtype=u.dtype)
         gA = torch.zeros(batch, N, dim, dtype=u.dtype)
         gD = torch.zeros(batch, dim, dtype=u.dtype)
+        gbias = torch.zeros(batch, dim, dtype=u.dtype)
         gB = torch.zeros((parts, *B.shape), dtype=u.dtype)
         gC = torch.zeros((parts, *C.shape), dtype=u.dtype)
         gh0 = torch.empty(batch, N, dim, dtype=u.dtype)
         with K.kernel_threads(ctx.work):
             K.selective_bwd(
                 u.numpy(), dt.numpy(), At.numpy(), B.numpy(), C.numpy(), D.numpy(), z.numpy(), keep.numpy(),
-                ck.numpy(), ctx.blocks, stripes, ctx.reverse, has_D, has_z, gout.numpy(), ghT_t.numpy(),
-                gu.numpy(), gdt.numpy(), gz.numpy(), gA.numpy(), gD.numpy(), gB.numpy(), gC.numpy(), gh0.numpy(),
+                ck.numpy(), ctx.blocks, stripes, bias.numpy(), ctx.softplus, ctx.reverse, has_D, has_z,
+                gout.numpy(), ghT_t.numpy(), gu.numpy(), gdt.numpy(), gz.numpy(), gA.numpy(), gD.numpy(),
+                gbias.numpy(), gB.numpy(), gC.numpy(), gh0.numpy(),
             )
         return (gu, gdt, gA.sum(0).t(), gB.sum(0), gC.sum(0), gD.sum(0) if has_D else None,
-                gz if has_z else None, None, gh0.transpose(1, 2) if has_h0 else None, None, None, None, None)
+                gz if has_z else None, None, gh0.transpose(1, 2) if has_h0 else None,
+                gbias.sum(0) if has_bias else None, None, None, None)
 
 
 def _check_bc(name: str, M: Tensor, batch: int, length: int, dim: int, N: int) -> None:
@@ -211,8 +214,7 @@ def selective_scan(
     grads = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
     fused = use_fused(uf) and not cplx  # the numba kernels are real-only
-    fuse_dt = fused and not grads and (delta_bias is not None or delta_softplus)
-    if not fuse_dt:
+    if not fused:  # the fused kernels apply delta_bias and softplus themselves, forward and backward
         if delta_bias is not None:
             dt = dt + cast(delta_bias)
         if delta_softplus:
@@ -223,8 +225,8 @@ def selective_scan(
     keep = torch.ones(batch, length, dtype=cdt) if r is None else (~r).to(cdt)
 
     if fused:
-        extra = (cast(delta_bias), bool(delta_softplus)) if fuse_dt else ()
-        out, hT = _SelectiveScanFn.apply(uf, dt, Af, B4, C4, Df, zf, keep, h0, reverse, grads, *extra)
+        out, hT = _SelectiveScanFn.apply(uf, dt, Af, B4, C4, Df, zf, keep, h0, cast(delta_bias), reverse, grads,
+                                         bool(delta_softplus))
     else:
         flip = (lambda t: t.flip(1)) if reverse else (lambda t: t)  # noqa: E731
         y, hT = selective_scan_chunked(flip(uf), flip(dt), Af, flip(B4), flip(C4),
