@@ -397,3 +397,21 @@ def draft_tree(root, branches, depth, emb, parents, win, norm_w, eps, final_w, f
                 taken[best] = True
                 node_tok[act_b[a], act_i[a] * branches + 1 + c] = best
         lo, size = lo + size, size * branches
+
+
+@nb.njit(cache=True)
+def select_states(conv, node_x, node_ssm, win, node, rows, out_conv, out_ssm):
+    """The states after the path root..node[j] of batch row rows[j]: out_ssm[l, j] = node_ssm[l, rows[j], node[j]]
+    and out_conv[l, j] the last K - 1 conv inputs of that path. conv (L, B, Di, K - 1), node_x (L, B, T, Di),
+    node_ssm (L, B, T, Di, N), win (T, K); out_conv (L, m, Di, K - 1), out_ssm (L, m, Di, N)."""
+    km1 = conv.shape[3]
+    for layer in range(conv.shape[0]):
+        for j in range(node.shape[0]):
+            b, i = rows[j], node[j]
+            out_ssm[layer, j] = node_ssm[layer, b, i]
+            for s in range(km1):
+                p = win[i, s + 1]
+                if p < km1:
+                    out_conv[layer, j, :, s] = conv[layer, b, :, p]
+                else:
+                    out_conv[layer, j, :, s] = node_x[layer, b, p - km1]

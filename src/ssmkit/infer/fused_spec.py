@@ -49,17 +49,21 @@ def fused_plan(model: CausalLM, state: ModelState) -> MambaStackPlan | None:
 
 
 @functools.cache
-def _tables(tree: TokenTree, width: int) -> tuple[np.ndarray, np.ndarray, Tensor]:
-    """(parents (T,) int64, conv windows (T, width) int64 as numpy, the windows as a tensor)."""
-    win = _window_index(tree, width)
-    return np.asarray(tree.parents, dtype=np.int64), win.numpy().copy(), win
+def _tables(tree: TokenTree, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(parents (T,) int64, conv windows (T, width) int64: see :mod:`._numba_spec`)."""
+    return np.asarray(tree.parents, dtype=np.int64), _window_index(tree, width).numpy().copy()
+
+
+@functools.cache
+def _full_tree(branches: int, depth: int) -> TokenTree:
+    return TokenTree.full(branches, depth)
 
 
 class FusedSnapshots:
     """Every node's state from a fused pass: conv inputs (L, B, T, Di), SSM states (L, B, T, Di, N)."""
 
-    def __init__(self, conv: Tensor, node_x: Tensor, node_ssm: Tensor, win: Tensor) -> None:
-        self.conv, self.node_x, self.node_ssm, self.win = conv, node_x, node_ssm, win
+    def __init__(self, conv: Tensor, node_x: Tensor, node_ssm: Tensor, win: np.ndarray) -> None:
+        self.conv, self.node_x, self.node_ssm, self.win_np = conv, node_x, node_ssm, win
 
     def select(self, node: Tensor, rows: Tensor | None = None) -> ModelState:
         """The state after the path root..node[i] of pass row rows[i] (default: every row); node (m,) int64."""
@@ -69,10 +73,15 @@ class FusedSnapshots:
         if node.dtype != torch.long or node.shape != rows.shape or bool(((node < 0) | (node >= n_nodes)).any()):
             raise ValueError(f"node must be int64 of shape {tuple(rows.shape)} in [0, {n_nodes}), got "
                              f"{node.tolist()}")
-        ssm = self.node_ssm[:, rows, node]  # (L, m, Di, N)
-        ext = torch.cat([self.conv[:, rows], self.node_x[:, rows].transpose(2, 3)], 3)  # (L, m, Di, K - 1 + T)
-        idx = self.win[node][:, 1:]  # (m, K - 1)
-        conv = ext.gather(3, idx[None, :, None, :].expand(ext.shape[0], -1, ext.shape[2], -1))
+        if rows.dtype != torch.long or rows.ndim != 1 or bool(((rows < 0) | (rows >= batch)).any()):
+            raise ValueError(f"rows must be a 1-D int64 tensor in [0, {batch}), got {rows.tolist()}")
+        from . import _numba_spec as S
+
+        n_layers, _, di, km1 = self.conv.shape
+        conv = self.conv.new_empty((n_layers, node.shape[0], di, km1))
+        ssm = self.node_ssm.new_empty((n_layers, node.shape[0], *self.node_ssm.shape[3:]))
+        S.select_states(self.conv.numpy(), self.node_x.numpy(), self.node_ssm.numpy(), self.win_np,
+                        node.contiguous().numpy(), rows.contiguous().numpy(), conv.numpy(), ssm.numpy())
         return ModelState([MambaState(conv=c, ssm=s) for c, s in zip(conv.unbind(0), ssm.unbind(0), strict=True)])
 
 
@@ -113,7 +122,7 @@ def fused_verify(model: CausalLM, plan: MambaStackPlan, nodes: Tensor, tree: Tok
         raise ValueError(f"nodes has {n_nodes} nodes but the tree has {tree.size}")
     conv, ssm = _stacked_states(state)
     width = conv.shape[3] + 1
-    parents, win_np, win = _tables(tree, width)
+    parents, win_np = _tables(tree, width)
     h = model.backbone.embed(nodes.reshape(-1)).contiguous()  # (B T, d_model), row b * T + i
     rows, d_model = h.shape
     node_x, node_ssm = _buffers(plan, conv, batch, n_nodes)
@@ -131,7 +140,7 @@ def fused_verify(model: CausalLM, plan: MambaStackPlan, nodes: Tensor, tree: Tok
                       *_scan_arrays(plan), ssm.numpy(), node_x.numpy(), node_ssm.numpy(),
                       *(t.numpy() for t in scratch), head_w, head_s, head_b, logits.numpy(), counters.numpy(),
                       threads)
-    snaps = FusedSnapshots(conv, node_x.view(n_layers, batch, n_nodes, di), node_ssm, win)
+    snaps = FusedSnapshots(conv, node_x.view(n_layers, batch, n_nodes, di), node_ssm, win_np)
     return logits.view(batch, n_nodes, -1), snaps
 
 
@@ -146,9 +155,9 @@ def fused_draft(model: CausalLM, plan: MambaStackPlan, root: Tensor, branches: i
     vocab = model.config.vocab_size
     if not 1 <= branches <= vocab:
         raise ValueError(f"branches must lie in [1, vocab_size={vocab}], got {branches}")
-    tree = TokenTree.full(branches, depth)
+    tree = _full_tree(branches, depth)
     conv, ssm = _stacked_states(state)
-    parents, win_np, win = _tables(tree, conv.shape[3] + 1)
+    parents, win_np = _tables(tree, conv.shape[3] + 1)
     batch = root.shape[0]
     node_x, node_ssm = _buffers(plan, conv, batch, tree.size)
     nodes = torch.empty((batch, tree.size), dtype=torch.long)
@@ -158,4 +167,4 @@ def fused_draft(model: CausalLM, plan: MambaStackPlan, root: Tensor, branches: i
                  conv.numpy(), *_scan_arrays(plan), ssm.numpy(), head_w, head_s, head_b, nodes.numpy(),
                  node_x.numpy(), node_ssm.numpy())
     n_layers, di = conv.shape[0], conv.shape[2]
-    return nodes, FusedSnapshots(conv, node_x.view(n_layers, batch, tree.size, di), node_ssm, win)
+    return nodes, FusedSnapshots(conv, node_x.view(n_layers, batch, tree.size, di), node_ssm, win_np)
