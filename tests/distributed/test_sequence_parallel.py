@@ -1,28 +1,29 @@
-"""Sequence parallelism equals one process: every supported family and a hybrid CausalLM, sharded over P = 2 and
+"""Sequence parallelism equals one process: every supported family (the first set, then GQA / local GQA,
+Griffin, the Mamba ablations, NormedMamba, FFN / MoE, FalconH1's parallel block) and two hybrid CausalLMs (one
+with Zamba2's hybrid layers, which read the sharded embeddings), sharded over P = 2 and
 P = 3 gloo processes (uneven shards, shards shorter than the conv halo, packed sequences with resets), float64,
 outputs / input gradients / weight gradients to 1e-10. One spawn per P runs every case; the parent waits with a
 bounded timeout."""
 
 from __future__ import annotations
 
-import os
-import queue as queue_mod
-import tempfile
-import time
-import traceback
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-TIMEOUT = 240.0
-TOL = 1e-10
+from .sp_common import TOL, check_case, max_err, spawn
 
 
 def _families() -> dict:
     from ssmkit.layers import H3, RGLRU, S4, S4D, Attention, GatedSSM, LongConv, Mamba, Mamba2
+    from ssmkit.layers.ablation import H3S6, S6, MambaS4D
+    from ssmkit.layers.falcon_h1 import ParallelHybrid
+    from ssmkit.layers.ffn import FeedForward
+    from ssmkit.layers.gqa import GQAttention
+    from ssmkit.layers.griffin import GriffinRecurrent
+    from ssmkit.layers.local_gqa import LocalGQAttention
+    from ssmkit.layers.moe import MoE
+    from ssmkit.layers.normed_mamba import NormedMamba
 
     return {
         "mamba": lambda: Mamba(8, d_state=4, d_conv=4, expand=2),
@@ -37,66 +38,33 @@ def _families() -> dict:
         "s4-ptd": lambda: S4(8, d_state=8, init="ptd"),
         "attn": lambda: Attention(8, n_heads=2, rotary=True),
         "attn-sliding": lambda: Attention(8, n_heads=2, mask="sliding", window=3),
+        "gqa": lambda: GQAttention(8, n_heads=4, n_kv_heads=2, rotary_dim=2, scale=0.3, key_multiplier=1.5),
+        "local-gqa": lambda: LocalGQAttention(8, n_heads=2, n_kv_heads=1, rotary_dim=4, window=3, out_bias=True),
+        "griffin": lambda: GriffinRecurrent(8, lru_width=8, n_heads=2, conv_width=4),
+        "s6": lambda: S6(8, d_state=4),
+        "h3s6": lambda: H3S6(8, d_state=4, shift_len=3),
+        "mamba-s4d": lambda: MambaS4D(8, d_state=4, d_conv=3),
+        "normed-mamba": lambda: NormedMamba(8, d_state=4),
+        "ffn": lambda: FeedForward(8),
+        "moe": lambda: MoE(8, d_hidden=6, n_experts=4, top_k=2),
+        "parallel-h1": lambda: ParallelHybrid(8, n_heads=2, n_kv_heads=1, rotary_dim=2, d_state=4, headdim=4,
+                                              chunk_size=4),
     }
 
 
-def _hybrid():
+def _hybrids() -> dict:
     from ssmkit.models.config import ModelConfig
     from ssmkit.models.heads import CausalLM
 
     opts = {"mamba": {"d_state": 4}, "mamba2": {"d_state": 4, "headdim": 4, "chunk_size": 4},
-            "s4d": {"d_state": 8}, "attn": {"n_heads": 2, "rotary": True}, "h3": {"d_state": 4, "n_heads": 2}}
-    cfg = ModelConfig(d_model=8, pattern=["mamba", "attn", "mamba2", "s4d", "rglru", "h3"], vocab_size=11,
-                      mixer_options=opts, mlp="gelu")
-    return CausalLM(cfg)
-
-
-def _max_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
-
-
-def _check_case(name: str, make, length: int, with_reset: bool, size: int, rank: int) -> list[str]:
-    from ssmkit.distributed.sequence import SequenceParallel, shard_bounds, shard_sequence
-
-    torch.manual_seed(0)
-    module = make().double()
-    tokens = name == "hybrid"
-    if tokens:
-        x = torch.randint(0, 11, (2, length))
-    else:
-        x = torch.randn(2, length, 8, dtype=torch.float64, requires_grad=True)
-    reset = None
-    if with_reset:
-        reset = torch.rand(2, length) < 0.2
-        reset[0, shard_bounds(length, size)[1][0]] = True  # a segment starts exactly at rank 1's first token
-        reset[1, shard_bounds(length, size)[-1][0] - 1] = True  # ... and at the last token before the last shard
-
-    def run(mod, inp, rst):
-        out = mod(inp, reset=rst)
-        return out.logits if tokens else out
-
-    y = run(module, x, reset)
-    w = torch.randn(y.shape, dtype=torch.float64)
-    (y * w).sum().backward()
-    want_grads = {n: p.grad.clone() for n, p in module.named_parameters()}
-    module.zero_grad()
-    xl = shard_sequence(x.detach(), None)
-    if not tokens:
-        xl.requires_grad_()
-    yl = run(SequenceParallel(module, None), xl, None if reset is None else shard_sequence(reset, None))
-    (yl * shard_sequence(w, None)).sum().backward()
-    with torch.no_grad():  # inference: no graph is built, same outputs
-        y_ng = run(SequenceParallel(module, None), xl, None if reset is None else shard_sequence(reset, None))
-    errs = {"y": _max_err(yl.detach(), shard_sequence(y.detach(), None)),
-            "y no_grad": _max_err(y_ng, shard_sequence(y.detach(), None))}
-    if not tokens:
-        errs["dx"] = _max_err(xl.grad, shard_sequence(x.grad, None))
-    for n, p in module.named_parameters():
-        g = p.grad.clone()
-        dist.all_reduce(g)
-        errs[f"d{n}"] = _max_err(g, want_grads[n])
-    tag = f"{name} L={length} reset={with_reset} P={size} rank={rank}"
-    return [f"{tag}: {k} differs by {v:.3g}" for k, v in errs.items() if not v <= TOL]
+            "s4d": {"d_state": 8}, "attn": {"n_heads": 2, "rotary": True}, "h3": {"d_state": 4, "n_heads": 2},
+            "zamba2": {"n_heads": 2, "rotary": True, "attn_adapters": True, "adapter_rank": 2, "d_hidden": 8,
+                       "d_state": 4, "headdim": 4, "chunk_size": 4},
+            "griffin": {"n_heads": 2}, "local-gqa": {"n_heads": 2, "window": 3}}
+    patterns = {"hybrid": ["mamba", "attn", "mamba2", "s4d", "rglru", "h3"],  # Zamba2 reads the embeddings
+                "hybrid-zamba2": ["zamba2", "griffin", "local-gqa", "zamba2"]}
+    return {n: (lambda p=p: CausalLM(ModelConfig(d_model=8, pattern=p, vocab_size=11, mixer_options=opts,
+                                                 mlp="gelu"))) for n, p in patterns.items()}
 
 
 def _gather_case(size: int, rank: int) -> list[str]:
@@ -114,7 +82,7 @@ def _gather_case(size: int, rank: int) -> list[str]:
     xl = shard_sequence(x.detach(), None).requires_grad_()
     yg = gather_sequence(SequenceParallel(layer, None)(xl), None)
     (yg * w).sum().div(size).backward()
-    errs = {"y": _max_err(yg.detach(), y.detach()), "dx": _max_err(xl.grad, shard_sequence(x.grad, None))}
+    errs = {"y": max_err(yg.detach(), y.detach()), "dx": max_err(xl.grad, shard_sequence(x.grad, None))}
     return [f"gather_sequence P={size} rank={rank}: {k} differs by {v:.3g}" for k, v in errs.items() if not v <= TOL]
 
 
@@ -146,58 +114,30 @@ def _errors_case(size: int) -> list[str]:
     return out
 
 
-def _worker(rank: int, size: int, init_file: str, queue) -> None:
-    torch.set_num_threads(1)
+def _worker(size: int, rank: int):
     import ssmkit.distributed.ring_attention as ring
     import ssmkit.distributed.sequence_recurrent as recurrent
 
     ring.CHUNK = 3  # several query tiles per shard, so tiling and tile skipping are exercised
     recurrent.SUMMARY_CHUNK = 2  # the summary pass in pieces, passing the state
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size,
-                            timeout=timedelta(seconds=TIMEOUT))
-    try:
-        fails, ran = [], 0
-        cases = [(n, m, 3 * size + 2, r) for n, m in _families().items() for r in (False, True)]
-        cases += [(n, m, 2 * size - 1, True) for n, m in _families().items()]  # shards of 1-2 tokens < halo
-        cases += [("hybrid", _hybrid, 3 * size + 2, False), ("hybrid", _hybrid, 4 * size + 1, True)]
-        for name, make, length, with_reset in cases:
-            fails += _check_case(name, make, length, with_reset, size, rank)
+    fails, ran = [], 0
+    cases = [(n, m, 3 * size + 2, r) for n, m in _families().items() for r in (False, True)]
+    cases += [(n, m, 2 * size - 1, True) for n, m in _families().items()]  # shards of 1-2 tokens < halo
+    for name, make, length, with_reset in cases:
+        fails += check_case(name, make, length, with_reset, size, rank)
+        ran += 1
+    for name, make in _hybrids().items():
+        for length, with_reset in ((3 * size + 2, False), (4 * size + 1, True)):
+            fails += check_case(name, make, length, with_reset, size, rank, tokens=True)
             ran += 1
-        fails += _gather_case(size, rank)
-        fails += _errors_case(size)
-        queue.put((rank, ran, fails))
-    except BaseException:
-        queue.put((rank, -1, [traceback.format_exc()]))
-    finally:
-        dist.destroy_process_group()
+    fails += _gather_case(size, rank)
+    fails += _errors_case(size)
+    return ran, fails
 
 
 @pytest.mark.parametrize("size", [2, 3])
 def test_sequence_parallel_equals_one_process(size):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        procs = [ctx.Process(target=_worker, args=(r, size, init_file, queue)) for r in range(size)]
-        for p in procs:
-            p.start()
-        results, deadline = [], time.monotonic() + TIMEOUT
-        try:  # stop waiting at the deadline, or as soon as a rank died without reporting
-            while len(results) < size and time.monotonic() < deadline:
-                try:
-                    results.append(queue.get(timeout=1.0))
-                except queue_mod.Empty:
-                    if any(p.exitcode not in (None, 0) for p in procs):
-                        break
-        finally:
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-    reported = "\n".join(f for _, _, fails in results for f in fails)
-    assert len(results) == size, f"only {len(results)} of {size} ranks reported within {TIMEOUT} s:\n{reported}"
-    n_cases = 3 * len(_families()) + 2
-    for rank, ran, fails in sorted(results):
+    n_cases = 3 * len(_families()) + 2 * len(_hybrids())
+    for rank, ran, fails in spawn(_worker, size):
         assert not fails, "\n".join(fails)
         assert ran == n_cases, f"rank {rank} ran {ran} of {n_cases} cases"

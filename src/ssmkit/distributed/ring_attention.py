@@ -1,4 +1,5 @@
-"""Exact causal ring attention for :class:`ssmkit.layers.Attention` (mask "causal" or "sliding").
+"""Exact causal ring attention for :class:`ssmkit.layers.Attention` (mask "causal" or "sliding") and
+:class:`ssmkit.layers.GQAttention` (LocalGQAttention: its window; grouped K/V heads travel unrepeated).
 
 Rank r holds queries, keys and values of its contiguous shard. Its own block is attended first; then, for
 s = 1 .. r, the K/V block of rank r - s arrives from rank r - 1 (each rank passes on what it holds, one hop per
@@ -31,6 +32,7 @@ from torch import Tensor
 
 from ..layers.attention import Attention
 from ..layers.base import to_compute
+from ..layers.gqa import GQAttention
 from .sequence_comm import all_gather, exchange, group_rank_size
 
 CHUNK = 256  # queries per score tile: tiles of CHUNK x L_j scores, never L_r x L_j at once
@@ -66,37 +68,60 @@ def _positions(x: Tensor, reset: Tensor | None, group: dist.ProcessGroup | None)
     return gidx, seg.contiguous(), pos, lengths
 
 
-def ring_attention_forward(layer: Attention, x: Tensor, reset: Tensor | None,
+def _window(layer: Attention | GQAttention) -> int | None:
+    return getattr(layer, "window", None)  # Attention (None unless "sliding"), LocalGQAttention; GQAttention: none
+
+
+def _project(layer: Attention | GQAttention, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(q scaled by the softmax scale (batch, heads, L, head_dim), k, v (batch, kv heads, L, head_dim)), rotary
+    applied at the global positions ``pos``."""
+    batch, length, _ = x.shape
+    if isinstance(layer, Attention):
+        H, Dh = layer.n_heads, layer.head_dim
+        qkv = to_compute(layer, layer.qkv(x))
+        q, k, v = qkv.view(batch, length, 3, H, Dh).permute(2, 0, 3, 1, 4)
+        if layer.rotary:
+            q, k = layer._rotate(q, pos), layer._rotate(k, pos)
+        return q * (1.0 / math.sqrt(Dh)), k, v
+    H, Hk, Dh = layer.n_heads, layer.n_kv_heads, layer.head_dim
+    q, k, v = to_compute(layer, layer.q_proj(x), layer.k_proj(x), layer.v_proj(x))
+    if layer.key_multiplier != 1.0:
+        k = k * layer.key_multiplier
+    q = q.view(batch, length, H, Dh).transpose(1, 2)
+    k = k.view(batch, length, Hk, Dh).transpose(1, 2)
+    v = v.view(batch, length, Hk, Dh).transpose(1, 2)
+    if layer.rotary_dim:
+        q, k = layer._rotate(q, pos), layer._rotate(k, pos)
+    return q * (Dh ** -0.5 if layer.scale is None else layer.scale), k, v
+
+
+def ring_attention_forward(layer: Attention | GQAttention, x: Tensor, reset: Tensor | None,
                            group: dist.ProcessGroup | None) -> Tensor:
     """The local shard of the one-process ``layer(x_full, reset=reset_full)``: x (batch, L_r, d_model)."""
     name = type(layer).__name__
-    if layer.mask not in ("causal", "sliding"):
+    if isinstance(layer, Attention) and layer.mask not in ("causal", "sliding"):
         raise NotImplementedError(f"{name}: sequence parallel attention supports mask 'causal' and 'sliding', "
                                   f"got {layer.mask!r}")
     rank, _ = group_rank_size(group)
     batch, length, _ = x.shape
     gidx, seg, pos, lengths = _positions(x, reset, group)
     total = int(lengths.sum())
-    if layer.max_cache is not None and layer.window is None and total > layer.max_cache:
-        raise ValueError(f"{name}: {total} tokens exceed max_cache={layer.max_cache}")
-    H, Dh = layer.n_heads, layer.head_dim
-    qkv = to_compute(layer, layer.qkv(x))
-    q, k, v = qkv.view(batch, length, 3, H, Dh).permute(2, 0, 3, 1, 4)
-    if layer.rotary:
-        q, k = layer._rotate(q, pos), layer._rotate(k, pos)
-    q = q * (1.0 / math.sqrt(Dh))
-    ctx = _Ring(group, rank, lengths, gidx, seg, reset is not None, layer.window)
-    out = _RingAttention.apply(q, k, v, ctx)
-    return layer.out_proj(out.transpose(1, 2).reshape(batch, length, layer.d_model))
+    max_cache = getattr(layer, "max_cache", None)
+    if max_cache is not None and _window(layer) is None and total > max_cache:
+        raise ValueError(f"{name}: {total} tokens exceed max_cache={max_cache}")
+    q, k, v = _project(layer, x, pos)
+    ctx = _Ring(group, rank, lengths, gidx, seg, reset is not None, _window(layer), q.shape[1] // k.shape[1])
+    out = _RingAttention.apply(q, k, v, ctx).transpose(1, 2).reshape(batch, length, -1)
+    return layer.out_proj(out) if isinstance(layer, Attention) else layer.o_proj(out)
 
 
 class _Ring:
     """What the ring needs besides q, k, v: the group, this rank, all shard lengths, global token indices and
-    segment ids of the local tokens, whether segments exist, the sliding window."""
+    segment ids of the local tokens, whether segments exist, the sliding window, query heads per K/V head."""
 
-    def __init__(self, group, rank, lengths, gidx, seg, segmented, window):
+    def __init__(self, group, rank, lengths, gidx, seg, segmented, window, groups=1):
         self.group, self.rank, self.lengths, self.gidx, self.seg = group, rank, lengths, gidx, seg
-        self.segmented, self.window = segmented, window
+        self.segmented, self.window, self.groups = segmented, window, groups
         self.offsets = torch.cumsum(lengths, 0) - lengths
 
     def key_range(self, rows: slice, kidx: Tensor) -> slice:
@@ -131,13 +156,15 @@ class _RingAttention(torch.autograd.Function):
     def forward(fctx, q, k, v, ring: _Ring):  # type: ignore[override]
         rank, lengths, size = ring.rank, ring.lengths, len(ring.lengths)
         batch, heads, _, dh = q.shape
-        blocks = [(k, v, ring.seg, ring.gidx)]  # block s holds the keys of rank - s
+        g = ring.groups  # K/V travel with their own (fewer) heads and are repeated per query head on arrival
+        rep = (lambda t: t) if g == 1 else (lambda t: t.repeat_interleave(g, 1))  # noqa: E731
+        blocks = [(rep(k), rep(v), ring.seg, ring.gidx)]  # block s holds the keys of rank - s
         held = (torch.cat([k, v], -1), ring.seg)
         for step in range(1, min(rank + 1, size - 1) + 1):
             src = rank - step
             send = rank + 1 < size
             n = int(lengths[src]) if src >= 0 else 0
-            kv = q.new_empty(batch, heads, n, 2 * dh) if src >= 0 else None
+            kv = q.new_empty(batch, k.shape[1], n, 2 * dh) if src >= 0 else None
             kseg = torch.empty(batch, n, dtype=torch.long, device=q.device) if src >= 0 else None
             exchange(held[0] if send else None, kv, ring.group, tag=2 * step)
             exchange(held[1] if send else None, kseg, ring.group, tag=2 * step + 1)
@@ -145,7 +172,7 @@ class _RingAttention(torch.autograd.Function):
                 break
             held = (kv, kseg)
             kidx = ring.offsets[src] + torch.arange(n, device=q.device)
-            blocks.append((kv[..., :dh], kv[..., dh:], kseg, kidx))
+            blocks.append((rep(kv[..., :dh]), rep(kv[..., dh:]), kseg, kidx))
         fctx.ring, fctx.blocks = ring, blocks
         fctx.fused = _fused_ok(q, ring)
         out, lse = _fused_forward(q, blocks) if fctx.fused else _tiled_forward(q, blocks, ring)
@@ -161,6 +188,8 @@ class _RingAttention(torch.autograd.Function):
             dq, dkv = _fused_backward(dout, q, out, lse, blocks)
         else:
             dq, dkv = _tiled_backward(dout, q, out, lse, blocks, ring)
+        if ring.groups > 1:  # the gradient of a repeated K/V head is the sum over its query heads
+            dkv = [d.unflatten(1, (-1, ring.groups)).sum(2) for d in dkv]
         # block j came from rank - j through every rank between; its gradient goes back the same hops, each rank
         # adding its own part: receive the part of the ranks above (for the block this rank passed on), send down
         for j in range(len(blocks) - 1, -1, -1):

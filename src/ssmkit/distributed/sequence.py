@@ -20,26 +20,45 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..layers.ablation import H3S6, S6, MambaS4D
 from ..layers.attention import Attention
 from ..layers.base import SequenceLayer, rename_state_kwargs
+from ..layers.bidirectional import Bidirectional, PrefixBidirectional
+from ..layers.falcon_h1 import ParallelHybrid
+from ..layers.ffn import PositionwiseLayer
 from ..layers.gated import RGLRU, GatedSSM
+from ..layers.gqa import GQAttention
+from ..layers.griffin import GriffinRecurrent
 from ..layers.h3 import H3
 from ..layers.longconv import LongConv
 from ..layers.mamba import Mamba
 from ..layers.mamba2 import Mamba2
 from ..layers.s4 import S4
 from ..layers.s4d import S4D
+from ..layers.zamba2_shared import Zamba2Hybrid
 from .ring_attention import ring_attention_forward
 from .sequence_comm import all_gather, all_gather_autograd, group_rank_size
 from .sequence_recurrent import recurrent_forward
 
-RECURRENT = (Mamba, Mamba2, S4D, GatedSSM, RGLRU, H3, LongConv, S4)
-SUPPORTED = (*RECURRENT, Attention)
+#: recurrent layers (subclasses included: NormedMamba, FalconH1's Mamba-2): :mod:`.sequence_recurrent`
+RECURRENT = (Mamba, Mamba2, S4D, GatedSSM, RGLRU, H3, LongConv, S4, S6, H3S6, MambaS4D, GriffinRecurrent)
+#: attention layers: ring attention (:mod:`.ring_attention`); LocalGQAttention and Zamba2's shared attention are
+#: GQAttention subclasses
+ATTENTION = (Attention, GQAttention)
+#: layers mapping each position on its own (FeedForward, MoE): they run on the shard unchanged
+POSITIONWISE = (PositionwiseLayer,)
+#: layers that only combine other sequence layers per position (FalconH1's parallel block, Zamba2's hybrid
+#: layer): the sequence layers inside them are redirected, they themselves run unchanged
+COMPOSITE = (ParallelHybrid, Zamba2Hybrid)
+SUPPORTED = (*RECURRENT, *ATTENTION, *POSITIONWISE, *COMPOSITE)
+#: set while a composite layer runs: it asks its attention for a KV cache that it then drops
+_DROP_CACHE: ContextVar[bool] = ContextVar("sp_drop_cache", default=False)
 
 
 def shard_bounds(length: int, parts: int) -> list[tuple[int, int]]:
@@ -80,9 +99,11 @@ def gather_sequence(x: Tensor, group: dist.ProcessGroup | None = None, *, dim: i
 def check_supported(layer: nn.Module) -> None:
     """NotImplementedError (one line) unless ``layer`` has an exact sequence-parallel form here."""
     name = type(layer).__name__
+    if isinstance(layer, (Bidirectional, PrefixBidirectional)):
+        raise NotImplementedError(f"sequence parallel: {name} (bidirectional, reverse=True halves) is not supported")
     if not isinstance(layer, SUPPORTED):
         raise NotImplementedError(f"sequence parallel: {name} is not supported yet (supported: "
-                                  f"{', '.join(c.__name__ for c in SUPPORTED)})")
+                                  f"{', '.join(c.__name__ for c in SUPPORTED)} and their subclasses)")
     if isinstance(layer, S4) and not layer.diagonal:
         raise NotImplementedError(f"sequence parallel: {name} with a DPLR (non-diagonal) state is not supported; "
                                   f"use init='ptd' (diagonal) or S4D")
@@ -112,11 +133,14 @@ def layer_forward(layer: SequenceLayer, x: Tensor, initial_state=None, *, reset:
     if late:  # checked on every rank, before any other collective, so that no rank is left waiting
         raise ValueError(f"sequence parallel: {type(layer).__name__} got an initial_state on rank(s) {late}; only "
                          f"rank 0 of the group takes one (later ranks start from the earlier shards' true state)")
-    if isinstance(layer, Attention):
-        if initial_state is not None or return_final_state:
+    if isinstance(layer, POSITIONWISE):
+        return type(layer).forward(layer, x, initial_state, reset=reset, return_final_state=return_final_state)
+    if isinstance(layer, ATTENTION):
+        if initial_state is not None or (return_final_state and not _DROP_CACHE.get()):
             raise NotImplementedError(f"sequence parallel: {type(layer).__name__} does not pass state (its KV "
                                       f"cache) across calls; state passing (chunked training) needs recurrent layers")
-        return ring_attention_forward(layer, x, reset, group)
+        y = ring_attention_forward(layer, x, reset, group)
+        return (y, None) if return_final_state else y  # None: the composite around it drops the cache
     return recurrent_forward(layer, x, reset, group, initial_state, return_final_state)
 
 
@@ -152,6 +176,8 @@ class SequenceParallel(nn.Module):
 
 def _top_layers(module: nn.Module) -> list[SequenceLayer]:
     """Sequence layers in ``module`` not nested inside another sequence layer (``module`` itself if it is one)."""
+    if isinstance(module, COMPOSITE):
+        return [module] + [m for child in module.children() for m in _top_layers(child)]
     if isinstance(module, SequenceLayer):
         return [module]
     out: list[SequenceLayer] = []
@@ -171,8 +197,20 @@ def _redirected(layers: list[SequenceLayer], group: dist.ProcessGroup | None) ->
                                  return_final_state=return_final_state)
         return forward
 
+    def make_composite(layer: SequenceLayer):
+        def forward(x, initial_state=None, *, reset=None, return_final_state=False, **kwargs):
+            if initial_state is not None or return_final_state:
+                raise NotImplementedError(f"sequence parallel: {type(layer).__name__} holds attention, which does "
+                                          f"not pass state (its KV cache) across calls")
+            token = _DROP_CACHE.set(True)
+            try:
+                return type(layer).forward(layer, x, reset=reset, **kwargs)
+            finally:
+                _DROP_CACHE.reset(token)
+        return forward
+
     for layer in layers:
-        layer.forward = make(layer)
+        layer.forward = make_composite(layer) if isinstance(layer, COMPOSITE) else make(layer)
     try:
         yield
     finally:

@@ -39,11 +39,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..layers.base import LayerState, SequenceLayer
+from ..layers.griffin import GriffinRecurrent
 from .sequence_comm import all_gather, all_gather_autograd, group_rank_size
 
 #: state fields that hold the last inputs of a convolution, time last (Mamba/Mamba2 conv, H3 shift,
-#: LongConv buffer); every other field is a diagonal linear recurrence
+#: LongConv buffer; Griffin's conv has time on dim 1, :func:`halo_time_dim`) and int64 counters of the tokens of
+#: the current segment (Griffin's ``pos``), both composed exactly from small all-gathered summaries; every other
+#: field is a diagonal linear recurrence
 HALO_FIELDS = ("conv", "shift", "buffer")
+COUNTER_FIELDS = ("pos",)
 #: tokens per piece of the no-grad summary pass (state passed from piece to piece), so that its transient
 #: memory does not grow with the shard. 2048 rather than 8192: the pieces' freed buffers stay in the process's heap
 #: (RSS) under the true pass; measured for one Mamba layer, d_model 256, 65,536 tokens on 2 ranks, the growth of
@@ -98,41 +102,72 @@ def _fields(state: LayerState) -> dict[str, Tensor]:
     return out
 
 
-def _shift_in(halo: Tensor, length: int) -> Tensor:
-    """The part of an initial conv state still visible after ``length`` more tokens, aligned oldest first."""
-    width = halo.shape[-1]
+def halo_time_dim(layer: SequenceLayer, name: str) -> int:
+    """The time axis of halo field ``name``: last, except Griffin's conv state (batch, conv_width - 1, width)."""
+    return 1 if isinstance(layer, GriffinRecurrent) and name == "conv" else -1
+
+
+def _shift_in(halo: Tensor, length: int, dim: int = -1) -> Tensor:
+    """The part of an initial conv state still visible after ``length`` more tokens, aligned oldest first
+    (time along ``dim``)."""
+    width = halo.shape[dim]
     if length >= width:
         return torch.zeros_like(halo)
-    return torch.cat([halo[..., length:], torch.zeros_like(halo[..., :length])], dim=-1)
+    kept = halo.narrow(dim, length, width - length)
+    return torch.cat([kept, torch.zeros_like(halo.narrow(dim, 0, length))], dim=dim)
+
+
+def _since_reset(reset: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:
+    """(batch,) int64: the tokens of the shard from its last reset on (all of them without one)."""
+    if reset is None:
+        return torch.full((batch,), length, dtype=torch.long, device=device)
+    idx = torch.arange(length, device=device)
+    last = torch.where(reset, idx, -1).max(1).values
+    return torch.where(last >= 0, length - last, length)
+
+
+def _given(zero: dict[str, Tensor]) -> list[str]:
+    """The fields composed from exchanged summaries rather than by the affine scan: halos and counters."""
+    return [n for n in zero if n in HALO_FIELDS or (n in COUNTER_FIELDS and not zero[n].is_floating_point())]
 
 
 def true_halo(layer: SequenceLayer, x: Tensor, reset: Tensor | None, zero: dict[str, Tensor],
               group: dist.ProcessGroup | None, init: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-    """The conv fields of this rank's true initial state (differentiable w.r.t. earlier ranks' inputs).
-    ``init``: rank 0's given initial state (the state before the whole sequence), or None (zero)."""
-    halo_names = [n for n in zero if n in HALO_FIELDS and zero[n].shape[-1] > 0]
-    start = dict(zero) if init is None else {**zero, **{n: init[n] for n in zero if n in HALO_FIELDS}}
-    if not halo_names:
-        return {n: start[n] for n in zero if n in HALO_FIELDS}
+    """The halo (conv) and counter fields of this rank's true initial state (halos differentiable w.r.t. earlier
+    ranks' inputs). ``init``: rank 0's given initial state (the state before the whole sequence), or None (zero)."""
+    given = _given(zero)
+    start = {n: (zero if init is None else init)[n] for n in given}
+    halo_names = [n for n in given if n in HALO_FIELDS and zero[n].shape[halo_time_dim(layer, n)] > 0]
+    counters = [n for n in given if n in COUNTER_FIELDS]
+    if not halo_names and not counters:
+        return start
     rank, _ = group_rank_size(group)
     batch, length, _ = x.shape
-    width = max(zero[n].shape[-1] for n in halo_names)
+    keep = torch.ones(batch, dtype=torch.long, device=x.device) if reset is None else (~reset.any(1)).long()
+    extra = [_since_reset(reset, batch, length, x.device)] if counters else []
+    meta = all_gather(torch.cat([torch.tensor([length], device=x.device), keep, *extra]), group)
+    out = dict(start)
+    for n in counters:  # tokens of the current segment: p <- p * keep_j + since_reset_j over the earlier ranks
+        p = start[n] if rank == 0 else torch.zeros_like(start[n])
+        for j in range(rank):
+            p = p * meta[j, 1:1 + batch] + meta[j, 1 + batch:]
+        out[n] = p
+    if not halo_names:
+        return out
+    width = max(zero[n].shape[halo_time_dim(layer, n)] for n in halo_names)
     tail = min(width, length)
     rt = None if reset is None else reset[:, -tail:]
     # rank 0 with a given initial halo: a shard shorter than the halo carries part of it into its final halo
-    first = None if init is None else _build(layer.init_state(batch, dtype=zero[halo_names[0]].dtype),
-                                              {n: start[n] for n in zero if n in HALO_FIELDS})
+    first = None if init is None else _build(layer.init_state(batch, dtype=zero[halo_names[0]].dtype), start)
     _, fin = _local(layer, x[:, -tail:], first, reset=rt, return_final_state=True)
     fin = _fields(fin)
-    keep = torch.ones(batch, dtype=torch.long, device=x.device) if reset is None else (~reset.any(1)).long()
-    meta = all_gather(torch.cat([torch.tensor([length], device=x.device), keep]), group)  # (P, 1 + batch)
-    out = {n: start[n] for n in zero if n in HALO_FIELDS}
     for n in halo_names:
+        dim = halo_time_dim(layer, n)
         gathered = all_gather_autograd(fin[n], group)  # (P, batch, channels, width)
         h = start[n] if rank == 0 else zero[n]
         for j in range(rank):
-            k = meta[j, 1:].to(h.dtype).view(batch, *([1] * (h.ndim - 1)))
-            h = _shift_in(h, int(meta[j, 0])) * k + gathered[j]
+            k = meta[j, 1:1 + batch].to(h.dtype).view(batch, *([1] * (h.ndim - 1)))
+            h = _shift_in(h, int(meta[j, 0]), dim) * k + gathered[j]
         # the unused slots stay in the graph, so that every rank runs the all-gather's backward (a collective)
         out[n] = h + gathered[rank:].sum() * 0
     return out
@@ -264,8 +299,8 @@ def recurrent_forward(layer: SequenceLayer, x: Tensor, reset: Tensor | None, gro
                              f"only rank 0 of the group takes one (later ranks start from the earlier shards)")
         init = _fields(layer.check_state(initial_state, batch))
     halo = true_halo(layer, x, reset, zf, group, init)
-    names = [n for n in zf if n in HALO_FIELDS]
-    inits = [] if init is None else [n for n in zf if n not in HALO_FIELDS]
+    names = _given(zf)
+    inits = [] if init is None else [n for n in zf if n not in names]
     params = [p for p in layer.parameters() if p.requires_grad]
     need_grad = torch.is_grad_enabled() and (x.requires_grad or bool(params)
                                              or any(halo[n].requires_grad for n in names)
