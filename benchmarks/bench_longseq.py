@@ -9,11 +9,15 @@ embeddings, RMSNorm, no MLP; float32, batch 1, random weights and tokens. ``--mo
 model with Mamba2 mixers (d_state 128, expand 2, headdim 64, chunk_size 64).
 
 Bound (printed with every ssmkit run, in the same process): the step's FLOPs at the measured one-thread GEMM
-rate plus its exps at the measured exp rate. FLOPs per token come from the model's shapes: 2·in·out per Linear
-(projections and the tied head), the depthwise conv, and for Mamba2 the SSD products (2·Q·N·G + 2·Q·P·H + 4·N·P·H
-per token, Q = chunk_size); exps per token: d_inner·d_state (Mamba's Δ·A), Q·H (Mamba2's segment sums). A chunked
-step runs the forward twice (pass 1 and the recompute) and a backward of twice the forward's GEMM FLOPs, and the
-scan's backward recomputes its exps: bound = tokens × (4·F / GEMM rate + 3·X / exp rate).
+rate plus its exps at the measured exp rate, both measured by CPU time (so a loaded machine slows them as little as
+it slows the step's own CPU time). The step is counted as it must run: pass 1 runs the backbone (not the head) on
+every chunk but the last, pass 2 the whole model on every chunk, and the backward twice pass 2's GEMM FLOPs.
+FLOPs per token from the model's shapes: 2·in·out per Linear (projections and the tied head), the depthwise conv,
+for Mamba the scan's arithmetic besides its exps (6 FLOPs per (channel, state) forward, 21 backward), for Mamba2
+the SSD products (2·Q·N·G + 2·Q·P·H + 4·N·P·H per token, Q = chunk_size). Exps per token: Mamba's exp(Δ·A)
+(d_inner·d_state, recomputed once by the backward), Mamba2's segment sums (Q·H, saved for the backward), and every
+layer's SiLU/softplus (sigmoid again in the backward) and the head's softmax (2·vocab: forward and backward).
+``--profile`` prints the same step's CPU time per op beside each op's own bound.
 
 - ssmkit: ``ssmkit.train.chunked.chunked_loss_backward`` (exact gradient; state checkpoints at chunk
   boundaries and per-chunk recomputation) on the full length, in a fresh process: peak RSS, time, chunk_len.
@@ -40,9 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    best_time,
     current_rss_bytes,
-    machine_bounds,
     peak_rss_bytes,
     print_table,
     run_child,
@@ -68,72 +70,131 @@ MIXERS = {"mamba": {"d_state": D_STATE, "expand": EXPAND, "d_conv": D_CONV},
           "mamba2": {"d_state": 128, "expand": EXPAND, "d_conv": D_CONV, "headdim": 64, "chunk_size": 64}}
 
 
-def per_token_cost(model) -> tuple[float, float]:
-    """(forward FLOPs, exps) per token of ``model``, from its shapes (see the module docstring)."""
+def per_token_cost(model) -> dict:
+    """Per-token costs of ``model`` from its shapes (see the module docstring): FLOPs of the backbone's forward
+    (``backbone``, GEMMs and conv), the head's (``head``), the scan's extra forward/backward arithmetic
+    (``scan_fwd``/``scan_bwd``), the backbone's exps in the forward and backward (``exps_fwd``/``exps_bwd``) and
+    the head's per pass (``head_exps``)."""
     from torch import nn
 
     from ssmkit.layers import Mamba, Mamba2
 
-    flops = sum(2.0 * m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
-    exps = 0.0
+    head = getattr(model, "lm_head", None)
+    lin = {m: 2.0 * m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear)}
+    c = {"head": lin.pop(head, 0.0), "backbone": sum(lin.values()), "scan_fwd": 0.0, "scan_bwd": 0.0,
+         "exps_fwd": 0.0, "exps_bwd": 0.0, "head_exps": float(VOCAB)}  # the loss's softmax, forward and backward
     for m in model.modules():
         if isinstance(m, Mamba):
-            flops += 2.0 * m.d_inner * m.d_conv
-            exps += m.d_inner * m.d_state
+            d, n = m.d_inner, m.d_state
+            c["backbone"] += 2.0 * d * m.d_conv
+            c["scan_fwd"] += 6.0 * d * n
+            c["scan_bwd"] += 21.0 * d * n
+            c["exps_fwd"] += d * n + 4.0 * d  # decays; silu of conv out and gate; softplus (exp and log)
+            c["exps_bwd"] += d * n + 3.0 * d
         elif isinstance(m, Mamba2):
             q, n, g, h, p = m.chunk_size, m.d_state, m.ngroups, m.nheads, m.headdim
-            flops += 2.0 * (m.d_inner + 2 * g * n) * m.d_conv + 2.0 * q * n * g + 2.0 * q * p * h + 4.0 * n * p * h
-            exps += q * h
-    return flops, exps
+            c["backbone"] += 2.0 * m.conv_dim * m.d_conv + 2.0 * q * n * g + 2.0 * q * p * h + 4.0 * n * p * h
+            c["exps_fwd"] += q * h + m.conv_dim + m.d_inner + 2.0 * h  # segment sums; silu of xBC and gate; softplus
+            c["exps_bwd"] += m.conv_dim + m.d_inner + h
+    return c
 
 
-def machine_rates() -> dict:
-    """One-thread GEMM FLOP/s (a (4096 x 256) @ (256 x 1024) float32 product, the shape of the input
-    projection) and exp/s."""
+def machine_rates(rows: int = 8192) -> dict:
+    """One-thread GEMM FLOP/s (a (rows x 256) @ (256 x 1024) float32 product, the input projection's shape),
+    exp/s (torch.exp over a cache-resident vector) and copy bandwidth (bytes read + written, 64 MiB), each the best
+    of 5 by CPU time."""
     import torch
 
-    a, b = torch.randn(4096, D_MODEL), torch.randn(D_MODEL, 4 * D_MODEL)
-    out = torch.empty(4096, 4 * D_MODEL)
-    t = best_time(lambda: torch.mm(a, b, out=out), repeat=5)
-    return {"gemm_flops": 2.0 * a.shape[0] * a.shape[1] * b.shape[1] / t,
-            "exp_per_s": machine_bounds(1 << 22)["exp_Gelem_per_s"] * 1e9}
+    a, b = torch.randn(rows, D_MODEL), torch.randn(D_MODEL, 4 * D_MODEL)
+    out = torch.empty(rows, 4 * D_MODEL)
+    small, sout = torch.rand(1 << 16), torch.empty(1 << 16)
+
+    def exps():
+        for _ in range(100):
+            torch.exp(small, out=sout)
+
+    t = _best_cpu_time(lambda: torch.mm(a, b, out=out))
+    te = _best_cpu_time(exps)
+    src = torch.rand(1 << 24)
+    dst = torch.empty_like(src)
+    tc = _best_cpu_time(lambda: dst.copy_(src))
+    return {"gemm_flops": 2.0 * a.shape[0] * a.shape[1] * b.shape[1] / t, "exp_per_s": 100 * small.numel() / te,
+            "copy_bytes_per_s": 2.0 * 4 * src.numel() / tc}
 
 
-def bound_seconds(model, length: int, rates: dict) -> float:
-    flops, exps = per_token_cost(model)
-    return length * (4 * flops / rates["gemm_flops"] + 3 * exps / rates["exp_per_s"])
+def _best_cpu_time(fn, repeat: int = 5) -> float:
+    """Best process CPU time of ``fn`` over ``repeat`` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return min(times)
 
 
-def child_ssmkit(length: int, chunk_len: int, name: str = "mamba") -> dict:
-    """Peak RSS and time of one chunked training step (ssmkit) on ``length`` tokens, and the bound measured in
-    the same process."""
-    import torch
+def step_counts(length: int, chunk_len: int) -> dict:
+    """Tokens through each part of one chunked step: pass 1 runs the backbone on all chunks but the last."""
+    last = length - (-(-length // chunk_len) - 1) * chunk_len
+    return {"pass1": length - last, "pass2": length}
 
+
+def bound_seconds(cost: dict, length: int, chunk_len: int, rates: dict) -> dict:
+    """The step's FLOPs and exps (see the module docstring) and its bound in seconds at ``rates``."""
+    n = step_counts(length, chunk_len)
+    fwd = cost["backbone"] + cost["scan_fwd"]
+    flops = (n["pass1"] * fwd + n["pass2"] * (fwd + cost["head"]) + n["pass2"] * 2 * (cost["backbone"] + cost["head"])
+             + n["pass2"] * cost["scan_bwd"])
+    exps = (n["pass1"] + n["pass2"]) * cost["exps_fwd"] + n["pass2"] * (cost["exps_bwd"] + 2 * cost["head_exps"])
+    return {"flops": flops, "exps": exps, "seconds": flops / rates["gemm_flops"] + exps / rates["exp_per_s"]}
+
+
+def _model(name: str):
     from ssmkit.models import CausalLM, ModelConfig
+
+    return CausalLM(ModelConfig(d_model=D_MODEL, n_layers=N_LAYERS, pattern=name, vocab_size=VOCAB,
+                                mixer_options={name: MIXERS[name]}))
+
+
+def child_ssmkit(length: int, chunk_len: int, name: str = "mamba", threads: int = 1, profile: int = 0) -> dict:
+    """Peak RSS, wall and CPU time of one chunked training step (ssmkit) on ``length`` tokens, and the bound
+    measured in the same process; with ``profile`` also the step's CPU time per op (see longseq_profile.py)."""
+    import torch
+
     from ssmkit.train.chunked import chunked_loss_backward
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cfg = ModelConfig(d_model=D_MODEL, n_layers=N_LAYERS, pattern=name, vocab_size=VOCAB,
-                      mixer_options={name: MIXERS[name]})
-    model = CausalLM(cfg)
+    model = _model(name)
     x, labels = _tokens(length)
     warm_x, warm_l = x[:, :256], labels[:, :256]  # numba kernels load/compile outside the measurement
     chunked_loss_backward(model, {"input_ids": warm_x, "labels": warm_l}, 128)
     model.zero_grad(set_to_none=True)
     base = current_rss_bytes()
-    t0 = time.perf_counter()
-    stats = chunked_loss_backward(model, {"input_ids": x, "labels": labels}, chunk_len)
-    seconds = time.perf_counter() - t0
+    batch = {"input_ids": x, "labels": labels}
+    ops = None
+    t0, c0, o0 = time.perf_counter(), time.process_time(), os.times()
+    if profile:
+        from longseq_profile import OpProfiler
+
+        with OpProfiler() as prof:
+            stats = chunked_loss_backward(model, batch, chunk_len)
+    else:
+        stats = chunked_loss_backward(model, batch, chunk_len)
+    seconds, cpu, o1 = time.perf_counter() - t0, time.process_time() - c0, os.times()
     grads_ok = all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
     rates = machine_rates()
-    flops, exps = per_token_cost(model)
-    return {"model": name, "length": length, "chunk_len": chunk_len, "seconds": seconds,
-            "bound_s": bound_seconds(model, length, rates), "rates": rates, "fwd_flops_per_token": flops,
-            "exps_per_token": exps, "peak_rss": peak_rss_bytes(),
+    cost = per_token_cost(model)
+    bound = bound_seconds(cost, length, chunk_len, rates)
+    if profile:
+        ops = prof.table(rates, rates["copy_bytes_per_s"])
+    return {"model": name, "length": length, "chunk_len": chunk_len, "threads": threads, "seconds": seconds,
+            "cpu_seconds": cpu, "user_s": o1.user - o0.user, "sys_s": o1.system - o0.system,
+            "bound_s": bound["seconds"], "bound_flops": bound["flops"], "bound_exps": bound["exps"],
+            "rates": rates, "cost_per_token": cost, "peak_rss": peak_rss_bytes(), "ops": ops,
             "base_rss": base, "loss": stats["loss"], "tokens": stats["tokens"], "chunks": stats["chunks"],
             "state_bytes": stats["state_bytes"], "grads_finite": grads_ok,
-            "params": model.num_parameters()}
+            "params": model.num_parameters(), "loadavg": os.getloadavg()}
 
 
 def child_hf(length: int, cap_bytes: int) -> dict:
@@ -166,8 +227,10 @@ def child_hf(length: int, cap_bytes: int) -> dict:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         kind, *args = sys.argv[2:]
-        result = child_ssmkit(int(args[0]), int(args[1]), *args[2:]) if kind == "ssmkit" else child_hf(
-            int(args[0]), int(args[1]))
+        if kind == "ssmkit":
+            result = child_ssmkit(int(args[0]), int(args[1]), *args[2:3], *map(int, args[3:]))
+        else:
+            result = child_hf(int(args[0]), int(args[1]))
         print(json.dumps(result))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -182,20 +245,35 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["mamba"], choices=sorted(MIXERS))
     ap.add_argument("--bound-only", action="store_true",
                     help="only ssmkit's chunked step at --length per model, against its bound (no transformers)")
+    ap.add_argument("--profile", action="store_true", help="as --bound-only, plus the CPU time per op (slower)")
+    ap.add_argument("--threads", type=int, default=1, help="torch and numba threads of the ssmkit step")
+    ap.add_argument("--thp", action="store_true",
+                    help="set THP_MEM_ALLOC_ENABLE=1 in the children (transparent huge pages for torch's tensors)")
     a = ap.parse_args()
-    if a.bound_only:
+    if a.thp:  # torch's CPU allocator then asks for 2 MiB pages for large tensors (fewer page faults)
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+    if a.bound_only or a.profile:
         rows = []
         for name in a.models:
-            r = run_child(SCRIPT, "ssmkit", str(a.length), str(min(a.chunk_len, a.length)), name, timeout=3600)
+            r = run_child(SCRIPT, "ssmkit", str(a.length), str(min(a.chunk_len, a.length)), name, str(a.threads),
+                          str(int(a.profile)), timeout=3600)
             if "error" in r:
                 print(f"{name}: FAILED: {r['error']}")
                 continue
-            rows.append({"model": name, "length": a.length, "chunk_len": r["chunk_len"], "time_s": r["seconds"],
+            rows.append({"model": name, "length": a.length, "chunk_len": r["chunk_len"], "threads": a.threads,
+                         "time_s": r["seconds"], "cpu_s": r["cpu_seconds"], "sys_s": r["sys_s"],
                          "bound_s": r["bound_s"], "ratio": r["seconds"] / r["bound_s"],
-                         "MFLOP/token": 4 * r["fwd_flops_per_token"] / 1e6, "exps/token": 3 * r["exps_per_token"],
-                         "GFLOP/s": r["rates"]["gemm_flops"] / 1e9, "Gexp/s": r["rates"]["exp_per_s"] / 1e9})
+                         "cpu_ratio": r["cpu_seconds"] / r["bound_s"],
+                         "MFLOP/token": r["bound_flops"] / a.length / 1e6, "exps/token": r["bound_exps"] / a.length,
+                         "GFLOP/s": r["rates"]["gemm_flops"] / 1e9, "Gexp/s": r["rates"]["exp_per_s"] / 1e9,
+                         "thp": a.thp, "load": r["loadavg"][0]})
+            if r.get("ops"):
+                print(f"\n{name}: CPU time per op, one step of {a.length} tokens ({a.threads} thread(s))")
+                print_table(r["ops"], list(r["ops"][0]))
+        print()
         print_table(rows, list(rows[0]) if rows else ["model"])
-        write_json("bench_longseq_bound", {"table": rows, "loadavg": os.getloadavg()})
+        tag = "_profile" if a.profile else ""
+        write_json(f"bench_longseq_bound{tag}", {"table": rows, "loadavg": os.getloadavg()})
         return
     if a.quick:
         a.length, a.chunk_len, a.hf_lengths = 8192, 2048, [512, 1024]
