@@ -4,6 +4,8 @@ plan that follows changes to the model."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 from ssmkit.infer import quantize_weights
 from ssmkit.infer.quantize import Int4Linear
 from ssmkit.models import CausalLM, ModelConfig
-from ssmkit.models.fused_decode import fused_step, mamba2_step_weights, stack_plan
+from ssmkit.models.fused_decode import fused_step, mamba2_step_weights, run_plans, stack_plan
 from ssmkit.models.outputs import ModelState
 from ssmkit.ops import fused_kernels
 from ssmkit.ops import reference_mamba2 as ref
@@ -214,4 +216,33 @@ def test_a_plan_first_built_with_the_kernels_off_fuses_later():
             want, _ = model.step(ids, model.init_state(2))
         assert fused_step(model.backbone, model.backbone.embed(ids), model.init_state(2), model.lm_head) is not None
         got, _ = model.step(ids, model.init_state(2))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("pattern", ["mamba2*2,attn,mamba2,gated,mamba2*2", "attn,mamba*2,mamba2*2"])
+def test_hybrid_steps_runs_of_mamba_blocks_in_one_launch(pattern):
+    """A hybrid steps each run of plain Mamba / Mamba-2 blocks through one stack launch and the rest (attention
+    with its KV cache, GatedSSM) block by block: logits and states equal the block-by-block step."""
+    model = model_of(torch.float64, seed=7, pattern=pattern, n_layers=None,
+                     mixer_options={"mamba2": {"d_state": 8, "headdim": 8, "ngroups": 2}, "mamba": {"d_state": 4},
+                                    "attn": {"n_heads": 2}})
+    runs = run_plans(model.backbone)
+    fused = [(a, b) for a, b, plan in runs if plan is not None]
+    assert stack_plan(model.backbone) is None and fused == ([(0, 2), (3, 4), (5, 7)] if pattern[0] == "m"
+                                                             else [(1, 3), (3, 5)])
+    state, ref_state = model.init_state(2), model.init_state(2)
+    with torch.no_grad():
+        for t in range(4):
+            ids = torch.tensor([t, 40 - t])
+            assert fused_step(model.backbone, model.backbone.embed(ids), state, model.lm_head) is not None
+            logits, state = model.step(ids, state)
+            want, ref_state = blockwise_step(model, ids, ref_state)
+            torch.testing.assert_close(logits, want, rtol=1e-10, atol=1e-10)
+            for a, b in zip(state.layers, ref_state.layers, strict=True):
+                for f in dataclasses.fields(a):
+                    torch.testing.assert_close(getattr(a, f.name), getattr(b, f.name), rtol=1e-10, atol=1e-10)
+        model.backbone.blocks[-1].mixer.out_proj.weight.data = torch.randn_like(
+            model.backbone.blocks[-1].mixer.out_proj.weight)  # the cached runs follow the change
+        got, _ = model.step(torch.tensor([1, 2]), model.init_state(2))
+        want, _ = blockwise_step(model, torch.tensor([1, 2]), model.init_state(2))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -14,11 +14,13 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from ..layers.base import linear_weights
 from ..layers.mamba import Mamba, MambaState
 from ..layers.mamba2 import Mamba2, Mamba2State
+from ..ops.decode_linear import decode_linear
 from ..ops.mamba2_step import Mamba2StackPlan, Mamba2StepWeights, mamba2_stack_step
 from ..ops.mamba_step import MambaStackPlan, WeightsKey, mamba_stack_step
 from .outputs import ModelState
@@ -146,21 +148,106 @@ def stack_plan(backbone, head: nn.Module | None = None) -> MambaStackPlan | Mamb
     return plan
 
 
+def _block_kind(block: nn.Module) -> type | None:
+    """Mamba or Mamba2 when the block is a plain pre-RMSNorm block of that mixer (no MLP, no active dropout)."""
+    norm, kind = block._modules.get("norm"), type(block._modules["mixer"])
+    if kind not in (Mamba, Mamba2) or block.mlp is not None or norm is None or norm.kind != "rmsnorm":
+        return None
+    return None if block.training and block.dropout.p > 0 else kind
+
+
+def run_plans(backbone) -> list[tuple[int, int, MambaStackPlan | Mamba2StackPlan | None]] | None:
+    """A hybrid backbone's (cached) runs: (start, stop, plan) for each maximal run of blocks [start, stop) that
+    one stack launch can step (plain Mamba or plain Mamba-2 blocks, one norm eps; the plan has no final norm and
+    no head), (start, stop, None) for the blocks between them; None when no run exists or a block has no
+    pre-norm. Rebuilt when the model changed, like :func:`stack_plan`."""
+    cached = _RUNS.get(backbone)
+    norms = [b._modules.get("norm") for b in backbone.blocks._modules.values()]
+    if (cached is not None and cached.registrations == _REGISTRATIONS[0]
+            and cached.settings == _settings(backbone, norms) and cached.key.matches(cached.tensors)):
+        return cached.plan
+    if cached is None:
+        _hold(backbone)
+    registrations, settings = _REGISTRATIONS[0], _settings(backbone, norms)
+    blocks = list(backbone.blocks)
+    runs, tensors, i = [], [], 0
+    while i < len(blocks) and all(n is not None for n in norms):
+        kind, j = _block_kind(blocks[i]), i + 1
+        if kind is None:
+            runs.append((i, j, None))
+            i = j
+            continue
+        while j < len(blocks) and _block_kind(blocks[j]) is kind and norms[j].eps == norms[i].eps:
+            j += 1
+        if kind is Mamba:
+            layers = [b.mixer.step_weights() for b in blocks[i:j]]
+            plan = MambaStackPlan(layers, [n.weight for n in norms[i:j]], norm_eps=norms[i].eps)
+            tensors += [t for w in layers for t in w if t is not None]
+        else:
+            layers = [mamba2_step_weights(b.mixer) for b in blocks[i:j]]
+            plan = Mamba2StackPlan(layers, [n.weight for n in norms[i:j]], norm_eps=norms[i].eps)
+            tensors += [t for w in layers for t in w.tensors()]
+        tensors += [n.weight for n in norms[i:j]]
+        runs.append((i, j, plan))
+        i = j
+    result = runs if any(plan is not None for _, _, plan in runs) else None
+    _RUNS[backbone] = _Cached(registrations, settings, WeightsKey(tensors), tensors, result)
+    return result
+
+
+_RUNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _step_run(backbone, plan, start: int, stop: int, h: Tensor, states: list) -> tuple[Tensor, list] | None:
+    """Blocks [start, stop) in one launch: (h after them, their new states), or None if the call does not fit."""
+    state_cls = Mamba2State if isinstance(plan, Mamba2StackPlan) else MambaState
+    if not plan.fusable or h.dtype != plan.dtype or not all(type(s) is state_cls for s in states):
+        return None
+    backbone.blocks[start].mixer._check_state(states[0], h)
+    step = mamba2_stack_step if state_cls is Mamba2State else mamba_stack_step
+    h, convs, ssms, _ = step(h, plan, [s.conv for s in states], [s.ssm for s in states])
+    return h, [state_cls(conv=c, ssm=s) for c, s in zip(convs, ssms, strict=True)]
+
+
+def _hybrid_step(backbone, h: Tensor, state: ModelState, head: nn.Module | None
+                 ) -> tuple[Tensor, ModelState, Tensor | None] | None:
+    if torch.is_grad_enabled():  # the caller's block-by-block path (the runs would take torch ops anyway)
+        return None
+    runs = run_plans(backbone)
+    if runs is None:
+        return None
+    layers, new = state.layers, list(state.layers)
+    for start, stop, plan in runs:
+        done = None if plan is None else _step_run(backbone, plan, start, stop, h, layers[start:stop])
+        if done is not None:
+            h, new[start:stop] = done
+            continue
+        for i in range(start, stop):
+            h, new[i] = backbone.blocks[i].step(h, layers[i])
+    hidden = backbone.final_hidden(h)
+    out = None
+    if head is not None:
+        weight, scale, bias = linear_weights(head)
+        out = decode_linear(hidden, weight, bias, scale=scale)
+    return hidden, ModelState(new), out
+
+
 def fused_step(backbone, h: Tensor, state: ModelState, head: nn.Module | None = None
                ) -> tuple[Tensor, ModelState, Tensor | None] | None:
     """h (batch, d_model) embedded inputs -> (hidden (batch, d_model), new state, head(hidden) or None), or
-    None when the backbone or the call does not fit (the caller then steps block by block)."""
+    None when the backbone or the call does not fit (the caller then steps block by block). A pure Mamba or
+    Mamba-2 stack runs in one launch with its final norm and head; a hybrid steps each run of such blocks in
+    one launch and the other blocks (attention, MLP blocks, other mixers) one by one."""
     layers = state.layers
-    state_cls = type(layers[0]) if layers else None
-    if state_cls not in (MambaState, Mamba2State) or not all(type(s) is state_cls for s in layers):
+    if len(layers) != len(backbone.blocks):
         return None
     plan = stack_plan(backbone, head)
-    if plan is None or not plan.fusable or h.dtype != plan.dtype:
-        return None
-    mamba2 = isinstance(plan, Mamba2StackPlan)
-    if mamba2 != (state_cls is Mamba2State):
+    if plan is None:
+        return _hybrid_step(backbone, h, state, head)
+    state_cls = MambaState if isinstance(plan, MambaStackPlan) else Mamba2State
+    if not plan.fusable or h.dtype != plan.dtype or not all(type(s) is state_cls for s in layers):
         return None
     backbone.blocks[0].mixer._check_state(layers[0], h)  # shapes and dtypes; the stack step checks the rest
-    step = mamba2_stack_step if mamba2 else mamba_stack_step
+    step = mamba2_stack_step if state_cls is Mamba2State else mamba_stack_step
     hidden, convs, ssms, out = step(h, plan, [s.conv for s in layers], [s.ssm for s in layers])
     return hidden, ModelState([state_cls(conv=c, ssm=s) for c, s in zip(convs, ssms, strict=True)]), out
