@@ -60,7 +60,10 @@ def test_config_fields_and_steps_override(tmp_path):
     c = B.config(s, seed=2)
     assert c.steps == 7 and c.seed == 2 and c.runs == (s.sections["task"]["run"],) and c.mixer == B.SSM
     names = {x.name for x in B.full().settings}
-    assert names == {f"{r}-{B.SSM}" for r in ("ntp", "ul2", "fixed", "birdie-causal")} | {"transformer-ntp"}
+    assert names == {f"{r}-{B.SSM}" for r in ("ntp", "ul2", "fixed", "birdie-causal")} | {
+        "transformer-ntp", "ntp-rglru", "birdie-rglru"}
+    hawk = B.config(next(x for x in B.full().settings if x.name == "birdie-rglru"), seed=0)
+    assert hawk.mixer == "rglru" and hawk.prefix_layers
     with pytest.raises(ValueError, match="prefix_layers"):
         BirdieConfig(text=str(text), mixer="mamba2")
 
