@@ -5,9 +5,10 @@ self-draft), in one process so the ratios are fair.
     python benchmarks/bench_speculative.py --train DIR     # first trains a target and a draft into DIR (nice -n 10)
 
 Prompts are the first ``--prompt`` tokens of validation rows. For batch 1 and 4 at ``--threads`` threads it
-reports new tokens per second (prefill included, best of ``--repeat``), the speedup over plain greedy, the tokens
-a row gains per target pass (the acceptance length) and the acceptance rate, and whether the tokens equal plain
-greedy's: float32 rows identical, and an exact check in float64 (models cast to float64).
+reports new tokens per second (prefill included, best of ``--repeat``), the speedup over plain greedy (wall time;
+the same without the prompt's prefill, timed apart; and in this process's CPU time, which a busy machine disturbs
+less), the tokens a row gains per target pass (the acceptance length) and the acceptance rate, and whether the
+tokens equal plain greedy's: float32 rows identical, and an exact check in float64 (models cast to float64).
 Writes benchmarks/results/bench_speculative_t<threads>.json.
 """
 
@@ -77,6 +78,12 @@ def bench(target, draft, self_layers: int, prompts: torch.Tensor, new: int, ks: 
                                                                        tree=t)
     cases[f"self-draft {self_layers}L k={ks[0]}"] = lambda: speculative_generate(
         target, prompts, new, draft_model=mine, num_draft=ks[0])
+    prefill = {"target": lambda: target(prompts, return_final_state=True),
+               "draft": lambda: draft(prompts, return_final_state=True)}
+    pre = {}
+    with torch.no_grad():
+        for name, fn in prefill.items():  # the prompt's share of every case's time (best of repeat + 1)
+            pre[name] = min(timed(fn)[0] for _ in range(repeat + 1))
     best = {name: float("inf") for name in cases}
     cpu = {name: float("inf") for name in cases}
     outs: dict[str, tuple] = {}
@@ -97,6 +104,8 @@ def bench(target, draft, self_layers: int, prompts: torch.Tensor, new: int, ks: 
             "tokens_per_s": prompts.shape[0] * new / best[name],
             "speedup_vs_plain": best["plain"] / best[name],
             "speedup_vs_best_chain": best_chain / best[name],
+            "decode_only_speedup_vs_plain": (best["plain"] - pre["target"]) / (
+                best[name] - pre["target"] - (0.0 if name == "plain" or name.startswith("self") else pre["draft"])),
             "cpu_speedup_vs_plain": cpu["plain"] / cpu[name],
             "cpu_speedup_vs_best_chain": cpu_chain / cpu[name],
             "tokens_per_pass": None if stats is None else stats.tokens_per_pass,
@@ -104,6 +113,49 @@ def bench(target, draft, self_layers: int, prompts: torch.Tensor, new: int, ks: 
             "rows_identical_fp32": int((tokens == plain_tokens).all(1).sum()),
         })
     return rows
+
+
+def components(target, draft, prompts: torch.Tensor, k: int, tree: tuple[int, int], repeat: int = 20) -> list[dict]:
+    """CPU milliseconds (best of ``repeat``) of the parts of one round after the prompt: a plain decode step, the
+    unfused round's parts (k draft steps, the multi-token pass, the rollback) and the fused round's."""
+    from ssmkit.infer.fused_spec import fused_draft, fused_plan, fused_verify
+    from ssmkit.infer.multitoken import forward_snapshots
+    from ssmkit.infer.tree import TokenTree
+
+    def cpu_ms(fn) -> float:
+        fn()
+        return 1e3 * min(timed(fn)[1] for _ in range(repeat))
+
+    def draft_steps():
+        tok, s = last, s_d
+        for _ in range(k):
+            lg, s = draft.step(tok, s)
+            tok = lg.argmax(-1)
+
+    with torch.no_grad():
+        out = target(prompts, return_final_state=True)
+        s_t, s_d = out.state, draft(prompts, return_final_state=True).state
+        last = out.logits[:, -1].argmax(-1)
+        chain = last[:, None].repeat(1, k + 1)
+        _, snaps = forward_snapshots(target, chain, s_t)
+        n = torch.full((prompts.shape[0],), k // 2, dtype=torch.long)
+        tp, dp = fused_plan(target, s_t), fused_plan(draft, s_d)
+        parts = {"plain step (target)": lambda: target.step(last, s_t),
+                 f"unfused: {k} draft steps": draft_steps,
+                 f"unfused: target pass over {k + 1} tokens": lambda: forward_snapshots(target, chain, s_t),
+                 "unfused: rollback select": lambda: snaps.select(n)}
+        if tp is not None and dp is not None:
+            tc, tt = TokenTree.full(1, k), TokenTree.full(*tree)
+            nodes, _ = fused_draft(draft, dp, last, tree[0], tree[1], s_d)
+            _, fsnaps = fused_verify(target, tp, chain, tc, s_t)
+            parts.update({
+                f"fused: draft chain of {k}": lambda: fused_draft(draft, dp, last, 1, k, s_d),
+                f"fused: verify {k + 1} tokens": lambda: fused_verify(target, tp, chain, tc, s_t),
+                "fused: verify 1 token": lambda: fused_verify(target, tp, chain[:, :1], TokenTree.full(1, 0), s_t),
+                "fused: rollback select": lambda: fsnaps.select(n),
+                f"fused: draft tree {tree}": lambda: fused_draft(draft, dp, last, tree[0], tree[1], s_d),
+                f"fused: verify tree {tree} ({tt.size} nodes)": lambda: fused_verify(target, tp, nodes, tt, s_t)})
+        return [{"part": name, "batch": prompts.shape[0], "cpu_ms": cpu_ms(fn)} for name, fn in parts.items()]
 
 
 def exact_check(target, draft, prompts: torch.Tensor, new: int, k: int, tree: tuple[int, int]) -> dict:
@@ -147,10 +199,14 @@ def main() -> None:
     rows = []
     for b in (int(v) for v in args.batches.split(",")):
         rows += bench(target, draft, args.self_layers, val[:b].contiguous(), args.new, ks, trees, args.repeat)
+    parts = []
+    for b in (int(v) for v in args.batches.split(",")):
+        parts += components(target, draft, val[:b].contiguous(), ks[-1], trees[-1])
+    print_table(parts, ["part", "batch", "cpu_ms"])
     exact = exact_check(target, draft, val, min(args.new, 48), ks[-1], trees[-1])
     print_table(rows, ["case", "batch", "tokens_per_s", "speedup_vs_plain", "speedup_vs_best_chain",
-                       "cpu_speedup_vs_plain", "cpu_speedup_vs_best_chain", "tokens_per_pass", "acceptance_rate",
-                       "rows_identical_fp32"])
+                       "decode_only_speedup_vs_plain", "cpu_speedup_vs_plain", "cpu_speedup_vs_best_chain",
+                       "tokens_per_pass", "acceptance_rate", "rows_identical_fp32"])
     print(f"float64 exactness ({exact['rows']} rows x {exact['new_tokens']} tokens): chain identical "
           f"{exact['chain_identical']}, tree identical {exact['tree_identical']}")
     bounds = machine_bounds()
@@ -165,7 +221,7 @@ def main() -> None:
               "prompt": args.prompt, "num_draft": ks, "trees": trees, "threads": args.threads,
               "load_average": list(os.getloadavg())}
     write_json(f"bench_speculative_t{args.threads}", {"config": config, "machine_bounds": bounds, "rows": rows,
-                                                     "float64_exact": exact})
+                                                     "round_parts": parts, "float64_exact": exact})
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def fused_plan(model: CausalLM, state: ModelState) -> MambaStackPlan | None:
             or cfg.logits_scaling != 1.0 or torch.is_grad_enabled()):
         return None
     plan = stack_plan(backbone, model.lm_head)
-    if plan is None or not plan.fusable or plan.head is None:
+    if not isinstance(plan, MambaStackPlan) or not plan.fusable or plan.head is None:
         return None
     emb = backbone.embedding.weight
     if backbone.residual_dtype != plan.dtype or emb.dtype != plan.dtype or emb.device.type != "cpu":

@@ -13,6 +13,10 @@ node's Mamba/Mamba-2 state comes from its parent's, attention sees the node's an
 accepted node and sets its state to that node's path. Models with other mixers verify the b**d root-to-leaf
 paths as batch rows instead (shared prefixes recomputed). Output again equals plain greedy.
 
+Greedy rounds on a pure-Mamba target and draft (the stacks the fused decode step covers) run as two numba launches
+(:mod:`ssmkit.infer.fused_spec`): the draft's chain or tree, then the target's verify pass over all its nodes;
+a chain of k drafts is the tree (1, k). Anything else takes the paths above.
+
     tokens, stats = speculative_generate(target, ids, 64, draft_model=draft, num_draft=4)
     print(stats.acceptance_rate, stats.tokens_per_pass)
 """
