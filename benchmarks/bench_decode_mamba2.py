@@ -7,7 +7,8 @@ head, random weights) built with ssmkit, in float32 and with ``quantize_weights`
 each thread count and precision it times T greedy decode steps at batch B (default 1) two ways, in the same
 process and interleaved: ``model.step`` (the fused path: every block and the LM head in one numba launch) and
 the block-by-block step (embedding, each ``block.step`` in Python, the final norm, the head through
-``decode_linear``: what every non-fused model runs). It prints tokens/s, the fused/block-by-block ratio, and the
+``decode_linear``: what every non-fused model runs). It prints tokens/s, the fused/block-by-block ratio, the
+process CPU time per step (with one thread, a measure that other jobs on a shared machine disturb less), and the
 fraction of two bounds from the read bandwidth measured in the same process (best ``torch.sum`` over 1 GiB with
 the same threads): weights only, and weights plus the recurrent state read and written per token (Mamba-2's
 state is 24 x 24 x 64 x 128 floats = 18.9 MB per row, read and written once). ``--quick``: 4 layers.
@@ -16,7 +17,8 @@ state is 24 x 24 x 64 x 128 floats = 18.9 MB per row, read and written once). ``
 Mamba-2, GatedSSM, RG-LRU and a Mamba-2 + attention hybrid, 1 of 6 layers attention, after a 64-token prefill),
 float32 and int8, on one thread: the block-by-block step against the model's linear layers alone, each called
 once through ``decode_linear`` (the weight-reading floor a fused step would approach), in process CPU time
-(robust to other jobs on a shared machine) and wall time.
+(robust to other jobs on a shared machine) and wall time; "fused" is "stack" (one launch for the whole step),
+"runs" (a hybrid: each run of Mamba / Mamba-2 blocks in one launch) or "no".
 Writes benchmarks/results/bench_decode_mamba2.json (or bench_decode_families.json).
 """
 
@@ -36,7 +38,7 @@ from common import print_table, write_json  # noqa: E402
 from ssmkit.infer.quantize import quantize_weights  # noqa: E402
 from ssmkit.layers.base import linear_weights  # noqa: E402
 from ssmkit.models import CausalLM, ModelConfig  # noqa: E402
-from ssmkit.models.fused_decode import stack_plan  # noqa: E402
+from ssmkit.models.fused_decode import run_plans, stack_plan  # noqa: E402
 from ssmkit.models.outputs import ModelState  # noqa: E402
 from ssmkit.ops.decode_linear import decode_linear  # noqa: E402
 
@@ -58,16 +60,16 @@ def state_bytes(model: CausalLM, batch: int) -> int:
     return 2 * sum(t.numel() * t.element_size() for s in model.init_state(batch).layers for t in (s.conv, s.ssm))
 
 
-def time_decode(step, model: CausalLM, batch: int, tokens: int) -> float:
-    """Seconds per token of ``tokens`` greedy steps from a zero state."""
+def time_decode(step, model: CausalLM, batch: int, tokens: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds per step of ``tokens`` greedy steps from a zero state."""
     with torch.no_grad():
         state = model.init_state(batch)
         tok = torch.zeros(batch, dtype=torch.long)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(tokens):
             logits, state = step(tok, state)
             tok = logits.argmax(-1)
-        return (time.perf_counter() - t) / tokens
+        return (time.perf_counter() - t) / tokens, (time.process_time() - c) / tokens
 
 
 def linears_floor(model: CausalLM) -> list[tuple]:
@@ -122,7 +124,8 @@ def families(args) -> None:
                         lin, args.tokens)
                     best = [min(a, b) for a, b in zip(best, got, strict=True)]
             fc, fw, bc, bw_, lc, lw = best
-            fused_plan = stack_plan(m.backbone, m.lm_head) is not None
+            fused_plan = ("stack" if stack_plan(m.backbone, m.lm_head) is not None
+                          else "runs" if run_plans(m.backbone) is not None else "no")
             rows.append({"family": fam, "weights": prec, "fused": fused_plan, "step_cpu_ms": fc * 1e3,
                          "blocks_cpu_ms": bc * 1e3, "linears_cpu_ms": lc * 1e3,
                          "blocks_minus_linears_ms": (bc - lc) * 1e3, "share_not_linears": (bc - lc) / bc,
@@ -161,20 +164,23 @@ def main() -> None:
         bw = read_bandwidth(threads)
         print(f"threads {threads}: read bandwidth {bw / 1e9:.1f} GB/s", flush=True)
         for name, m in variants.items():
-            fused = blocks = float("inf")
+            best = [float("inf")] * 4  # fused wall, fused CPU, blocks wall, blocks CPU
             for _ in range(args.repeat + 1):  # interleaved, best of each; the first round warms up
-                fused = min(fused, time_decode(m.step, m, args.batch, args.tokens))
-                blocks = min(blocks, time_decode(lambda t, s, m=m: blockwise_step(m, t, s), m, args.batch,
-                                                 args.tokens))
+                got = time_decode(m.step, m, args.batch, args.tokens) + time_decode(
+                    lambda t, s, m=m: blockwise_step(m, t, s), m, args.batch, args.tokens)
+                best = [min(a, b) for a, b in zip(best, got, strict=True)]
+            fused, fused_cpu, blocks, blocks_cpu = best
             w_bytes, s_bytes = weight_bytes(m), state_bytes(m, args.batch)
             rows.append({"threads": threads, "variant": name, "fused_tok_s": args.batch / fused,
                          "blocks_tok_s": args.batch / blocks, "fused_vs_blocks": blocks / fused,
+                         "fused_cpu_ms": fused_cpu * 1e3, "blocks_cpu_ms": blocks_cpu * 1e3,
                          "weight_MB": w_bytes / 1e6, "state_rw_MB": s_bytes / 1e6,
                          "bound_w_tok_s": args.batch * bw / w_bytes,
                          "frac_bound_w": (1 / fused) / (bw / w_bytes),
                          "frac_bound_w_state": (1 / fused) / (bw / (w_bytes + s_bytes))})
             print(rows[-1], flush=True)
-    print_table(rows, ["threads", "variant", "fused_tok_s", "blocks_tok_s", "fused_vs_blocks", "weight_MB",
+    print_table(rows, ["threads", "variant", "fused_tok_s", "blocks_tok_s", "fused_vs_blocks", "fused_cpu_ms",
+                       "blocks_cpu_ms", "weight_MB",
                        "state_rw_MB", "bound_w_tok_s", "frac_bound_w", "frac_bound_w_state"])
     write_json("bench_decode_mamba2", {"layers": layers, "tokens": args.tokens, "batch": args.batch, "rows": rows})
 
