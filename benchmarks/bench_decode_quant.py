@@ -7,7 +7,8 @@ Model: a 130M-shaped Mamba (d_model 768, 24 layers, vocab 50280, random weights)
 steps at batch 1 (``model.step``, the fused one-launch path) and reports tokens/s, the ratio to float32, the
 bytes of weights one token reads, and the fraction of the bound: the read bandwidth measured in the same process
 (best ``torch.sum`` over a 1 GiB float32 tensor with the same threads) divided by those bytes. ``--quick``: 4
-layers. Then the same for a Mamba-2 of the same width and depth (which steps block by block), with the speed of
+layers. Then the same for a Mamba-2 of the same width and depth (fused too since the Mamba-2 stack kernel;
+``bench_decode_mamba2.py`` compares it with the block-by-block step), with the speed of
 its linear layers alone (each called once per token, nothing in between), and a prefill of ``--prefill`` tokens
 (default 512) for float32, W8A8 (integer products), int8 and int4. vs_float32 is against the Mamba float32 decode
 row (the prefill rows: against the float32 prefill). Writes benchmarks/results/bench_decode_quant.json.
@@ -135,7 +136,7 @@ def main() -> None:
         rows.append({"variant": name, "tok_per_s": 1 / s, "vs_float32": base / s, "weight_MB": nbytes / 1e6,
                      "bound_tok_per_s": bound, "fraction_of_bound": (1 / s) / bound})
         print(rows[-1], flush=True)
-    # Mamba-2 steps block by block (no fused stack kernel): its step against its linear layers alone
+    # Mamba-2 (one launch per step too): its step against its linear layers alone
     model2 = CausalLM(ModelConfig(d_model=768, pattern=f"mamba2*{layers}", vocab_size=50280)).eval()
     for name, m in {"mamba2 float32": model2, "mamba2 int8": quantize_weights(model2),
                     "mamba2 int4-g32": quantize_weights(model2, bits=4, group_size=32)}.items():
