@@ -42,12 +42,13 @@ def check_case(name: str, make: Callable, length: int, with_reset: bool, size: i
         reset[0, bounds[1][0]] = True  # a segment starts exactly at rank 1's first token
         reset[1, bounds[-1][0] - 1] = True  # ... and at the last token before the last shard
     kw = {}
-    if prefix:  # row 0: a prefix over the first two shards and a bit; row 1: one ending inside shard 0
+    if prefix:  # row 0: a prefix over every shard but the last and a bit of it; row 1: one ending in shard 0 and
+        # (with resets) one opening the segment that starts just before the last shard, crossing into it
         pm = torch.zeros(2, length, dtype=torch.bool)
         pm[0, : bounds[-1][0] + 1] = True
         pm[1, : max(1, bounds[0][1] - 1)] = True
         if reset is not None:
-            reset[:, 1:] = False
+            pm[1, bounds[-1][0] - 1: bounds[-1][0] + 1] = True
         kw["prefix_mask"] = pm
 
     def run(mod, inp, rst, **extra):

@@ -17,6 +17,7 @@ from .sp_common import TOL, check_case, max_err, spawn
 def _families() -> dict:
     from ssmkit.layers import H3, RGLRU, S4, S4D, Attention, GatedSSM, LongConv, Mamba, Mamba2
     from ssmkit.layers.ablation import H3S6, S6, MambaS4D
+    from ssmkit.layers.bidirectional import Bidirectional
     from ssmkit.layers.falcon_h1 import ParallelHybrid
     from ssmkit.layers.ffn import FeedForward
     from ssmkit.layers.gqa import GQAttention
@@ -49,7 +50,30 @@ def _families() -> dict:
         "moe": lambda: MoE(8, d_hidden=6, n_experts=4, top_k=2),
         "parallel-h1": lambda: ParallelHybrid(8, n_heads=2, n_kv_heads=1, rotary_dim=2, d_state=4, headdim=4,
                                               chunk_size=4),
+        # right to left: the summaries flow from rank P - 1 down
+        "mamba-rev": lambda: Mamba(8, d_state=4, d_conv=4, reverse=True),
+        "mamba2-rev": lambda: Mamba2(8, d_state=4, d_conv=3, headdim=4, chunk_size=4, reverse=True),
+        "s4d-rev": lambda: S4D(8, d_state=8, reverse=True),
+        "gated-rev": lambda: GatedSSM(8, reverse=True),
+        "rglru-rev": lambda: RGLRU(8, reverse=True),
+        "s4-ptd-rev": lambda: S4(8, d_state=8, init="ptd", reverse=True),
+        "bi-mamba": lambda: Bidirectional(Mamba(8, d_state=4), combine="concat"),
     }
+
+
+def _prefixed() -> dict:
+    """Run with a prefix mask whose prefixes cross shard boundaries (see sp_common.check_case)."""
+    from ssmkit.layers.bidirectional import PrefixBidirectional
+    from ssmkit.models.config import ModelConfig
+    from ssmkit.models.heads import PrefixLM
+
+    opts = {"mamba": {"d_state": 4}, "s4d": {"d_state": 8}, "mamba2": {"d_state": 4, "headdim": 4, "chunk_size": 4},
+            "attn": {"n_heads": 2, "rotary": True}}
+    pattern = ["prefix-mamba", "mamba2", "prefix-s4d", "prefix-gated", "prefix-rglru"]
+    return {"prefix-mamba": (lambda: PrefixBidirectional(8, kind="mamba", d_state=4), False),
+            "prefix-s4d": (lambda: PrefixBidirectional(8, kind="s4d", d_state=8), False),
+            "prefixlm": (lambda: PrefixLM(ModelConfig(d_model=8, pattern=pattern, vocab_size=11, mixer_options=opts)),
+                         True)}
 
 
 def _hybrids() -> dict:
@@ -89,6 +113,8 @@ def _gather_case(size: int, rank: int) -> list[str]:
 def _errors_case(size: int) -> list[str]:
     from ssmkit.distributed.sequence import SequenceParallel, shard_sequence
     from ssmkit.layers import S4, Attention, Mamba
+    from ssmkit.layers.bidirectional import PrefixBidirectional
+    from ssmkit.layers.mamba3 import Mamba3
 
     out = []
     try:
@@ -103,7 +129,21 @@ def _errors_case(size: int) -> list[str]:
     except ValueError as e:
         if "batch sizes" not in str(e) or "\n" in str(e):
             out.append(f"unclear batch-size error: {e}")
-    for layer, word in ((S4(8, d_state=8), "DPLR"), (Mamba(8, reverse=True), "reverse"),
+    try:  # a prefix token opening rank 1's shard after a suffix token: invalid across the boundary only
+        pm = torch.zeros(1, 3, dtype=torch.bool)
+        pm[0, 0] = dist.get_rank() == 1
+        SequenceParallel(PrefixBidirectional(8, kind="gated"), None)(torch.zeros(1, 3, 8), prefix_mask=pm)
+        out.append("a prefix mask broken at a shard boundary was accepted")
+    except ValueError as e:
+        if "rank 1's first position" not in str(e) or "\n" in str(e):
+            out.append(f"unclear prefix-mask error: {e}")
+    try:
+        SequenceParallel(Mamba(8, reverse=True), None)(torch.zeros(1, 3, 8), return_final_state=True)
+        out.append("state passing through a reverse layer was accepted")
+    except NotImplementedError as e:
+        if "reverse=True" not in str(e) or "\n" in str(e):
+            out.append(f"unclear reverse-state error: {e}")
+    for layer, word in ((S4(8, d_state=8), "DPLR"), (Mamba3(8, d_state=4, headdim=4), "Mamba3"),
                         (Attention(8, mask="prefix"), "prefix")):
         try:
             SequenceParallel(layer, None)
@@ -130,6 +170,10 @@ def _worker(size: int, rank: int):
         for length, with_reset in ((3 * size + 2, False), (4 * size + 1, True)):
             fails += check_case(name, make, length, with_reset, size, rank, tokens=True)
             ran += 1
+    for name, (make, tokens) in _prefixed().items():
+        for length, with_reset in ((3 * size + 2, False), (4 * size + 1, True)):
+            fails += check_case(name, make, length, with_reset, size, rank, tokens=tokens, prefix=True)
+            ran += 1
     fails += _gather_case(size, rank)
     fails += _errors_case(size)
     return ran, fails
@@ -137,7 +181,7 @@ def _worker(size: int, rank: int):
 
 @pytest.mark.parametrize("size", [2, 3])
 def test_sequence_parallel_equals_one_process(size):
-    n_cases = 3 * len(_families()) + 2 * len(_hybrids())
+    n_cases = 3 * len(_families()) + 2 * len(_hybrids()) + 2 * len(_prefixed())
     for rank, ran, fails in spawn(_worker, size):
         assert not fails, "\n".join(fails)
         assert ran == n_cases, f"rank {rank} ran {ran} of {n_cases} cases"

@@ -56,7 +56,10 @@ POSITIONWISE = (PositionwiseLayer,)
 #: layers that only combine other sequence layers per position (FalconH1's parallel block, Zamba2's hybrid
 #: layer): the sequence layers inside them are redirected, they themselves run unchanged
 COMPOSITE = (ParallelHybrid, Zamba2Hybrid)
-SUPPORTED = (*RECURRENT, *ATTENTION, *POSITIONWISE, *COMPOSITE)
+#: wrappers of a left-to-right and a reverse=True layer (Bidirectional, PrefixBidirectional): the halves are
+#: redirected (a reverse layer's summaries flow from rank P - 1 down), the wrapper runs unchanged
+WRAPPERS = (Bidirectional, PrefixBidirectional)
+SUPPORTED = (*RECURRENT, *ATTENTION, *POSITIONWISE, *COMPOSITE, *WRAPPERS)
 #: set while a composite layer runs: it asks its attention for a KV cache that it then drops
 _DROP_CACHE: ContextVar[bool] = ContextVar("sp_drop_cache", default=False)
 
@@ -99,16 +102,12 @@ def gather_sequence(x: Tensor, group: dist.ProcessGroup | None = None, *, dim: i
 def check_supported(layer: nn.Module) -> None:
     """NotImplementedError (one line) unless ``layer`` has an exact sequence-parallel form here."""
     name = type(layer).__name__
-    if isinstance(layer, (Bidirectional, PrefixBidirectional)):
-        raise NotImplementedError(f"sequence parallel: {name} (bidirectional, reverse=True halves) is not supported")
     if not isinstance(layer, SUPPORTED):
         raise NotImplementedError(f"sequence parallel: {name} is not supported yet (supported: "
                                   f"{', '.join(c.__name__ for c in SUPPORTED)} and their subclasses)")
     if isinstance(layer, S4) and not layer.diagonal:
         raise NotImplementedError(f"sequence parallel: {name} with a DPLR (non-diagonal) state is not supported; "
                                   f"use init='ptd' (diagonal) or S4D")
-    if getattr(layer, "reverse", False):
-        raise NotImplementedError(f"sequence parallel: {name} with reverse=True (right to left) is not supported")
     if isinstance(layer, Attention) and layer.mask not in ("causal", "sliding"):
         raise NotImplementedError(f"sequence parallel: {name} supports mask 'causal' and 'sliding', got "
                                   f"{layer.mask!r}")
@@ -154,7 +153,9 @@ class SequenceParallel(nn.Module):
     redirected only while ``forward`` runs. State passing (recurrent layers): ``initial_state``, the state before
     the whole sequence, is given on the group's rank 0 only (None elsewhere), and ``return_final_state`` returns on
     every rank the true state after its own shard (rank P - 1: after the whole sequence); chunked training uses
-    this (:mod:`.sequence_chunked`). Prefix masks are not supported.
+    this (:mod:`.sequence_chunked`). ``prefix_mask`` (PrefixLM) is sharded like ``reset``; a prefix may span
+    several ranks (checked across the group: a prefix token opening a shard must continue the previous shard's
+    prefix or start a segment).
     """
 
     def __init__(self, module: nn.Module, group: dist.ProcessGroup | None = None) -> None:
@@ -169,14 +170,34 @@ class SequenceParallel(nn.Module):
     def forward(self, *args, **kwargs):
         rename_state_kwargs(f"{type(self).__name__}.forward", kwargs)
         if kwargs.get("prefix_mask") is not None:
-            raise NotImplementedError("SequenceParallel: prefix_mask is not supported yet")
+            check_prefix_across(kwargs["prefix_mask"], kwargs.get("reset"), self.group)
         with _redirected(self.layers, self.group):
             return self.module(*args, **kwargs)
 
 
+def check_prefix_across(prefix_mask: object, reset: object, group: dist.ProcessGroup | None) -> None:
+    """ValueError (one line, on every rank) unless the local prefix masks form a valid global one at the shard
+    boundaries: a prefix token at a shard's first position (rank > 0) needs a reset there or a prefix token at
+    the previous shard's last position. Within a shard the layers check it themselves."""
+    if not isinstance(prefix_mask, Tensor) or prefix_mask.dtype != torch.bool or prefix_mask.ndim != 2:
+        got = f"{tuple(prefix_mask.shape)} {prefix_mask.dtype}" if isinstance(prefix_mask, Tensor) else \
+            type(prefix_mask).__name__
+        raise ValueError(f"SequenceParallel: prefix_mask must be a bool tensor (batch, L_r), got {got}")
+    first_reset = reset[:, 0] if isinstance(reset, Tensor) and reset.ndim == 2 and reset.shape[1] else \
+        torch.zeros_like(prefix_mask[:, 0])
+    flags = torch.stack([prefix_mask[:, 0], prefix_mask[:, -1], first_reset.to(torch.bool)]).long()
+    every = all_gather(flags, group)  # (P, 3, batch)
+    for r in range(1, every.shape[0]):
+        bad = (every[r, 0] == 1) & (every[r, 2] == 0) & (every[r - 1, 1] == 0)
+        if bool(bad.any()):
+            raise ValueError(f"SequenceParallel: prefix_mask row {int(bad.nonzero()[0])} has a prefix token at "
+                             f"rank {r}'s first position that neither starts a segment nor follows a prefix token; "
+                             f"a prefix must be contiguous at the start of its segment")
+
+
 def _top_layers(module: nn.Module) -> list[SequenceLayer]:
     """Sequence layers in ``module`` not nested inside another sequence layer (``module`` itself if it is one)."""
-    if isinstance(module, COMPOSITE):
+    if isinstance(module, (*COMPOSITE, *WRAPPERS)):
         return [module] + [m for child in module.children() for m in _top_layers(child)]
     if isinstance(module, SequenceLayer):
         return [module]
@@ -210,9 +231,13 @@ def _redirected(layers: list[SequenceLayer], group: dist.ProcessGroup | None) ->
         return forward
 
     for layer in layers:
-        layer.forward = make_composite(layer) if isinstance(layer, COMPOSITE) else make(layer)
+        if isinstance(layer, COMPOSITE):
+            layer.forward = make_composite(layer)
+        elif not isinstance(layer, WRAPPERS):  # a wrapper's own forward runs; its halves are redirected
+            layer.forward = make(layer)
     try:
         yield
     finally:
         for layer in layers:
-            del layer.forward
+            if "forward" in layer.__dict__:
+                del layer.forward

@@ -126,6 +126,31 @@ def _since_reset(reset: Tensor | None, batch: int, length: int, device: torch.de
     return torch.where(last >= 0, length - last, length)
 
 
+def chain_position(layer: SequenceLayer, group: dist.ProcessGroup | None) -> tuple[int, int, bool]:
+    """(this rank's place in the order the state flows, group size, reversed): a ``reverse=True`` layer's state
+    flows from rank P - 1 down to rank 0, so its chain position is P - 1 - rank and gathered summaries are read
+    in reverse rank order."""
+    rank, size = group_rank_size(group)
+    rev = bool(getattr(layer, "reverse", False))
+    return (size - 1 - rank if rev else rank), size, rev
+
+
+def _gather(t: Tensor, group: dist.ProcessGroup | None, rev: bool, autograd: bool = False) -> Tensor:
+    """All-gather (P, ...) in chain order (see :func:`chain_position`)."""
+    out = all_gather_autograd(t, group) if autograd else all_gather(t, group)
+    return out.flip(0) if rev else out
+
+
+def cut_reverse(fields: dict[str, Tensor], reset: Tensor | None, rev: bool) -> dict[str, Tensor]:
+    """A right-to-left shard that starts a segment (reset[:, 0]) passes nothing to the shard before it: its
+    outgoing state is zero in those rows. Mamba and Mamba2 cut it themselves; GatedSSM, RGLRU, S4D and S4 return
+    it uncut, so it is cut here for every reverse layer (idempotent)."""
+    if not rev or reset is None:
+        return fields
+    keep = ~reset[:, 0]
+    return {n: t * keep.view(-1, *([1] * (t.ndim - 1))).to(t.dtype) for n, t in fields.items()}
+
+
 def _given(zero: dict[str, Tensor]) -> list[str]:
     """The fields composed from exchanged summaries rather than by the affine scan: halos and counters."""
     return [n for n in zero if n in HALO_FIELDS or (n in COUNTER_FIELDS and not zero[n].is_floating_point())]
@@ -141,11 +166,11 @@ def true_halo(layer: SequenceLayer, x: Tensor, reset: Tensor | None, zero: dict[
     counters = [n for n in given if n in COUNTER_FIELDS]
     if not halo_names and not counters:
         return start
-    rank, _ = group_rank_size(group)
+    rank, _, rev = chain_position(layer, group)
     batch, length, _ = x.shape
     keep = torch.ones(batch, dtype=torch.long, device=x.device) if reset is None else (~reset.any(1)).long()
     extra = [_since_reset(reset, batch, length, x.device)] if counters else []
-    meta = all_gather(torch.cat([torch.tensor([length], device=x.device), keep, *extra]), group)
+    meta = _gather(torch.cat([torch.tensor([length], device=x.device), keep, *extra]), group, rev)
     out = dict(start)
     for n in counters:  # tokens of the current segment: p <- p * keep_j + since_reset_j over the earlier ranks
         p = start[n] if rank == 0 else torch.zeros_like(start[n])
@@ -156,14 +181,15 @@ def true_halo(layer: SequenceLayer, x: Tensor, reset: Tensor | None, zero: dict[
         return out
     width = max(zero[n].shape[halo_time_dim(layer, n)] for n in halo_names)
     tail = min(width, length)
-    rt = None if reset is None else reset[:, -tail:]
+    piece = slice(0, tail) if rev else slice(length - tail, length)  # the tokens the state leaves through
+    rt = None if reset is None else reset[:, piece]
     # rank 0 with a given initial halo: a shard shorter than the halo carries part of it into its final halo
     first = None if init is None else _build(layer.init_state(batch, dtype=zero[halo_names[0]].dtype), start)
-    _, fin = _local(layer, x[:, -tail:], first, reset=rt, return_final_state=True)
-    fin = _fields(fin)
+    _, fin = _local(layer, x[:, piece], first, reset=rt, return_final_state=True)
+    fin = cut_reverse(_fields(fin), rt, rev)
     for n in halo_names:
         dim = halo_time_dim(layer, n)
-        gathered = all_gather_autograd(fin[n], group)  # (P, batch, channels, width)
+        gathered = _gather(fin[n], group, rev, autograd=True)  # (P, batch, channels, width)
         h = start[n] if rank == 0 else zero[n]
         for j in range(rank):
             k = meta[j, 1:1 + batch].to(h.dtype).view(batch, *([1] * (h.ndim - 1)))
@@ -201,7 +227,7 @@ class _ShardPass(torch.autograd.Function):
         names, inits = run["halo_names"], run["init_names"]
         halo = dict(zip(names, rest[: len(names)], strict=False))
         given = dict(zip(inits, rest[len(names): len(names) + len(inits)], strict=False))
-        rank, size = group_rank_size(group)
+        rank, size, rev = chain_position(layer, group)
         affine = [n for n in _fields(zero) if n not in names]
         zf = {**_fields(zero), **{n: t.detach() for n, t in given.items()}}
         ms, h0 = {}, {}
@@ -215,14 +241,16 @@ class _ShardPass(torch.autograd.Function):
                 two = {n: torch.cat([halo[n], halo[n]]) for n in names}
                 two.update({n: torch.cat([zf[n], zf[n] + 1]) for n in affine})
                 state = _build(run["zero2"], two)
-                for a in range(0, x.shape[1], SUMMARY_CHUNK):  # time chunks: its memory stays bounded
+                starts = range(0, x.shape[1], SUMMARY_CHUNK)  # time chunks (its memory stays bounded), in the
+                for a in (reversed(starts) if rev else starts):  # order the state flows
                     xc = x[:, a:a + SUMMARY_CHUNK]
                     rc = None if reset is None else torch.cat([reset[:, a:a + SUMMARY_CHUNK]] * 2)
                     _, state = _local(layer, torch.cat([xc, xc]), state, reset=rc, return_final_state=True)
+                    state = _build(state, cut_reverse(_fields(state), rc, rev))
                 fin = _fields(state)
                 for n in affine:
                     b, one = fin[n].chunk(2)
-                    both = all_gather(torch.stack([one - b, b]), group)  # (P, 2, batch, ...)
+                    both = _gather(torch.stack([one - b, b]), group, rev)  # (P, 2, batch, ...)
                     ms[n] = both[:, 0]
                     h0[n] = zf[n] if rank == 0 else _scan(both[:, 0], both[:, 1], rank)
                 del state, fin, two
@@ -231,18 +259,18 @@ class _ShardPass(torch.autograd.Function):
                 cache[2][slot] = ({n: m[rank + 1:] for n, m in ms.items()}, h0)
         if ms and next(iter(ms.values())).shape[0] < size:  # replayed: M of ranks > rank, re-indexed
             ms = {n: torch.cat([m.new_zeros((rank + 1, *m.shape[1:])), m]) for n, m in ms.items()}
-        ctx.run, ctx.rank, ctx.size, ctx.ms, ctx.affine = run, rank, size, ms, affine
+        ctx.run, ctx.rank, ctx.size, ctx.ms, ctx.affine, ctx.rev = run, rank, size, ms, affine, rev
         want = run["want_state"]
         if not run["need_grad"]:
             with torch.no_grad():
                 y, fin = _local(layer, x, _build(zero, {**halo, **h0}), reset=reset, return_final_state=True)
-            return (y, *_fields(fin).values()) if want else y
+            return (y, *cut_reverse(_fields(fin), reset, rev).values()) if want else y
         with torch.enable_grad():
             xd = x.detach().requires_grad_(x.requires_grad)
             hd = {n: t.detach().requires_grad_(t.requires_grad) for n, t in halo.items()}
             h0d = {n: t.detach().requires_grad_() for n, t in h0.items()}
             y, fin = _local(layer, xd, _build(zero, {**hd, **h0d}), reset=reset, return_final_state=True)
-        fin = _fields(fin)
+            fin = cut_reverse(_fields(fin), reset, rev)
         ctx.inner = (y, fin, xd, hd, h0d)
         return (y.detach(), *[t.detach() for t in fin.values()]) if want else y.detach()
 
@@ -264,13 +292,13 @@ class _ShardPass(torch.autograd.Function):
                                     allow_unused=True) if leaves else ()
         for n, leaf, a in zip(affine, leaves, local, strict=False):
             a = torch.zeros_like(leaf) if a is None else a
-            gathered = all_gather(a, run["group"])  # (P, batch, ...)
+            gathered = _gather(a, run["group"], ctx.rev)  # (P, batch, ...), chain order
             g = torch.zeros_like(a)
             for j in range(size - 1, rank, -1):  # G_j = a_j + conj(M_j) G_{j+1}, down to G_{rank+1}
                 g = gathered[j] + ctx.ms[n][j].conj() * g
             if direct.get(n) is not None:
                 g = g + direct[n]
-            if rank < size - 1 or direct.get(n) is not None:
+            if (rank < size - 1 or direct.get(n) is not None) and fin[n].requires_grad:
                 outs.append(fin[n])
                 grads.append(g)
         params = run["params"]
@@ -288,6 +316,9 @@ def recurrent_forward(layer: SequenceLayer, x: Tensor, reset: Tensor | None, gro
     return_final_state=...)``: x (batch, L_r, d_model) -> y, or (y, the true state after this rank's shard).
     ``initial_state`` (the state before the whole sequence) is given on the group's rank 0 only."""
     rank, _ = group_rank_size(group)
+    if getattr(layer, "reverse", False) and (initial_state is not None or return_final_state):
+        raise NotImplementedError(f"sequence parallel: {type(layer).__name__} with reverse=True does not pass "
+                                  f"state across calls (its state flows right to left, against chunked training)")
     batch = x.shape[0]
     dtype = layer.act_dtype(x)
     zero = layer.init_state(batch, dtype=dtype)
