@@ -65,11 +65,15 @@ class MLPWeights(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         act = ACTIVATIONS[self.act]
+        # without autograd the activation and gate write into the projections' fresh outputs
+        inplace = not (torch.is_grad_enabled() and (x.requires_grad or self.up_proj.weight.requires_grad))
         if self.gate_proj is None:
-            h = act(self.up_proj(x))
+            h = self.up_proj(x)
+            h = F.relu_(h).square_() if inplace and self.act == "relu2" else act(h)
         else:
             g = self.gate_proj(x)
-            h = act(g if self.gate_multiplier == 1.0 else g * self.gate_multiplier) * self.up_proj(x)
+            h = act(g if self.gate_multiplier == 1.0 else g * self.gate_multiplier)
+            h = h.mul_(self.up_proj(x)) if inplace else h * self.up_proj(x)
         y = self.down_proj(h)
         return y if self.down_multiplier == 1.0 else y * self.down_multiplier
 

@@ -180,10 +180,35 @@ class GQAttention(SequenceLayer):
         return y, AttentionState(k=keys[:, :, first:], v=vals[:, :, first:], pos=new_pos)
 
     def step(self, x_t: Tensor, state: AttentionState) -> tuple[Tensor, AttentionState]:
-        """One token x_t: (batch, d_model) -> (y_t, cache with it appended). O(cache_len)."""
+        """One token x_t: (batch, d_model) -> (y_t, cache with it appended). O(cache_len). The forward's
+        arithmetic on one token without its segment bookkeeping (a mask only for rows whose segment started
+        inside the cache)."""
         x_t = self.check_step_input(x_t)
-        y, state = self.forward(x_t.unsqueeze(1), state, return_final_state=True)
-        return y.squeeze(1), state
+        self.check_dtype(x_t, "x_t")
+        batch = x_t.shape[0]
+        st = self._check_cache(state, batch, self.act_dtype(x_t))
+        cache_len = st.k.shape[2]
+        lo, hi = (int(p) for p in st.pos.aminmax())  # the mask and the kept cache length depend on them
+        q, k, v = to_compute(self, self.q_proj(x_t), self.k_proj(x_t), self.v_proj(x_t))
+        if self.key_multiplier != 1.0:
+            k = k * self.key_multiplier
+        q = q.view(batch, self.n_heads, 1, self.head_dim)
+        k = k.view(batch, self.n_kv_heads, 1, self.head_dim)
+        v = v.view(batch, self.n_kv_heads, 1, self.head_dim)
+        if self.rotary_dim:
+            q, k = self._rotate(q, st.pos[:, None]), self._rotate(k, st.pos[:, None])
+        keys, vals = torch.cat([st.k, k], 2), torch.cat([st.v, v], 2)
+        mask = None
+        if lo < cache_len:  # some row's segment started inside the cache: it sees only the entries since then
+            j = torch.arange(cache_len, device=x_t.device)
+            seen = j >= cache_len - st.pos.clamp(max=cache_len)[:, None]
+            mask = torch.cat([seen, seen.new_ones(batch, 1)], 1)[:, None, None]
+        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=self.scale,
+                                             enable_gqa=self.n_heads != self.n_kv_heads)
+        y = self.o_proj(out.reshape(batch, self.n_heads * self.head_dim))
+        n_keys = cache_len + 1
+        first = n_keys - min(hi + 1, n_keys)  # entries no row can see again
+        return y, AttentionState(k=keys[:, :, first:], v=vals[:, :, first:], pos=st.pos + 1)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "

@@ -54,9 +54,9 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
         acc = state_dtype(y.dtype)
-        g = y.to(acc) * F.silu(z.to(acc))
-        g = g.unflatten(-1, (self.dim // self.group_size, self.group_size))
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        g = F.silu(z.to(acc)) * y.to(acc)
+        g = F.rms_norm(g.unflatten(-1, (self.dim // self.group_size, self.group_size)), (self.group_size,),
+                       eps=self.eps)
         return self.weight * g.flatten(-2).to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -209,17 +209,18 @@ class Mamba2(ConvScanBlock):
         xBC, conv_state = self.conv1d.step(xBC, state.conv)
         xs, B, C = F.silu(xBC).split([self.d_inner, G * N, G * N], dim=-1)
         h = state.ssm.contiguous()
-        acc = h.dtype
+        acc, R = h.dtype, H // G
         dt = self._dt(dt).to(acc)  # (batch, H)
         dA = torch.exp(dt * -torch.exp(self.A_log.to(acc)))  # (batch, H)
-        xh = xs.to(acc).view(batch, G, H // G, P)
-        hg = h.view(batch, G, H // G, P, N)
-        dBx = (dt.view(batch, G, H // G, 1) * xh).unsqueeze(-1) * B.to(acc).view(batch, G, 1, 1, N)
-        hg = torch.addcmul(dBx, hg, dA.view(batch, G, H // G, 1, 1))
-        y = (hg @ C.to(acc).view(batch, G, 1, N, 1)).squeeze(-1)  # (batch, G, H/G, P)
-        y = torch.addcmul(y, xh, self.D.to(acc).view(G, H // G, 1)).reshape(batch, self.d_inner)
+        xh = xs.to(acc).view(batch, H, P)
+        # h' = dA h + (dt x) B^T: one new state tensor, the outer product added in place by a batched GEMM
+        hn = h * dA.view(batch, H, 1, 1)
+        hg = hn.view(batch * G, R * P, N)
+        hg.baddbmm_((dt.view(batch, H, 1) * xh).view(batch * G, R * P, 1), B.to(acc).reshape(batch * G, 1, N))
+        y = torch.bmm(hg, C.to(acc).reshape(batch * G, N, 1)).view(batch, H, P)
+        y = torch.addcmul(y, xh, self.D.to(acc).view(H, 1)).view(batch, self.d_inner)
         y = self.out_proj(self.norm(y.to(x_t.dtype), z))
-        return y, Mamba2State(conv=conv_state, ssm=hg.view(batch, H, P, N))
+        return y, Mamba2State(conv=conv_state, ssm=hn)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, "
