@@ -29,7 +29,7 @@ def quick() -> Budget:
 
 
 def full() -> Budget:
-    return Budget(_settings(CLASSIFY_SUITE, None), seeds=1, minutes=30,
+    return Budget(_settings(CLASSIFY_SUITE, None), seeds=1, minutes=21,
                   note=("Per set: every recipe trained once on 75% of the training cases and scored on the other "
                         "25%, the best retrained on all training cases with 3 seeds; MiniRocket and 1-NN DTW once. "
                         "Minutes: measured, 20.6 min at load ~7."))
