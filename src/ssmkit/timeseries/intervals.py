@@ -2,10 +2,11 @@
 
 :class:`GaussianHead` adds a scale net to a trained-together point forecaster: sigma (batch, horizon, variates)
 = softplus(Linear_{context -> horizon}(window z-scores)) * window std * ``calibration``. It is trained with the
-Gaussian negative log-likelihood on the *detached* point forecast, so the point forecast is exactly what the
-MSE loss alone would give; afterwards one scalar ``calibration`` is fitted on the validation windows (the
-windows before the first forecast origin that choose the checkpoint) so that E[(y - mean)^2 / sigma^2] = 1
-there: training windows are fitted better than unseen ones, and an uncalibrated sigma would be too narrow.
+Gaussian negative log-likelihood on the *detached* point forecast, so the NLL sends no gradient to the point
+forecaster (only the shared gradient-norm clipping couples them); afterwards one scalar ``calibration`` is
+fitted on the validation windows (the windows before the first forecast origin that choose the checkpoint) so
+that E[(y - mean)^2 / sigma^2] = 1 there: training windows are fitted better than unseen ones, and an
+uncalibrated sigma would be too narrow.
 """
 
 from __future__ import annotations
