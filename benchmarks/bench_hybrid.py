@@ -12,6 +12,14 @@ attention: 8 query / 2 kv heads of 64; MLP: relu2, 1536 wide), vocab 32000. Case
 - generate as a user sees it (2048-token prompt, 32 greedy tokens, batch 1): both generate functions, and whether
   they produced the same tokens.
 ``--quick``: 4 layers "M*M-", 256-token prompts, 8 steps. Writes benchmarks/results/bench_hybrid.json.
+
+Each prefill/decode row also has ``bound_s``, a floor for the same float32 arithmetic on this machine under its
+current load, timed in this process right after the case by replaying the model's projections alone (F.linear on
+random rows over every projection weight, best of the same repeats): prefill = that time scaled by all GEMM FLOPs
+(projections, SSD's chunk GEMMs, causal attention) over the projections' FLOPs; decode = ``steps`` passes over the
+projections and the LM head, plus the KV caches and SSM states at the bandwidth those passes reached.
+``hf_over_bound`` = transformers_s / bound_s is the largest speedup over transformers any implementation could
+show here.
 """
 
 from __future__ import annotations
@@ -53,6 +61,70 @@ def build(pattern: str):
     return hf, from_transformers(hf)
 
 
+def linears(ours) -> list[torch.Tensor]:
+    """The weights of the backbone's nn.Linear layers (every projection)."""
+    return [m.weight.detach() for m in ours.backbone.modules() if isinstance(m, torch.nn.Linear)]
+
+
+@torch.no_grad()
+def replay_s(weights: list[torch.Tensor], rows: int, times: int, repeat: int) -> float:
+    """Best-of-``repeat`` wall time of ``times`` passes of F.linear over every weight on ``rows`` random rows: the
+    model's own projections alone, back to back, timed over a comparable span (the machine's load varies)."""
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+
+    def run():
+        for _ in range(times):
+            for w in weights:
+                torch.nn.functional.linear(xs[w.shape[1]], w)
+    return best_time(run, repeat=repeat, warmup=1)
+
+
+def mixers(ours):
+    return [b.mixer for b in ours.backbone.blocks]
+
+
+def linear_flops(ours, rows: int) -> float:
+    """2 * rows * in * out over the backbone's projections."""
+    return float(sum(2 * rows * w.shape[0] * w.shape[1] for w in linears(ours)))
+
+
+def prefill_flops(ours, length: int) -> float:
+    """Projections + SSD's chunk GEMMs (C B^T, the masked score-times-x, chunk states, state outputs) + causal
+    attention (QK^T and PV over the lower triangle) + the LM head on the last position."""
+    total = linear_flops(ours, length) + 2 * ours.lm_head.in_features * ours.lm_head.out_features
+    for m in mixers(ours):
+        if hasattr(m, "chunk_size"):
+            Q, G, N, H, P = min(m.chunk_size, length), m.ngroups, m.d_state, m.nheads, m.headdim
+            c = -(-length // Q)
+            total += 2 * c * (G * Q * Q * N + H * Q * Q * P + 2 * Q * N * H * P)
+        elif hasattr(m, "n_kv_heads"):
+            total += 2 * 2 * m.n_heads * m.head_dim * length * (length + 1) / 2
+    return total
+
+
+def prefill_bound(ours, length: int, repeat: int) -> tuple[float, float]:
+    """(bound_s, GEMM FLOP/s): the replayed projections' time scaled up by prefill_flops / their FLOPs."""
+    t = replay_s(linears(ours), length, 1, repeat)
+    rate = linear_flops(ours, length) / t
+    return prefill_flops(ours, length) / rate, rate
+
+
+def decode_bound(ours, batch: int, context: int, steps: int, repeat: int) -> tuple[float, float]:
+    """(bound_s, bytes/s): ``steps`` replayed passes over every projection and the LM head on ``batch`` rows, plus
+    the KV caches and SSM states read each step at the bandwidth that replay achieved."""
+    weights = linears(ours) + [ours.lm_head.weight.detach()]
+    t = replay_s(weights, batch, steps, repeat)
+    wbytes = sum(w.numel() * w.element_size() for w in weights)
+    extra = 0
+    for m in mixers(ours):
+        if hasattr(m, "chunk_size"):
+            extra += 4 * batch * (m.nheads * m.headdim * m.d_state + m.conv_dim * (m.d_conv - 1))
+        elif hasattr(m, "n_kv_heads"):
+            extra += 4 * 2 * batch * m.n_kv_heads * m.head_dim * (context + steps // 2)
+    bw = steps * wbytes / t
+    return t + steps * extra / bw, bw
+
+
 def ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 32000, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -72,8 +144,10 @@ def prefill_case(hf, ours, length: int, repeat: int) -> dict:
 
     t_ours = best_time(run_ours, repeat=repeat, warmup=1)
     t_hf = best_time(run_hf, repeat=repeat, warmup=1)
+    bound, rate = prefill_bound(ours, length, repeat)
     err = float((res["ours"] - res["hf"]).abs().max() / res["hf"].abs().max())
     return {"case": f"prefill {length} b1", "ssmkit_s": t_ours, "transformers_s": t_hf, "speedup": t_hf / t_ours,
+            "bound_s": bound, "hf_over_bound": t_hf / bound, "gemm_gflops": rate / 1e9,
             "ssmkit_tok_per_s": length / t_ours, "transformers_tok_per_s": length / t_hf, "logits_rel_err": err}
 
 
@@ -102,8 +176,10 @@ def decode_case(hf, ours, batch: int, context: int, steps: int, repeat: int) -> 
     t_hf, lg_hf = min((hf_run() for _ in range(repeat)), key=lambda r: r[0])
     err = float((lg_ours - lg_hf).abs().max() / lg_hf.abs().max())
     n = batch * steps
+    bound, bw = decode_bound(ours, batch, context, steps, repeat)
     return {"case": f"decode @{context} b{batch}", "ssmkit_s": t_ours, "transformers_s": t_hf,
-            "speedup": t_hf / t_ours, "ssmkit_tok_per_s": n / t_ours, "transformers_tok_per_s": n / t_hf,
+            "speedup": t_hf / t_ours, "bound_s": bound, "hf_over_bound": t_hf / bound,
+            "weights_gb_per_s": bw / 1e9, "ssmkit_tok_per_s": n / t_ours, "transformers_tok_per_s": n / t_hf,
             "logits_rel_err": err}
 
 
@@ -145,8 +221,9 @@ def main() -> None:
     rows = [prefill_case(hf, ours, p["context"], p["repeat"])]
     rows += [decode_case(hf, ours, b, p["context"], p["steps"], p["repeat"]) for b in p["batches"]]
     rows.append(generate_case(hf, ours, p["context"], p["steps"], p["repeat"]))
-    print_table(rows, ["case", "speedup", "ssmkit_s", "transformers_s", "ssmkit_tok_per_s", "transformers_tok_per_s",
-                       "logits_rel_err", "same_tokens"])
+    print_table(rows, ["case", "speedup", "ssmkit_s", "transformers_s", "bound_s", "hf_over_bound", "gemm_gflops",
+                       "weights_gb_per_s", "ssmkit_tok_per_s", "transformers_tok_per_s", "logits_rel_err",
+                       "same_tokens"])
     path = write_json("bench_hybrid" + ("_quick" if args.quick else ""), {
         "quick": args.quick, "threads": torch.get_num_threads(), "params": p, "model": ours.summary(), "rows": rows,
         "rss_bytes_end": current_rss_bytes(), "wall_s": time.perf_counter() - t0})
