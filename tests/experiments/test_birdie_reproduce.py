@@ -101,3 +101,8 @@ def test_interleaved_mqar_puts_each_value_after_its_key():
         R.mqar_pair(VOCAB, np.random.default_rng(0), 9, num_keys=8)
     with pytest.raises(ValueError, match="num_keys"):
         R.mqar_pair(VOCAB, np.random.default_rng(0), 2, num_keys=131)
+
+
+def test_learned_recall_reads_the_fewest_pairs():
+    assert B.learned_recall({"extra": {"accuracy": {"8": 0.2, "4": 0.95}}})
+    assert not B.learned_recall({"extra": {"accuracy": {"8": 0.95, "4": 0.89}}})
