@@ -63,15 +63,17 @@ def _families() -> dict:
 
 def _prefixed() -> dict:
     """Run with a prefix mask whose prefixes cross shard boundaries (see sp_common.check_case)."""
+    from ssmkit.layers import Attention
     from ssmkit.layers.bidirectional import PrefixBidirectional
     from ssmkit.models.config import ModelConfig
     from ssmkit.models.heads import PrefixLM
 
     opts = {"mamba": {"d_state": 4}, "s4d": {"d_state": 8}, "mamba2": {"d_state": 4, "headdim": 4, "chunk_size": 4},
             "attn": {"n_heads": 2, "rotary": True}}
-    pattern = ["prefix-mamba", "mamba2", "prefix-s4d", "prefix-gated", "prefix-rglru"]
+    pattern = ["prefix-mamba", "mamba2", "prefix-attn", "prefix-s4d", "prefix-gated", "prefix-rglru"]
     return {"prefix-mamba": (lambda: PrefixBidirectional(8, kind="mamba", d_state=4), False),
             "prefix-s4d": (lambda: PrefixBidirectional(8, kind="s4d", d_state=8), False),
+            "prefix-attn": (lambda: Attention(8, n_heads=2, mask="prefix", rotary=True), False),
             "prefixlm": (lambda: PrefixLM(ModelConfig(d_model=8, pattern=pattern, vocab_size=11, mixer_options=opts)),
                          True)}
 
@@ -112,7 +114,7 @@ def _gather_case(size: int, rank: int) -> list[str]:
 
 def _errors_case(size: int) -> list[str]:
     from ssmkit.distributed.sequence import SequenceParallel, shard_sequence
-    from ssmkit.layers import S4, Attention, Mamba
+    from ssmkit.layers import S4, Mamba
     from ssmkit.layers.bidirectional import PrefixBidirectional
     from ssmkit.layers.mamba3 import Mamba3
 
@@ -143,8 +145,7 @@ def _errors_case(size: int) -> list[str]:
     except NotImplementedError as e:
         if "reverse=True" not in str(e) or "\n" in str(e):
             out.append(f"unclear reverse-state error: {e}")
-    for layer, word in ((S4(8, d_state=8), "DPLR"), (Mamba3(8, d_state=4, headdim=4), "Mamba3"),
-                        (Attention(8, mask="prefix"), "prefix")):
+    for layer, word in ((S4(8, d_state=8), "DPLR"), (Mamba3(8, d_state=4, headdim=4), "Mamba3")):
         try:
             SequenceParallel(layer, None)
             out.append(f"an unsupported {word} layer was accepted")

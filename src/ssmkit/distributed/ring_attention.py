@@ -33,6 +33,7 @@ from torch import Tensor
 from ..layers.attention import Attention
 from ..layers.base import to_compute
 from ..layers.gqa import GQAttention
+from . import ring_prefix
 from .sequence_comm import all_gather, exchange, group_rank_size
 
 CHUNK = 256  # queries per score tile: tiles of CHUNK x L_j scores, never L_r x L_j at once
@@ -96,12 +97,12 @@ def _project(layer: Attention | GQAttention, x: Tensor, pos: Tensor) -> tuple[Te
 
 
 def ring_attention_forward(layer: Attention | GQAttention, x: Tensor, reset: Tensor | None,
-                           group: dist.ProcessGroup | None) -> Tensor:
-    """The local shard of the one-process ``layer(x_full, reset=reset_full)``: x (batch, L_r, d_model)."""
+                           group: dist.ProcessGroup | None, prefix: Tensor | None = None) -> Tensor:
+    """The local shard of the one-process ``layer(x_full, reset=reset_full, prefix_mask=prefix_full)``: x (batch,
+    L_r, d_model); ``prefix`` (batch, L_r) bool, this rank's piece of the prefix mask (mask="prefix" only)."""
     name = type(layer).__name__
-    if isinstance(layer, Attention) and layer.mask not in ("causal", "sliding"):
-        raise NotImplementedError(f"{name}: sequence parallel attention supports mask 'causal' and 'sliding', "
-                                  f"got {layer.mask!r}")
+    if prefix is not None and not (isinstance(layer, Attention) and layer.mask == "prefix"):
+        raise ValueError(f"{name}: prefix_mask is only accepted with mask='prefix'")
     rank, _ = group_rank_size(group)
     batch, length, _ = x.shape
     gidx, seg, pos, lengths = _positions(x, reset, group)
@@ -111,6 +112,9 @@ def ring_attention_forward(layer: Attention | GQAttention, x: Tensor, reset: Ten
         raise ValueError(f"{name}: {total} tokens exceed max_cache={max_cache}")
     q, k, v = _project(layer, x, pos)
     ctx = _Ring(group, rank, lengths, gidx, seg, reset is not None, _window(layer), q.shape[1] // k.shape[1])
+    if prefix is not None:
+        ctx.prefix = prefix
+        ctx.recvs, ctx.sends = ring_prefix.plan(prefix, reset, lengths, rank, group)
     out = _RingAttention.apply(q, k, v, ctx).transpose(1, 2).reshape(batch, length, -1)
     return layer.out_proj(out) if isinstance(layer, Attention) else layer.o_proj(out)
 
@@ -123,6 +127,7 @@ class _Ring:
         self.group, self.rank, self.lengths, self.gidx, self.seg = group, rank, lengths, gidx, seg
         self.segmented, self.window, self.groups = segmented, window, groups
         self.offsets = torch.cumsum(lengths, 0) - lengths
+        self.prefix, self.recvs, self.sends = None, [], []  # prefix masks: see .ring_prefix
 
     def key_range(self, rows: slice, kidx: Tensor) -> slice:
         """The keys of a block (global indices ``kidx``, contiguous) that the queries ``rows`` may see at all:
@@ -130,16 +135,19 @@ class _Ring:
         n = kidx.shape[0]
         first, last = int(self.gidx[rows][0]), int(self.gidx[rows][-1])
         lo = 0 if self.window is None else first - self.window + 1 - int(kidx[0])
-        hi = last + 1 - int(kidx[0])
+        hi = n if self.prefix is not None else last + 1 - int(kidx[0])  # prefix keys may follow the query
         return slice(min(max(lo, 0), n), min(max(hi, 0), n))
 
-    def visible(self, rows: slice, kseg: Tensor, kidx: Tensor, own: bool) -> Tensor | None:
-        """Bool mask (batch or 1, 1, rows, L_j) of visible keys, or None when all are visible."""
-        if not self.segmented and self.window is None and not own:  # an earlier shard, one segment
+    def visible(self, rows: slice, kseg: Tensor, kidx: Tensor, own: bool, kpre: Tensor | None) -> Tensor | None:
+        """Bool mask (batch or 1, 1, rows, L_j) of visible keys, or None when all are visible; ``kpre`` (batch,
+        L_j): the keys' prefix flags (prefix keys of the segment are visible from every query of it)."""
+        if not self.segmented and self.window is None and not own and kpre is None:  # earlier shard, one segment
             return None
         rel = self.gidx[rows, None] - kidx[None, :]
         ok = (rel >= 0) if self.window is None else (rel >= 0) & (rel < self.window)
-        ok = ok[None] if not self.segmented else ok[None] & (self.seg[:, rows, None] == kseg[:, None, :])
+        ok = ok[None] if kpre is None else ok[None] | kpre[:, None, :]
+        if self.segmented or kpre is not None:
+            ok = ok & (self.seg[:, rows, None] == kseg[:, None, :])
         return ok[:, None]
 
 
@@ -158,7 +166,7 @@ class _RingAttention(torch.autograd.Function):
         batch, heads, _, dh = q.shape
         g = ring.groups  # K/V travel with their own (fewer) heads and are repeated per query head on arrival
         rep = (lambda t: t) if g == 1 else (lambda t: t.repeat_interleave(g, 1))  # noqa: E731
-        blocks = [(rep(k), rep(v), ring.seg, ring.gidx)]  # block s holds the keys of rank - s
+        blocks = [(rep(k), rep(v), ring.seg, ring.gidx, ring.prefix)]  # block s holds the keys of rank - s
         held = (torch.cat([k, v], -1), ring.seg)
         for step in range(1, min(rank + 1, size - 1) + 1):
             src = rank - step
@@ -172,7 +180,12 @@ class _RingAttention(torch.autograd.Function):
                 break
             held = (kv, kseg)
             kidx = ring.offsets[src] + torch.arange(n, device=q.device)
-            blocks.append((rep(kv[..., :dh]), rep(kv[..., dh:]), kseg, kidx))
+            blocks.append((rep(kv[..., :dh]), rep(kv[..., dh:]), kseg, kidx, None))
+        fctx.hops = len(blocks)  # then the leading prefix runs of later ranks (prefix masks only)
+        if ring.prefix is not None:
+            later = ring_prefix.fetch_later(k, v, ring.seg, ring.prefix, ring.offsets, ring.recvs, ring.sends,
+                                            ring.group)
+            blocks += [(rep(kb), rep(vb), kseg, kidx, kpre) for kb, vb, kseg, kidx, kpre in later]
         fctx.ring, fctx.blocks = ring, blocks
         fctx.fused = _fused_ok(q, ring)
         out, lse = _fused_forward(q, blocks) if fctx.fused else _tiled_forward(q, blocks, ring)
@@ -190,9 +203,12 @@ class _RingAttention(torch.autograd.Function):
             dq, dkv = _tiled_backward(dout, q, out, lse, blocks, ring)
         if ring.groups > 1:  # the gradient of a repeated K/V head is the sum over its query heads
             dkv = [d.unflatten(1, (-1, ring.groups)).sum(2) for d in dkv]
+        if ring.prefix is not None:  # the later ranks' prefix runs: their gradients go straight back
+            ring_prefix.return_gradients(dkv[0], dkv[fctx.hops:], ring.recvs, ring.sends, ring.group)
+            dkv = dkv[:fctx.hops]
         # block j came from rank - j through every rank between; its gradient goes back the same hops, each rank
         # adding its own part: receive the part of the ranks above (for the block this rank passed on), send down
-        for j in range(len(blocks) - 1, -1, -1):
+        for j in range(len(dkv) - 1, -1, -1):
             if rank + 1 < size:
                 incoming = torch.empty_like(dkv[j])
                 exchange(None, incoming, ring.group, tag=2 * (j + 1), backward=True)
@@ -211,13 +227,13 @@ def _fused_ok(q: Tensor, ring: _Ring) -> bool:
     """Without segments or a window every block is either the own (causal) block or fully visible: torch's
     fused CPU flash-attention kernels, which return the row log-sum-exp, then compute each block."""
     return (_FLASH is not None and _FLASH_BWD is not None and q.device.type == "cpu" and not ring.segmented
-            and ring.window is None and q.dtype in (torch.float32, torch.float64))
+            and ring.window is None and ring.prefix is None and q.dtype in (torch.float32, torch.float64))
 
 
 def _fused_forward(q: Tensor, blocks: list) -> tuple[Tensor, Tensor]:
     """(out, lse): per block o_j, lse_j from the fused kernel, combined as sum_j exp(lse_j - lse) o_j."""
     outs, lses = [], []
-    for j, (kb, vb, _, _) in enumerate(blocks):
+    for j, (kb, vb, *_) in enumerate(blocks):
         o, lse = _FLASH(q.contiguous(), kb.contiguous(), vb.contiguous(), 0.0, j == 0, scale=1.0)
         outs.append(o)
         lses.append(lse)
@@ -229,7 +245,7 @@ def _fused_forward(q: Tensor, blocks: list) -> tuple[Tensor, Tensor]:
 def _fused_backward(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor, blocks: list) -> tuple[Tensor, list]:
     """The fused backward per block with the combined out and lse gives that block's share of every gradient."""
     dq, dkv = torch.zeros_like(q), []
-    for j, (kb, vb, _, _) in enumerate(blocks):
+    for j, (kb, vb, *_) in enumerate(blocks):
         gq, gk, gv = _FLASH_BWD(dout.contiguous(), q.contiguous(), kb.contiguous(), vb.contiguous(),
                                 out.contiguous(), lse.contiguous(), 0.0, j == 0, scale=1.0)
         dq += gq
@@ -243,13 +259,14 @@ def _tiled_forward(q: Tensor, blocks: list, ring: _Ring) -> tuple[Tensor, Tensor
     for a in range(0, q.shape[2], CHUNK):
         rows = slice(a, a + CHUNK)
         qc, m, lsum, acc = q[:, :, rows], None, None, None
-        for j, (kb_all, vb_all, kseg_all, kidx_all) in enumerate(blocks):
+        for j, (kb_all, vb_all, kseg_all, kidx_all, kpre_all) in enumerate(blocks):
             keys = ring.key_range(rows, kidx_all)
             if keys.start >= keys.stop:
                 continue
             kb, vb = kb_all[:, :, keys], vb_all[:, :, keys]
             kseg, kidx = kseg_all[:, keys], kidx_all[keys]
-            s = _tile_scores(qc, kb, ring.visible(rows, kseg, kidx, j == 0))
+            kpre = None if kpre_all is None else kpre_all[:, keys]
+            s = _tile_scores(qc, kb, ring.visible(rows, kseg, kidx, j == 0, kpre))
             m_new = s.amax(-1, keepdim=True) if m is None else torch.maximum(m, s.amax(-1, keepdim=True))
             p = torch.exp(s - m_new)
             if m is None:  # the own block first: every query sees itself, so m is finite from here on
@@ -268,17 +285,18 @@ def _tiled_backward(dout: Tensor, q: Tensor, out: Tensor, lse: Tensor, blocks: l
     """Recompute each tile's probabilities from lse; dq and each block's [dk, dv]."""
     dq = torch.zeros_like(q)
     dkv = [torch.zeros(*kb.shape[:-1], 2 * kb.shape[-1], dtype=q.dtype, device=q.device)
-           for kb, _, _, _ in blocks]
+           for kb, *_ in blocks]
     delta = (dout * out).sum(-1, keepdim=True)
     for a in range(0, q.shape[2], CHUNK):
         rows = slice(a, a + CHUNK)
         qc, dc, lc = q[:, :, rows], dout[:, :, rows], lse[:, :, rows, None]
-        for j, (kb_all, vb_all, kseg_all, kidx_all) in enumerate(blocks):
+        for j, (kb_all, vb_all, kseg_all, kidx_all, kpre_all) in enumerate(blocks):
             keys = ring.key_range(rows, kidx_all)
             if keys.start >= keys.stop:
                 continue
             kb, vb = kb_all[:, :, keys], vb_all[:, :, keys]
-            ok = ring.visible(rows, kseg_all[:, keys], kidx_all[keys], j == 0)
+            kpre = None if kpre_all is None else kpre_all[:, keys]
+            ok = ring.visible(rows, kseg_all[:, keys], kidx_all[keys], j == 0, kpre)
             p = torch.exp(_tile_scores(qc, kb, ok) - lc)
             dh = kb.shape[-1]
             dkv[j][:, :, keys, dh:] += p.transpose(-1, -2) @ dc

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..layers.ablation import H3S6, S6, MambaS4D
 from ..layers.attention import Attention
 from ..layers.base import SequenceLayer, rename_state_kwargs
-from ..layers.bidirectional import Bidirectional, PrefixBidirectional
+from ..layers.bidirectional import Bidirectional, PrefixBidirectional, check_prefix_mask
 from ..layers.falcon_h1 import ParallelHybrid
 from ..layers.ffn import PositionwiseLayer
 from ..layers.gated import RGLRU, GatedSSM
@@ -108,21 +108,24 @@ def check_supported(layer: nn.Module) -> None:
     if isinstance(layer, S4) and not layer.diagonal:
         raise NotImplementedError(f"sequence parallel: {name} with a DPLR (non-diagonal) state is not supported; "
                                   f"use init='ptd' (diagonal) or S4D")
-    if isinstance(layer, Attention) and layer.mask not in ("causal", "sliding"):
-        raise NotImplementedError(f"sequence parallel: {name} supports mask 'causal' and 'sliding', got "
-                                  f"{layer.mask!r}")
 
 
 def layer_forward(layer: SequenceLayer, x: Tensor, initial_state=None, *, reset: Tensor | None = None,
-                  group: dist.ProcessGroup | None = None, return_final_state: bool = False):
+                  group: dist.ProcessGroup | None = None, return_final_state: bool = False,
+                  prefix_mask: Tensor | None = None):
     """The local shard of ``layer(x_full, initial_state, reset=reset_full, return_final_state=...)`` for this
     rank's shard ``x`` (batch, L_r, d_model) and ``reset`` (batch, L_r) bool or None. ``initial_state`` (the state
     before the whole sequence) is given on rank 0 only; the returned state is the true state after this rank's
-    shard (recurrent layers only). Collective: every rank of ``group`` must call it."""
+    shard (recurrent layers only). ``prefix_mask``: this rank's piece (Attention with mask="prefix" only; its
+    boundaries are checked by :func:`check_prefix_across`). Collective: every rank of ``group`` must call it."""
     check_supported(layer)
     x = layer.check_input(x)
     layer.check_dtype(x, "x")
     reset = layer.check_reset(reset, x)
+    if prefix_mask is not None:
+        if not (isinstance(layer, Attention) and layer.mask == "prefix"):
+            raise ValueError(f"{type(layer).__name__}: prefix_mask is only accepted by Attention with mask='prefix'")
+        check_prefix_mask(type(layer).__name__, prefix_mask, x, reset, False)  # within the shard
     meta = all_gather(torch.tensor([x.shape[0], initial_state is not None], device=x.device), group)
     batches = meta[:, 0].tolist()
     if len(set(batches)) > 1:
@@ -138,7 +141,7 @@ def layer_forward(layer: SequenceLayer, x: Tensor, initial_state=None, *, reset:
         if initial_state is not None or (return_final_state and not _DROP_CACHE.get()):
             raise NotImplementedError(f"sequence parallel: {type(layer).__name__} does not pass state (its KV "
                                       f"cache) across calls; state passing (chunked training) needs recurrent layers")
-        y = ring_attention_forward(layer, x, reset, group)
+        y = ring_attention_forward(layer, x, reset, group, prefix_mask)
         return (y, None) if return_final_state else y  # None: the composite around it drops the cache
     return recurrent_forward(layer, x, reset, group, initial_state, return_final_state)
 
@@ -211,11 +214,8 @@ def _top_layers(module: nn.Module) -> list[SequenceLayer]:
 def _redirected(layers: list[SequenceLayer], group: dist.ProcessGroup | None) -> Iterator[None]:
     def make(layer: SequenceLayer):
         def forward(x, initial_state=None, *, reset=None, prefix_mask=None, return_final_state=False):
-            if prefix_mask is not None:
-                raise NotImplementedError(f"{type(layer).__name__}: prefix_mask is not supported under "
-                                          f"SequenceParallel yet")
             return layer_forward(layer, x, initial_state, reset=reset, group=group,
-                                 return_final_state=return_final_state)
+                                 return_final_state=return_final_state, prefix_mask=prefix_mask)
         return forward
 
     def make_composite(layer: SequenceLayer):
