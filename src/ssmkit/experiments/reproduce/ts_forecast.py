@@ -18,7 +18,11 @@ from .report import ReportContext, pyplot, save_figure
 
 
 def _settings(names: tuple[str, ...], steps: int) -> tuple[Setting, ...]:
-    return tuple(Setting(n, {"task": {"dataset": n}, "train": {"steps": steps}}, meta={"series": n}) for n in names)
+    """One setting per series; the model list is part of it, so a run made with other models is not reused."""
+    from ssmkit.timeseries.suite import FORECAST_MODELS
+
+    return tuple(Setting(n, {"task": {"dataset": n}, "train": {"steps": steps},
+                             "model": {"forecasters": list(FORECAST_MODELS)}}, meta={"series": n}) for n in names)
 
 
 def quick() -> Budget:
