@@ -37,6 +37,8 @@ def _families() -> dict:
         "longconv": lambda: LongConv(8, kernel_len=5),
         "longconv-long": lambda: LongConv(8, kernel_len=16),
         "s4-ptd": lambda: S4(8, d_state=8, init="ptd"),
+        "s4-dplr": lambda: S4(8, d_state=8),  # HiPPO-LegS: a dense transition per channel
+        "s4-dplr-scan": lambda: S4(8, d_state=6, init="fout", mode="scan", reverse=True),
         "attn": lambda: Attention(8, n_heads=2, rotary=True),
         "attn-sliding": lambda: Attention(8, n_heads=2, mask="sliding", window=3),
         "gqa": lambda: GQAttention(8, n_heads=4, n_kv_heads=2, rotary_dim=2, scale=0.3, key_multiplier=1.5),
@@ -114,7 +116,7 @@ def _gather_case(size: int, rank: int) -> list[str]:
 
 def _errors_case(size: int) -> list[str]:
     from ssmkit.distributed.sequence import SequenceParallel, shard_sequence
-    from ssmkit.layers import S4, Mamba
+    from ssmkit.layers import Mamba
     from ssmkit.layers.bidirectional import PrefixBidirectional
     from ssmkit.layers.mamba3 import Mamba3
 
@@ -145,7 +147,7 @@ def _errors_case(size: int) -> list[str]:
     except NotImplementedError as e:
         if "reverse=True" not in str(e) or "\n" in str(e):
             out.append(f"unclear reverse-state error: {e}")
-    for layer, word in ((S4(8, d_state=8), "DPLR"), (Mamba3(8, d_state=4, headdim=4), "Mamba3")):
+    for layer, word in ((Mamba3(8, d_state=4, headdim=4), "Mamba3"),):
         try:
             SequenceParallel(layer, None)
             out.append(f"an unsupported {word} layer was accepted")

@@ -39,6 +39,7 @@ from ..layers.h3 import H3
 from ..layers.longconv import LongConv
 from ..layers.mamba import Mamba
 from ..layers.mamba2 import Mamba2
+from ..layers.mamba3 import Mamba3
 from ..layers.s4 import S4
 from ..layers.s4d import S4D
 from ..layers.zamba2_shared import Zamba2Hybrid
@@ -102,12 +103,12 @@ def gather_sequence(x: Tensor, group: dist.ProcessGroup | None = None, *, dim: i
 def check_supported(layer: nn.Module) -> None:
     """NotImplementedError (one line) unless ``layer`` has an exact sequence-parallel form here."""
     name = type(layer).__name__
+    if isinstance(layer, Mamba3):
+        raise NotImplementedError(f"sequence parallel: {name} is not supported yet (its rotation angle enters the "
+                                  f"state nonlinearly; see docs/distributed.md)")
     if not isinstance(layer, SUPPORTED):
         raise NotImplementedError(f"sequence parallel: {name} is not supported yet (supported: "
                                   f"{', '.join(c.__name__ for c in SUPPORTED)} and their subclasses)")
-    if isinstance(layer, S4) and not layer.diagonal:
-        raise NotImplementedError(f"sequence parallel: {name} with a DPLR (non-diagonal) state is not supported; "
-                                  f"use init='ptd' (diagonal) or S4D")
 
 
 def layer_forward(layer: SequenceLayer, x: Tensor, initial_state=None, *, reset: Tensor | None = None,

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ..layers.base import LayerState, SequenceLayer
 from ..layers.griffin import GriffinRecurrent
+from . import sequence_dense
 from .sequence_comm import all_gather, all_gather_autograd, group_rank_size
 
 #: state fields that hold the last inputs of a convolution, time last (Mamba/Mamba2 conv, H3 shift,
@@ -229,6 +230,7 @@ class _ShardPass(torch.autograd.Function):
         given = dict(zip(inits, rest[len(names): len(names) + len(inits)], strict=False))
         rank, size, rev = chain_position(layer, group)
         affine = [n for n in _fields(zero) if n not in names]
+        dense = sequence_dense.is_dense(layer)
         zf = {**_fields(zero), **{n: t.detach() for n, t in given.items()}}
         ms, h0 = {}, {}
         cache = _CACHE.get()
@@ -236,6 +238,16 @@ class _ShardPass(torch.autograd.Function):
         if cache is not None and cache[0] == "replay" and slot in cache[2]:
             ms, h0 = cache[2].pop(slot)
             h0 = {n: zf[n] if rank == 0 else t for n, t in h0.items()}
+        elif affine and dense:  # S4 DPLR: a dense transition per channel (.sequence_dense)
+            with torch.no_grad():
+                n = affine[0]
+                z = _build(zero, {n: torch.zeros_like(zf[n])})
+                ms[n], bs = sequence_dense.summary(layer, x, reset, z, n, SUMMARY_CHUNK, _local, cut_reverse, _gather,
+                                                   rev, group)
+                h0[n] = zf[n] if rank == 0 else sequence_dense.to_complex(
+                    sequence_dense.scan(ms[n], sequence_dense.to_real(bs), rank))
+            if cache is not None and cache[0] == "record":
+                cache[2][slot] = ({n: m[rank + 1:] for n, m in ms.items()}, h0)
         elif affine:  # M and b from one batched no-grad pass: rows [0, B) start at h, rows [B, 2B) at h + 1
             with torch.no_grad():
                 two = {n: torch.cat([halo[n], halo[n]]) for n in names}
@@ -260,6 +272,7 @@ class _ShardPass(torch.autograd.Function):
         if ms and next(iter(ms.values())).shape[0] < size:  # replayed: M of ranks > rank, re-indexed
             ms = {n: torch.cat([m.new_zeros((rank + 1, *m.shape[1:])), m]) for n, m in ms.items()}
         ctx.run, ctx.rank, ctx.size, ctx.ms, ctx.affine, ctx.rev = run, rank, size, ms, affine, rev
+        ctx.dense = dense
         want = run["want_state"]
         if not run["need_grad"]:
             with torch.no_grad():
@@ -295,7 +308,7 @@ class _ShardPass(torch.autograd.Function):
             gathered = _gather(a, run["group"], ctx.rev)  # (P, batch, ...), chain order
             g = torch.zeros_like(a)
             for j in range(size - 1, rank, -1):  # G_j = a_j + conj(M_j) G_{j+1}, down to G_{rank+1}
-                g = gathered[j] + ctx.ms[n][j].conj() * g
+                g = gathered[j] + (sequence_dense.adjoint(ctx.ms[n][j], g) if ctx.dense else ctx.ms[n][j].conj() * g)
             if direct.get(n) is not None:
                 g = g + direct[n]
             if (rank < size - 1 or direct.get(n) is not None) and fin[n].requires_grad:
