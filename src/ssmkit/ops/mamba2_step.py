@@ -84,13 +84,14 @@ def check_step_args(x: Tensor, w: Mamba2StepWeights, conv_state: Tensor, ssm_sta
     g = w.ngroups
     for name in ("norm_w", "a_log", "conv_w"):
         if not isinstance(getattr(w, name), Tensor) or getattr(w, name).ndim != (2 if name == "conv_w" else 1):
-            raise _err(f"weights.{name}", "a tensor", getattr(w, name))
-    di, n_conv, heads, p, n = w.dims()
-    if isinstance(g, bool) or not isinstance(g, int) or g < 1 or heads % g or di % heads or (n_conv - di) % (2 * g) \
-            or n < 1:
+            raise _err(f"weights.{name}", "a 2-D tensor" if name == "conv_w" else "a 1-D tensor", getattr(w, name))
+    di, n_conv, heads = w.norm_w.shape[0], w.conv_w.shape[0], w.a_log.shape[0]
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1 or heads < 1 or heads % g or di % heads \
+            or (n_conv - di) % (2 * g) or n_conv <= di:
         raise ValueError(f"mamba2_step: weights need ngroups >= 1 dividing nheads {heads}, nheads dividing "
                          f"d_inner {di} and conv channels d_inner + 2 ngroups d_state, got ngroups={g!r}, "
                          f"{n_conv} conv channels")
+    p, n = di // heads, (n_conv - di) // (2 * g)
     lo, hi = w.dt_limit
     if not 0 <= lo <= hi or not w.norm_eps > 0:
         raise ValueError(f"mamba2_step: need 0 <= dt_limit lo <= hi and norm_eps > 0, got {w.dt_limit}, "
