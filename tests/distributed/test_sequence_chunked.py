@@ -36,7 +36,8 @@ def _layers() -> dict:
     return {"mamba": lambda: Mamba(6, d_state=4, d_conv=4), "s4d": lambda: S4D(6, d_state=4),
             "mamba2": lambda: Mamba2(6, d_state=4, headdim=4, chunk_size=4), "gated": lambda: GatedSSM(6),
             "rglru": lambda: RGLRU(6), "h3": lambda: H3(6, d_state=4, n_heads=2),
-            "longconv": lambda: LongConv(6, kernel_len=5), "s4-ptd": lambda: S4(6, d_state=4, init="ptd")}
+            "longconv": lambda: LongConv(6, kernel_len=5), "s4-ptd": lambda: S4(6, d_state=4, init="ptd"),
+            "s4-dplr": lambda: S4(6, d_state=4)}
 
 
 def _state_case(name: str, make, length: int, rank: int, size: int) -> list[str]:

@@ -76,7 +76,8 @@ def adjoint(m: Tensor, g: Tensor) -> Tensor:
 
 def summary(layer: SequenceLayer, x: Tensor, reset: Tensor | None, zero_state, name: str, chunk: int, local,
             cut, gather, rev: bool, group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor]:
-    """(the gathered T of every rank (P, batch, H, N, N) in chain order, b (P, batch, H, N/2) complex). Run under
+    """(the gathered T of every rank (P, batch, H, N, N) in chain order, b (P, batch, H, N/2) complex: the final
+    state from ``zero_state``, which holds rank 0's given initial state there). Run under
     no_grad. ``local``, ``cut``, ``gather``: the recurrent module's layer call, reverse cut and ordered all-gather."""
     state = zero_state
     starts = range(0, x.shape[1], chunk)

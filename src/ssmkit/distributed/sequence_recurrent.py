@@ -241,7 +241,7 @@ class _ShardPass(torch.autograd.Function):
         elif affine and dense:  # S4 DPLR: a dense transition per channel (.sequence_dense)
             with torch.no_grad():
                 n = affine[0]
-                z = _build(zero, {n: torch.zeros_like(zf[n])})
+                z = _build(zero, {n: zf[n]})  # rank 0 starts b from its given initial state
                 ms[n], bs = sequence_dense.summary(layer, x, reset, z, n, SUMMARY_CHUNK, _local, cut_reverse, _gather,
                                                    rev, group)
                 h0[n] = zf[n] if rank == 0 else sequence_dense.to_complex(
