@@ -115,7 +115,7 @@ def test_errors():
     with pytest.raises(TypeError, match="SequenceModel"):
         quantize_w8a8(torch.nn.Linear(2, 2), _batches(30))
     q = W8A8Linear.from_linear(torch.nn.Linear(8, 4), 0.1, False)
-    with pytest.raises(ValueError, match=r"x must be float32 \(\.\.\., 8\)"):
+    with pytest.raises(ValueError, match=r"x must be float32 \(\.\.\., 8\) like its scales"):
         q(torch.randn(2, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match="x_scale must be a positive"):
         W8A8Linear.from_linear(torch.nn.Linear(8, 4), 0.0, False)

@@ -17,8 +17,9 @@ Every ``nn.Linear`` but Mamba's ``dt_proj`` becomes a :class:`W8A8Linear`:
 
 What stays float: embeddings, norms, convolutions, dt_proj, the scan itself (the SSM input feeding the scan is
 quantized only where it enters x_proj; the scan runs inside the layer). The model runs its forward (prefill,
-scoring) in W8A8. Mamba's recurrent step reads its projection weights directly and takes nn.Linear, int8 or int4
-layers only, so a W8A8 Mamba cannot ``step``; other mixers step through their layers' forward.
+scoring) and its recurrent ``step`` (``generate``) in W8A8 with the same static scales and integer products
+(:mod:`ssmkit.infer.w8a8_step`): decoding takes the block-by-block path, not the fused one-launch kernel. A W8A8
+model cast to float64 (``q.double()``) keeps its int8 codes and static scales and rescales in float64.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 from ..models.heads import SequenceModel
 from ..ops.int8_linear import quantize_int8
 from .quantize import check_float_model, linear_targets, replace_module
+from .w8a8_step import enable_w8a8_step
 
 #: largest Hadamard block
 MAX_BLOCK = 512
@@ -103,13 +105,21 @@ class W8A8Linear(nn.Module):
     def rotate(self, x: Tensor) -> Tensor:
         return hadamard_rotate(x, self.block) if self.block else x
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor) or x.dtype != torch.float32 or x.ndim < 1 or x.shape[-1] != self.in_features:
+    def int_product(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (..., in) in the scales' dtype (float32, or float64 after ``.double()``) -> (the int8 codes of
+        the (rotated) input (rows, in), their exact int32 product with the weight codes (rows, out))."""
+        dtype = self.w_scale.dtype
+        if (not isinstance(x, Tensor) or x.dtype != dtype or dtype not in (torch.float32, torch.float64)
+                or x.ndim < 1 or x.shape[-1] != self.in_features):
             got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"W8A8Linear: x must be float32 (..., {self.in_features}), got {got}")
+            raise ValueError(f"W8A8Linear: x must be {str(dtype).removeprefix('torch.')} (..., {self.in_features}) "
+                             f"like its scales, got {got}")
         xq = quantize_activation(self.rotate(x), self.x_scale).reshape(-1, self.in_features)
-        acc = int8_matmul(xq, self.qweight_t)
-        y = acc.float() * (self.w_scale * self.x_scale)
+        return xq, int8_matmul(xq, self.qweight_t)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, acc = self.int_product(x)
+        y = acc.to(x.dtype) * (self.w_scale * self.x_scale)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -195,4 +205,4 @@ def quantize_w8a8(model: SequenceModel, batches: Iterable[dict[str, Tensor] | Te
             new[linear] = W8A8Linear.from_linear(linear, clip[name] / 127.0, rotate)
         replace_module(q, name, new[linear])
     q.requires_grad_(False)
-    return q
+    return enable_w8a8_step(q)
