@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import reverse_reset
+from .reference_mamba2 import mamba2_stack_step, mamba2_step  # noqa: F401  (the Mamba-2 decode oracles)
 from .reference_mamba3 import mamba3  # noqa: F401  (Mamba-3's oracle lives in its own file)
 
 
