@@ -6,9 +6,13 @@
     y = gather_sequence(y_local, group)         # the whole output on every rank (differentiable)
 
 Shards are contiguous and as even as possible (the first L mod P ranks get one token more). Every supported
-layer gives exactly the one-process outputs and gradients of its shard: recurrent layers with a diagonal state
-and short or long convolutions (Mamba, Mamba2, S4D, GatedSSM, RGLRU, H3, LongConv, S4 with init="ptd":
-:mod:`.sequence_recurrent`) and causal / sliding-window attention (ring attention: :mod:`.ring_attention`).
+layer gives exactly the one-process outputs and gradients of its shard: recurrent layers with a diagonal state and
+short or long convolutions (Mamba, Mamba2, S4D, GatedSSM, RGLRU, H3, LongConv, S4 ptd, S6, H3S6, MambaS4D,
+NormedMamba, Griffin: :mod:`.sequence_recurrent`), S4 with its DPLR state (a dense transition: :mod:`.sequence_dense`),
+the same layers with ``reverse=True`` (summaries flow from rank P - 1 down) and the wrappers built of them
+(Bidirectional, PrefixBidirectional), causal / sliding-window / prefix-masked attention and GQA / local GQA (ring
+attention: :mod:`.ring_attention`, :mod:`.ring_prefix`), per-token layers (FeedForward, MoE) and the hybrid blocks
+that combine them per position (FalconH1's ParallelHybrid, Zamba2Hybrid). Mamba3 is refused (one line).
 Per-token modules (embeddings, norms, MLPs, heads) need nothing. See docs/distributed.md, "Sequence parallel".
 
 Weight gradients: each rank holds the gradient of its own shard's share of the loss, so the gradients of a
