@@ -99,6 +99,32 @@ def test_fused_softplus_threshold_in_inference(dtype):
     assert rel_err(y.double(), yr) < (1e-10 if dtype == torch.float64 else 1e-5)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_fused_softplus_and_bias_gradients_across_threshold(dtype, tol):
+    """The kernels apply delta_bias and softplus with gradients too (d softplus = sigmoid, 1 above 20): outputs and
+    every gradient, delta_bias' included, equal the oracle's on both sides of the threshold; no torch softplus
+    node is left in the graph."""
+    inp = make_inputs(2, 3 * SS_CHUNK + 7, SS_BLOCK + 5, 4, None, dtype, 9)
+    inp["delta"] = inp["delta"] * 30
+    inp["A"] = inp["A"] * 0.01
+    assert bool((inp["delta"] + inp["delta_bias"] > 20).any() and (inp["delta"] + inp["delta_bias"] < 20).any())
+    y, h, g = forward_and_grads(selective_scan, inp, delta_softplus=True)
+    yr, hr, gr = forward_and_grads(R.selective_scan, inp, delta_softplus=True)
+    assert rel_err(y, yr) < tol and rel_err(h, hr) < tol
+    for k in gr:
+        assert rel_err(g[k], gr[k]) < tol, k
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items() if v is not None}
+    out = selective_scan(*(leaves[k] for k in ("u", "delta", "A", "B", "C", "D", "z")),
+                         delta_bias=leaves["delta_bias"], delta_softplus=True)
+    names, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and type(fn).__name__ not in names:
+            names.add(type(fn).__name__)
+            todo.extend(f for f, _ in fn.next_functions)
+    assert not {n for n in names if "Softplus" in n or n == "AddBackward0"}, names
+
+
 def test_many_blocks_and_groups_float32():
     inp = make_inputs(2, 100, 3 * SS_BLOCK + 6, 16, 3, torch.float32, 7)
     compare(inp, 1e-5, delta_softplus=True, reset=torch.rand(2, 100) < 0.05)
