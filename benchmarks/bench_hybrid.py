@@ -16,8 +16,8 @@ attention: 8 query / 2 kv heads of 64; MLP: relu2, 1536 wide), vocab 32000. Case
 Each prefill/decode row also has ``bound_s``, a floor for the same float32 arithmetic on this machine under its
 current load, timed in this process right after the case by replaying the model's projections alone (F.linear on
 random rows over every projection weight, best of the same repeats): prefill = that time scaled by all GEMM FLOPs
-(projections, SSD's chunk GEMMs, causal attention) over the projections' FLOPs; decode = ``steps`` passes over the
-projections and the LM head, plus the KV caches and SSM states at the bandwidth those passes reached.
+(projections, SSD's chunk GEMMs, causal attention) over the projections' FLOPs; decode = ``steps`` reads (a sum) of
+every projection weight and the LM head, plus the KV caches and SSM states at the bandwidth those reads reached.
 ``hf_over_bound`` = transformers_s / bound_s is the largest speedup over transformers any implementation could
 show here.
 """
@@ -68,14 +68,15 @@ def linears(ours) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def replay_s(weights: list[torch.Tensor], rows: int, times: int, repeat: int) -> float:
-    """Best-of-``repeat`` wall time of ``times`` passes of F.linear over every weight on ``rows`` random rows: the
-    model's own projections alone, back to back, timed over a comparable span (the machine's load varies)."""
-    xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+    """Best-of-``repeat`` wall time of ``times`` passes over every weight, timed over a span like the case's (the
+    machine's load varies): rows > 0: F.linear on that many random rows (the model's projections alone, back to
+    back); rows = 0: a sum of each weight (reading it once, the memory floor of a decode step)."""
+    xs = {w.shape[1]: torch.randn(max(rows, 1), w.shape[1]) for w in weights}
 
     def run():
         for _ in range(times):
             for w in weights:
-                torch.nn.functional.linear(xs[w.shape[1]], w)
+                torch.nn.functional.linear(xs[w.shape[1]], w) if rows else w.sum()
     return best_time(run, repeat=repeat, warmup=1)
 
 
@@ -110,10 +111,10 @@ def prefill_bound(ours, length: int, repeat: int) -> tuple[float, float]:
 
 
 def decode_bound(ours, batch: int, context: int, steps: int, repeat: int) -> tuple[float, float]:
-    """(bound_s, bytes/s): ``steps`` replayed passes over every projection and the LM head on ``batch`` rows, plus
-    the KV caches and SSM states read each step at the bandwidth that replay achieved."""
+    """(bound_s, bytes/s): ``steps`` reads of every projection weight and the LM head, plus the KV caches and SSM
+    states read each step at the bandwidth those reads reached."""
     weights = linears(ours) + [ours.lm_head.weight.detach()]
-    t = replay_s(weights, batch, steps, repeat)
+    t = replay_s(weights, 0, steps, repeat)
     wbytes = sum(w.numel() * w.element_size() for w in weights)
     extra = 0
     for m in mixers(ours):
