@@ -29,12 +29,13 @@ def _gemm_flops(name: str, args) -> float:
     return 2.0 * a.numel() * b.shape[-1]
 
 
-def _bytes(args, out) -> float:
-    """Bytes read and written by a non-GEMM op; 0 for views (an output sharing an input's storage)."""
+def _bytes(name: str, args, out) -> float:
+    """Bytes read and written by a non-GEMM op; 0 for views (an out-of-place op whose output shares an input's
+    storage); in-place ops (``add_``, ``copy_``) count their inputs and the written output."""
     ins = [t for t in args if isinstance(t, torch.Tensor)]
     outs = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
     ptrs = {t.untyped_storage().data_ptr() for t in ins}
-    if outs and all(t.untyped_storage().data_ptr() in ptrs for t in outs):
+    if not name.endswith("_") and outs and all(t.untyped_storage().data_ptr() in ptrs for t in outs):
         return 0.0
     return float(sum(t.numel() * t.element_size() for t in (*ins, *outs)))
 
@@ -61,7 +62,7 @@ class OpProfiler(TorchDispatchMode):
         if name in GEMMS:
             self.flops[name] += _gemm_flops(name, args)
         else:
-            self.bytes[name] += _bytes(args, out)
+            self.bytes[name] += _bytes(name, args, out)
         return out
 
     def _wrap(self, module, attr: str, label: str, cost) -> None:
