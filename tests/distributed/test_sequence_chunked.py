@@ -32,12 +32,13 @@ def _err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def _layers() -> dict:
     from ssmkit.layers import H3, RGLRU, S4, S4D, GatedSSM, LongConv, Mamba, Mamba2
+    from ssmkit.layers.mamba3 import Mamba3
 
     return {"mamba": lambda: Mamba(6, d_state=4, d_conv=4), "s4d": lambda: S4D(6, d_state=4),
             "mamba2": lambda: Mamba2(6, d_state=4, headdim=4, chunk_size=4), "gated": lambda: GatedSSM(6),
             "rglru": lambda: RGLRU(6), "h3": lambda: H3(6, d_state=4, n_heads=2),
             "longconv": lambda: LongConv(6, kernel_len=5), "s4-ptd": lambda: S4(6, d_state=4, init="ptd"),
-            "s4-dplr": lambda: S4(6, d_state=4)}
+            "s4-dplr": lambda: S4(6, d_state=4), "mamba3": lambda: Mamba3(6, d_state=4, headdim=3)}
 
 
 def _state_case(name: str, make, length: int, rank: int, size: int) -> list[str]:

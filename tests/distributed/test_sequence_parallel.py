@@ -23,6 +23,7 @@ def _families() -> dict:
     from ssmkit.layers.gqa import GQAttention
     from ssmkit.layers.griffin import GriffinRecurrent
     from ssmkit.layers.local_gqa import LocalGQAttention
+    from ssmkit.layers.mamba3 import Mamba3
     from ssmkit.layers.moe import MoE
     from ssmkit.layers.normed_mamba import NormedMamba
 
@@ -44,6 +45,8 @@ def _families() -> dict:
         "gqa": lambda: GQAttention(8, n_heads=4, n_kv_heads=2, rotary_dim=2, scale=0.3, key_multiplier=1.5),
         "local-gqa": lambda: LocalGQAttention(8, n_heads=2, n_kv_heads=1, rotary_dim=4, window=3, out_bias=True),
         "griffin": lambda: GriffinRecurrent(8, lru_width=8, n_heads=2, conv_width=4),
+        "mamba3": lambda: Mamba3(8, d_state=4, headdim=4, rope_fraction=1.0),
+        "mamba3-mimo": lambda: Mamba3(8, d_state=4, headdim=8, mimo_rank=2),
         "s6": lambda: S6(8, d_state=4),
         "h3s6": lambda: H3S6(8, d_state=4, shift_len=3),
         "mamba-s4d": lambda: MambaS4D(8, d_state=4, d_conv=3),
@@ -147,7 +150,7 @@ def _errors_case(size: int) -> list[str]:
     except NotImplementedError as e:
         if "reverse=True" not in str(e) or "\n" in str(e):
             out.append(f"unclear reverse-state error: {e}")
-    for layer, word in ((Mamba3(8, d_state=4, headdim=4), "Mamba3"),):
+    for layer, word in ((Mamba3(8, d_state=4, headdim=4, reverse=True), "reverse=True"),):
         try:
             SequenceParallel(layer, None)
             out.append(f"an unsupported {word} layer was accepted")

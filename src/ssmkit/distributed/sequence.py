@@ -52,7 +52,7 @@ from .sequence_comm import all_gather, all_gather_autograd, group_rank_size
 from .sequence_recurrent import recurrent_forward
 
 #: recurrent layers (subclasses included: NormedMamba, FalconH1's Mamba-2): :mod:`.sequence_recurrent`
-RECURRENT = (Mamba, Mamba2, S4D, GatedSSM, RGLRU, H3, LongConv, S4, S6, H3S6, MambaS4D, GriffinRecurrent)
+RECURRENT = (Mamba, Mamba2, Mamba3, S4D, GatedSSM, RGLRU, H3, LongConv, S4, S6, H3S6, MambaS4D, GriffinRecurrent)
 #: attention layers: ring attention (:mod:`.ring_attention`); LocalGQAttention and Zamba2's shared attention are
 #: GQAttention subclasses
 ATTENTION = (Attention, GQAttention)
@@ -107,9 +107,8 @@ def gather_sequence(x: Tensor, group: dist.ProcessGroup | None = None, *, dim: i
 def check_supported(layer: nn.Module) -> None:
     """NotImplementedError (one line) unless ``layer`` has an exact sequence-parallel form here."""
     name = type(layer).__name__
-    if isinstance(layer, Mamba3):
-        raise NotImplementedError(f"sequence parallel: {name} is not supported yet (its rotation angle enters the "
-                                  f"state nonlinearly; see docs/distributed.md)")
+    if isinstance(layer, Mamba3) and layer.reverse:
+        raise NotImplementedError(f"sequence parallel: {name} with reverse=True is not supported")
     if not isinstance(layer, SUPPORTED):
         raise NotImplementedError(f"sequence parallel: {name} is not supported yet (supported: "
                                   f"{', '.join(c.__name__ for c in SUPPORTED)} and their subclasses)")

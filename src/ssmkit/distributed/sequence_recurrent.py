@@ -40,7 +40,8 @@ from torch import Tensor
 
 from ..layers.base import LayerState, SequenceLayer
 from ..layers.griffin import GriffinRecurrent
-from . import sequence_dense
+from ..layers.mamba3 import Mamba3
+from . import sequence_dense, sequence_mamba3
 from .sequence_comm import all_gather, all_gather_autograd, group_rank_size
 
 #: state fields that hold the last inputs of a convolution, time last (Mamba/Mamba2 conv, H3 shift,
@@ -342,8 +343,12 @@ def recurrent_forward(layer: SequenceLayer, x: Tensor, reset: Tensor | None, gro
             raise ValueError(f"sequence parallel: {type(layer).__name__} got an initial_state on rank {rank}; "
                              f"only rank 0 of the group takes one (later ranks start from the earlier shards)")
         init = _fields(layer.check_state(initial_state, batch))
-    halo = true_halo(layer, x, reset, zf, group, init)
-    names = _given(zf)
+    if isinstance(layer, Mamba3):  # angle, k, x exchanged exactly (.sequence_mamba3); h affine given them
+        halo = sequence_mamba3.given_fields(layer, x, reset, zf, group, init, _local)
+        names = list(sequence_mamba3.GIVEN)
+    else:
+        halo = true_halo(layer, x, reset, zf, group, init)
+        names = _given(zf)
     inits = [] if init is None else [n for n in zf if n not in names]
     params = [p for p in layer.parameters() if p.requires_grad]
     need_grad = torch.is_grad_enabled() and (x.requires_grad or bool(params)
