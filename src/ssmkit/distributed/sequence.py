@@ -12,7 +12,7 @@ NormedMamba, Griffin: :mod:`.sequence_recurrent`), S4 with its DPLR state (a den
 the same layers with ``reverse=True`` (summaries flow from rank P - 1 down) and the wrappers built of them
 (Bidirectional, PrefixBidirectional), causal / sliding-window / prefix-masked attention and GQA / local GQA (ring
 attention: :mod:`.ring_attention`, :mod:`.ring_prefix`), per-token layers (FeedForward, MoE) and the hybrid blocks
-that combine them per position (FalconH1's ParallelHybrid, Zamba2Hybrid). Mamba3 is refused (one line).
+that combine them per position (FalconH1's ParallelHybrid, Zamba2Hybrid), and Mamba3 (:mod:`.sequence_mamba3`).
 Per-token modules (embeddings, norms, MLPs, heads) need nothing. See docs/distributed.md, "Sequence parallel".
 
 Weight gradients: each rank holds the gradient of its own shard's share of the loss, so the gradients of a
