@@ -59,6 +59,15 @@ class LayerState:
         return out
 
 
+def cut_at_segment_start(state: LayerState, reset: Tensor | None) -> LayerState:
+    """Right-to-left chunks: zero the carried state of rows whose chunk starts a segment (reset[:, 0]), since
+    the chunk to the left belongs to another segment."""
+    if reset is None:
+        return state
+    keep = ~reset[:, 0]
+    return state.map(lambda t: t * keep.view(-1, *([1] * (t.ndim - 1))).to(t.dtype))
+
+
 class SequenceLayer(nn.Module):
     """Base class: input checks, state checks and the default ``step`` (forward over one token).
 

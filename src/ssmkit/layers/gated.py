@@ -17,7 +17,15 @@ from torch import Tensor, nn
 from ssmkit.ops import linear_scan
 from ssmkit.ops.linear_scan import compute_dtype
 
-from .base import LayerState, SequenceLayer, check_d_model, check_flag, state_kwargs, to_compute
+from .base import (
+    LayerState,
+    SequenceLayer,
+    check_d_model,
+    check_flag,
+    cut_at_segment_start,
+    state_kwargs,
+    to_compute,
+)
 
 
 @dataclass
@@ -113,7 +121,10 @@ class _GatedBase(SequenceLayer):
             a, b, initial_state=h0, reset=reset, reverse=self.reverse, return_final_state=True
         )
         y = self._out(h, gate)
-        return (y, self.state_cls(h=h_last)) if return_final_state else y
+        if not return_final_state:
+            return y
+        state = self.state_cls(h=h_last)
+        return y, (cut_at_segment_start(state, reset) if self.reverse else state)
 
     def step(self, x_t: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         """One token x_t: (batch, d_model) -> (y_t (batch, d_model), new state); O(1) in the length."""

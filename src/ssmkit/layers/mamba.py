@@ -21,6 +21,7 @@ from .base import (
     SequenceLayer,
     check_d_model,
     check_state_dtypes,
+    cut_at_segment_start,
     flip_reset,
     linear_weights,
     state_kwargs,
@@ -67,15 +68,6 @@ def init_dt_bias(bias: Tensor, dt_min: float, dt_max: float, dt_init_floor: floa
         u = torch.rand(bias.shape, dtype=torch.float32, device=bias.device)
         dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
         bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-
-
-def cut_at_segment_start(state: LayerState, reset: Tensor | None) -> LayerState:
-    """Right-to-left chunks: zero the carried state of rows whose chunk starts a segment (reset[:, 0]), since
-    the chunk to the left belongs to another segment."""
-    if reset is None:
-        return state
-    keep = ~reset[:, 0]
-    return state.map(lambda t: t * keep.view(-1, *([1] * (t.ndim - 1))).to(t.dtype))
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -55,6 +55,7 @@ from .base import (
     check_choice,
     check_d_model,
     check_flag,
+    cut_at_segment_start,
     flip_reset,
     no_autocast,
     state_kwargs,
@@ -269,7 +270,10 @@ class ChannelSSM(SequenceLayer):
             y, s = self._ssm(xc, s0, reset, mode, return_final_state)
             y = y + xc * self.D.to(rdt)
         y = self.out(y.to(x.dtype))
-        return (y, self.state_cls(s=s)) if return_final_state else y
+        if not return_final_state:
+            return y
+        state = self.state_cls(s=s)
+        return y, (cut_at_segment_start(state, reset) if self.reverse else state)
 
     def step(self, x_t: Tensor, state: LayerState) -> tuple[Tensor, LayerState]:
         """One token x_t: (batch, d_model) -> (y_t, new state); O(1). reverse=True: feed tokens last first."""
