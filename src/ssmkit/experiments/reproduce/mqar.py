@@ -70,9 +70,11 @@ def full() -> Budget:
         "vocabulary 128/256 for L=64/128 (64 for docs/init.md's L=32), 1,500 steps of 32 sequences (48K "
         "sequences, about 1/100 of Zoology's), one learning rate (2e-3, where the attention preset learns L=64 "
         "with 8 pairs; docs/init.md), one seed. Left out for time: L=256 and 512, 32-64 pairs, RG-LRU (GatedSSM "
-        "stands for the gated linear recurrences), width 512. Runtime: about 2 hours on an idle 2-core machine, "
-        "estimated from the measured per-run times in the report (1 thread per run); 2-3x that at a load of 10. "
-        "Run parts of it with --only, e.g. --only '*-w64-L64-kv8'."))
+        "stands for the gated linear recurrences), width 512. Runtime (1 thread per run, one run at a time): "
+        "measured at a load of 7-10 on the shared 2-core machine, the width-64 part took 19 min and the L=32 "
+        "part 26 min, which puts the whole budget at about 5 h at that load; runs there are 3-5x slower than "
+        "idle (attention at L=32: 250 s against ~50 s, docs/init.md), so 1-1.6 h on an idle machine "
+        "(estimated, not measured). Run parts of it with --only, e.g. --only '*-w64-L64-kv8'."))
 
 
 def quick() -> Budget:
