@@ -148,13 +148,12 @@ class Attention(SequenceLayer):
     # ------------------------------------------------------------------------------------------ state
     def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None) -> AttentionState:
         """An empty KV cache for ``batch_size`` sequences."""
-        w = self.qkv.weight
-        dt = dtype or w.dtype
-        kv = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, dtype=dt, device=w.device)
+        dt, device = dtype or self.param_dtype, self.param_device  # qkv may be int8/int4/W8A8: no .weight
+        kv = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, dtype=dt, device=device)
         return AttentionState(
             k=kv,
             v=kv.clone(),
-            pos=torch.zeros(batch_size, dtype=torch.long, device=w.device),
+            pos=torch.zeros(batch_size, dtype=torch.long, device=device),
         )
 
     def check_state(self, state: object, batch_size: int, dtype: torch.dtype | None = None) -> AttentionState:
