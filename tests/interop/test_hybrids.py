@@ -5,8 +5,6 @@ directories), and one-line errors for options ssmkit does not implement. Never t
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -17,6 +15,14 @@ transformers = pytest.importorskip("transformers")
 from ssmkit.infer import generate  # noqa: E402
 from ssmkit.interop import from_transformers, to_transformers  # noqa: E402
 from ssmkit.models import CausalLM, ModelConfig  # noqa: E402
+from tests.interop.hybrid_checks import (  # noqa: E402
+    check_directory_round_trip,
+    chunked_logits,
+    logits,
+    max_err,
+    quiet_one_thread,
+    tokens,
+)
 from tests.layers.contract import assert_close  # noqa: E402
 
 TOL = 1e-4
@@ -24,26 +30,8 @@ TOL = 1e-4
 
 @pytest.fixture(autouse=True)
 def _quiet_one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than the work
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        transformers.logging.set_verbosity_error()
+    with quiet_one_thread():
         yield
-    torch.set_num_threads(n)
-
-
-def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
-def logits(model, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x).logits
 
 
 def uses_moe(model: CausalLM) -> bool:
@@ -108,31 +96,12 @@ def test_greedy_generation_matches_transformers_generate(name):
 def test_cached_chunks_and_steps_equal_the_full_forward(name):
     ours = from_transformers(HF_MODELS[name]()).double()
     x = tokens(2, 16, seed=4)
-    with torch.no_grad():
-        full = ours(x).logits
-        parts, state, pos = [], None, 0
-        for n in (4, 3, 1, 5, 1, 2):  # multi-token chunks through the cache, and single steps
-            if n == 1:
-                lg, state = ours.step(x[:, pos], state)
-                parts.append(lg[:, None])
-            else:
-                out = ours(x[:, pos:pos + n], initial_state=state, return_final_state=True)
-                parts.append(out.logits)
-                state = out.state
-            pos += n
-    assert pos == x.shape[1]
-    assert_close(torch.cat(parts, 1), full, 1e-10, f"{name} chunked")
+    full = logits(ours, x)
+    assert_close(chunked_logits(ours, x), full, 1e-10, f"{name} chunked")  # chunks through the cache, steps
 
 
 def test_directories_round_trip(tmp_path):
-    hf = HF_MODELS["nemotron_h"]()
-    hf.save_pretrained(tmp_path / "hf")
-    ours = from_transformers(tmp_path / "hf")
-    x = tokens(1, 9, seed=5)
-    assert max_err(logits(ours, x), logits(hf, x)) <= TOL
-    ours.save_pretrained(tmp_path / "ours")
-    back = to_transformers(tmp_path / "ours")
-    assert torch.equal(logits(back, x), logits(hf, x))
+    check_directory_round_trip(HF_MODELS["nemotron_h"](), tmp_path, TOL)
 
 
 @pytest.mark.parametrize("make, match", [

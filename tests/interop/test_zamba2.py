@@ -5,8 +5,6 @@ passing, packing) in float64. Never touches the hub."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -18,6 +16,12 @@ from ssmkit.infer import generate  # noqa: E402
 from ssmkit.interop import from_transformers, to_transformers  # noqa: E402
 from ssmkit.layers.zamba2_shared import Zamba2Hybrid  # noqa: E402
 from ssmkit.models import CausalLM, ModelConfig  # noqa: E402
+from tests.interop.hybrid_checks import (  # noqa: E402
+    chunked_logits,
+    logits,
+    quiet_one_thread,
+    tokens,
+)
 from tests.layers.contract import assert_close  # noqa: E402
 
 TOL = 1e-4
@@ -25,13 +29,8 @@ TOL = 1e-4
 
 @pytest.fixture(autouse=True)
 def _quiet_one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        transformers.logging.set_verbosity_error()
+    with quiet_one_thread():
         yield
-    torch.set_num_threads(n)
 
 
 def zamba2(seed: int = 0, **kw) -> torch.nn.Module:
@@ -70,15 +69,6 @@ MODELS = {
 # transformers 5.25's one-token Mamba-2 step ignores time_step_min, which its chunked forward applies as a floor on
 # dt: with "zamba2-gqa-bias-silu" its cached step's logits drift 2.6e-4 from its own full forward, but its greedy
 # tokens still agree with its uncached generate and with ssmkit's (whose step applies the floor).
-
-
-def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x).logits
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -123,19 +113,8 @@ def test_greedy_generation_matches_transformers_generate(name):
 def test_cached_chunks_and_steps_equal_the_full_forward(name):
     ours = from_transformers(MODELS[name]()).double()
     x = tokens(2, 16, seed=4)
-    with torch.no_grad():
-        full = ours(x).logits
-        parts, state, pos = [], None, 0
-        for n in (4, 3, 1, 5, 1, 2):  # multi-token chunks through the cache, and single steps
-            if n == 1:
-                lg, state = ours.step(x[:, pos], state)
-                parts.append(lg[:, None])
-            else:
-                out = ours(x[:, pos:pos + n], initial_state=state, return_final_state=True)
-                parts.append(out.logits)
-                state = out.state
-            pos += n
-    assert_close(torch.cat(parts, 1), full, 1e-10, f"{name} chunked")
+    full = logits(ours, x)
+    assert_close(chunked_logits(ours, x), full, 1e-10, f"{name} chunked")  # chunks through the cache, steps
 
 
 def test_packed_sequences_equal_separate_runs():
