@@ -32,7 +32,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .decode_linear import decode_fusable, dequantized
-from .mamba_step import WeightsKey, _cols, _desc, _np, _rms_norm, _stacked, _valid_groups, check_stack_extras
+from .mamba_step import (
+    WeightsKey,
+    _cols,
+    _desc,
+    _np,
+    _stacked,
+    _valid_groups,
+    check_stack_extras,
+    stack_by_blocks,
+)
 from .threads import kernel_threads
 
 
@@ -222,19 +231,7 @@ def mamba2_stack_step(h: Tensor, plan: Mamba2StackPlan, conv_states: list[Tensor
     fused = (plan.fusable and batch > 0 and all(t.dtype == plan.dtype for t in tensors)
              and decode_fusable(h, tensors + [t for w in plan.layers for t in w.tensors()]))
     if not fused:
-        convs, ssms = [], []
-        for i, w in enumerate(plan.layers):
-            norm = None if plan.norm_weights is None else plan.norm_weights[i]
-            y, c, s = _torch_step(_rms_norm(h, norm, plan.eps), w, conv_states[i], ssm_states[i])
-            h = h + y if plan.residual else y
-            convs.append(c)
-            ssms.append(s)
-        hidden = _rms_norm(h, plan.final_weight, plan.final_eps)
-        logits = None
-        if plan.head is not None:
-            hw, hs, hb = plan.head
-            logits = F.linear(hidden, dequantized(hw, hs, hidden.dtype), hb)
-        return hidden, convs, ssms, logits
+        return stack_by_blocks(h, plan, conv_states, ssm_states, _torch_step)
     from . import _numba_decode as D
     from . import _numba_decode_mamba2 as D2
 

@@ -253,6 +253,26 @@ def _rms_norm(h: Tensor, w: Tensor | None, eps: float) -> Tensor:
     return h if w is None else h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
+def stack_by_blocks(h: Tensor, plan, conv_states: list[Tensor], ssm_states: list[Tensor], step
+                    ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor | None]:
+    """A stack plan's step block by block in torch ops (differentiable; the path when the kernel does not apply):
+    h <- h + step(rmsnorm(h)) per layer, the final norm, and the head if the plan has one. ``step(x, weights,
+    conv_state, ssm_state) -> (y, conv_state, ssm_state)`` is the family's one-layer step."""
+    convs, ssms = [], []
+    for i, w in enumerate(plan.layers):
+        norm = None if plan.norm_weights is None else plan.norm_weights[i]
+        y, c, s = step(_rms_norm(h, norm, plan.eps), w, conv_states[i], ssm_states[i])
+        h = h + y if plan.residual else y
+        convs.append(c)
+        ssms.append(s)
+    hidden = _rms_norm(h, plan.final_weight, plan.final_eps)
+    logits = None
+    if plan.head is not None:
+        hw, hs, hb = plan.head
+        logits = F.linear(hidden, dequantized(hw, hs, hidden.dtype), hb)
+    return hidden, convs, ssms, logits
+
+
 def _stacked(states: list[Tensor]) -> Tensor:
     """(L, ...) contiguous: the stacked tensor the states are views of (what the last step returned), or a copy."""
     base = states[0]._base
@@ -287,19 +307,7 @@ def mamba_stack_step(h: Tensor, plan: MambaStackPlan, conv_states: list[Tensor],
              and not (torch.is_grad_enabled() and any(t.requires_grad for w in plan.layers for t in w
                                                       if t is not None)))
     if not fused:
-        convs, ssms = [], []
-        for i, w in enumerate(plan.layers):
-            norm = None if plan.norm_weights is None else plan.norm_weights[i]
-            y, c, s = _torch_step(_rms_norm(h, norm, plan.eps), w, conv_states[i], ssm_states[i])
-            h = h + y if plan.residual else y
-            convs.append(c)
-            ssms.append(s)
-        hidden = _rms_norm(h, plan.final_weight, plan.final_eps)
-        logits = None
-        if plan.head is not None:
-            hw, hs, hb = plan.head
-            logits = F.linear(hidden, _weight(hw, hs, hidden.dtype), hb)
-        return hidden, convs, ssms, logits
+        return stack_by_blocks(h, plan, conv_states, ssm_states, _torch_step)
     from . import _numba_decode as D
 
     a = plan.arrays
