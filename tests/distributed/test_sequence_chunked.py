@@ -10,19 +10,12 @@ One spawn of P = 2 gloo processes (uneven shards) runs every case; the parent wa
 
 from __future__ import annotations
 
-import os
-import queue as queue_mod
-import tempfile
-import time
-import traceback
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-TIMEOUT = 120.0
+from .sp_common import spawn
+
 TOL = 1e-10
 
 
@@ -134,52 +127,22 @@ def _late_state_case(rank: int) -> list[str]:
         return [] if "only rank 0" in str(e) and "\n" not in str(e) else [f"unclear late-state error: {e}"]
 
 
-def _worker(rank: int, size: int, init_file: str, queue) -> None:
-    torch.set_num_threads(1)
+def _cases(size: int, rank: int) -> tuple[int, list[str]]:
     import ssmkit.distributed.sequence_recurrent as recurrent
 
     recurrent.SUMMARY_CHUNK = 2
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size,
-                            timeout=timedelta(seconds=TIMEOUT))
-    try:
-        fails, ran = [], 0
-        for name, make in _layers().items():
-            fails += _state_case(name, make, 3 * size + 1, rank, size)
-            ran += 1
-        fails += _chunked_case(rank, size)
-        fails += _late_state_case(rank)
-        queue.put((rank, ran + 1, fails))
-    except BaseException:
-        queue.put((rank, -1, [traceback.format_exc()]))
-    finally:
-        dist.destroy_process_group()
+    fails, ran = [], 0
+    for name, make in _layers().items():
+        fails += _state_case(name, make, 3 * size + 1, rank, size)
+        ran += 1
+    fails += _chunked_case(rank, size)
+    fails += _late_state_case(rank)
+    return ran + 1, fails
 
 
 @pytest.mark.parametrize("size", [2])
 def test_state_passing_and_chunked_training_equal_one_process(size):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        procs = [ctx.Process(target=_worker, args=(r, size, init_file, queue)) for r in range(size)]
-        for p in procs:
-            p.start()
-        results, deadline = [], time.monotonic() + TIMEOUT
-        try:
-            while len(results) < size and time.monotonic() < deadline:
-                try:
-                    results.append(queue.get(timeout=1.0))
-                except queue_mod.Empty:
-                    if any(p.exitcode not in (None, 0) for p in procs):
-                        break
-        finally:
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-    reported = "\n".join(f for _, _, fails in results for f in fails)
-    assert len(results) == size, f"only {len(results)} of {size} ranks reported within {TIMEOUT} s:\n{reported}"
-    for _, ran, fails in sorted(results):
+    results = spawn(_cases, size)
+    for _, ran, fails in results:
         assert not fails, "\n".join(fails)
         assert ran == len(_layers()) + 1
