@@ -57,6 +57,10 @@ def check_autocast_close(module, x, what: str, dtype: torch.dtype = torch.bfloat
 def test_every_registry_mixer_under_autocast(name):
     torch.manual_seed(0)
     layer = build_mixer(name, 16, {})
+    if getattr(layer, "takes_residual", False):  # needs the model's embeddings and shared blocks: a whole model
+        model = CausalLM(ModelConfig(d_model=16, pattern=f"{name}*2", vocab_size=32))
+        check_autocast_close(model, torch.randint(0, 32, (2, 24)), name)
+        return
     check_autocast_close(layer, torch.randn(2, 24, 16), name)
 
 
@@ -86,10 +90,17 @@ def test_bfloat16_inputs_and_states_under_autocast(name):
     torch.manual_seed(2)
     layer = build_mixer(name, 16, {})
     x = torch.randn(2, 20, 16).bfloat16()
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        whole = layer(x)
-        y1, s = layer(x[:, :7], return_final_state=True)
-        y2 = layer(x[:, 7:], s)
+    if getattr(layer, "takes_residual", False):  # needs the model's embeddings and shared blocks: a whole model
+        model = CausalLM(ModelConfig(d_model=16, pattern=f"{name}*2", vocab_size=32))
+        ids = torch.randint(0, 32, (2, 20))
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            whole, first = model(ids).logits, model(ids[:, :7], return_final_state=True)
+            y1, s, y2 = first.logits, first.state.layers[0], model(ids[:, 7:], initial_state=first.state).logits
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            whole = layer(x)
+            y1, s = layer(x[:, :7], return_final_state=True)
+            y2 = layer(x[:, 7:], s)
     raw = (torch.bfloat16,) if name == "longconv" else ()  # LongConv's state is its last inputs, kept exactly
     assert all(t.dtype in (torch.float32, torch.complex64, torch.long, *raw) for t in s.tensors().values()), name
     assert rel_l2(torch.cat([y1, y2], 1).float(), whole.float()) <= OUT_TOL, name
