@@ -127,20 +127,15 @@ class GQAttention(SequenceLayer):
         return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin, rest], dim=-1)
 
     # ------------------------------------------------------------------------------------------ forward
-    @state_kwargs
-    def forward(self, x: Tensor, initial_state: AttentionState | None = None, *, reset: Tensor | None = None,
-                return_final_state: bool = False):
-        """x: (batch, length, d_model) -> y, or (y, KV cache) with ``return_final_state``.
-
-        initial_state: a KV cache to continue from; reset: (batch, length) bool segment starts (no attention
-        across segments; rotary positions restart)."""
+    def _heads(self, x: Tensor, initial_state: AttentionState | None, reset: Tensor | None):
+        """Checked x, reset and cache, then q (batch, n_heads, length, head_dim), k and v (batch, n_kv_heads,
+        length, head_dim), rotated at their positions, and the segment ids and positions (batch, length)."""
         x = self.check_input(x)
         self.check_dtype(x)
         reset = self.check_reset(reset, x)
         batch, length, _ = x.shape
         if initial_state is not None:
             initial_state = self._check_cache(initial_state, batch, self.act_dtype(x))
-        cache_len = 0 if initial_state is None else initial_state.k.shape[2]
         # under autocast q, k, v (and the cache) are float32; the attention itself runs in autocast's dtype
         q, k, v = to_compute(self, self.q_proj(x), self.k_proj(x), self.v_proj(x))
         if self.key_multiplier != 1.0:
@@ -151,6 +146,30 @@ class GQAttention(SequenceLayer):
         seg, pos = segments_and_positions(batch, length, reset, initial_state, x.device)
         if self.rotary_dim:
             q, k = self._rotate(q, pos), self._rotate(k, pos)
+        return x, reset, initial_state, q, k, v, seg, pos
+
+    @staticmethod
+    def _with_cache(initial_state: AttentionState | None, k: Tensor, v: Tensor, seg: Tensor):
+        """Keys and values after the cache, and each key's segment id: cached entries of the current segment are
+        segment 0, older ones -1 (new keys keep ``seg``)."""
+        if initial_state is None:
+            return k, v, seg
+        cache_len = initial_state.k.shape[2]
+        keys, vals = torch.cat([initial_state.k, k], 2), torch.cat([initial_state.v, v], 2)
+        cached = torch.arange(cache_len, device=k.device)[None, :]
+        current = cached >= cache_len - initial_state.pos.clamp(max=cache_len)[:, None]
+        return keys, vals, torch.cat([current.long() - 1, seg], 1)
+
+    @state_kwargs
+    def forward(self, x: Tensor, initial_state: AttentionState | None = None, *, reset: Tensor | None = None,
+                return_final_state: bool = False):
+        """x: (batch, length, d_model) -> y, or (y, KV cache) with ``return_final_state``.
+
+        initial_state: a KV cache to continue from; reset: (batch, length) bool segment starts (no attention
+        across segments; rotary positions restart)."""
+        x, reset, initial_state, q, k, v, seg, pos = self._heads(x, initial_state, reset)
+        batch, length, _ = x.shape
+        cache_len = 0 if initial_state is None else initial_state.k.shape[2]
         keys, vals = k, v
         gqa = self.n_heads != self.n_kv_heads
         if initial_state is None and reset is None:
@@ -160,12 +179,7 @@ class GQAttention(SequenceLayer):
             keys, vals = torch.cat([initial_state.k, k], 2), torch.cat([initial_state.v, v], 2)
             out = F.scaled_dot_product_attention(q, keys, vals, scale=self.scale, enable_gqa=gqa)
         else:
-            key_seg = seg
-            if initial_state is not None:  # cached entries of the current segment are segment 0; older ones -1
-                keys, vals = torch.cat([initial_state.k, k], 2), torch.cat([initial_state.v, v], 2)
-                cached = torch.arange(cache_len, device=x.device)[None, :]
-                current = cached >= cache_len - initial_state.pos.clamp(max=cache_len)[:, None]
-                key_seg = torch.cat([current.long() - 1, seg], 1)
+            keys, vals, key_seg = self._with_cache(initial_state, k, v, seg)
             idx = torch.arange(length, device=x.device)
             rel = idx[:, None] + cache_len - torch.arange(keys.shape[2], device=x.device)[None, :]
             allowed = (key_seg[:, None, :] == seg[:, :, None]) & (rel >= 0)[None]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import AttentionState, segments_and_positions
+from .attention import AttentionState
 from .base import state_kwargs, to_compute
 from .ffn import check_positive_int
 from .gqa import GQAttention
@@ -40,26 +40,10 @@ class LocalGQAttention(GQAttention):
         """x: (batch, length, d_model) -> y, or (y, KV cache) with ``return_final_state``.
 
         initial_state: a KV cache to continue from; reset: (batch, length) bool segment starts."""
-        x = self.check_input(x)
-        self.check_dtype(x)
-        reset = self.check_reset(reset, x)
+        x, reset, initial_state, q, k, v, seg, pos = self._heads(x, initial_state, reset)
         batch, length, _ = x.shape
-        if initial_state is not None:
-            initial_state = self._check_cache(initial_state, batch, self.act_dtype(x))
         cache_len = 0 if initial_state is None else initial_state.k.shape[2]
-        q, k, v = to_compute(self, self.q_proj(x), self.k_proj(x), self.v_proj(x))
-        q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        seg, pos = segments_and_positions(batch, length, reset, initial_state, x.device)
-        if self.rotary_dim:
-            q, k = self._rotate(q, pos), self._rotate(k, pos)
-        keys, vals, key_seg = k, v, seg
-        if initial_state is not None:  # cached entries of the current segment are segment 0; older ones -1
-            keys, vals = torch.cat([initial_state.k, k], 2), torch.cat([initial_state.v, v], 2)
-            current = torch.arange(cache_len, device=x.device)[None, :] >= \
-                cache_len - initial_state.pos.clamp(max=cache_len)[:, None]
-            key_seg = torch.cat([current.long() - 1, seg], 1)
+        keys, vals, key_seg = self._with_cache(initial_state, k, v, seg)
         gqa = self.n_heads != self.n_kv_heads
         if initial_state is None and reset is None and length <= self.window:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
