@@ -17,7 +17,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from ..ops._numba_decode import _claim, _finish_stage, _next_chunk, _rms_norm, _wait_stage
+from ..ops._numba_decode import _claim, _finish_stage, _next_chunk, _norm_stage, _rms_norm, _wait_stage
 from ._numba_spec_stages import _gemm, _in_conv, _out_rows, _scan, _x_rows
 
 _ROWS_IN = 32  # in_proj rows per chunk
@@ -45,10 +45,7 @@ def verify_tree(h, parents, win, act_b, act_i, n_nodes, norm_w, eps, final_w, fi
         for layer in range(n_layers):
             st = 5 * layer
             wi, wx, wo = w_in[layer], w_x[layer], w_out[layer]
-            if _claim(counters, st, 0, n_threads) == 0:
-                _rms_norm(h, norm_w[layer], eps, xn)
-                _finish_stage(counters, st, n_threads)
-            _wait_stage(counters, st, 1, n_threads)
+            _norm_stage(counters, st, n_threads, h, norm_w[layer], eps, xn, True)
             n1 = (wi.shape[0] + _ROWS_IN - 1) // _ROWS_IN
             cursor[0] = 0
             while True:

@@ -247,6 +247,18 @@ def _rms_norm(h, w, eps, out):
             out[b, k] = h[b, k] * inv * w[k]
 
 
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _norm_stage(counters, stage, n_threads, h, w, eps, xn, residual):
+    """A block's norm stage (one chunk: it needs the whole row): the first thread to claim it writes
+    xn = rmsnorm(h) and, without a residual, zeroes h; every thread then waits for it."""
+    if _claim(counters, stage, 0, n_threads) == 0:
+        _rms_norm(h, w, eps, xn)
+        if not residual:
+            h[:, :] = 0
+        _finish_stage(counters, stage, n_threads)
+    _wait_stage(counters, stage, 1, n_threads)
+
+
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, conv_w, conv_b, conv_state, w_x, s_x,
                 w_dt, b_dt, a_log, d_skip, w_out, s_out, b_out, ssm_state, conv_new, ssm_new, xn, xz, u, xdbl, y,
@@ -283,13 +295,7 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
             al, dsk, ss, sn = a_log[layer], d_skip[layer], ssm_state[layer], ssm_new[layer]
             wo, so, bo, nw = w_out[layer], s_out[layer], b_out[layer], norm_w[layer]
             n_state, rank, width = al.shape[1], wdt.shape[1], cw.shape[1]
-            # stage 0: the block's norm (one chunk: it needs the whole row)
-            if _claim(counters, st, 0, n_threads) == 0:
-                _rms_norm(h, nw, eps, xn)
-                if not residual:
-                    h[:, :] = 0
-                _finish_stage(counters, st, n_threads)
-            _wait_stage(counters, st, 1, n_threads)
+            _norm_stage(counters, st, n_threads, h, nw, eps, xn, residual)  # stage 0: the block's norm
             # stage 1: in_proj; the x half goes straight through the causal conv and SiLU
             n1 = (wi.shape[0] + _ROWS_IN - 1) // _ROWS_IN
             cursor[0] = 0

@@ -17,6 +17,7 @@ from ._numba_decode import (
     _claim,
     _finish_stage,
     _next_chunk,
+    _norm_stage,
     _rms_norm,
     _rows_block,
     _rows_stage,
@@ -77,13 +78,7 @@ def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in,
             wo, so, bo = w_out[layer], s_out[layer], b_out[layer]
             lo, hi, geps = consts[layer, 0], consts[layer, 1], consts[layer, 2]
             width = cw.shape[1]
-            # stage 0: the block's norm (one chunk: it needs the whole row)
-            if _claim(counters, st, 0, n_threads) == 0:
-                _rms_norm(h, norm_w[layer], eps, xn)
-                if not residual:
-                    h[:, :] = 0
-                _finish_stage(counters, st, n_threads)
-            _wait_stage(counters, st, 1, n_threads)
+            _norm_stage(counters, st, n_threads, h, norm_w[layer], eps, xn, residual)  # stage 0: the block's norm
             # stage 1: in_proj; z kept, (x, B, C) through the causal conv and SiLU, dt through softplus and clamp
             n1 = (wi.shape[0] + _ROWS_IN - 1) // _ROWS_IN
             cursor[0] = 0
