@@ -2,6 +2,7 @@
 
     python benchmarks/bench_distributed.py [--models mamba mamba2] [--lengths 262144 1048576]
                                            [--nprocs 1 2] [--chunk-len 32768] [--timeout 3600] [--quick]
+                                           [--d-model 256] [--n-layers 2]
     python benchmarks/bench_distributed.py --layer-memory --lengths 65536   # one layer, unchunked
 
 ``--layer-memory``: one mixer layer (d_model 256, the mixers below), forward + backward of the whole sequence,
@@ -45,10 +46,10 @@ MIB = 1 << 20
 SCRIPT = Path(__file__).resolve()
 
 
-def _model(name: str):
+def _model(name: str, d_model: int = D_MODEL, n_layers: int = N_LAYERS):
     from ssmkit.models import CausalLM, ModelConfig
 
-    cfg = ModelConfig(d_model=D_MODEL, n_layers=N_LAYERS, pattern=name, vocab_size=VOCAB,
+    cfg = ModelConfig(d_model=d_model, n_layers=n_layers, pattern=name, vocab_size=VOCAB,
                       mixer_options={name: MIXERS[name]})
     return CausalLM(cfg)
 
@@ -87,12 +88,13 @@ def _count_bytes() -> dict:
     return counts
 
 
-def worker(name: str, length: int, chunk_len: int, nproc: int, rank: int, init_file: str, timeout: float) -> dict:
+def worker(name: str, length: int, chunk_len: int, nproc: int, rank: int, init_file: str, timeout: float,
+           d_model: int = D_MODEL, n_layers: int = N_LAYERS) -> dict:
     import torch
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = _model(name)
+    model = _model(name, d_model, n_layers)
     x, labels = _tokens(length)
     counts = None
     if nproc > 1:
@@ -124,7 +126,8 @@ def worker(name: str, length: int, chunk_len: int, nproc: int, rank: int, init_f
     t0 = time.perf_counter()
     stats = step()
     seconds = time.perf_counter() - t0
-    out = {"model": name, "length": length, "chunk_len": chunk_len, "nproc": nproc, "rank": rank,
+    out = {"model": name, "d_model": d_model, "n_layers": n_layers, "length": length, "chunk_len": chunk_len,
+           "nproc": nproc, "rank": rank, "params": sum(p.numel() for p in model.parameters()),
            "seconds": seconds, "peak_rss": peak_rss_bytes(), "base_rss": base, "loss": stats["loss"],
            "chunks": stats["chunks"], "grad_norm": float(sum(p.grad.double().pow(2).sum()
                                                              for p in model.parameters()) ** 0.5)}
@@ -169,12 +172,13 @@ def layer_worker(name: str, length: int, nproc: int, rank: int, init_file: str, 
             "peak_rss": peak_rss_bytes(), "base_rss": base}
 
 
-def launch(name: str, length: int, chunk_len: int, nproc: int, timeout: float, kind: str = "--worker") -> list[dict]:
+def launch(name: str, length: int, chunk_len: int, nproc: int, timeout: float, kind: str = "--worker",
+           extra: tuple[str, ...] = ()) -> list[dict]:
     """``nproc`` fresh worker processes; every one is killed at the deadline."""
     with tempfile.TemporaryDirectory() as tmp:
         init = os.path.join(tmp, "init")
         procs = [subprocess.Popen([sys.executable, str(SCRIPT), kind, name, str(length), str(chunk_len),
-                                   str(nproc), str(r), init, str(timeout)], stdout=subprocess.PIPE,
+                                   str(nproc), str(r), init, str(timeout), *extra], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for r in range(nproc)]
         deadline = time.monotonic() + timeout
         results = []
@@ -195,8 +199,9 @@ def launch(name: str, length: int, chunk_len: int, nproc: int, timeout: float, k
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        n, length, chunk, nproc, rank, init, timeout = sys.argv[2:]
-        print(json.dumps(worker(n, int(length), int(chunk), int(nproc), int(rank), init, float(timeout))))
+        n, length, chunk, nproc, rank, init, timeout, d_model, n_layers = sys.argv[2:]
+        print(json.dumps(worker(n, int(length), int(chunk), int(nproc), int(rank), init, float(timeout),
+                                int(d_model), int(n_layers))))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--layer-worker":
         n, length, _, nproc, rank, init, timeout = sys.argv[2:]
@@ -209,11 +214,15 @@ def main() -> None:
     ap.add_argument("--chunk-len", type=int, default=32768)
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds before a run's processes are killed")
     ap.add_argument("--out", default="bench_distributed", help="results file name (benchmarks/results/NAME.json)")
+    ap.add_argument("--d-model", type=int, default=D_MODEL, help="model width (default: bench_longseq's 256)")
+    ap.add_argument("--n-layers", type=int, default=N_LAYERS, help="mixer layers (default 2)")
     ap.add_argument("--quick", action="store_true", help="small lengths (a smoke test of this script)")
     ap.add_argument("--layer-memory", action="store_true", help="one layer, unchunked (see the module docstring)")
     a = ap.parse_args()
     if a.quick:
         a.lengths, a.chunk_len = [8192], 2048
+    if a.d_model < 1 or a.n_layers < 1:
+        ap.error(f"--d-model and --n-layers must be positive, got {a.d_model} and {a.n_layers}")
     if a.layer_memory:
         layer_memory(a)
         return
@@ -223,7 +232,8 @@ def main() -> None:
         for length in a.lengths:
             base = None
             for nproc in a.nprocs:
-                res = launch(name, length, a.chunk_len, nproc, a.timeout)
+                res = launch(name, length, a.chunk_len, nproc, a.timeout,
+                             extra=(str(a.d_model), str(a.n_layers)))
                 runs.append(res)
                 if "error" in res[0]:
                     print(f"{name} L={length} P={nproc}: FAILED: {res[0]['error']}", flush=True)
@@ -231,7 +241,8 @@ def main() -> None:
                 secs = max(r["seconds"] for r in res)
                 peak = max(r["peak_rss"] for r in res)
                 grow = max(r["peak_rss"] - r["base_rss"] for r in res)
-                row = {"model": name, "length": length, "P": nproc, "time_s": secs, "tok_per_s": length / secs,
+                row = {"model": name, "d_model": a.d_model, "n_layers": a.n_layers, "length": length, "P": nproc,
+                       "time_s": secs, "tok_per_s": length / secs,
                        "peak_rss_MiB": peak / MIB, "growth_MiB": grow / MIB,
                        "coll_MiB/rank": max(r.get("collective_bytes", 0) for r in res) / MIB,
                        "p2p_KiB/rank": max(r.get("p2p_bytes", 0) for r in res) / 1024,
@@ -247,7 +258,7 @@ def main() -> None:
     print()
     print_table(rows, ["model", "length", "P", "time_s", "tok_per_s", "peak_rss_MiB", "growth_MiB", "coll_MiB/rank",
                        "p2p_KiB/rank", "loss", "eff", "mem_ratio", "growth_ratio"])
-    payload = {"model": {"d_model": D_MODEL, "n_layers": N_LAYERS, "vocab_size": VOCAB, "mixers": MIXERS,
+    payload = {"model": {"d_model": a.d_model, "n_layers": a.n_layers, "vocab_size": VOCAB, "mixers": MIXERS,
                          "dtype": "float32", "batch": 1},
                "chunk_len": a.chunk_len, "runs": runs, "table": rows, "loadavg_start": load_start,
                "loadavg_end": os.getloadavg()}
