@@ -188,19 +188,19 @@ class Trainer(StepsMixin, EvaluationMixin, ResumeMixin, SignalsMixin, ReportingM
         dp.run_on_main(check)
 
     def _check_sequence_parallel_task(self) -> None:
-        """One-line errors before training: sequence parallelism needs an lm task without prefix masks whose
-        sequences have at least ``sequence_parallel`` tokens."""
+        """One-line errors before training: sequence parallelism needs an lm task whose sequences have at least
+        ``sequence_parallel`` tokens; prefix masks are sharded like ``reset`` (unchunked only)."""
         from ..distributed.sequence import shard_bounds
 
         if self.task.kind != "lm":
             raise ValueError(f"train.sequence_parallel={self.sp} needs a task of kind 'lm' (per-position loss), but "
                              f"task {self.task.name!r} is {self.task.kind!r}")
         sample = next(iter(self.task.batches("train", 1, self.cfg.seed)))
-        if "prefix_mask" in sample:
-            raise ValueError(f"train.sequence_parallel={self.sp}: task {self.task.name!r} has prefix masks, which "
-                             f"sequence parallelism does not support yet")
         x = sample["input_ids"] if "input_ids" in sample else sample["inputs"]
         length, chunk = int(x.shape[1]), self.cfg.chunk_len
+        if "prefix_mask" in sample and chunk is not None:
+            raise ValueError(f"train.sequence_parallel={self.sp} with train.chunk_len: task {self.task.name!r} has "
+                             f"prefix masks, which chunked sequence parallelism does not carry; drop train.chunk_len")
         try:
             shard_bounds(length, self.sp)
         except ValueError as e:
