@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import S4D, Bidirectional, Mamba
+from .ssm_features import FeatureConfig, ridge_scores
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class ClassifierConfig:
 
     def patch_for(self, length: int) -> int:
         return self.patch if self.patch else max(1, math.ceil(length / self.max_tokens))
+
+
+#: a recipe: a trained classifier, or random S4D features with a ridge classifier (:mod:`.ssm_features`)
+Recipe = ClassifierConfig | FeatureConfig
 
 
 class SSMClassifier(nn.Module):
@@ -90,10 +95,13 @@ def _prep(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> Tensor:
     return torch.tensor(((x - mean) / std).transpose(0, 2, 1), dtype=torch.float32)
 
 
-def fit_predict(train: tuple[np.ndarray, np.ndarray], x_eval: np.ndarray, classes: list[str], cfg: ClassifierConfig,
+def fit_predict(train: tuple[np.ndarray, np.ndarray], x_eval: np.ndarray, classes: list[str], cfg: Recipe,
                 seed: int) -> np.ndarray:
     """Train on ``train`` (z-normalised per channel by its statistics) and return class probabilities of
-    ``x_eval``, (cases, classes) float64, classes in the order of ``classes``."""
+    ``x_eval``, (cases, classes) float64, classes in the order of ``classes``. A :class:`FeatureConfig`
+    recipe returns the softmax of the ridge classifier's scores instead (:func:`.ssm_features.ridge_scores`)."""
+    if isinstance(cfg, FeatureConfig):
+        return ridge_scores(train, x_eval, classes, cfg, seed)
     index = {c: i for i, c in enumerate(classes)}
     mean = train[0].mean(axis=(0, 2), keepdims=True)
     std = np.where((s := train[0].std(axis=(0, 2), keepdims=True)) > 0, s, 1.0)
@@ -136,7 +144,7 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.setdiff1d(np.arange(len(labels)), val_idx), val_idx
 
 
-def select_config(train: tuple[np.ndarray, np.ndarray], candidates: dict[str, ClassifierConfig],
+def select_config(train: tuple[np.ndarray, np.ndarray], candidates: dict[str, Recipe],
                   fraction: float = 0.25, seed: int = 0) -> tuple[str, dict[str, float]]:
     """The candidate with the highest accuracy on a stratified validation split of ``train`` (ties: the first
     listed), and every candidate's validation accuracy."""
@@ -152,7 +160,7 @@ def select_config(train: tuple[np.ndarray, np.ndarray], candidates: dict[str, Cl
 
 
 def ensemble_accuracy(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-                      cfg: ClassifierConfig, seeds: list[int]) -> tuple[list[float], float]:
+                      cfg: Recipe, seeds: list[int]) -> tuple[list[float], float]:
     """(test accuracy of each seed, test accuracy of the seeds' mean probabilities)."""
     classes = sorted(set(train[1].tolist()))
     probs = [fit_predict(train, test[0], classes, cfg, s) for s in seeds]
@@ -160,5 +168,6 @@ def ensemble_accuracy(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarr
     return acc, float(np.mean(np.array(classes)[np.mean(probs, 0).argmax(1)] == test[1]))
 
 
-def with_steps(cfg: ClassifierConfig, steps: int) -> ClassifierConfig:
-    return replace(cfg, steps=steps)
+def with_steps(cfg: Recipe, steps: int) -> Recipe:
+    """``cfg`` with ``steps`` training steps (a :class:`FeatureConfig` is not trained: returned as is)."""
+    return cfg if isinstance(cfg, FeatureConfig) else replace(cfg, steps=steps)

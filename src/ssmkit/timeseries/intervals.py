@@ -45,11 +45,15 @@ class GaussianHead(nn.Module):
     def dist(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.inner(x), self.sigma(x)
 
-    def loss(self, x: Tensor, y: Tensor) -> Tensor:
-        """MSE of the point forecast plus the Gaussian NLL of the scale net around the detached forecast."""
+    def loss(self, x: Tensor, y: Tensor, point: str = "mse") -> Tensor:
+        """MSE (``point='mse'``) or MAE (``'mae'``) of the point forecast plus the Gaussian NLL of the scale net
+        around the detached forecast."""
+        if point not in ("mse", "mae"):
+            raise ValueError(f"GaussianHead.loss: point={point!r} is invalid: expected 'mse' or 'mae'")
         mean, sigma = self.dist(x)
         nll = nn.functional.gaussian_nll_loss(mean.detach(), y, sigma ** 2, full=True)
-        return nn.functional.mse_loss(mean, y) + nll
+        fit = nn.functional.mse_loss(mean, y) if point == "mse" else nn.functional.l1_loss(mean, y)
+        return fit + nll
 
     @torch.no_grad()
     def calibrate(self, x: Tensor, y: Tensor) -> float:

@@ -25,6 +25,14 @@ def seasonal_naive(x: Tensor, season: int, horizon: int) -> Tensor:
     return x[:, idx]
 
 
+def seasonal_profile(x: Tensor, season: int, horizon: int) -> Tensor:
+    """The mean of each phase over the k = context // season most recent whole seasons of x (batch, context,
+    variates), repeated to (batch, horizon, variates): seasonal naive averaged over k seasons (k = 1: equal)."""
+    k = x.shape[1] // season
+    prof = x[:, x.shape[1] - k * season:].reshape(x.shape[0], k, season, x.shape[2]).mean(1)
+    return prof[:, torch.arange(horizon, device=x.device) % season]
+
+
 class _WindowNorm(nn.Module):
     """Standardise each window over time; ``undo`` maps outputs back."""
 
@@ -35,12 +43,22 @@ class _WindowNorm(nn.Module):
 
 class _Forecaster(nn.Module):
     """Shared output rule: a correction scaled by the window std, added to the window mean, or, once
-    ``season`` is set (by :class:`SeasonalResidual`), to the seasonal-naive forecast of the window."""
+    ``season`` is set (by :class:`SeasonalResidual`), to the seasonal-naive forecast of the window (with
+    ``profile``: to its :func:`seasonal_profile`)."""
 
     season: int = 0
+    profile: bool = False
 
     def _base(self, x: Tensor, mean: Tensor) -> Tensor:
-        return seasonal_naive(x, self.season, self.horizon) if self.season else mean
+        if not self.season:
+            return mean
+        return (seasonal_profile if self.profile else seasonal_naive)(x, self.season, self.horizon)
+
+    def output_layers(self) -> list[nn.Linear]:
+        """The last Linear layers before the output rule (all zeroed, the forecaster returns exactly its base)."""
+        if isinstance(getattr(self, "out", None), nn.Sequential):
+            return [self.out[-1]]
+        return [self.trend, self.seasonal] if isinstance(self, DLinear) else [self.head]
 
 
 class SpaceTime(_Forecaster):
@@ -145,19 +163,20 @@ class DLinear(_Forecaster):
         padded = torch.cat([xt[..., :1].expand(-1, -1, pad), xt, xt[..., -1:].expand(-1, -1, pad)], dim=-1)
         trend = nn.functional.avg_pool1d(padded, self.kernel, stride=1)
         y = (self.trend(trend) + self.seasonal(xt - trend)).transpose(1, 2)
-        return y + seasonal_naive(x, self.season, self.horizon) if self.season else y
+        return y + self._base(x, x.mean(1, keepdim=True)) if self.season else y
 
 
 class SeasonalResidual(nn.Module):
     """Make a forecaster learn the correction to the seasonal-naive forecast (the last ``season`` context
-    steps repeated) instead of to the window mean: an all-zero correction is exactly seasonal naive."""
+    steps repeated; with ``profile``, each phase averaged over the whole seasons of the context) instead of
+    to the window mean: an all-zero correction is exactly that forecast."""
 
-    def __init__(self, inner: _Forecaster, season: int) -> None:
+    def __init__(self, inner: _Forecaster, season: int, profile: bool = False) -> None:
         super().__init__()
         if not 1 <= season <= inner.context:
             raise ValueError(f"SeasonalResidual: season must be in [1, context={inner.context}], got {season}")
-        inner.season = season
-        self.inner, self.season = inner, season
+        inner.season, inner.profile = season, profile
+        self.inner, self.season, self.profile = inner, season, profile
         self.context, self.horizon, self.variates = inner.context, inner.horizon, inner.variates
 
     def forward(self, x: Tensor) -> Tensor:

@@ -4,14 +4,16 @@ Forecasting protocol on a series of n points with horizons H_1 < ... < H_max:
 
 - origins o_1 < ... < o_K, spaced by max(1, H_max // 2), the last at n - H_max; each forecaster predicts
   y[o : o + H_max] from y[:o] and every horizon H is scored on the first H steps;
-- neural models (each learning the correction to seasonal naive, :class:`SeasonalResidual`, unless
-  ``TrainConfig.seasonal_residual`` is off) train once per seed on windows that end before o_1 (the last 15%
-  of those windows choose the checkpoint), on the series z-normalised by the mean and std of y[:o_1];
+- neural models (each learning the correction to a base forecast, ``TrainConfig.base``: seasonal naive, its
+  profile over the context's seasons (:class:`SeasonalResidual`), the window mean, or whichever of the three
+  has the lowest MSE on the validation windows) train once per seed on windows that end before o_1 (the last
+  15% of those windows choose the checkpoint; with ``keep_base``, the untrained step-0 model is a candidate),
+  on the series z-normalised by the mean and std of y[:o_1];
   statistical baselines refit at every origin on (at most the last ``max_history`` points of) y[:o];
 - every neural model carries a :class:`.intervals.GaussianHead`, calibrated on the same validation windows;
 - ``ssm``: among the SSM forecasters evaluated, the seed ensemble (mean forecast, Gaussian mixture interval)
   of the variant, or of all variants together, with the lowest MSE on the validation windows (never on the
-  forecast origins);
+  forecast origins; with ``one_se``, 'all' unless a variant is better by one standard error);
 - MASE (scale: the in-sample seasonal-naive error of y[:o]) and sMAPE on the original scale of the target,
   MSE and MAE on its z-normalised scale.
 """
@@ -28,7 +30,10 @@ from torch import nn
 from . import metrics
 from .baselines import stat_forecast
 from .intervals import Z80, GaussianHead, coverage, mixture
-from .models import FORECASTERS, SSM_FORECASTERS, SeasonalResidual
+from .models import FORECASTERS, SSM_FORECASTERS, SeasonalResidual, seasonal_naive, seasonal_profile
+
+#: the forecasts a neural forecaster's correction can be added to (``TrainConfig.base``)
+BASES = ("seasonal", "profile", "mean")
 
 
 @dataclass
@@ -38,7 +43,32 @@ class TrainConfig:
     lr: float = 2e-3
     evals: int = 10  # validation passes (checkpoint selection) over the run
     max_val: int = 256  # validation windows (evenly spaced over the last 15% of the training windows)
-    seasonal_residual: bool = True  # neural forecasters learn the correction to seasonal naive
+    #: what the correction is added to: 'seasonal' naive, the seasonal 'profile', the window 'mean', or 'auto'
+    #: (of those three, the one with the lowest MSE on the validation windows; no training involved)
+    base: str = "seasonal"
+    zero_init: bool = False  # zero the output layer: training starts from the base forecast exactly
+    keep_base: bool = False  # the untrained step-0 model is a checkpoint candidate too (with zero_init: the base)
+    loss: str = "mse"  # point loss: 'mse' or 'mae'
+    weight_decay: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.base not in (*BASES, "auto"):
+            raise ValueError(f"TrainConfig: base={self.base!r} is invalid: expected one of {', '.join(BASES)}, auto")
+        if self.loss not in ("mse", "mae"):
+            raise ValueError(f"TrainConfig: loss={self.loss!r} is invalid: expected 'mse' or 'mae'")
+        if self.steps < 1 or self.batch_size < 1 or self.evals < 1 or self.max_val < 1:
+            raise ValueError(f"TrainConfig: steps, batch_size, evals and max_val must be >= 1, got {self}")
+
+
+def choose_base(x: np.ndarray, y: np.ndarray, season: int) -> str:
+    """The base of :data:`BASES` with the lowest MSE on windows x (w, context, v), y (w, horizon, v), ties to
+    the first (the choice ``TrainConfig.base='auto'`` makes on the validation windows)."""
+    xt = torch.as_tensor(x, dtype=torch.float64)
+    mse = {"mean": float(((xt.mean(1, keepdim=True) - torch.as_tensor(y)) ** 2).mean())}
+    if season <= x.shape[1]:
+        for b, fn in (("seasonal", seasonal_naive), ("profile", seasonal_profile)):
+            mse[b] = float(((fn(xt, season, y.shape[1]) - torch.as_tensor(y)) ** 2).mean())
+    return min((b for b in BASES if b in mse), key=mse.__getitem__)
 
 
 def origins(n: int, horizons: tuple[int, ...], count: int = 5) -> list[int]:
@@ -68,6 +98,8 @@ class Fitted:
     model: GaussianHead
     val_pred: np.ndarray
     val_true: np.ndarray
+    base: str = "seasonal"
+    step: int = -1  # the training step of the checkpoint (0: the untrained model, see TrainConfig.keep_base)
     val_mse: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -89,33 +121,40 @@ def train_forecaster(name: str, z: np.ndarray, end: int, context: int, horizon: 
     xv, yv = torch.tensor(x[pick], dtype=torch.float32), torch.tensor(y[pick], dtype=torch.float32)
     torch.manual_seed(seed)
     inner = FORECASTERS[name](context, horizon, z.shape[1])
-    model = GaussianHead(SeasonalResidual(inner, season) if cfg.seasonal_residual else inner)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    if cfg.zero_init:
+        with torch.no_grad():
+            for layer in inner.output_layers():
+                layer.weight.zero_()
+                layer.bias.zero_()
+    base = choose_base(x[pick], y[pick], season) if cfg.base == "auto" else cfg.base
+    model = GaussianHead(inner if base == "mean" else SeasonalResidual(inner, season, base == "profile"))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
     gen = torch.Generator().manual_seed(seed)
-    best, best_state = float("inf"), None
+    best, best_state, best_step = float("inf"), None, -1
     every = max(1, cfg.steps // cfg.evals)
-    for step in range(1, cfg.steps + 1):
-        model.train()
-        idx = torch.randint(len(xt), (min(cfg.batch_size, len(xt)),), generator=gen)
-        loss = model.loss(xt[idx], yt[idx])
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+    for step in range(0 if cfg.keep_base else 1, cfg.steps + 1):
+        if step:
+            model.train()
+            idx = torch.randint(len(xt), (min(cfg.batch_size, len(xt)),), generator=gen)
+            loss = model.loss(xt[idx], yt[idx], cfg.loss)
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
         if step % every == 0 or step == cfg.steps:
             model.eval()
             with torch.no_grad():
                 val = float(nn.functional.mse_loss(model(xv), yv))
             if val < best or best_state is None:
-                best, best_state = val, copy.deepcopy(model.state_dict())
+                best, best_state, best_step = val, copy.deepcopy(model.state_dict()), step
     model.load_state_dict(best_state)
     model.eval()
     model.calibrate(xv, yv)
     with torch.no_grad():
         pred = model(xv).double().numpy()
-    return Fitted(model, pred, yv.double().numpy())
+    return Fitted(model, pred, yv.double().numpy(), base, best_step)
 
 
 def _score(rows: list[dict], base: dict, forecast: np.ndarray, series: np.ndarray, o: int,
@@ -130,27 +169,38 @@ def _score(rows: list[dict], base: dict, forecast: np.ndarray, series: np.ndarra
                      "cov80": None if lower is None else coverage(lower[:h], upper[:h], a)})
 
 
-def _choose(fits: dict[str, list[Fitted]]) -> tuple[str, list[str]]:
-    """(choice, members): the variant, or 'all' variants, whose seed-ensemble validation MSE is lowest."""
-    def val_mse(members: list[str]) -> float:
+def _choose(fits: dict[str, list[Fitted]], one_se: bool = False) -> tuple[str, list[str]]:
+    """(choice, members): the variant, or 'all' variants, whose seed-ensemble validation MSE is lowest.
+
+    ``one_se``: 'all' is the default, and a single variant replaces it only when its validation MSE is lower
+    by more than one standard error of the paired per-window difference (a few validation windows on a short
+    series cannot tell the variants apart; the average of all of them varies least)."""
+    def window_se(members: list[str]) -> np.ndarray:
         pred = np.mean([f.val_pred for m in members for f in fits[m]], 0)
-        return float(((pred - fits[members[0]][0].val_true) ** 2).mean())
+        err = (pred - fits[members[0]][0].val_true) ** 2
+        return err.reshape(len(err), -1).mean(1)
 
     options = {m: [m] for m in fits}
     if len(fits) > 1:
         options["all"] = list(fits)
-    choice = min(options, key=lambda k: val_mse(options[k]))
+    errs = {k: window_se(v) for k, v in options.items()}
+    choice = min(options, key=lambda k: float(errs[k].mean()))
+    if one_se and "all" in options and choice != "all":
+        d = errs[choice] - errs["all"]
+        if len(d) < 2 or d.mean() + d.std(ddof=1) / np.sqrt(len(d)) >= 0:
+            choice = "all"
     return choice, options[choice]
 
 
 def evaluate_forecasting(name: str, values: np.ndarray, season: int, horizons: tuple[int, ...], context: int,
                          models: list[str], seeds: list[int], cfg: TrainConfig, n_origins: int = 5,
                          max_history: int = 1000, keep_forecasts: bool = False,
-                         select: bool = False) -> tuple[list[dict], dict]:
+                         select: bool = False, one_se: bool = False) -> tuple[list[dict], dict]:
     """Score ``models`` (neural names of FORECASTERS or statistical baselines) on one series.
 
     values (time, variates) with the target in column 0. Neural models get one row per seed, origin and
-    horizon; with ``select``, the validation-chosen SSM ensemble is added as model ``ssm`` (its rows carry
+    horizon (carrying the ``base`` and checkpoint ``step`` of that seed's model); with ``select``, the
+    validation-chosen SSM ensemble (:func:`_choose` with ``one_se``) is added as model ``ssm`` (its rows carry
     ``choice``). Returns (rows, forecasts) where forecasts maps model -> {origin: {"mean", "lower", "upper"}}
     (80% intervals; neural models: the mixture over seeds) when ``keep_forecasts``.
     """
@@ -178,7 +228,8 @@ def evaluate_forecasting(name: str, values: np.ndarray, season: int, horizons: t
                 fits.setdefault(model, []).append(fit)
                 preds.setdefault(model, []).append((m, s))
                 for o, f, sig in zip(os_, m, s, strict=True):
-                    _score(rows, {"dataset": name, "model": model, "seed": seed}, f, series, o, horizons,
+                    _score(rows, {"dataset": name, "model": model, "seed": seed, "base": fit.base,
+                                  "step": fit.step}, f, series, o, horizons,
                            season, mu[0], sd[0], f - Z80 * sig, f + Z80 * sig)
             if keep_forecasts:
                 mean, sig = mixture(*map(np.stack, zip(*preds[model], strict=True)))
@@ -193,7 +244,7 @@ def evaluate_forecasting(name: str, values: np.ndarray, season: int, horizons: t
                     kept.setdefault(model, {})[o] = {"mean": pf.mean, "lower": pf.lower, "upper": pf.upper}
     ssm = {m: f for m, f in fits.items() if m in SSM_FORECASTERS}
     if select and ssm:
-        choice, members = _choose(ssm)
+        choice, members = _choose(ssm, one_se)
         mean, sig = mixture(*map(np.stack, zip(*[p for m in members for p in preds[m]], strict=True)))
         for i, o in enumerate(os_):
             _score(rows, {"dataset": name, "model": "ssm", "seed": -1, "choice": choice}, mean[i], series, o,

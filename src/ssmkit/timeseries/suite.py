@@ -18,6 +18,7 @@ from .datasets import load_classification, load_series
 from .models import FORECASTERS, SSM_FORECASTERS
 from .protocol import TrainConfig, evaluate_forecasting
 from .report import classify_table, forecast_table
+from .ssm_features import FeatureConfig
 
 FORECAST_MODELS = [*STAT_FORECASTERS, *FORECASTERS]
 #: the head-to-head table: the baselines against the one validation-chosen SSM ensemble
@@ -31,10 +32,12 @@ QUICK_CLASSIFY = ("ItalyPowerDemand",)
 CLASSIFY_CANDIDATES = {
     "s4d-meanmax-aug": ClassifierConfig(pool="meanmax", patch=0, max_tokens=128, augment=True, steps=300),
     "s4d-meanmax": ClassifierConfig(pool="meanmax", patch=0, max_tokens=128, steps=300),
+    "s4d-ridge": FeatureConfig(),
 }
 QUICK_CANDIDATES = {
     "s4d-tiny": ClassifierConfig(d_model=8, n_layers=1, pool="meanmax", steps=4),
     "s4d-tiny-aug": ClassifierConfig(d_model=8, n_layers=1, pool="meanmax", augment=True, steps=4),
+    "s4d-ridge-tiny": FeatureConfig(n_kernels=32, biases=2),
 }
 
 
@@ -50,6 +53,8 @@ def limit_threads(n: int) -> None:
     threadpool_limits(n)
 
 
+#: the neural training recipe of the forecasting suite (TrainConfig fields; the ``ssm`` choice uses one_se)
+FORECAST_RECIPE = {"base": "auto", "zero_init": True, "keep_base": True}
 #: neural training steps of the forecasting suite (quick, full)
 FORECAST_STEPS = (6, 100)
 
@@ -64,9 +69,9 @@ def forecast_dataset(name: str, quick: bool, steps: int | None = None, run: int 
     """Every model of the suite on one series, plus the validation-chosen ``ssm`` ensemble; rows as
     :func:`.protocol.evaluate_forecasting` (quick: one seed, 6 steps)."""
     s = load_series(name)
-    cfg = TrainConfig(steps=steps or FORECAST_STEPS[0 if quick else 1])
+    cfg = TrainConfig(steps=steps or FORECAST_STEPS[0 if quick else 1], **FORECAST_RECIPE)
     return evaluate_forecasting(name, s.values, s.season, s.horizons, s.context, FORECAST_MODELS,
-                                forecast_seeds(quick, run), cfg, select=True)[0]
+                                forecast_seeds(quick, run), cfg, select=True, one_se=True)[0]
 
 
 def _coverage_table(rows: list[dict], models: list[str]) -> str:

@@ -19,9 +19,9 @@ from .report import ReportContext, pyplot, save_figure
 
 def _settings(names: tuple[str, ...], steps: int) -> tuple[Setting, ...]:
     """One setting per series; the model list is part of it, so a run made with other models is not reused."""
-    from ssmkit.timeseries.suite import FORECAST_MODELS
+    from ssmkit.timeseries.suite import FORECAST_MODELS, FORECAST_RECIPE
 
-    return tuple(Setting(n, {"task": {"dataset": n}, "train": {"steps": steps},
+    return tuple(Setting(n, {"task": {"dataset": n}, "train": {"steps": steps, **FORECAST_RECIPE},
                              "model": {"forecasters": list(FORECAST_MODELS)}}, meta={"series": n}) for n in names)
 
 
