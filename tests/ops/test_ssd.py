@@ -307,3 +307,35 @@ def test_float32_large_chunks_as_accurate_as_segment_sums(reverse):
     ours_err = rel_err(ssd(*f32, chunk_size=Q, reverse=reverse), want)
     mini_err = rel_err(mini.flip(1) if reverse else mini, want)
     assert mini_err < 1e-6 and ours_err <= 3 * mini_err, (ours_err, mini_err)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_growing_heads_match_reference(reverse):
+    """A head with A > 0 (log decays > 0): the masked part of the intra-chunk exponents is zeroed rather than
+    clamped at 0, in values and gradients (float64)."""
+    inputs = make(2, 23, 4, 3, 2, 5, seed=21)
+    inputs[2] = torch.tensor([-0.7, 0.3, -1.2, 0.05], dtype=torch.float64)
+    kw = dict(reset=random_reset(2, 23, 21), reverse=reverse)
+    y, hT, grads = run(ssd, inputs, chunk_size=6, **kw)
+    yr, hr, grads_r = run(R.ssd, inputs, **kw)
+    assert rel_err(y, yr) < 1e-10 and rel_err(hT, hr) < 1e-10
+    for gr, grr in zip(grads, grads_r, strict=True):
+        assert rel_err(gr, grr) < 1e-10
+
+
+def test_float32_decays_past_the_exponent_floor():
+    """Mamba-2's initial A (down to -16) and dt (up to 0.25) at chunk 128: within-chunk exponents reach -500,
+    far below the floor (-43.7) at which ssd stops exp and the GEMMs from meeting subnormals; the result keeps
+    float32 accuracy (the floored weights are < 1e-19), and gradients stay finite."""
+    g = torch.Generator().manual_seed(1)
+    b, L, H, P, G, N, Q = 1, 256, 4, 8, 2, 16, 128
+    x = torch.randn(b, L, H, P, generator=g, dtype=torch.float64)
+    dt = 0.25 * torch.rand(b, L, H, generator=g, dtype=torch.float64)
+    A = -torch.tensor([1.0, 4.0, 9.0, 16.0], dtype=torch.float64)
+    B, C = (torch.randn(b, L, G, N, generator=g, dtype=torch.float64) for _ in range(2))
+    want = R.ssd(x, dt, A, B, C)
+    f32 = [t.float().requires_grad_() for t in (x, dt, A, B, C)]
+    y = ssd(*f32, chunk_size=Q)
+    assert rel_err(y, want) < 1e-6
+    y.square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in f32)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -49,82 +51,85 @@ def _chunk_masks(reset: Tensor | None, batch: int, chunks: int, Q: int, device: 
     return intra.unsqueeze(2), to_end.unsqueeze(-1), from_start.unsqueeze(-1), from_start[..., -1:]
 
 
-def _segsum_t(a: Tensor) -> Tensor:
-    """Segment sums of log decays, transposed: a (..., Q) -> (..., Q, Q) with out[s, t] = sum_{s<r<=t} a_r for
-    t > s and 0 for t <= s (exp gives 1 there; callers mask those entries).
+def _log_decay_sums(a: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Running sums of the log decays a (b, c, Q, H) along each chunk, in float64 (a small tensor).
 
-    Each segment is summed directly, by a cumulative sum along an upper-triangular copy of ``a``, rather than
-    as the difference of two running sums: in float32, cumsum_t - cumsum_s loses everything below
-    eps * |cumsum|, which at chunk 256 with dt ~ 1 is ~1e-5 in every exponent, even for neighbouring t and s.
+    Returns (hi, lo, acs): acs the float64 sums; hi + lo their double-float split in a's dtype (lo None for
+    float64 a). Segment sums are then formed as (hi_t - hi_s) + (lo_t - lo_s): the subtraction of two floats is
+    correctly rounded, so the exponent keeps the precision of the segment itself rather than losing
+    eps * |running sum| (~1e-5 in float32 at chunk 256 with dt ~ 1), and the lo part, tiny, factors out of the
+    exponent as exp(lo_t) exp(-lo_s).
     """
-    Q = a.shape[-1]
-    later = torch.ones(Q, Q, dtype=torch.bool, device=a.device).triu(1)  # t > s
-    return a.unsqueeze(-2).expand(*a.shape[:-1], Q, Q).masked_fill(~later, 0).cumsum(-1)
+    acs = a.double().cumsum(2)
+    if a.dtype == torch.float64:
+        return acs, None, acs
+    hi = acs.to(a.dtype)
+    return hi, (acs - hi.double()).to(a.dtype), acs
 
 
-class _StatePass(torch.autograd.Function):
-    """Parts 2-4 of SSD (end-states, recurrence across chunks, state outputs), fused one chunk at a time.
+def _floor(dtype: torch.dtype) -> float:
+    """The floor of every decay exponent, log(sqrt(tiny)) (-43.7 in float32, -354 in float64).
 
-    Per batch and group, with states transposed to (N, R*P):
-        yo_c = C_c h_c;   h_{c+1} = a_c * h_c + B_c^T xw_c;   h_0 = h0.
-    xw: (b, c, G, Q, R*P); B, C: (b, c, G, Q, N); a: (b, c, G, 1, R*P); h0: (b, G, N, R*P).
-    Returns yo (b, c, G, Q, R*P) and the final state (b, G, N, R*P). The only state-sized tensor built is the
-    entering states (b, c, G, N, R*P), saved for backward (not at all without grad); the working set stays in
-    cache. Backward runs the recurrence right to left (no double backward). Results are assigned, never
-    written through ``out=``, which a TorchFunctionMode that casts arguments (e.g. a bfloat16-matmul mode)
-    would silently redirect into a temporary copy.
+    torch's vectorised exp falls to a slow path (10-100x) on any input that underflows (or is -inf), and GEMMs
+    slow down ~10x on subnormal operands: a weight of at least sqrt(tiny) keeps both the weights and their
+    products with ordinary values normal. The weights raised, below 1e-19 in float32, are far below what
+    the sums they enter can resolve (their rounding error is ~1e-7 of the largest term).
+    """
+    return 0.5 * math.log(torch.finfo(dtype).tiny)
+
+
+def _exp(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """exp of float64 log decays with the exponent floored for ``dtype`` (see :func:`_floor`), cast to it."""
+    return t.clamp(min=_floor(dtype)).exp().to(dtype)
+
+
+class _Scores(torch.autograd.Function):
+    """Intra-chunk scores: out[.., g, r, t, s] = exp(hi_t - hi_s) * CB[.., g, t, s] where ``keep`` (broadcast; CB
+    is already zero elsewhere). hi: (b, c, H, Q) running log-decay sums; CB: (b, c, G, Q, Q) masked C_t . B_s;
+    returns (b, c, G, H / G, Q, Q).
+
+    Exponents are floored (see :func:`_floor`). With every log decay <= 0 (``nonpositive``) the masked (upper)
+    part is positive, so one clamp at 0 masks it; otherwise it is zeroed first. Backward takes
+    d exp(seg) = exp(seg) at the floored weights too (it differs from the clamp's gradient by less than
+    sqrt(tiny) * |grad|), in a few passes instead of autograd's dozen (no double backward).
     """
 
     @staticmethod
-    def forward(ctx, xw: Tensor, B: Tensor, C: Tensor, a: Tensor, h0: Tensor):
-        chunks = xw.shape[1]
-        save = any(ctx.needs_input_grad)
-        yo = xw.new_empty(chunks, *xw.shape[:1], *xw.shape[2:])  # chunk-major: every yo[c] is contiguous
-        starts = h0.new_empty(chunks, *h0.shape) if save else None
-        Bt = B.transpose(-1, -2)
-        h = h0.contiguous()
-        for c in range(chunks):
-            if starts is not None:
-                starts[c] = h
-            yo[c] = torch.matmul(C[:, c], h)
-            h = torch.matmul(Bt[:, c], xw[:, c]).addcmul_(a[:, c], h)
-        ctx.save_for_backward(xw, B, C, a, starts)
-        return yo.transpose(0, 1), h
+    def forward(ctx, hi: Tensor, CB: Tensor, keep: Tensor, nonpositive: bool):
+        batch, chunks, heads, Q = hi.shape
+        G = CB.shape[2]
+        seg = hi.unsqueeze(-1) - hi.unsqueeze(-2)  # (b, c, H, Q_t, Q_s)
+        if not nonpositive:
+            seg.masked_fill_(~keep, 0)
+        decay = seg.clamp_(_floor(seg.dtype), 0 if nonpositive else None).exp_()
+        decay = decay.view(batch, chunks, G, heads // G, Q, Q)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(decay, CB)
+            return decay * CB.unsqueeze(3)
+        return decay.mul_(CB.unsqueeze(3))
 
     @staticmethod
-    def backward(ctx, gyo: Tensor | None, ghT: Tensor | None):
-        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):  # GEMMs in the compute dtype
-            return _StatePass._backward(ctx, gyo, ghT)
-
-    @staticmethod
-    def _backward(ctx, gyo: Tensor | None, ghT: Tensor | None):
-        xw, B, C, a, starts = ctx.saved_tensors
-        chunks = xw.shape[1]
-        gh = torch.zeros_like(starts[0]) if ghT is None else ghT.contiguous()
-        major = (lambda t: (t.shape[1], t.shape[0], *t.shape[2:]))  # noqa: E731  chunk-major shapes
-        gxw, gB, ga = xw.new_empty(major(xw)), B.new_empty(major(B)), a.new_empty(major(a))
-        gC = C.new_zeros(major(C))
-        for c in range(chunks - 1, -1, -1):
-            # gh is dL/dh_{c+1}; h_{c+1} = a_c h_c + B_c^T xw_c
-            gxw[c] = torch.matmul(B[:, c], gh)
-            gB[c] = torch.matmul(xw[:, c], gh.transpose(-1, -2))
-            ga[c] = (gh * starts[c]).sum(-2, keepdim=True)
-            gh = gh * a[:, c]
-            if gyo is not None:  # yo_c = C_c h_c
-                g = gyo[:, c]
-                gC[c] = torch.matmul(g, starts[c].transpose(-1, -2))
-                gh = gh.add_(torch.matmul(C[:, c].transpose(-1, -2), g))
-        return gxw.transpose(0, 1), gB.transpose(0, 1), gC.transpose(0, 1), ga.transpose(0, 1), gh
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        decay, CB = ctx.saved_tensors
+        gs = g * decay
+        gCB = gs.sum(3) if ctx.needs_input_grad[1] else None
+        gseg = gs.mul_(CB.unsqueeze(3)).flatten(2, 3)  # (b, c, H, Q_t, Q_s)
+        return gseg.sum(-1) - gseg.sum(-2), gCB, None, None
 
 
 def _ssd_chunked(
-    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor | None, reset: Tensor | None, Q: int
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, h0: Tensor | None,
+    reset: Tensor | None, Q: int
 ) -> tuple[Tensor, Tensor]:
-    """Left-to-right SSD without D. x: (b, L, H, P); dt: (b, L, H); A: (H,); B, C: (b, L, G, N);
+    """Left-to-right SSD. x: (b, L, H, P); dt: (b, L, H); A, D: (H,); B, C: (b, L, G, N);
     h0: (b, H, P, N) or None; reset: (b, L) bool or None. Returns y (b, L, H, P) and the final state.
 
-    Internally states are kept transposed, (N, heads * P) per group, so that every GEMM reads x, B and C in
-    their natural (position-major) layout.
+    Every tensor of size L * H * P or larger is built once, in the layout its GEMM reads (an elementwise result
+    takes the layout of its first operand), so no GEMM copies one; the GEMMs run over all chunks at once. The
+    chunk states and the entering states, (b, c, G, N, R*P) each, are built whole: like the scores (b, c, H,
+    Q, Q), their size is linear in the length. States are kept transposed, (N, heads * P) per group, so that
+    the state GEMMs read x, B and C in their natural layout. Exponents are floored (:func:`_floor`).
     """
     batch, length, heads, P = x.shape
     G, N = B.shape[2], B.shape[3]
@@ -139,53 +144,59 @@ def _ssd_chunked(
         if reset is not None:
             reset = F.pad(reset, (0, pad))
     intra, to_end, from_start, through = _chunk_masks(reset, batch, chunks, Q, x.device)
+    bc, cdt = batch * chunks, x.dtype
 
     dtc = dt.reshape(batch, chunks, Q, heads)
     a = dtc * A  # log decay of each step: (b, c, Q, H)
-    acs = a.cumsum(2)  # log decay from the chunk start through t
-    xdt = x.reshape(batch, chunks, Q, heads, P) * dtc.unsqueeze(-1)  # the input entering the state
+    hi, lo, acs = _log_decay_sums(a)
+    xc = x.reshape(batch, chunks, Q, heads, P)
     Bc = B.reshape(batch, chunks, Q, G, N).transpose(2, 3)  # (b, c, G, Q, N)
     Cc = C.reshape(batch, chunks, Q, G, N).transpose(2, 3)
 
-    # 1. intra-chunk: y_t = sum_{s<=t} (C_t . B_s) exp(seg_ts) dt_s x_s with seg_ts = sum_{s<r<=t} a_r
-    # Built transposed, (s, t), so that the segment sums run along the contiguous last axis.
-    keep_t = intra.to(acs.dtype).transpose(-1, -2)
-    seg_t = _segsum_t(a.transpose(2, 3))  # (b, c, H, Q_s, Q_t)
-    if reset is not None:  # exponent 0 across segment starts too: zeroed below, never overflowing
-        seg_t.mul_(keep_t)
-    seg_t = seg_t.exp_()
-    BC = torch.matmul(Bc, Cc.transpose(-1, -2)) * keep_t  # (b, c, G, Q_s, Q_t)
-    scores_t = (seg_t.view(batch, chunks, G, R, Q, Q) * BC.unsqueeze(3)).view(batch, chunks, heads, Q, Q)
-    y_intra = torch.matmul(scores_t.transpose(-1, -2), xdt.transpose(2, 3))  # (b, c, H, Q, P)
+    # 1. intra-chunk: y_t = sum_{s<=t} (C_t . B_s) exp(seg_ts) dt_s x_s with seg_ts = sum_{s<r<=t} a_r,
+    # exp(seg_ts) = exp(hi_t - hi_s) exp(lo_t) exp(-lo_s); exp(-lo_s) goes into the inputs, exp(lo_t) into y.
+    hiT = hi.transpose(2, 3).contiguous()  # (b, c, H, Q)
+    CB = torch.matmul(Cc, Bc.transpose(-1, -2)) * intra  # (b, c, G, Q_t, Q_s), masked
+    scores = _Scores.apply(hiT, CB, intra, bool((a <= 0).all()))  # (b, c, G, R, Q_t, Q_s)
+    w_in = dtc if lo is None else dtc * torch.exp(-lo)
+    w_in = w_in.transpose(2, 3).contiguous().unsqueeze(-1)  # (b, c, H, Q, 1)
+    xs = w_in * xc.transpose(2, 3)  # (b, c, H, Q, P), contiguous (the first operand's layout)
+    y_intra = torch.bmm(scores.view(bc * heads, Q, Q), xs.reshape(bc * heads, Q, P))
 
     # 2. chunk end-states from the chunk's own inputs, S_c = sum_s B_s^T exp(acs_end - acs_s) dt_s x_s;
     # 3. a short sequential recurrence across chunks; 4. the entering state's contribution C_t . h_start
-    # the decay after s to the chunk end, summed from the right (not acs_end - acs_s, see _segsum_t)
-    w_end = F.pad(a[:, :, 1:], (0, 0, 0, 1)).flip(2).cumsum(2).flip(2).exp()  # (b, c, Q, H)
+    w_end = _exp(acs[:, :, -1:] - acs, cdt) * dtc  # (b, c, Q, H)
     if to_end is not None:
         w_end = w_end * to_end
-    xw = (xdt * w_end.unsqueeze(-1)).view(batch, chunks, Q, G, R * P).transpose(2, 3)  # (b, c, G, Q, R*P)
-    total = acs[:, :, -1].exp()  # (b, c, H)
+    w_end = w_end.view(batch, chunks, Q, G, R).transpose(2, 3).contiguous().unsqueeze(-1)  # (b, c, G, Q, R, 1)
+    xw = w_end * xc.view(batch, chunks, Q, G, R, P).transpose(2, 3)  # (b, c, G, Q, R, P), contiguous
+    S = torch.matmul(Bc.transpose(-1, -2), xw.reshape(batch, chunks, G, Q, R * P))  # (b, c, G, N, R*P)
+    total = _exp(acs[:, :, -1], cdt)  # (b, c, H)
     if through is not None:
         total = total * through
-    total = total.view(batch, chunks, G, 1, R, 1).expand(-1, -1, -1, -1, -1, P)
-    total = total.reshape(batch, chunks, G, 1, R * P)
+    total = total.view(batch, chunks, G, 1, R, 1)
     if h0 is None:
-        h0 = x.new_zeros(batch, G, N, R * P)
+        h = x.new_zeros(batch, G, N, R, P)
     else:
-        h0 = h0.view(batch, G, R, P, N).permute(0, 1, 4, 2, 3).reshape(batch, G, N, R * P)
-    yo, hT = _StatePass.apply(xw, Bc, Cc, total, h0)  # yo: (b, c, G, Q, R*P)
+        h = h0.view(batch, G, R, P, N).permute(0, 1, 4, 2, 3).contiguous()
+    starts = []
+    for c in range(chunks):
+        starts.append(h)
+        h = torch.addcmul(S[:, c].view(batch, G, N, R, P), total[:, c], h)
+    entering = torch.stack(starts, 1).view(batch, chunks, G, N, R * P)
+    yo = torch.matmul(Cc, entering).view(batch, chunks, G, Q, R, P).transpose(2, 3)  # (b, c, Q, G, R, P)
 
-    w_start = acs.exp()
+    w_start = _exp(acs, cdt)
     if from_start is not None:
         w_start = w_start * from_start
-    yo = yo.view(batch, chunks, G, Q, R, P).permute(0, 1, 3, 2, 4, 5)  # (b, c, Q, G, R, P)
-    y = yo * w_start.view(batch, chunks, Q, G, R, 1)
-    y = y.add_(y_intra.view(batch, chunks, G, R, Q, P).permute(0, 1, 4, 2, 3, 5))
-
+    y = w_start.view(batch, chunks, Q, G, R, 1) * yo  # (b, c, Q, G, R, P), contiguous
+    y = y.reshape(batch, chunks, Q, heads, P)
+    y_intra = y_intra.view(batch, chunks, heads, Q, P).transpose(2, 3)
+    y = y.add_(y_intra) if lo is None else y.addcmul_(y_intra, torch.exp(lo).unsqueeze(-1))
+    if D is not None:
+        y = y.addcmul_(xc, D.unsqueeze(-1))
     y = y.reshape(batch, chunks * Q, heads, P)[:, :length]
-    hT = hT.view(batch, G, N, R, P).permute(0, 1, 3, 4, 2).reshape(batch, heads, P, N)
-    return y, hT
+    return y, h.permute(0, 1, 3, 4, 2).reshape(batch, heads, P, N)
 
 
 def ssd(
@@ -264,14 +275,13 @@ def _ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | Non
     cdt = compute_dtype(x.dtype)
     xf, dtf, Af, Bf, Cf = (t.to(cdt) for t in (x, dt, A, B, C))
     h0 = None if initial_state is None else initial_state.to(cdt)
+    Dc = None if D is None else D.to(cdt)
     Q = min(Q, length)
     if reverse:
         r = None if reset is None else reverse_reset(reset).flip(1)
-        y, hT = _ssd_chunked(xf.flip(1), dtf.flip(1), Af, Bf.flip(1), Cf.flip(1), h0, r, Q)
+        y, hT = _ssd_chunked(xf.flip(1), dtf.flip(1), Af, Bf.flip(1), Cf.flip(1), Dc, h0, r, Q)
         y = y.flip(1)
     else:
-        y, hT = _ssd_chunked(xf, dtf, Af, Bf, Cf, h0, reset, Q)
-    if D is not None:
-        y = torch.addcmul(y, xf, D.to(cdt)[:, None])
+        y, hT = _ssd_chunked(xf, dtf, Af, Bf, Cf, Dc, h0, reset, Q)
     y = y.to(x.dtype)
     return (y, hT) if return_final_state else y
