@@ -2,7 +2,8 @@
 
     python benchmarks/bench_distributed.py [--models mamba mamba2] [--lengths 262144 1048576]
                                            [--nprocs 1 2] [--chunk-len 32768] [--timeout 3600] [--quick]
-                                           [--d-model 256] [--n-layers 2]
+                                           [--d-model 256] [--n-layers 2] [--malloc-mmap-threshold BYTES]
+                                           [--phases]
     python benchmarks/bench_distributed.py --layer-memory --lengths 65536   # one layer, unchunked
 
 ``--layer-memory``: one mixer layer (d_model 256, the mixers below), forward + backward of the whole sequence,
@@ -88,8 +89,30 @@ def _count_bytes() -> dict:
     return counts
 
 
+def _phase_hooks(model, phases: dict) -> None:
+    """Per layer i, the RSS at and the peak RSS up to: its forward start/end with grad ("Li fwd<" / "Li fwd>"), its
+    backward start/end ("Li bwd<" / "Li bwd>"); the peak restarts at every mark (Linux ``clear_refs``). ``phases``
+    gets the largest of each over the chunks, in bytes over ``phases["base"]``."""
+    import torch
+
+    def mark(tag: str) -> None:
+        rss, peak = current_rss_bytes() - phases["base"], peak_rss_bytes() - phases["base"]
+        old = phases.setdefault(tag, [rss, peak])
+        phases[tag] = [max(old[0], rss), max(old[1], peak)]
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    for i, block in enumerate(model.backbone.blocks):
+        def hook(tag: str, grad_only: bool):
+            return lambda *_: mark(tag) if "base" in phases and (torch.is_grad_enabled() or not grad_only) else None
+        block.mixer.register_forward_pre_hook(hook(f"L{i} fwd<", True))
+        block.mixer.register_forward_hook(hook(f"L{i} fwd>", True))
+        block.mixer.register_full_backward_pre_hook(hook(f"L{i} bwd<", False))
+        block.mixer.register_full_backward_hook(hook(f"L{i} bwd>", False))
+
+
 def worker(name: str, length: int, chunk_len: int, nproc: int, rank: int, init_file: str, timeout: float,
-           d_model: int = D_MODEL, n_layers: int = N_LAYERS) -> dict:
+           d_model: int = D_MODEL, n_layers: int = N_LAYERS, phases: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -122,15 +145,20 @@ def worker(name: str, length: int, chunk_len: int, nproc: int, rank: int, init_f
     model.zero_grad(set_to_none=True)
     if counts is not None:
         counts.update(collective=0, p2p=0)
-    base = current_rss_bytes()
-    t0 = time.perf_counter()
+    marks: dict = {}
+    if phases:
+        _phase_hooks(model, marks)
+    base = marks["base"] = current_rss_bytes()
+    t0, c0 = time.perf_counter(), time.process_time()
     stats = step()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     out = {"model": name, "d_model": d_model, "n_layers": n_layers, "length": length, "chunk_len": chunk_len,
-           "nproc": nproc, "rank": rank, "params": sum(p.numel() for p in model.parameters()),
+           "cpu_seconds": cpu, "nproc": nproc, "rank": rank, "params": sum(p.numel() for p in model.parameters()),
            "seconds": seconds, "peak_rss": peak_rss_bytes(), "base_rss": base, "loss": stats["loss"],
            "chunks": stats["chunks"], "grad_norm": float(sum(p.grad.double().pow(2).sum()
                                                              for p in model.parameters()) ** 0.5)}
+    if phases:
+        out["phases_MiB"] = {k: [round(v / MIB, 1) for v in vals] for k, vals in marks.items() if k != "base"}
     if counts is not None:
         out.update(collective_bytes=counts["collective"], p2p_bytes=counts["p2p"])
         import torch.distributed as dist
@@ -173,12 +201,16 @@ def layer_worker(name: str, length: int, nproc: int, rank: int, init_file: str, 
 
 
 def launch(name: str, length: int, chunk_len: int, nproc: int, timeout: float, kind: str = "--worker",
-           extra: tuple[str, ...] = ()) -> list[dict]:
-    """``nproc`` fresh worker processes; every one is killed at the deadline."""
+           extra: tuple[str, ...] = (), mmap_threshold: int | None = None) -> list[dict]:
+    """``nproc`` fresh worker processes; every one is killed at the deadline. ``mmap_threshold``: glibc's
+    ``MALLOC_MMAP_THRESHOLD_`` for the workers (None: glibc's default, a dynamic threshold)."""
+    env = dict(os.environ)
+    if mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     with tempfile.TemporaryDirectory() as tmp:
         init = os.path.join(tmp, "init")
         procs = [subprocess.Popen([sys.executable, str(SCRIPT), kind, name, str(length), str(chunk_len),
-                                   str(nproc), str(r), init, str(timeout), *extra], stdout=subprocess.PIPE,
+                                   str(nproc), str(r), init, str(timeout), *extra], env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for r in range(nproc)]
         deadline = time.monotonic() + timeout
         results = []
@@ -199,9 +231,9 @@ def launch(name: str, length: int, chunk_len: int, nproc: int, timeout: float, k
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        n, length, chunk, nproc, rank, init, timeout, d_model, n_layers = sys.argv[2:]
+        n, length, chunk, nproc, rank, init, timeout, d_model, n_layers, phases = sys.argv[2:]
         print(json.dumps(worker(n, int(length), int(chunk), int(nproc), int(rank), init, float(timeout),
-                                int(d_model), int(n_layers))))
+                                int(d_model), int(n_layers), phases == "1")))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--layer-worker":
         n, length, _, nproc, rank, init, timeout = sys.argv[2:]
@@ -216,6 +248,11 @@ def main() -> None:
     ap.add_argument("--out", default="bench_distributed", help="results file name (benchmarks/results/NAME.json)")
     ap.add_argument("--d-model", type=int, default=D_MODEL, help="model width (default: bench_longseq's 256)")
     ap.add_argument("--n-layers", type=int, default=N_LAYERS, help="mixer layers (default 2)")
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                    help="set glibc's MALLOC_MMAP_THRESHOLD_ in every worker (P = 1 and P > 1 alike): blocks above "
+                         "it are mmapped and returned on free, so RSS follows the live tensors (default: glibc's)")
+    ap.add_argument("--phases", action="store_true", help="per layer, RSS and peak RSS at its forward and backward "
+                    "(growth over the RSS before the step, MiB; the largest over the chunks), printed per rank")
     ap.add_argument("--quick", action="store_true", help="small lengths (a smoke test of this script)")
     ap.add_argument("--layer-memory", action="store_true", help="one layer, unchunked (see the module docstring)")
     a = ap.parse_args()
@@ -233,7 +270,8 @@ def main() -> None:
             base = None
             for nproc in a.nprocs:
                 res = launch(name, length, a.chunk_len, nproc, a.timeout,
-                             extra=(str(a.d_model), str(a.n_layers)))
+                             extra=(str(a.d_model), str(a.n_layers), str(int(a.phases))),
+                             mmap_threshold=a.malloc_mmap_threshold)
                 runs.append(res)
                 if "error" in res[0]:
                     print(f"{name} L={length} P={nproc}: FAILED: {res[0]['error']}", flush=True)
@@ -242,7 +280,7 @@ def main() -> None:
                 peak = max(r["peak_rss"] for r in res)
                 grow = max(r["peak_rss"] - r["base_rss"] for r in res)
                 row = {"model": name, "d_model": a.d_model, "n_layers": a.n_layers, "length": length, "P": nproc,
-                       "time_s": secs, "tok_per_s": length / secs,
+                       "time_s": secs, "cpu_s": max(r["cpu_seconds"] for r in res), "tok_per_s": length / secs,
                        "peak_rss_MiB": peak / MIB, "growth_MiB": grow / MIB,
                        "coll_MiB/rank": max(r.get("collective_bytes", 0) for r in res) / MIB,
                        "p2p_KiB/rank": max(r.get("p2p_bytes", 0) for r in res) / 1024,
@@ -255,12 +293,16 @@ def main() -> None:
                     row["growth_ratio"] = grow / (base["growth_MiB"] * MIB)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                for r in res if a.phases else []:
+                    print(f"  rank {r['rank']} phases (rss, peak since the previous mark), MiB:",
+                          json.dumps(r["phases_MiB"]), flush=True)
     print()
-    print_table(rows, ["model", "length", "P", "time_s", "tok_per_s", "peak_rss_MiB", "growth_MiB", "coll_MiB/rank",
-                       "p2p_KiB/rank", "loss", "eff", "mem_ratio", "growth_ratio"])
+    print_table(rows, ["model", "length", "P", "time_s", "cpu_s", "tok_per_s", "peak_rss_MiB", "growth_MiB",
+                       "coll_MiB/rank", "p2p_KiB/rank", "loss", "eff", "mem_ratio", "growth_ratio"])
     payload = {"model": {"d_model": a.d_model, "n_layers": a.n_layers, "vocab_size": VOCAB, "mixers": MIXERS,
                          "dtype": "float32", "batch": 1},
-               "chunk_len": a.chunk_len, "runs": runs, "table": rows, "loadavg_start": load_start,
+               "chunk_len": a.chunk_len, "malloc_mmap_threshold": a.malloc_mmap_threshold, "runs": runs,
+               "table": rows, "loadavg_start": load_start,
                "loadavg_end": os.getloadavg()}
     path = write_json(a.out + ("_quick" if a.quick else ""), payload)
     print(f"\nwrote {path} (load average {load_start[0]:.1f} -> {payload['loadavg_end'][0]:.1f})")
