@@ -3,7 +3,8 @@
     nice -n 10 python benchmarks/bench_decode_mamba2.py [--quick] [--threads 1 2] [--tokens T] [--batch B]
 
 Model: a 130M-shaped Mamba-2 (d_model 768, 24 layers, d_state 128, headdim 64, one group, vocab 50280, tied
-head, random weights) built with ssmkit, in float32 and with ``quantize_weights`` int8 and int4 (group 32). For
+head, random weights) built with ssmkit, in float32 and with ``quantize_weights`` int8 and int4 (group 32), with
+float and with int8 activations (``a8``). For
 each thread count and precision it times T greedy decode steps at batch B (default 1) two ways, in the same
 process and interleaved: ``model.step`` (the fused path: every block and the LM head in one numba launch) and
 the block-by-block step (embedding, each ``block.step`` in Python, the final norm, the head through
@@ -154,7 +155,9 @@ def main() -> None:
     torch.manual_seed(0)
     layers = 4 if args.quick else 24
     model = CausalLM(ModelConfig(d_model=768, pattern=f"mamba2*{layers}", vocab_size=50280)).eval()
-    variants = {"float32": model, "int8": quantize_weights(model), "int4-g32": quantize_weights(model, bits=4)}
+    variants = {"float32": model, "int8": quantize_weights(model), "int4-g32": quantize_weights(model, bits=4),
+                "int8 a8": quantize_weights(model, activations="int8"),
+                "int4-g32 a8": quantize_weights(model, bits=4, activations="int8")}
     for name, m in variants.items():
         if stack_plan(m.backbone, m.lm_head) is None:
             raise SystemExit(f"{name}: the fused Mamba-2 plan is not available")

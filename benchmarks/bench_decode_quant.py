@@ -3,7 +3,8 @@
     nice -n 10 python benchmarks/bench_decode_quant.py [--quick] [--threads N] [--tokens T]
 
 Model: a 130M-shaped Mamba (d_model 768, 24 layers, vocab 50280, random weights) built with ssmkit. For float32,
-``quantize_weights`` int8, int4 (group 32 and 64) and float32 with int8 SSM states, it times T greedy decode
+``quantize_weights`` int8, int4 (group 32 and 64), the same with ``activations="int8"`` (``a8``: integer
+products on activations quantized per block of 32) and float32 with int8 SSM states, it times T greedy decode
 steps at batch 1 (``model.step``, the fused one-launch path) and reports tokens/s, the ratio to float32, the
 bytes of weights one token reads, and the fraction of the bound: the read bandwidth measured in the same process
 (best ``torch.sum`` over a 1 GiB float32 tensor with the same threads) divided by those bytes. ``--quick``: 4
@@ -124,6 +125,9 @@ def main() -> None:
     variants = {"float32": (model, False), "int8": (quantize_weights(model), False),
                 "int4-g32": (quantize_weights(model, bits=4, group_size=32), False),
                 "int4-g64": (quantize_weights(model, bits=4, group_size=64), False),
+                "int8 a8": (quantize_weights(model, activations="int8"), False),
+                "int4-g32 a8": (quantize_weights(model, bits=4, group_size=32, activations="int8"), False),
+                "int4-g64 a8": (quantize_weights(model, bits=4, group_size=64, activations="int8"), False),
                 "float32 + int8-state": (model, True)}
     bw = read_bandwidth(args.threads)
     print(f"read bandwidth {bw / 1e9:.1f} GB/s", flush=True)
@@ -139,7 +143,10 @@ def main() -> None:
     # Mamba-2 (one launch per step too): its step against its linear layers alone
     model2 = CausalLM(ModelConfig(d_model=768, pattern=f"mamba2*{layers}", vocab_size=50280)).eval()
     for name, m in {"mamba2 float32": model2, "mamba2 int8": quantize_weights(model2),
-                    "mamba2 int4-g32": quantize_weights(model2, bits=4, group_size=32)}.items():
+                    "mamba2 int4-g32": quantize_weights(model2, bits=4, group_size=32),
+                    "mamba2 int8 a8": quantize_weights(model2, activations="int8"),
+                    "mamba2 int4-g32 a8": quantize_weights(model2, bits=4, group_size=32, activations="int8")
+                    }.items():
         s, lin = time_decode(m, args.tokens, repeat=args.repeat), time_linears(m, args.tokens, args.repeat)
         nbytes = weight_bytes(m)
         rows.append({"variant": name, "tok_per_s": 1 / s, "vs_float32": base / s, "weight_MB": nbytes / 1e6,

@@ -1,6 +1,7 @@
 """ssmkit against llama.cpp on the same weights, in one run: decode and prefill tokens/s, as ratios.
 
     python benchmarks/bench_llamacpp.py [--arch mamba|mamba2] [--cache DIR] [--threads 2] [--layers 24] [--jobs 2]
+                                        [--no-prefill]
 
 1. Builds llama.cpp's ``llama-bench`` once into ``--cache`` (default ~/.cache/ssmkit/llamacpp): the sdist of
    llama-cpp-python (``pip download llama-cpp-python==VERSION --no-binary :all: --no-deps``) carries llama.cpp in
@@ -12,8 +13,10 @@
    d_state 128 and head width 64 as mamba2-130m) in ssmkit and exports it with ``ssmkit.export.gguf.to_gguf`` as
    f32, q8_0 and q4_0.
 4. Times ``llama-bench`` (decode: -p 0 -n 128; prefill: -p 2048 -n 0) and ssmkit (decode: 128 greedy steps at
-   batch 1 of the float32, int8 and int4-g32 models; prefill: the backbone forward over 2048 tokens plus the
-   LM head on the last one) with the same threads, and measures the read bandwidth in the same process.
+   batch 1 of the float32, int8 and int4-g32 models, the quantized ones with float activations and with int8
+   activations (``a8``: ``quantize_weights(..., activations="int8")``, integer products as llama.cpp's);
+   prefill: the backbone forward over 2048 tokens plus the LM head on the last one) with the same threads, and
+   measures the read bandwidth in the same process. ``--no-prefill``: decode only.
 Writes benchmarks/results/bench_llamacpp.json. Not part of the tests (it builds C++ for minutes).
 """
 
@@ -100,6 +103,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="parallel compile jobs for the one-time build")
     p.add_argument("--gen", type=int, default=128)
     p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--no-prefill", action="store_true", help="time decode only")
     args = p.parse_args()
     if shutil.which("cmake") is None:
         p.error("cmake is not on PATH")
@@ -120,19 +124,27 @@ def main() -> None:
         files[quant] = args.cache / f"{args.arch}-{args.layers}l-{quant}.gguf"
         if not files[quant].exists():
             to_gguf(model, files[quant], quant=quant)
-    ours = {"f32": model, "q8_0": quantize_weights(model), "q4_0": quantize_weights(model, bits=4, group_size=32)}
+    ours = {"f32": model, "q8_0": quantize_weights(model), "q4_0": quantize_weights(model, bits=4, group_size=32),
+            "q8_0 a8": quantize_weights(model, activations="int8"),
+            "q4_0 a8": quantize_weights(model, bits=4, group_size=32, activations="int8")}
     bw = read_bandwidth(args.threads)
-    rows = []
-    for quant, m in ours.items():
-        ll_dec = llama_bench(exe, files[quant], args.threads, 0, args.gen)
+    rows, ll = [], {}
+    for name, m in ours.items():
+        quant = name.split()[0]
+        if quant not in ll:
+            ll[quant] = (llama_bench(exe, files[quant], args.threads, 0, args.gen),
+                         None if args.no_prefill else llama_bench(exe, files[quant], args.threads, args.prefill, 0))
+        ll_dec, ll_pre = ll[quant]
         our_dec = 1 / time_decode(m, args.gen, repeat=2)
-        ll_pre = llama_bench(exe, files[quant], args.threads, args.prefill, 0)
-        our_pre = prefill_tok_per_s(m, args.prefill)
+        our_pre = None if args.no_prefill or name.endswith("a8") else prefill_tok_per_s(m, args.prefill)
         bound = bw / weight_bytes(m)
-        rows.append({"precision": f"{quant} (ssmkit {'float32' if quant == 'f32' else quant[:2].replace('q', 'int')})",
+        ours_name = "float32" if quant == "f32" else quant[:2].replace("q", "int") + (" a8" if "a8" in name else "")
+        rows.append({"precision": f"{quant} (ssmkit {ours_name})",
                      "decode_ssmkit": our_dec, "decode_llamacpp": ll_dec, "decode_ratio": our_dec / ll_dec,
                      "decode_bound": bound, "ssmkit_of_bound": our_dec / bound,
-                     "prefill_ssmkit": our_pre, "prefill_llamacpp": ll_pre, "prefill_ratio": our_pre / ll_pre})
+                     "prefill_ssmkit": our_pre, "prefill_llamacpp": ll_pre,
+                     "prefill_ratio": None if our_pre is None else our_pre / ll_pre})
+        print(rows[-1], flush=True)
     load = os.getloadavg()[0]
     print(f"{args.arch}, threads {args.threads}, read bandwidth {bw / 1e9:.1f} GB/s, load average {load:.1f}")
     print_table(rows, list(rows[0]))

@@ -8,6 +8,8 @@ scores each on its validation split as
 - float32: the trained model's forward;
 - int8: ``quantize_weights(model)`` (weight-only, per-row scales);
 - int4-g32 / int4-g64: ``quantize_weights(model, bits=4, group_size=32 / 64)``;
+- int8 a8 / int4-g32 a8 / int4-g64 a8: the same with ``activations="int8"`` (each layer's input quantized per
+  block of 32 to int8, integer products, as llama.cpp's q8_0 / q4_0 decode does);
 - W8A8: ``quantize_w8a8(model, 8 training batches)`` (static activation scales, percentile clipping of the
   SSM input, Hadamard rotation before out_proj, integer products);
 - float32 step / int8-state: the model stepped token by token (teacher forcing), with the float state or with
@@ -121,6 +123,8 @@ def main() -> None:
     p.add_argument("--runs", type=Path, default=RESULTS / "quant_runs", help="where the trained runs live")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-batches", type=int, default=0, help="validation batches per variant (0: 16, quick 2)")
+    p.add_argument("--variants", default="", help="comma-separated variants to score (default: all; float32 is "
+                                                  "always scored, the baseline; int8-state needs float32 step)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     n_eval = args.eval_batches or (2 if args.quick else 16)
@@ -134,17 +138,26 @@ def main() -> None:
             "int8": (quantize_weights(model), "forward"),
             "int4-g32": (quantize_weights(model, bits=4, group_size=32), "forward"),
             "int4-g64": (quantize_weights(model, bits=4, group_size=64), "forward"),
+            "int8 a8": (quantize_weights(model, activations="int8"), "forward"),
+            "int4-g32 a8": (quantize_weights(model, bits=4, group_size=32, activations="int8"), "forward"),
+            "int4-g64 a8": (quantize_weights(model, bits=4, group_size=64, activations="int8"), "forward"),
             "W8A8": (quantize_w8a8(model, calib), "forward"),
             "float32 step": (model, "step"),
             "int8-state": (model, "int8_state"),
         }
+        if args.variants:
+            keep = {"float32", *args.variants.split(",")}
+            unknown = keep - set(variants)
+            if unknown:
+                raise SystemExit(f"--variants: unknown {sorted(unknown)}; known: {', '.join(variants)}")
+            variants = {k: v for k, v in variants.items() if k in keep}
         metric = "perplexity" if task.name == "text" else task.metric
         res = {}
         for vname, (m, mode) in variants.items():
             t = time.perf_counter()
             res[vname] = score(task, m, mode, n_eval)
             res[vname]["eval_s"] = time.perf_counter() - t
-        base = {"forward": res["float32"][metric], "step": res["float32 step"][metric]}
+        base = {"forward": res["float32"][metric], "step": res.get("float32 step", {}).get(metric, math.nan)}
         for vname, r in res.items():
             ref = base["step"] if vname == "int8-state" else base["forward"]
             change = r[metric] - ref

@@ -18,6 +18,14 @@ With ``bits=4`` every such layer becomes an :class:`Int4Linear` instead: 4-bit w
 float32 scale per group of ``group_size`` inputs of a row (:func:`ssmkit.ops.int4_linear.quantize_int4`), about
 an eighth of the float32 bytes (plus 4 bytes of scale per group). Every quantized layer's ``in_features`` must be a
 multiple of ``group_size``.
+
+``activations="int8"`` makes the quantized layers multiply integer activations, as llama.cpp's q8_0 and q4_0
+products do: each layer's input is quantized per block of 32 values to int8 with one float scale per block
+(:mod:`ssmkit.ops.q8_act`), the int8 x int8 (or int4 x int8) products are summed exactly in int32 per block,
+and the fused decode kernels run these products with ``vpmaddwd`` instead of widening every weight to float.
+The input rounding adds an error of at most half a step of each block's scale; prefill and gradients use the
+same quantized activations in torch ops, so prompt and decode agree. The layers' ``act_quant`` attribute holds
+the setting (every quantized layer of a model must agree for the fused decode).
 """
 
 from __future__ import annotations
@@ -35,41 +43,54 @@ from ..ops.int8_linear import dequantize_int8, int8_linear, quantize_int8
 KEEP_FLOAT = frozenset({"dt_proj"})
 
 
+def _check_act(where: str, act_quant: object) -> None:
+    if not isinstance(act_quant, bool):
+        raise ValueError(f"{where}: act_quant must be a bool, got {act_quant!r}")
+
+
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights (buffers ``qweight`` (out, in), ``scale`` (out,)) and an optional float32
-    bias; ``forward(x)``: x (..., in) float32 -> (..., out)."""
+    bias; ``forward(x)``: x (..., in) float32 -> (..., out); ``act_quant``: x quantized per block of 32 first
+    (module docstring)."""
 
-    def __init__(self, qweight: Tensor, scale: Tensor, bias: Tensor | None = None) -> None:
+    def __init__(self, qweight: Tensor, scale: Tensor, bias: Tensor | None = None, *, act_quant: bool = False
+                 ) -> None:
         super().__init__()
+        _check_act("Int8Linear", act_quant)
+        self.act_quant = act_quant
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, *, act_quant: bool = False) -> Int8Linear:
         if linear.weight.dtype != torch.float32:
             raise ValueError(f"Int8Linear.from_linear: the layer's weight must be float32, got {linear.weight.dtype}")
         q, s = quantize_int8(linear.weight)
-        return cls(q, s, linear.bias)
+        return cls(q, s, linear.bias, act_quant=act_quant)
 
     def dequantized_weight(self) -> Tensor:
         return dequantize_int8(self.qweight, self.scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        return int8_linear(x, self.qweight, self.scale, self.bias)
+        return int8_linear(x, self.qweight, self.scale, self.bias, act_quant=self.act_quant)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"int8{', int8 activations' if self.act_quant else ''}")
 
 
 class Int4Linear(nn.Module):
     """A linear layer with packed int4 weights (buffers ``qweight`` (out, in / 2) int8 bytes, ``scale``
     (out, in / group_size) float32) and an optional float32 bias; ``forward(x)``: x (..., in) float32 ->
-    (..., out)."""
+    (..., out); ``act_quant``: x quantized per block of 32 first (module docstring)."""
 
-    def __init__(self, qweight: Tensor, scale: Tensor, bias: Tensor | None = None) -> None:
+    def __init__(self, qweight: Tensor, scale: Tensor, bias: Tensor | None = None, *, act_quant: bool = False
+                 ) -> None:
         super().__init__()
+        _check_act("Int4Linear", act_quant)
+        self.act_quant = act_quant
         self.in_features, self.out_features = 2 * qweight.shape[1], qweight.shape[0]
         self.group_size = self.in_features // scale.shape[1]
         self.register_buffer("qweight", qweight)
@@ -77,21 +98,21 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32, *, act_quant: bool = False) -> Int4Linear:
         if linear.weight.dtype != torch.float32:
             raise ValueError(f"Int4Linear.from_linear: the layer's weight must be float32, got {linear.weight.dtype}")
         q, s = quantize_int4(linear.weight, group_size)
-        return cls(q, s, linear.bias)
+        return cls(q, s, linear.bias, act_quant=act_quant)
 
     def dequantized_weight(self) -> Tensor:
         return dequantize_int4(self.qweight, self.scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        return int4_linear(x, self.qweight, self.scale, self.bias)
+        return int4_linear(x, self.qweight, self.scale, self.bias, act_quant=self.act_quant)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"int4, group_size={self.group_size}")
+                f"int4, group_size={self.group_size}{', int8 activations' if self.act_quant else ''}")
 
 
 def linear_targets(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -114,12 +135,20 @@ def check_float_model(where: str, model: object) -> None:
         raise ValueError(f"{where}: the model must be float32, it holds {', '.join(bad)} parameters")
 
 
-def quantize_weights(model: SequenceModel, bits: int = 8, group_size: int = 32) -> SequenceModel:
+#: what ``quantize_weights(activations=...)`` accepts
+ACTIVATIONS = ("float", "int8")
+
+
+def quantize_weights(model: SequenceModel, bits: int = 8, group_size: int = 32, *,
+                     activations: str = "float") -> SequenceModel:
     """A copy of ``model`` (float32) whose ``nn.Linear`` layers are :class:`Int8Linear` (``bits=8``) or
     :class:`Int4Linear` (``bits=4``, scales per ``group_size`` inputs; see the module docstring), in eval
-    mode."""
+    mode; ``activations="int8"``: they multiply activations quantized per block of 32 (module docstring)."""
     if isinstance(bits, bool) or bits not in (4, 8):
         raise ValueError(f"quantize_weights: bits must be 4 or 8, got {bits!r}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"quantize_weights: activations must be one of {ACTIVATIONS}, got {activations!r}")
+    act_quant = activations == "int8"
     if bits == 4 and (isinstance(group_size, bool) or group_size not in GROUP_SIZES):
         raise ValueError(f"quantize_weights: group_size must be one of {GROUP_SIZES}, got {group_size!r}")
     check_float_model("quantize_weights", model)
@@ -135,8 +164,8 @@ def quantize_weights(model: SequenceModel, bits: int = 8, group_size: int = 32) 
     new = {}  # a tied LM head and embedding share one weight: quantize it once
     for name, linear in targets:
         if linear not in new:
-            new[linear] = (Int8Linear.from_linear(linear) if bits == 8
-                           else Int4Linear.from_linear(linear, group_size))
+            new[linear] = (Int8Linear.from_linear(linear, act_quant=act_quant) if bits == 8
+                           else Int4Linear.from_linear(linear, group_size, act_quant=act_quant))
         replace_module(q, name, new[linear])
     q.requires_grad_(False)
     return q

@@ -66,6 +66,32 @@ class _Cached:
     key: WeightsKey  # a `.data` swap, a dtype/device move or an in-place update of a copied weight breaks it
     tensors: list[Tensor]
     plan: MambaStackPlan | Mamba2StackPlan | None
+    quantized: tuple = ()  # the quantized linear layers: their act_quant settings, read when the plan was built
+    acts: tuple = ()
+
+
+def _quantized(*modules: nn.Module | None) -> tuple:
+    """The layers with an ``act_quant`` setting (ssmkit.infer's Int8Linear / Int4Linear) in ``modules``."""
+    found = {}
+    for module in modules:
+        for m in () if module is None else module.modules():
+            if isinstance(getattr(m, "act_quant", None), bool):
+                found[id(m)] = m
+    return tuple(found.values())
+
+
+def _act_quant(layers: tuple) -> bool:
+    """The one act_quant setting of ``layers`` (False for none); a ValueError if they disagree."""
+    flags = {m.act_quant for m in layers}
+    if len(flags) > 1:
+        raise ValueError("fused decode: the quantized layers disagree on act_quant; set it on all of them")
+    return flags == {True}
+
+
+def _fresh(cached: _Cached | None, settings: tuple) -> bool:
+    """Whether a cached plan still holds: no registration, same settings, same weights, same act_quant."""
+    return (cached is not None and cached.registrations == _REGISTRATIONS[0] and cached.settings == settings
+            and cached.key.matches(cached.tensors) and tuple(m.act_quant for m in cached.quantized) == cached.acts)
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -119,8 +145,7 @@ def stack_plan(backbone, head: nn.Module | None = None) -> MambaStackPlan | Mamb
     cached = _CACHE.get(owner)
     if cached is not None and cached.registrations == _REGISTRATIONS[0]:
         norms = [b._modules.get("norm") for b in backbone.blocks._modules.values()]
-        if (cached.settings == _settings(backbone, norms)
-                and cached.key.matches(cached.tensors)):
+        if _fresh(cached, _settings(backbone, norms)):
             return cached.plan
     if cached is None:
         _hold(owner)
@@ -139,12 +164,14 @@ def stack_plan(backbone, head: nn.Module | None = None) -> MambaStackPlan | Mamb
         tensors = [t for w in layers for t in w.tensors()]
     final = backbone.final_norm
     head_weights = None if head is None else linear_weights(head)
+    quantized = _quantized(backbone, head)
     cls = MambaStackPlan if kind is Mamba else Mamba2StackPlan
     plan = cls(layers, [n.weight for n in norms], final.weight, norm_eps=final.eps, final_eps=final.eps,
-               head=head_weights)
+               head=head_weights, act_quant=_act_quant(quantized))
     tensors += [n.weight for n in norms] + [final.weight]
     tensors += [t for t in (head_weights or ()) if t is not None]
-    _CACHE[owner] = _Cached(registrations, settings, plan.key, tensors, plan)
+    _CACHE[owner] = _Cached(registrations, settings, plan.key, tensors, plan, quantized,
+                            tuple(m.act_quant for m in quantized))
     return plan
 
 
@@ -163,8 +190,7 @@ def run_plans(backbone) -> list[tuple[int, int, MambaStackPlan | Mamba2StackPlan
     pre-norm. Rebuilt when the model changed, like :func:`stack_plan`."""
     cached = _RUNS.get(backbone)
     norms = [b._modules.get("norm") for b in backbone.blocks._modules.values()]
-    if (cached is not None and cached.registrations == _REGISTRATIONS[0]
-            and cached.settings == _settings(backbone, norms) and cached.key.matches(cached.tensors)):
+    if _fresh(cached, _settings(backbone, norms)):
         return cached.plan
     if cached is None:
         _hold(backbone)
@@ -179,19 +205,22 @@ def run_plans(backbone) -> list[tuple[int, int, MambaStackPlan | Mamba2StackPlan
             continue
         while j < len(blocks) and _block_kind(blocks[j]) is kind and norms[j].eps == norms[i].eps:
             j += 1
+        act = _act_quant(_quantized(*blocks[i:j]))
         if kind is Mamba:
             layers = [b.mixer.step_weights() for b in blocks[i:j]]
-            plan = MambaStackPlan(layers, [n.weight for n in norms[i:j]], norm_eps=norms[i].eps)
+            plan = MambaStackPlan(layers, [n.weight for n in norms[i:j]], norm_eps=norms[i].eps, act_quant=act)
             tensors += [t for w in layers for t in w if t is not None]
         else:
             layers = [mamba2_step_weights(b.mixer) for b in blocks[i:j]]
-            plan = Mamba2StackPlan(layers, [n.weight for n in norms[i:j]], norm_eps=norms[i].eps)
+            plan = Mamba2StackPlan(layers, [n.weight for n in norms[i:j]], norm_eps=norms[i].eps, act_quant=act)
             tensors += [t for w in layers for t in w.tensors()]
         tensors += [n.weight for n in norms[i:j]]
         runs.append((i, j, plan))
         i = j
     result = runs if any(plan is not None for _, _, plan in runs) else None
-    _RUNS[backbone] = _Cached(registrations, settings, WeightsKey(tensors), tensors, result)
+    quantized = _quantized(backbone)
+    _RUNS[backbone] = _Cached(registrations, settings, WeightsKey(tensors), tensors, result, quantized,
+                              tuple(m.act_quant for m in quantized))
     return result
 
 
@@ -228,7 +257,7 @@ def _hybrid_step(backbone, h: Tensor, state: ModelState, head: nn.Module | None
     out = None
     if head is not None:
         weight, scale, bias = linear_weights(head)
-        out = decode_linear(hidden, weight, bias, scale=scale)
+        out = decode_linear(hidden, weight, bias, scale=scale, act_quant=getattr(head, "act_quant", False) is True)
     return hidden, ModelState(new), out
 
 

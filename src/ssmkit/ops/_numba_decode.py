@@ -17,6 +17,7 @@ from numba.extending import overload
 
 from ._numba_atomics import atomic_add, atomic_load, cpu_relax, thread_yield
 from ._numba_kernels import fast_exp, fast_softplus
+from ._numba_q8 import QBLOCK, int4_group_ok, quantize_rows, rows_int4, rows_int8
 
 _PAD = 8  # int64 slots per counter: each counter owns a 64-byte cache line (no false sharing between threads)
 _SPINS = 64  # pause-spins of a stage wait before it starts yielding the core
@@ -178,6 +179,52 @@ def _rows_block_dense(x, w, lo, hi, scale, bias, buf):
 
 
 @nb.njit(inline="always", cache=True)
+def _act_buffers(n_rows, cols, like):
+    """One thread's buffers for the integer-activation products of inputs (n_rows, cols): quantized values
+    (int8), block scales and dequantized activations (like's dtype); see :func:`_prep_q`."""
+    return (np.zeros((n_rows, cols), dtype=np.int8),
+            np.zeros((n_rows, (cols + QBLOCK - 1) // QBLOCK), dtype=like.dtype),
+            np.zeros((n_rows, cols), dtype=like.dtype))
+
+
+@nb.njit(inline="always", cache=True)
+def _prep_q(x, quant, scale, qbuf):
+    """Before a stage's products (every thread, after the barrier that completes x): with ``quant`` and a
+    quantized weight (scale of nonzero length), quantize x into this thread's buffers qbuf = (xq, xd, xf)
+    (:func:`ssmkit.ops._numba_q8.quantize_rows`)."""
+    if quant and scale.shape[0] > 0:
+        quantize_rows(x, qbuf[0], qbuf[1], qbuf[2])
+
+
+def _rows_q(x, quant, qbuf, w, lo, hi, scale, bias, buf):
+    """:func:`_rows_block`, or with ``quant`` and a quantized weight its integer-activation form on the buffers
+    that :func:`_prep_q` filled: int8 rows and int4 rows of group 32/64/128 multiply int8 activations
+    (:mod:`._numba_q8`); int4 of group 16 takes the float rows on the dequantized activations (same numbers).
+    Jitted code only."""
+    raise NotImplementedError("_rows_q is called from numba kernels only")
+
+
+@overload(_rows_q, jit_options={"fastmath": True})
+def _rows_q_impl(x, quant, qbuf, w, lo, hi, scale, bias, buf):
+    if isinstance(scale, types.Array) and scale.ndim == 2:
+        def int4(x, quant, qbuf, w, lo, hi, scale, bias, buf):
+            if not quant:
+                _rows_block(x, w, lo, hi, scale, bias, buf)
+            elif int4_group_ok(w, scale):
+                rows_int4(qbuf[0], qbuf[1], w, lo, hi, scale, bias, buf)
+            else:
+                _rows_block(qbuf[2], w, lo, hi, scale, bias, buf)
+        return int4
+
+    def dense(x, quant, qbuf, w, lo, hi, scale, bias, buf):
+        if quant and scale.shape[0] > 0:
+            rows_int8(qbuf[0], qbuf[1], w, lo, hi, scale, bias, buf)
+        else:
+            _rows_block(x, w, lo, hi, scale, bias, buf)
+    return dense
+
+
+@nb.njit(inline="always", cache=True)
 def _claim(counters, stage, region, n_threads):
     """The next unclaimed chunk of ``region`` of ``stage``, counted from the region's start."""
     return atomic_add(counters, _slot(stage, region, n_threads), 1)
@@ -262,7 +309,7 @@ def _norm_stage(counters, stage, n_threads, h, w, eps, xn, residual):
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, conv_w, conv_b, conv_state, w_x, s_x,
                 w_dt, b_dt, a_log, d_skip, w_out, s_out, b_out, ssm_state, conv_new, ssm_new, xn, xz, u, xdbl, y,
-                out, w_head, s_head, b_head, logits, counters, n_threads):
+                out, w_head, s_head, b_head, logits, counters, n_threads, act_q):
     """One token through a stack of Mamba blocks, h <- h + mamba_l(norm_l(h)) for l = 0..L-1, then
     out = final_norm(h) (RMSNorm) and, when w_head (V, d_model) has rows, logits (B, V) = head(out) (float or
     int8 with s_head; b_head may have length 0): the LM head in the same launch. Per-layer weights are numba
@@ -276,7 +323,8 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
     with per-row scales s_in / s_x / s_out (length 0 for float); biases b_in (2 Di,), conv_b (Di,),
     b_out (d_model,) may have length 0; b_dt (Di,); a_log (Di, N); d_skip (Di,). States conv (L, B, Di, K - 1),
     ssm (L, B, Di, N); the new ones go to conv_new / ssm_new. Scratch: xn (B, d_model), xz (B, 2 Di), u (B, Di),
-    xdbl (B, R + 2N), y (B, Di). counters: int64 zeros (counter_slots(5 L + 2, n_threads),).
+    xdbl (B, R + 2N), y (B, Di). counters: int64 zeros (counter_slots(5 L + 2, n_threads),). act_q: the int8
+    and int4 weights multiply activations quantized per block of 32 (:mod:`._numba_q8`), float weights do not.
 
     All work happens inside claimed chunks and every shared buffer is rewritten only after a stage barrier
     that needs every chunk reading it, so a thread that starts late (or never) changes nothing.
@@ -287,6 +335,7 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
     for t in nb.prange(n_threads):
         col = np.empty((_ROWS_LINEAR, nb_rows), dtype=h.dtype)  # this thread's products of a chunk's rows
         cursor = np.zeros(1, dtype=np.int64)
+        qm, qi = _act_buffers(nb_rows, d_model, h), _act_buffers(nb_rows, di, h)  # quantized inputs (act_q)
         for layer in range(n_layers):
             st = 5 * layer
             wi, si, bi = w_in[layer], s_in[layer], b_in[layer]
@@ -297,6 +346,7 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
             n_state, rank, width = al.shape[1], wdt.shape[1], cw.shape[1]
             _norm_stage(counters, st, n_threads, h, nw, eps, xn, residual)  # stage 0: the block's norm
             # stage 1: in_proj; the x half goes straight through the causal conv and SiLU
+            _prep_q(xn, act_q, si, qm)
             n1 = (wi.shape[0] + _ROWS_IN - 1) // _ROWS_IN
             cursor[0] = 0
             while True:
@@ -304,7 +354,7 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
                 if chunk < 0:
                     break
                 lo, hi = chunk * _ROWS_IN, min(wi.shape[0], chunk * _ROWS_IN + _ROWS_IN)
-                _rows_block(xn, wi, lo, hi, si, bi, col)
+                _rows_q(xn, act_q, qm, wi, lo, hi, si, bi, col)
                 for o in range(lo, hi):
                     for b in range(nb_rows):
                         v = col[o - lo, b]
@@ -323,6 +373,7 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
                 _finish_stage(counters, st + 1, n_threads)
             _wait_stage(counters, st + 1, n1, n_threads)
             # stage 2: x_proj -> (dt_low, B, C)
+            _prep_q(u, act_q, sx, qi)
             n2 = (wx.shape[0] + _ROWS_X - 1) // _ROWS_X
             cursor[0] = 0
             while True:
@@ -330,7 +381,7 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
                 if chunk < 0:
                     break
                 lo, hi = chunk * _ROWS_X, min(wx.shape[0], chunk * _ROWS_X + _ROWS_X)
-                _rows_block(u, wx, lo, hi, sx, bdt[:0], col)
+                _rows_q(u, act_q, qi, wx, lo, hi, sx, bdt[:0], col)
                 for r in range(lo, hi):
                     for b in range(nb_rows):
                         xdbl[b, r] = col[r - lo, b]
@@ -360,6 +411,7 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
                 _finish_stage(counters, st + 3, n_threads)
             _wait_stage(counters, st + 3, n3, n_threads)
             # stage 4: out_proj into the residual stream
+            _prep_q(y, act_q, so, qi)
             n4 = (wo.shape[0] + _ROWS_OUT - 1) // _ROWS_OUT
             cursor[0] = 0
             while True:
@@ -367,7 +419,7 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
                 if chunk < 0:
                     break
                 lo, hi = chunk * _ROWS_OUT, min(wo.shape[0], chunk * _ROWS_OUT + _ROWS_OUT)
-                _rows_block(y, wo, lo, hi, so, bo, col)
+                _rows_q(y, act_q, qi, wo, lo, hi, so, bo, col)
                 for o in range(lo, hi):
                     for b in range(nb_rows):
                         h[b, o] += col[o - lo, b]
@@ -377,13 +429,16 @@ def mamba_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, 
             _rms_norm(h, final_w, final_eps, out)
             _finish_stage(counters, 5 * n_layers, n_threads)
         _wait_stage(counters, 5 * n_layers, 1, n_threads)
-        _rows_stage(out, w_head, s_head, b_head, logits, counters, 5 * n_layers + 1, t, n_threads, col, cursor)
+        _prep_q(out, act_q, s_head, qm)
+        _rows_stage(out, act_q, qm, w_head, s_head, b_head, logits, counters, 5 * n_layers + 1, t, n_threads, col,
+                    cursor)
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
-def _rows_stage(x, w, scale, bias, out, counters, stage, t, n_threads, col, cursor):
+def _rows_stage(x, quant, qbuf, w, scale, bias, out, counters, stage, t, n_threads, col, cursor):
     """out[:, o] = x @ w[o] (scaled, biased) for every row o of w, shared by the threads (no barrier after: the
-    launch ends when every thread is done). col: scratch (>= _ROWS_LINEAR, B)."""
+    launch ends when every thread is done); with ``quant``, x as :func:`_prep_q` quantized it into qbuf.
+    col: scratch (>= _ROWS_LINEAR, B)."""
     n_chunks = (w.shape[0] + _ROWS_LINEAR - 1) // _ROWS_LINEAR
     cursor[0] = 0
     while True:
@@ -391,17 +446,20 @@ def _rows_stage(x, w, scale, bias, out, counters, stage, t, n_threads, col, curs
         if chunk < 0:
             break
         lo, hi = chunk * _ROWS_LINEAR, min(w.shape[0], chunk * _ROWS_LINEAR + _ROWS_LINEAR)
-        _rows_block(x, w, lo, hi, scale, bias, col)
+        _rows_q(x, quant, qbuf, w, lo, hi, scale, bias, col)
         for o in range(lo, hi):
             for b in range(x.shape[0]):
                 out[b, o] = col[o - lo, b]
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
-def linear(x, w, scale, bias, out, counters, n_threads):
-    """out[b, o] = sum_k x[b, k] w[o, k] (* scale[o]) (+ bias[o]); x (B, K), w (O, K) float or int8, out (B, O);
-    scale and bias of length 0 mean none. counters: int64 zeros (counter_slots(1, n_threads),)."""
+def linear(x, w, scale, bias, out, counters, n_threads, act_q):
+    """out[b, o] = sum_k x[b, k] w[o, k] (* scale[o]) (+ bias[o]); x (B, K), w (O, K) float or int8 (or packed
+    int4 with a 2-D scale), out (B, O); scale and bias of length 0 mean none; act_q: quantized weights multiply
+    x quantized per block of 32 (:mod:`._numba_q8`). counters: int64 zeros (counter_slots(1, n_threads),)."""
     for t in nb.prange(n_threads):
         col = np.empty((_ROWS_LINEAR, x.shape[0]), dtype=out.dtype)
         cursor = np.zeros(1, dtype=np.int64)
-        _rows_stage(x, w, scale, bias, out, counters, 0, t, n_threads, col, cursor)
+        qbuf = _act_buffers(x.shape[0], x.shape[1], x)
+        _prep_q(x, act_q, scale, qbuf)
+        _rows_stage(x, act_q, qbuf, w, scale, bias, out, counters, 0, t, n_threads, col, cursor)

@@ -14,12 +14,14 @@ import numpy as np
 
 from ._numba_decode import (
     _ROWS_LINEAR,
+    _act_buffers,
     _claim,
     _finish_stage,
     _next_chunk,
     _norm_stage,
+    _prep_q,
     _rms_norm,
-    _rows_block,
+    _rows_q,
     _rows_stage,
     _silu,
     _wait_stage,
@@ -37,7 +39,7 @@ _ROWS_OUT = 16  # out_proj rows per chunk
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, conv_w, conv_b, conv_state,
                  dt_b, a_log, d_skip, gnorm_w, consts, n_groups, w_out, s_out, b_out, ssm_state, conv_new, ssm_new,
-                 xn, zb, xbc, dts, y, out, w_head, s_head, b_head, logits, counters, n_threads):
+                 xn, zb, xbc, dts, y, out, w_head, s_head, b_head, logits, counters, n_threads, act_q):
     """One token through a stack of Mamba-2 blocks, h <- h + mamba2_l(norm_l(h)) for l = 0..L-1, then
     out = final_norm(h) (RMSNorm) and, when w_head (V, d_model) has rows, logits (B, V) = head(out).
 
@@ -51,7 +53,8 @@ def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in,
     epsilon per layer. n_groups: G (B and C groups, and the
     gated norm's groups). States: conv (L, B, C, K - 1), ssm (L, B, Di, N) (Di = heads x headdim); the new
     ones go to conv_new / ssm_new. Scratch: xn (B, d_model), zb (B, Di), xbc (B, C), dts (B, 2 H), y (B, Di).
-    counters: int64 zeros (counter_slots(STAGES * L + 2, n_threads),).
+    counters: int64 zeros (counter_slots(STAGES * L + 2, n_threads),). act_q: int8 and int4 weights multiply
+    activations quantized per block of 32 (:mod:`._numba_q8`), float weights do not.
 
     Every stage's work happens inside claimed chunks and each shared buffer is rewritten only after a barrier
     that needs every chunk reading it, so a thread that starts late (or never) changes nothing.
@@ -69,6 +72,7 @@ def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in,
     for t in nb.prange(n_threads):
         col = np.empty((_ROWS_LINEAR, nb_rows), dtype=h.dtype)  # this thread's products of a chunk's rows
         cursor = np.zeros(1, dtype=np.int64)
+        qm, qi = _act_buffers(nb_rows, h.shape[1], h), _act_buffers(nb_rows, di, h)  # quantized inputs (act_q)
         for layer in range(n_layers):
             st = STAGES * layer
             wi, si, bi = w_in[layer], s_in[layer], b_in[layer]
@@ -80,6 +84,7 @@ def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in,
             width = cw.shape[1]
             _norm_stage(counters, st, n_threads, h, norm_w[layer], eps, xn, residual)  # stage 0: the block's norm
             # stage 1: in_proj; z kept, (x, B, C) through the causal conv and SiLU, dt through softplus and clamp
+            _prep_q(xn, act_q, si, qm)
             n1 = (wi.shape[0] + _ROWS_IN - 1) // _ROWS_IN
             cursor[0] = 0
             while True:
@@ -87,7 +92,7 @@ def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in,
                 if chunk < 0:
                     break
                 lo_, hi_ = chunk * _ROWS_IN, min(wi.shape[0], chunk * _ROWS_IN + _ROWS_IN)
-                _rows_block(xn, wi, lo_, hi_, si, bi, col)
+                _rows_q(xn, act_q, qm, wi, lo_, hi_, si, bi, col)
                 for o in range(lo_, hi_):
                     if o < di:
                         for b in range(nb_rows):
@@ -154,6 +159,7 @@ def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in,
                 _finish_stage(counters, st + 3, n_threads)
             _wait_stage(counters, st + 3, n3, n_threads)
             # stage 4: out_proj into the residual stream
+            _prep_q(y, act_q, so, qi)
             n4 = (wo.shape[0] + _ROWS_OUT - 1) // _ROWS_OUT
             cursor[0] = 0
             while True:
@@ -161,7 +167,7 @@ def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in,
                 if chunk < 0:
                     break
                 lo_, hi_ = chunk * _ROWS_OUT, min(wo.shape[0], chunk * _ROWS_OUT + _ROWS_OUT)
-                _rows_block(y, wo, lo_, hi_, so, bo, col)
+                _rows_q(y, act_q, qi, wo, lo_, hi_, so, bo, col)
                 for o in range(lo_, hi_):
                     for b in range(nb_rows):
                         h[b, o] += col[o - lo_, b]
@@ -172,4 +178,5 @@ def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in,
             _rms_norm(h, final_w, final_eps, out)
             _finish_stage(counters, last, n_threads)
         _wait_stage(counters, last, 1, n_threads)
-        _rows_stage(out, w_head, s_head, b_head, logits, counters, last + 1, t, n_threads, col, cursor)
+        _prep_q(out, act_q, s_head, qm)
+        _rows_stage(out, act_q, qm, w_head, s_head, b_head, logits, counters, last + 1, t, n_threads, col, cursor)

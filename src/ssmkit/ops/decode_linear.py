@@ -82,14 +82,23 @@ def decode_fusable(x: Tensor, tensors: list[Tensor]) -> bool:
     return use_fused(*tensors)
 
 
-def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, scale: Tensor | None = None) -> Tensor:
+def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, scale: Tensor | None = None,
+                  act_quant: bool = False) -> Tensor:
     """``x @ w.T + bias`` with w = weight, or ``weight * scale[:, None]`` for int8 weights: x (..., in) ->
-    (..., out) (see the module docstring)."""
+    (..., out) (see the module docstring). ``act_quant``: a quantized weight multiplies x quantized per block
+    of 32 (:mod:`ssmkit.ops.q8_act`; float weights ignore it)."""
     _check(x, weight, bias, scale)
+    if not isinstance(act_quant, bool):
+        raise ValueError(f"decode_linear: act_quant must be a bool, got {act_quant!r}")
+    act_quant = act_quant and scale is not None
     tensors = [t for t in (x, weight, bias, scale) if t is not None]
     rows = math.prod(x.shape[:-1])
     # the kernel needs a row to read (in_features 0 gives bias, or zeros, through F.linear)
     if not (0 < rows <= DECODE_MAX_ROWS and weight.shape[1] > 0 and decode_fusable(x, tensors)):
+        if act_quant and weight.shape[1] > 0:
+            from .q8_act import q8_linear
+
+            return q8_linear(x, weight, bias, scale=scale)
         return F.linear(x, dequantized(weight, scale, x.dtype), None if bias is None else bias.to(x.dtype))
     from . import _numba_decode as D
 
@@ -100,5 +109,5 @@ def decode_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, scal
     with kernel_threads(weight.numel() * rows) as threads:
         counters = torch.zeros(D.counter_slots(1, threads), dtype=torch.int64)
         D.linear(arr(x.reshape(rows, x.shape[-1])), arr(weight), arr(scale), arr(bias), out.numpy(),
-                 counters.numpy(), threads)
+                 counters.numpy(), threads, act_quant)
     return out.reshape(*x.shape[:-1], weight.shape[0])

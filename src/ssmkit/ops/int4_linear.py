@@ -76,9 +76,11 @@ def dequantize_int4(packed: Tensor, scale: Tensor) -> Tensor:
     return dequantized(packed, scale, torch.float32)
 
 
-def int4_linear(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+def int4_linear(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = None, *,
+                act_quant: bool = False) -> Tensor:
     """``x @ dequantize_int4(packed, scale).T + bias``: x (..., in) float32, bias (out,) float32 or None ->
-    (..., out) float32 (module docstring)."""
+    (..., out) float32 (module docstring). ``act_quant``: x is first quantized per block of 32 and the products
+    are integer (:mod:`ssmkit.ops.q8_act`)."""
     _check_packed("int4_linear", packed, scale)
     out_f, n_bytes = packed.shape
     if not isinstance(x, Tensor) or x.dtype != torch.float32 or x.ndim < 1 or x.shape[-1] != 2 * n_bytes:
@@ -90,4 +92,4 @@ def int4_linear(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None = 
     if len(devices) > 1:
         raise ValueError(f"int4_linear: x, packed, scale and bias must be on one device, got "
                          f"{sorted(map(str, devices))}")
-    return decode_linear(x, packed, bias, scale=scale)
+    return decode_linear(x, packed, bias, scale=scale, act_quant=act_quant)

@@ -62,8 +62,10 @@ def _check(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None) -> None:
         raise ValueError(f"int8_linear: x, q, scale and bias must be on one device, got {sorted(map(str, devices))}")
 
 
-def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None, *,
+                act_quant: bool = False) -> Tensor:
     """``x @ (q * scale[:, None]).T + bias``: x (..., in) float32, q (out, in) int8, scale (out,) float32,
-    bias (out,) float32 or None -> (..., out) float32 (see the module docstring)."""
+    bias (out,) float32 or None -> (..., out) float32 (see the module docstring). ``act_quant``: x is first
+    quantized per block of 32 and the products are integer (:mod:`ssmkit.ops.q8_act`)."""
     _check(x, q, scale, bias)
-    return decode_linear(x, q, bias, scale=scale)
+    return decode_linear(x, q, bias, scale=scale, act_quant=act_quant)

@@ -34,6 +34,7 @@ from torch import Tensor
 from .decode_linear import decode_fusable, dequantized
 from .mamba_step import (
     WeightsKey,
+    _act,
     _cols,
     _desc,
     _np,
@@ -42,6 +43,7 @@ from .mamba_step import (
     check_stack_extras,
     stack_by_blocks,
 )
+from .q8_act import module_act_quant
 from .threads import kernel_threads
 
 
@@ -128,13 +130,15 @@ def check_step_args(x: Tensor, w: Mamba2StepWeights, conv_state: Tensor, ssm_sta
         raise _err("ssm_state", (batch, heads, p, n), ssm_state)
 
 
-def _torch_step(x: Tensor, w: Mamba2StepWeights, conv_state: Tensor, ssm_state: Tensor
+def _torch_step(x: Tensor, w: Mamba2StepWeights, conv_state: Tensor, ssm_state: Tensor, act_quant: bool = False
                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The step in torch ops (differentiable; 16-bit inputs accumulate the state in ssm_state's dtype)."""
+    """The step in torch ops (differentiable; 16-bit inputs accumulate the state in ssm_state's dtype);
+    ``act_quant``: the quantized weights multiply activations quantized per block of 32."""
     batch = x.shape[0]
     di, n_conv, heads, p, n = w.dims()
     g = w.ngroups
-    z, xbc, dt = F.linear(x, dequantized(w.in_w, w.in_scale, x.dtype), w.in_b).split([di, n_conv, heads], -1)
+    z, xbc, dt = F.linear(_act(x, w.in_scale, act_quant), dequantized(w.in_w, w.in_scale, x.dtype),
+                          w.in_b).split([di, n_conv, heads], -1)
     window = torch.cat([conv_state, xbc.unsqueeze(-1)], -1)  # (batch, C, K)
     xbc = (window * w.conv_w).sum(-1)
     xs, B, C = F.silu(xbc if w.conv_b is None else xbc + w.conv_b).split([di, g * n, g * n], -1)
@@ -152,7 +156,8 @@ def _torch_step(x: Tensor, w: Mamba2StepWeights, conv_state: Tensor, ssm_state: 
     y = torch.addcmul(y, xh, w.d.to(acc).view(g, -1, 1)).reshape(batch, di) * F.silu(z.to(acc))
     y = y.view(batch, g, di // g)
     y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + w.norm_eps)).reshape(batch, di) * w.norm_w
-    out = F.linear(y.to(x.dtype), dequantized(w.out_w, w.out_scale, x.dtype), w.out_b)
+    out = F.linear(_act(y.to(x.dtype), w.out_scale, act_quant), dequantized(w.out_w, w.out_scale, x.dtype),
+                   w.out_b)
     return out, window[:, :, 1:], hg.reshape(batch, heads, p, n)
 
 
@@ -161,15 +166,19 @@ class Mamba2StackPlan:
     prepared for :func:`mamba2_stack_step`: the weights as numpy views, built once and reused for every token.
 
     layers: one Mamba2StepWeights per block, all with the same shapes, dtypes and ngroups (dt_limit and norm_eps
-    may differ); norm_weights, final_weight, head, norm_eps, final_eps, residual and ``key`` as in
+    may differ); norm_weights, final_weight, head, norm_eps, final_eps, residual, act_quant and ``key`` as in
     :class:`ssmkit.ops.mamba_step.MambaStackPlan`.
     """
 
     def __init__(self, layers: list[Mamba2StepWeights], norm_weights: list[Tensor] | None = None,
                  final_weight: Tensor | None = None, *, norm_eps: float = 1e-5, final_eps: float = 1e-5,
-                 residual: bool = True, head: tuple[Tensor, Tensor | None, Tensor | None] | None = None) -> None:
+                 residual: bool = True, head: tuple[Tensor, Tensor | None, Tensor | None] | None = None,
+                 act_quant: bool = False) -> None:
         if not layers or not all(isinstance(w, Mamba2StepWeights) for w in layers):
             raise ValueError("Mamba2StackPlan: layers must be a non-empty list of Mamba2StepWeights")
+        if not isinstance(act_quant, bool):
+            raise ValueError(f"Mamba2StackPlan: act_quant must be a bool, got {act_quant!r}")
+        self.act_quant = act_quant
         first = layers[0]
         for i, w in enumerate(layers):
             for name in _FIELDS:
@@ -253,7 +262,7 @@ def mamba2_stack_step(h: Tensor, plan: Mamba2StackPlan, conv_states: list[Tensor
             a["dt_b"], a["a_log"], a["d"], a["norm_w"], a["consts"], w0.ngroups, a["out_w"], a["out_scale"],
             a["out_b"], ssm_all.view(n_layers, batch, di, n).numpy(), conv_new.numpy(),
             ssm_new.view(n_layers, batch, di, n).numpy(), *(t.numpy() for t in scratch), out.numpy(),
-            head_w, head_s, head_b, logits.numpy(), counters.numpy(), threads)
+            head_w, head_s, head_b, logits.numpy(), counters.numpy(), threads, plan.act_quant)
     return out, list(conv_new.unbind(0)), list(ssm_new.unbind(0)), logits if plan.head is not None else None
 
 
@@ -270,11 +279,13 @@ def mamba2_step(x: Tensor, weights: Mamba2StepWeights, conv_state: Tensor, ssm_s
     ``owner`` (e.g. the layer) caches the prepared weights between calls, rebuilt when they change."""
     check_step_args(x, weights, conv_state, ssm_state)
     tensors = [x, *weights.tensors(), conv_state, ssm_state]
+    act_quant = module_act_quant(owner)
     if x.shape[0] == 0 or not decode_fusable(x, tensors):
-        return _torch_step(x, weights, conv_state, ssm_state)
+        return _torch_step(x, weights, conv_state, ssm_state, act_quant)
     plan = None if owner is None else _PLANS.get(owner)
-    if plan is None or plan.stale(weights.tensors()) or _settings(plan.layers[0]) != _settings(weights):
-        plan = Mamba2StackPlan([weights], residual=False)
+    if (plan is None or plan.stale(weights.tensors()) or _settings(plan.layers[0]) != _settings(weights)
+            or plan.act_quant != act_quant):
+        plan = Mamba2StackPlan([weights], residual=False, act_quant=act_quant)
         if owner is not None:
             _PLANS[owner] = plan
     y, (conv,), (ssm,), _ = mamba2_stack_step(x, plan, [conv_state], [ssm_state])

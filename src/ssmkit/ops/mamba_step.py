@@ -128,19 +128,32 @@ def _weight(w: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
     return dequantized(w, scale, dtype)
 
 
-def _torch_step(x: Tensor, w: MambaStepWeights, conv_state: Tensor, ssm_state: Tensor
+def _act(x: Tensor, scale: Tensor | None, act_quant: bool) -> Tensor:
+    """x as a quantized weight's product sees it: quantized per block of 32 with ``act_quant``
+    (:func:`ssmkit.ops.q8_act.q8_dequant`), else x itself."""
+    if not act_quant or scale is None:
+        return x
+    from .q8_act import q8_dequant
+
+    return q8_dequant(x)
+
+
+def _torch_step(x: Tensor, w: MambaStepWeights, conv_state: Tensor, ssm_state: Tensor, act_quant: bool = False
                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The step in torch ops (differentiable; 16-bit inputs accumulate the scan in ssm_state's dtype)."""
+    """The step in torch ops (differentiable; 16-bit inputs accumulate the scan in ssm_state's dtype);
+    ``act_quant``: the quantized weights multiply activations quantized per block of 32."""
     di = w.d.shape[0]
     rank = w.dt_w.shape[1]
     n_state = w.a_log.shape[1]
-    xi, z = F.linear(x, _weight(w.in_w, w.in_scale, x.dtype), w.in_b).split(di, dim=-1)
+    xi, z = F.linear(_act(x, w.in_scale, act_quant), _weight(w.in_w, w.in_scale, x.dtype), w.in_b).split(
+        di, dim=-1)
     window = torch.cat([conv_state, xi.unsqueeze(-1)], -1)  # (batch, Di, K)
     u = (window * w.conv_w).sum(-1)
     if w.conv_b is not None:
         u = u + w.conv_b
     u = F.silu(u)
-    dt_low, B, C = F.linear(u, _weight(w.x_w, w.x_scale, x.dtype)).split([rank, n_state, n_state], dim=-1)
+    dt_low, B, C = F.linear(_act(u, w.x_scale, act_quant), _weight(w.x_w, w.x_scale, x.dtype)).split(
+        [rank, n_state, n_state], dim=-1)
     acc = ssm_state.dtype
     dt = F.softplus(F.linear(dt_low, w.dt_w, w.dt_b).to(acc))
     uf = u.to(acc)
@@ -148,7 +161,8 @@ def _torch_step(x: Tensor, w: MambaStepWeights, conv_state: Tensor, ssm_state: T
     h = torch.addcmul(ssm_state * dA, (dt * uf).unsqueeze(-1), B.to(acc).unsqueeze(1))
     y = torch.bmm(h, C.to(acc).unsqueeze(-1)).squeeze(-1)
     y = torch.addcmul(y, uf, w.d.to(acc)) * F.silu(z.to(acc))
-    return F.linear(y.to(x.dtype), _weight(w.out_w, w.out_scale, x.dtype), w.out_b), window[:, :, 1:], h
+    y = _act(y.to(x.dtype), w.out_scale, act_quant)
+    return F.linear(y, _weight(w.out_w, w.out_scale, x.dtype), w.out_b), window[:, :, 1:], h
 
 
 class WeightsKey:
@@ -188,14 +202,20 @@ class MambaStackPlan:
     RMSNorm weights (d_model,), or None for a bare mixer; final_weight: the final RMSNorm weight or None;
     head: an optional output layer (weight (V, d_model) float or int8, per-row scale or None, bias or None)
     run in the same launch (an LM head). norm_eps / final_eps: the epsilons of the block norms and the final norm.
-    ``key`` (a :class:`WeightsKey`) tells whether the plan is still valid for the weights (:meth:`stale`).
+    act_quant: the int8 / int4 weights (and head) multiply activations quantized per block of 32
+    (:mod:`ssmkit.ops.q8_act`; float weights ignore it). ``key`` (a :class:`WeightsKey`) tells whether the
+    plan is still valid for the weights (:meth:`stale`).
     """
 
     def __init__(self, layers: list[MambaStepWeights], norm_weights: list[Tensor] | None = None,
                  final_weight: Tensor | None = None, *, norm_eps: float = 1e-5, final_eps: float = 1e-5,
-                 residual: bool = True, head: tuple[Tensor, Tensor | None, Tensor | None] | None = None) -> None:
+                 residual: bool = True, head: tuple[Tensor, Tensor | None, Tensor | None] | None = None,
+                 act_quant: bool = False) -> None:
         if not layers:
             raise ValueError("MambaStackPlan: layers is empty")
+        if not isinstance(act_quant, bool):
+            raise ValueError(f"MambaStackPlan: act_quant must be a bool, got {act_quant!r}")
+        self.act_quant = act_quant
         first = layers[0]
         like = first.d
         for i, w in enumerate(layers):
@@ -257,11 +277,11 @@ def stack_by_blocks(h: Tensor, plan, conv_states: list[Tensor], ssm_states: list
                     ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor | None]:
     """A stack plan's step block by block in torch ops (differentiable; the path when the kernel does not apply):
     h <- h + step(rmsnorm(h)) per layer, the final norm, and the head if the plan has one. ``step(x, weights,
-    conv_state, ssm_state) -> (y, conv_state, ssm_state)`` is the family's one-layer step."""
+    conv_state, ssm_state, act_quant) -> (y, conv_state, ssm_state)`` is the family's one-layer step."""
     convs, ssms = [], []
     for i, w in enumerate(plan.layers):
         norm = None if plan.norm_weights is None else plan.norm_weights[i]
-        y, c, s = step(_rms_norm(h, norm, plan.eps), w, conv_states[i], ssm_states[i])
+        y, c, s = step(_rms_norm(h, norm, plan.eps), w, conv_states[i], ssm_states[i], plan.act_quant)
         h = h + y if plan.residual else y
         convs.append(c)
         ssms.append(s)
@@ -269,7 +289,7 @@ def stack_by_blocks(h: Tensor, plan, conv_states: list[Tensor], ssm_states: list
     logits = None
     if plan.head is not None:
         hw, hs, hb = plan.head
-        logits = F.linear(hidden, dequantized(hw, hs, hidden.dtype), hb)
+        logits = F.linear(_act(hidden, hs, plan.act_quant), dequantized(hw, hs, hidden.dtype), hb)
     return hidden, convs, ssms, logits
 
 
@@ -328,7 +348,7 @@ def mamba_stack_step(h: Tensor, plan: MambaStackPlan, conv_states: list[Tensor],
             a["x_w"], a["x_scale"], a["dt_w"], a["dt_b"], a["a_log"], a["d"], a["out_w"], a["out_scale"], a["out_b"],
             ssm_all.numpy(), conv_new.numpy(), ssm_new.numpy(),
             *(t.numpy() for t in scratch), out.numpy(), head_w, head_s, head_b, logits.numpy(), counters.numpy(),
-            threads)
+            threads, plan.act_quant)
     return (out, list(conv_new.unbind(0)), list(ssm_new.unbind(0)), logits if plan.head is not None else None)
 
 
@@ -339,9 +359,12 @@ def cached_plan(owner: object, weights: MambaStepWeights) -> MambaStackPlan:
     """The one-mixer plan of ``owner`` (e.g. the layer the weights belong to), rebuilt when the weights'
     storage or a copied weight changed (:class:`WeightsKey`). Plans live as long as their owner (a weak-keyed
     cache, so copies and pickles of the owner never see them)."""
+    from .q8_act import module_act_quant
+
     plan = _PLANS.get(owner)
-    if plan is None or plan.stale([t for t in weights if t is not None]):
-        plan = MambaStackPlan([weights], residual=False)
+    act_quant = module_act_quant(owner)
+    if plan is None or plan.stale([t for t in weights if t is not None]) or plan.act_quant != act_quant:
+        plan = MambaStackPlan([weights], residual=False, act_quant=act_quant)
         _PLANS[owner] = plan
     return plan
 
@@ -353,7 +376,9 @@ def mamba_step(x: Tensor, weights: MambaStepWeights, conv_state: Tensor, ssm_sta
     check_step_args(x, weights, conv_state, ssm_state)
     tensors = [t for t in (x, *weights, conv_state, ssm_state) if t is not None]
     if x.shape[0] == 0 or not decode_fusable(x, tensors):
-        return _torch_step(x, weights, conv_state, ssm_state)
+        from .q8_act import module_act_quant
+
+        return _torch_step(x, weights, conv_state, ssm_state, module_act_quant(owner))
     if owner is None:
         plan = MambaStackPlan([weights], residual=False)
     else:

@@ -209,11 +209,36 @@ def int8_linear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
-def mamba_step(x: Tensor, w, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Oracle of :func:`ssmkit.ops.mamba_step` (w: a MambaStepWeights), one formula per line in x's dtype."""
+def q8_activations(x: Tensor, block: int = 32) -> Tensor:
+    """Oracle of the integer-activation products' input (:mod:`ssmkit.ops.q8_act`): each block of ``block``
+    inputs of x (..., K) (the last one shorter if K is not a multiple) becomes round(x / d) * d with
+    d = max|x_block| / 127 (all zeros for an all-zero block), in x's dtype."""
+    out = torch.zeros_like(x)
+    for k0 in range(0, x.shape[-1], block):
+        xb = x[..., k0:k0 + block]
+        d = xb.abs().amax(-1, keepdim=True) / 127
+        nonzero = (d > 0).expand_as(xb)
+        out[..., k0:k0 + block][nonzero] = (torch.round(xb / d) * d)[nonzero]
+    return out
+
+
+def q8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Oracle of a quantized linear with integer activations: F.linear of :func:`q8_activations` (x) and the
+    dequantized weight (int8 with per-row scale, or packed int4 with a 2-D group scale), in x's dtype."""
+    from .reference_mamba2 import _lin
+
+    return _lin(q8_activations(x.reshape(-1, x.shape[-1])), weight, scale, bias).reshape(*x.shape[:-1], -1)
+
+
+def mamba_step(x: Tensor, w, conv_state: Tensor, ssm_state: Tensor, act_quant: bool = False
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """Oracle of :func:`ssmkit.ops.mamba_step` (w: a MambaStepWeights), one formula per line in x's dtype;
+    ``act_quant``: quantized weights multiply :func:`q8_activations` of their input."""
     dt_ = x.dtype
 
     def lin(v: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor:
+        if act_quant and scale is not None:
+            return q8_linear(v, weight, scale, bias)
         wf = weight.to(dt_) if scale is None else weight.to(dt_) * scale.to(dt_)[:, None]
         out = torch.einsum("bk,ok->bo", v, wf)
         return out if bias is None else out + bias.to(dt_)
@@ -238,9 +263,10 @@ def mamba_step(x: Tensor, w, conv_state: Tensor, ssm_state: Tensor) -> tuple[Ten
 
 
 def mamba_stack_step(h: Tensor, layers, norm_weights, eps: float, final_weight: Tensor | None, final_eps: float,
-                     conv_states, ssm_states, head=None):
+                     conv_states, ssm_states, head=None, act_quant: bool = False):
     """Oracle of :func:`ssmkit.ops.mamba_stack_step`: h <- h + mamba_step(rmsnorm(h)) block by block, the final
-    RMSNorm, then the optional head (weight, scale or None, bias or None). Returns (hidden, convs, ssms, logits)."""
+    RMSNorm, then the optional head (weight, scale or None, bias or None). Returns (hidden, convs, ssms, logits).
+    ``act_quant``: quantized weights multiply :func:`q8_activations` of their input."""
 
     def rms(v: Tensor, w: Tensor | None, e: float) -> Tensor:
         return v if w is None else v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + e) * w.to(v.dtype)
@@ -248,7 +274,7 @@ def mamba_stack_step(h: Tensor, layers, norm_weights, eps: float, final_weight: 
     convs, ssms = [], []
     for i, w in enumerate(layers):
         y, c, s = mamba_step(rms(h, None if norm_weights is None else norm_weights[i], eps), w, conv_states[i],
-                             ssm_states[i])
+                             ssm_states[i], act_quant)
         h = h + y
         convs.append(c)
         ssms.append(s)
@@ -256,6 +282,9 @@ def mamba_stack_step(h: Tensor, layers, norm_weights, eps: float, final_weight: 
     logits = None
     if head is not None:
         hw, hs, hb = head
-        wf = hw.to(h.dtype) if hs is None else hw.to(h.dtype) * hs.to(h.dtype)[:, None]
-        logits = torch.einsum("bk,vk->bv", hidden, wf) + (0 if hb is None else hb.to(h.dtype))
+        if act_quant and hs is not None:
+            logits = q8_linear(hidden, hw, hs, hb)
+        else:
+            wf = hw.to(h.dtype) if hs is None else hw.to(h.dtype) * hs.to(h.dtype)[:, None]
+            logits = torch.einsum("bk,vk->bv", hidden, wf) + (0 if hb is None else hb.to(h.dtype))
     return hidden, convs, ssms, logits

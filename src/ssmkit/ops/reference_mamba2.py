@@ -29,12 +29,23 @@ def _lin(v: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -
     return out if bias is None else out + bias.to(dt_)
 
 
-def mamba2_step(x: Tensor, w, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One token (w: a Mamba2StepWeights): x (batch, d_model) -> (y, new conv_state, new ssm_state)."""
+def _lin_q(v: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None, act_quant: bool) -> Tensor:
+    """:func:`_lin`, on ssmkit.ops.reference.q8_activations(v) for a quantized weight when ``act_quant``."""
+    if act_quant and scale is not None:
+        from .reference import q8_activations
+
+        v = q8_activations(v)
+    return _lin(v, weight, scale, bias)
+
+
+def mamba2_step(x: Tensor, w, conv_state: Tensor, ssm_state: Tensor, act_quant: bool = False
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """One token (w: a Mamba2StepWeights): x (batch, d_model) -> (y, new conv_state, new ssm_state);
+    ``act_quant``: quantized weights multiply activations quantized per block of 32."""
     dt_ = x.dtype
     di, n_conv, heads, p, n = w.dims()
     g = w.ngroups
-    zxbcdt = _lin(x, w.in_w, w.in_scale, w.in_b)
+    zxbcdt = _lin_q(x, w.in_w, w.in_scale, w.in_b, act_quant)
     z, xbc, dt_raw = zxbcdt[:, :di], zxbcdt[:, di:di + n_conv], zxbcdt[:, di + n_conv:]
     window = torch.cat([conv_state.to(dt_), xbc[:, :, None]], dim=2)  # oldest first, newest last
     conv = torch.einsum("bck,ck->bc", window, w.conv_w.to(dt_))
@@ -58,13 +69,14 @@ def mamba2_step(x: Tensor, w, conv_state: Tensor, ssm_state: Tensor) -> tuple[Te
     for grp in range(g):
         part = gated[:, grp * size:(grp + 1) * size]
         normed[:, grp * size:(grp + 1) * size] = part / torch.sqrt((part * part).mean(-1, keepdim=True) + w.norm_eps)
-    return _lin(normed * w.norm_w.to(dt_), w.out_w, w.out_scale, w.out_b), window[:, :, 1:], new
+    return _lin_q(normed * w.norm_w.to(dt_), w.out_w, w.out_scale, w.out_b, act_quant), window[:, :, 1:], new
 
 
 def mamba2_stack_step(h: Tensor, layers, norm_weights, eps: float, final_weight: Tensor | None, final_eps: float,
-                      conv_states, ssm_states, head=None):
+                      conv_states, ssm_states, head=None, act_quant: bool = False):
     """h <- h + mamba2_step(rmsnorm(h)) block by block, the final RMSNorm, then the optional head (weight,
-    scale or None, bias or None). Returns (hidden, convs, ssms, logits or None)."""
+    scale or None, bias or None). Returns (hidden, convs, ssms, logits or None). ``act_quant``: quantized
+    weights multiply activations quantized per block of 32."""
 
     def rms(v: Tensor, wt: Tensor | None, e: float) -> Tensor:
         return v if wt is None else v / torch.sqrt((v * v).mean(-1, keepdim=True) + e) * wt.to(v.dtype)
@@ -72,10 +84,10 @@ def mamba2_stack_step(h: Tensor, layers, norm_weights, eps: float, final_weight:
     convs, ssms = [], []
     for i, w in enumerate(layers):
         y, c, s = mamba2_step(rms(h, None if norm_weights is None else norm_weights[i], eps), w, conv_states[i],
-                              ssm_states[i])
+                              ssm_states[i], act_quant)
         h = h + y
         convs.append(c)
         ssms.append(s)
     hidden = rms(h, final_weight, final_eps)
-    logits = None if head is None else _lin(hidden, *head)
+    logits = None if head is None else _lin_q(hidden, *head, act_quant)
     return hidden, convs, ssms, logits

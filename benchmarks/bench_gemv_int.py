@@ -1,0 +1,168 @@
+"""Decode GEMVs (batch 1) on the 130M Mamba shapes: float-activation rows against integer-activation rows.
+
+    nice -n 10 python benchmarks/bench_gemv_int.py [--copies 24] [--repeat 5] [--shapes in_proj,out_proj,...]
+
+One thread, one process. Per shape (in_proj 3072 x 768, out_proj 768 x 1536, x_proj 80 x 1536, LM head
+50280 x 768) it builds ``--copies`` independent weights (a 24-layer model reads 24 different matrices per token,
+so the products stream from memory, not cache; the head gets one copy) and times one pass over all copies,
+best of ``--repeat``, every variant interleaved:
+
+- ``f32``: the fused decode kernels' float row product (``_rows_block``), and ``F.linear`` (oneDNN/MKL);
+- ``int8``: the float-activation row product (each int8 weight widened to float), the integer-activation one
+  (``_numba_q8``: x quantized per block of 32, int8 x int8 products summed in int32 with ``vpmaddwd``),
+  ``torch._weight_int8pack_mm`` (float activations) and torch.ao's fbgemm dynamic quantized linear
+  (per-tensor int8 activations);
+- ``int4`` (group 32): float-activation rows, integer-activation rows, ``_weight_int4pack_mm_for_cpu``.
+
+Columns: time of one GEMV relative to the first row of its precision (``vs first``), and ``of bound``: the
+weight bytes over the copy bandwidth measured in the same process (``np.copyto`` of 1 GiB; bytes copied per
+second), divided by the measured time. Writes benchmarks/results/bench_gemv_int.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numba as nb
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, write_json  # noqa: E402
+
+from ssmkit.ops import _numba_decode as D  # noqa: E402
+from ssmkit.ops import _numba_q8 as Q  # noqa: E402
+from ssmkit.ops.int4_linear import quantize_int4  # noqa: E402
+from ssmkit.ops.int8_linear import quantize_int8  # noqa: E402
+
+SHAPES = {"in_proj": (3072, 768), "out_proj": (768, 1536), "x_proj": (80, 1536), "head": (50280, 768)}
+
+
+@nb.njit(fastmath=True, cache=True)
+def _float_rows(x, w, scale, buf):
+    D._rows_block(x, w, 0, w.shape[0], scale, buf[:0, 0], buf)
+
+
+@nb.njit(fastmath=True, cache=True)
+def _q8_rows(x, xq, xd, xf, w, scale, buf):
+    Q.quantize_rows(x, xq, xd, xf)
+    Q.rows_int8(xq, xd, w, 0, w.shape[0], scale, buf[:0, 0], buf)
+
+
+@nb.njit(fastmath=True, cache=True)
+def _q4_rows(x, xq, xd, xf, w, scale, buf):
+    Q.quantize_rows(x, xq, xd, xf)
+    Q.rows_int4(xq, xd, w, 0, w.shape[0], scale, buf[:0, 0], buf)
+
+
+def copy_bandwidth(gib: float = 1.0, repeat: int = 5) -> float:
+    """Bytes copied per second: best ``np.copyto`` of ``gib`` GiB (each byte read once and written once)."""
+    src = np.ones(int(gib * 2**30), dtype=np.uint8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return src.nbytes / best
+
+
+def _variants(rows: int, cols: int, copies: int) -> dict[str, tuple[str, int, list]]:
+    """name -> (precision, weight bytes per copy, one closure per copy)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, cols)
+    xn = x.numpy()
+    xq = np.zeros((1, cols), np.int8)
+    xf = np.zeros((1, cols), np.float32)
+    xd = np.zeros((1, (cols + Q.QBLOCK - 1) // Q.QBLOCK), np.float32)
+    buf = np.zeros((rows, 1), np.float32)
+    none = np.zeros(0, np.float32)
+    out: dict[str, tuple[str, int, list]] = {k: ("", 0, []) for k in (
+        "f32 numba rows", "f32 F.linear", "int8 float-act rows", "int8 q8-act rows", "int8 torch int8pack_mm",
+        "int8 fbgemm dynamic (per-tensor act)", "int4 float-act rows", "int4 q8-act rows", "int4 torch int4pack_mm")}
+
+    def add(name: str, nbytes: int, fn) -> None:
+        prec, _, fns = out[name]
+        out[name] = (name.split()[0], nbytes, [*fns, fn])
+
+    for _ in range(copies):
+        w = torch.randn(rows, cols) / cols**0.5
+        wn = w.numpy()
+        add("f32 numba rows", w.numel() * 4, lambda wn=wn: _float_rows(xn, wn, none, buf))
+        add("f32 F.linear", w.numel() * 4, lambda w=w: F.linear(x, w))
+        q, s = quantize_int8(w)
+        qn, sn = q.numpy(), s.numpy()
+        nb8 = q.numel() + s.numel() * 4
+        add("int8 float-act rows", nb8, lambda qn=qn, sn=sn: _float_rows(xn, qn, sn, buf))
+        add("int8 q8-act rows", nb8, lambda qn=qn, sn=sn: _q8_rows(xn, xq, xd, xf, qn, sn, buf))
+        add("int8 torch int8pack_mm", nb8, lambda q=q, s=s: torch._weight_int8pack_mm(x, q, s))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dyn = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(cols, rows, bias=False)),
+                                                         {torch.nn.Linear}, dtype=torch.qint8)
+        add("int8 fbgemm dynamic (per-tensor act)", nb8, lambda dyn=dyn: dyn(x))
+        p, s4 = quantize_int4(w, 32)
+        pn, s4n = p.numpy(), s4.numpy()
+        nb4 = p.numel() + s4.numel() * 4
+        add("int4 float-act rows", nb4, lambda pn=pn, s4n=s4n: _float_rows(xn, pn, s4n, buf))
+        add("int4 q8-act rows", nb4, lambda pn=pn, s4n=s4n: _q4_rows(xn, xq, xd, xf, pn, s4n, buf))
+        if rows % 16:  # torch's int4 packing needs a multiple of 16 rows
+            continue
+        nib = (p.view(torch.uint8).to(torch.int32).reshape(rows, cols // 32, 16))
+        wq = torch.cat([nib & 15, nib >> 4], dim=2).reshape(rows, cols)  # 0..15, torch subtracts 8
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(wq, 8)
+        sz = torch.stack([s4.T, torch.zeros_like(s4.T)], -1).contiguous()
+        add("int4 torch int4pack_mm", nb4, lambda packed=packed, sz=sz:
+            torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz))
+    return out
+
+
+def run(shape: str, copies: int, repeat: int, bw: float) -> list[dict]:
+    rows, cols = SHAPES[shape]
+    variants = _variants(rows, cols, copies)
+    variants = {k: v for k, v in variants.items() if v[2]}
+    for _, _, fns in variants.values():  # compile and warm up
+        fns[0]()
+    best = {k: float("inf") for k in variants}
+    for _ in range(repeat):
+        for name, (_, _, fns) in variants.items():
+            t = time.perf_counter()
+            for fn in fns:
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t) / len(fns))
+    table, first = [], {}
+    for name, (prec, nbytes, _) in variants.items():
+        first.setdefault(prec, best[name])
+        table.append({"shape": f"{shape} {rows}x{cols}", "kernel": name, "us": round(best[name] * 1e6, 1),
+                      "vs first": round(first[prec] / best[name], 2), "MB": round(nbytes / 1e6, 2),
+                      "of bound": round(nbytes / bw / best[name], 2)})
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--copies", type=int, default=24)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s (one thread)", flush=True)
+    rows = []
+    for shape in args.shapes.split(","):
+        if shape not in SHAPES:
+            raise SystemExit(f"--shapes: unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+        rows += run(shape, 1 if shape == "head" else args.copies, args.repeat, bw)
+    bw2 = copy_bandwidth()
+    print_table(rows, ["shape", "kernel", "us", "vs first", "MB", "of bound"])
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s before, {bw2 / 1e9:.1f} GB/s after")
+    write_json("bench_gemv_int", {"copy_bandwidth_Bps": [bw, bw2], "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
