@@ -13,6 +13,7 @@ from torch import Tensor
 from . import _numba_mamba3 as K
 from ._checks import check_flag, check_params, check_reset, check_same, check_shape, check_tensor, reverse_reset
 from .linear_scan import check_state, compute_dtype, use_fused
+from .mamba3_step import check_step, fused_step
 from .reference_mamba3 import mamba3 as _mamba3_loop
 from .reference_mamba3 import rotate_pairs
 from .threads import kernel_threads
@@ -210,21 +211,21 @@ def mamba3_step(x: Tensor, dt: Tensor, A: Tensor, trap: Tensor, B: Tensor, C: Te
                 D: Tensor | None = None) -> tuple[Tensor, Mamba3ScanState]:
     """One token of :func:`mamba3`, O(1): the same arguments without the length axis (x (batch, heads, P) or
     (batch, R, heads, P); dt, trap (batch, heads); A (heads,) or (batch, heads); B, C (batch, groups, N) or
-    (batch, R, groups, N); angles (batch, heads, S)). Returns (y in x's dtype, new state in the state's dtype)."""
+    (batch, R, groups, N); angles (batch, heads, S)). Returns (y in x's dtype, new state in the state's dtype).
+    On CPU with a float32/float64 state and nothing needing a gradient, one numba launch
+    (:mod:`ssmkit.ops.mamba3_step`), equal bit for bit to the fused forward on that token; else torch ops."""
     if not isinstance(state, Mamba3ScanState):
         raise TypeError(f"state must be a Mamba3ScanState, got {type(state).__name__}")
-    siso = x.ndim == 3
-    if x.ndim not in (3, 4) or B.ndim != x.ndim or C.shape != B.shape:
-        raise ValueError(f"x must be (batch, heads, P) or (batch, R, heads, P) with B, C of the same rank, got x "
-                         f"{tuple(x.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}")
+    siso = check_step(x, dt, A, trap, B, C, state, angles, B_bias, C_bias, D)
     acc = state.ssm.dtype
-    batch, H, P, N = state.ssm.shape
+    grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, trap, B, C, angles, B_bias, C_bias, D, *state))
+    if use_fused(x) and not grads and acc in (torch.float32, torch.float64):
+        y, st = fused_step(x, dt, A, trap, B, C, state, angles, B_bias, C_bias, D, siso)
+        return y, Mamba3ScanState(*st)
     xs = (x.unsqueeze(1) if siso else x).to(acc)  # (b, R, H, P)
     kp, xp = (state.k.unsqueeze(1), state.x.unsqueeze(1)) if siso else (state.k, state.x)
-    if xs.shape[2:] != (H, P) or xs.shape[0] != batch or kp.shape != (batch, xs.shape[1], H, N):
-        raise ValueError(f"x {tuple(x.shape)} does not match the state {tuple(state.ssm.shape)} / k "
-                         f"{tuple(state.k.shape)}")
-    rep = H // B.shape[-2]
+    rep = state.ssm.shape[1] // B.shape[-2]
     Bh = (B.unsqueeze(1) if siso else B).to(acc).repeat_interleave(rep, dim=2)  # (b, R, H, N)
     Ch = (C.unsqueeze(1) if siso else C).to(acc).repeat_interleave(rep, dim=2)
     if B_bias is not None:
