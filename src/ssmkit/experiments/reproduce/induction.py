@@ -179,15 +179,15 @@ FULL_TRAIN = {"steps": 1500, "batch_size": 32, "lr": 2e-3, "warmup_steps": 100, 
 
 def full() -> Budget:
     return Budget(
-        settings(64, TRAIN_LEN, FULL_TRAIN, {"num_train": 50000, "num_val": 256}), seeds=1, minutes=90,
+        settings(64, TRAIN_LEN, FULL_TRAIN, {"num_train": 50000, "num_val": 256}), seeds=2, minutes=55,
         note=("The paper's models (2 layers, d_model 64, vocabulary 16) trained at length 64 instead of 256 "
               "(at 256 Mamba was still at chance after 648 steps of 32: the notes), 1,500 steps of 32 sequences "
-              "(48K) instead of the paper's 25-50 epochs of 8,192 steps of 8 (1.6-3.3M), one seed. Test lengths "
+              "(48K) instead of the paper's 25-50 epochs of 8,192 steps of 8 (1.6-3.3M). Test lengths "
               f"2^6-2^20 with {MIN_EXAMPLES}-{MAX_EXAMPLES} sequences each (2^18 / length, clamped: 2 at "
               f"2^17-2^20); attention up to 2^{int(math.log2(ATTN_MAX_LEN))} only; a model below "
               f"{STOP_BELOW:g}x chance at two consecutive lengths is not tested at longer ones. Runtime: "
-              "estimated from the pilot (training 0.03-0.35 s per step per model at load ~11, evaluation "
-              "10-36K tokens/s on one thread), not an idle-machine measurement."))
+              "measured, not on an idle machine: the first seed's 7 runs took 25.8 min at load average 10-16 "
+              "(1-10 min each, Mamba-3 the slowest); two seeds ~50 min there."))
 
 
 def report(ctx: ReportContext, directory: Any) -> str:
