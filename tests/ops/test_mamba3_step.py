@@ -1,5 +1,7 @@
 """The fused (numba) one-token Mamba-3 step against the loop oracle, the torch step and the fused forward."""
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -140,3 +142,21 @@ def test_bad_step_inputs_are_named():
         with pytest.raises(exc, match=match):
             mamba3_step(a.pop("x"), a.pop("dt"), a.pop("A"), a.pop("trap"), a.pop("B"), a.pop("C"), a.pop("state"),
                         **a)
+
+
+def test_kernel_only_below_the_work_limit(monkeypatch):
+    """Small states take the kernel, larger ones the torch step (faster there); both match the oracle."""
+    M3 = importlib.import_module("ssmkit.ops.mamba3")  # the module (the package exports a function of that name)
+    calls = []
+    real = M3.fused_step
+    monkeypatch.setattr(M3, "fused_step", lambda *a: calls.append(1) or real(*a))
+    small = make_step(1, 2, 4, 1, 8, None, 2, seed=13)
+    large = make_step(8, 4, 64, 2, 128, None, 8, seed=13)  # 8 * 4 * 64 * 128 * 3 multiply-adds > 2^18
+    for (args, kw, state), fused in ((small, True), (large, False)):
+        calls.clear()
+        y, new = mamba3_step(*args, state, **kw)
+        assert bool(calls) is fused
+        yr, sr = oracle_step(args, kw, state)
+        close(y, yr, 1e-12)
+        for a, b in zip(new, sr, strict=True):
+            close(a, b, 1e-12)

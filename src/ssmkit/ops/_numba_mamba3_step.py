@@ -36,7 +36,9 @@ def _step_task(task, x, dt, A, lam, B, C, Bb, Cb, w, Dv, one, th0, h0, k0, x0, y
     cs = np.empty(S, dtype=x.dtype)
     sn = np.empty(S, dtype=x.dtype)
     lanes = np.empty(8, dtype=x.dtype)
-    _step(x, dt, A, lam, B, C, Bb, Cb, w, bi, 0, hh, g, one[0], th, h, k0[bi, :, hh], x0[bi, :, hh], k, q, cs, sn)
+    kp = k0[bi, :, hh].copy()  # contiguous copies: strided views would keep the loops over n from vectorising
+    xp = x0[bi, :, hh].copy()
+    _step(x, dt, A, lam, B, C, Bb, Cb, w, bi, 0, hh, g, one[0], th, h, kp, xp, k, q, cs, sn)
     for r in range(R):
         for p in range(P):
             y[bi, 0, r, hh, p] = _dot(h[p], q[r], lanes) + Dv[hh] * x[bi, 0, r, hh, p]

@@ -13,7 +13,7 @@ from torch import Tensor
 from . import _numba_mamba3 as K
 from ._checks import check_flag, check_params, check_reset, check_same, check_shape, check_tensor, reverse_reset
 from .linear_scan import check_state, compute_dtype, use_fused
-from .mamba3_step import check_step, fused_step
+from .mamba3_step import STEP_KERNEL_MAX_WORK, check_step, fused_step, step_work
 from .reference_mamba3 import mamba3 as _mamba3_loop
 from .reference_mamba3 import rotate_pairs
 from .threads import kernel_threads
@@ -212,15 +212,17 @@ def mamba3_step(x: Tensor, dt: Tensor, A: Tensor, trap: Tensor, B: Tensor, C: Te
     """One token of :func:`mamba3`, O(1): the same arguments without the length axis (x (batch, heads, P) or
     (batch, R, heads, P); dt, trap (batch, heads); A (heads,) or (batch, heads); B, C (batch, groups, N) or
     (batch, R, groups, N); angles (batch, heads, S)). Returns (y in x's dtype, new state in the state's dtype).
-    On CPU with a float32/float64 state and nothing needing a gradient, one numba launch
-    (:mod:`ssmkit.ops.mamba3_step`), equal bit for bit to the fused forward on that token; else torch ops."""
+    On CPU with a float32/float64 state, nothing needing a gradient and a small state (below
+    ``STEP_KERNEL_MAX_WORK``), one numba launch (:mod:`ssmkit.ops.mamba3_step`), equal bit for bit to the fused
+    forward on that token; else torch ops, whose GEMMs are faster on larger states."""
     if not isinstance(state, Mamba3ScanState):
         raise TypeError(f"state must be a Mamba3ScanState, got {type(state).__name__}")
     siso = check_step(x, dt, A, trap, B, C, state, angles, B_bias, C_bias, D)
     acc = state.ssm.dtype
     grads = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, dt, A, trap, B, C, angles, B_bias, C_bias, D, *state))
-    if use_fused(x) and not grads and acc in (torch.float32, torch.float64):
+    small = step_work(x, state) < STEP_KERNEL_MAX_WORK
+    if use_fused(x) and not grads and acc in (torch.float32, torch.float64) and small:
         y, st = fused_step(x, dt, A, trap, B, C, state, angles, B_bias, C_bias, D, siso)
         return y, Mamba3ScanState(*st)
     xs = (x.unsqueeze(1) if siso else x).to(acc)  # (b, R, H, P)

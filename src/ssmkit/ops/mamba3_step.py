@@ -14,6 +14,19 @@ from ._checks import check_params, check_same, check_shape, check_tensor
 from .linear_scan import compute_dtype
 from .threads import kernel_threads
 
+#: the kernel runs a token only below this much work, batch * heads * P * N * (2 R + 1) multiply-adds: its fixed
+#: cost is ~2/3 of the torch step's (~0.12 vs ~0.18 ms, one thread, measured on the 2-core dev machine), but per
+#: multiply-add it is 2-3x slower than the torch step's contractions (MKL GEMMs with FMA; the kernel keeps the
+#: sequence kernel's exact arithmetic, no FMA contraction), so they cross near 2^18 (see docs/mamba3.md)
+STEP_KERNEL_MAX_WORK = 1 << 18
+
+
+def step_work(x: Tensor, state: tuple) -> int:
+    """batch * heads * P * N * (2 R + 1): the multiply-adds of one token's state update."""
+    batch, H, P, N = state[1].shape
+    R = 1 if x.ndim == 3 else x.shape[1]
+    return batch * H * P * N * (2 * R + 1)
+
 
 def check_step(x: Tensor, dt: Tensor, A: Tensor, trap: Tensor, B: Tensor, C: Tensor, state: tuple, angles: Tensor |
                None, B_bias: Tensor | None, C_bias: Tensor | None, D: Tensor | None) -> bool:
