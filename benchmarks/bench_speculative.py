@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_bounds, print_table, write_json  # noqa: E402
 
 CORPUS = "src/ssmkit/data/corpora/tinyshakespeare.txt"
-TRAIN = {  # name -> model flags (byte-level text task, 128-token rows)
-    "target": ["--model", "mamba", "--set", "model.d_model=384", "--set", "model.pattern=mamba*6",
-               "--set", "model.n_layers=6", "--set", "train.steps=450"],
+TRAIN = {  # name -> model and training flags (byte-level text task, 128-token rows; later flags win)
+    "target": ["--model", "mamba", "--set", "model.d_model=512", "--set", "model.pattern=mamba*12",
+               "--set", "model.n_layers=12", "--set", "train.steps=250", "--set", "train.batch_size=8",
+               "--set", "train.lr=2e-3", "--set", "train.eval_batches=24", "--set", "train.save_every=25"],
     "draft": ["--model", "mamba", "--set", "model.d_model=128", "--set", "model.pattern=mamba*2",
               "--set", "model.n_layers=2", "--set", "train.steps=600"],
 }
@@ -39,12 +40,15 @@ def train(root: Path) -> tuple[Path, Path]:
     """Train the target and the draft (the settings in TRAIN) into root/target and root/draft, one at a time."""
     repo = Path(__file__).resolve().parent.parent
     for name, flags in TRAIN.items():
-        if (root / name / "latest").exists():
-            continue
+        latest = root / name / "checkpoints" / "latest"
+        steps = next(f.split("=")[1] for f in flags if f.startswith("train.steps="))
+        if latest.exists() and latest.read_text().strip() == f"step-{int(steps):08d}":
+            continue  # done
+        resume = ["--resume"] if latest.exists() else []  # finishes an interrupted run
         cmd = ["nice", "-n", "10", sys.executable, "-m", "ssmkit.cli", "train", "--task", "text",
-               "--set", f"task.path={repo / CORPUS}", "--set", "task.seq_len=128", *flags,
-               "--set", "train.batch_size=16", "--set", "train.lr=3e-3", "--set", "train.eval_every=0",
-               "--run-dir", str(root / name), "--quiet"]
+               "--set", f"task.path={repo / CORPUS}", "--set", "task.seq_len=128", "--set", "train.batch_size=16",
+               "--set", "train.lr=3e-3", "--set", "train.eval_every=0", "--set", "train.threads=1", *flags,
+               "--run-dir", str(root / name), *resume, "--quiet"]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     return root / "target", root / "draft"

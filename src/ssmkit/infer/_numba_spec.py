@@ -29,11 +29,12 @@ _ROWS_HEAD = 64  # LM head rows per chunk
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def verify_tree(h, parents, win, act_b, act_i, n_nodes, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, conv_w,
-                conv_b, conv_state, w_x, s_x, w_dt, b_dt, a_log, d_skip, w_out, s_out, b_out, ssm_state, node_x,
+                conv_b, conv_state, w_x, s_x, w_dt, b_dt, neg_a, d_skip, w_out, s_out, b_out, ssm_state, node_x,
                 node_ssm, xn, xz, u, xdbl, y, out, w_head, s_head, b_head, logits, counters, n_threads):
     """Every node of every row through the stack in one launch: h (B * T, d_model) embedded node tokens (row
     b * T + i, updated in place) -> out (final-normed hidden) and logits (B * T, V). Weights as for
-    :func:`ssmkit.ops._numba_decode.mamba_stack` (typed Lists per layer); states conv (L, B, Di, K - 1),
+    :func:`ssmkit.ops._numba_decode.mamba_stack` (typed Lists per layer) except conv_w (K, Di) and w_dt (R, Di)
+    transposed and neg_a (Di, N) = -exp(A_log) in place of A_log; states conv (L, B, K - 1, Di) (transposed),
     ssm (L, B, Di, N); scratch xn (B T, d_model), xz (B T, 2 Di), u, y (B T, Di), xdbl (B T, R + 2N).
     Stages and counters as in mamba_stack (counter_slots(5 L + 2, n_threads))."""
     rows = h.shape[0]
@@ -74,7 +75,7 @@ def verify_tree(h, parents, win, act_b, act_i, n_nodes, norm_w, eps, final_w, fi
                 if chunk < 0:
                     break
                 _scan(chunk * _CHANNELS, min(di, chunk * _CHANNELS + _CHANNELS), w_dt[layer], b_dt[layer],
-                      a_log[layer], d_skip[layer], ssm_state[layer], node_ssm[layer], parents, act_b, act_i, xdbl,
+                      neg_a[layer], d_skip[layer], ssm_state[layer], node_ssm[layer], parents, act_b, act_i, xdbl,
                       xz, u, y)
                 _finish_stage(counters, st + 3, n_threads)
             _wait_stage(counters, st + 3, n3, n_threads)
@@ -104,7 +105,7 @@ def verify_tree(h, parents, win, act_b, act_i, n_nodes, norm_w, eps, final_w, fi
 
 @nb.njit(fastmath=True, cache=True)
 def draft_tree(root, branches, depth, emb, parents, win, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, conv_w,
-               conv_b, conv_state, w_x, s_x, w_dt, b_dt, a_log, d_skip, w_out, s_out, b_out, ssm_state, w_head, s_head,
+               conv_b, conv_state, w_x, s_x, w_dt, b_dt, neg_a, d_skip, w_out, s_out, b_out, ssm_state, w_head, s_head,
                b_head, node_tok, node_x, node_ssm):
     """The draft's top-``branches`` tokens per level down to ``depth`` (one thread; the draft is small):
     root (B,) int64 -> node_tok (B, T) (node 0 = the root; node i's children i * branches + 1 + c are its best
@@ -140,7 +141,7 @@ def draft_tree(root, branches, depth, emb, parents, win, norm_w, eps, final_w, f
             _in_conv(0, wi.shape[0], xn, wi, s_in[layer], b_in[layer], conv_w[layer], conv_b[layer],
                      conv_state[layer], win, act_b, act_i, n_nodes, node_x[layer], xz, u, col)
             _x_rows(0, wx.shape[0], u, wx, s_x[layer], b_dt[layer][:0], xdbl, col)
-            _scan(0, di, w_dt[layer], b_dt[layer], a_log[layer], d_skip[layer], ssm_state[layer], node_ssm[layer],
+            _scan(0, di, w_dt[layer], b_dt[layer], neg_a[layer], d_skip[layer], ssm_state[layer], node_ssm[layer],
                   parents, act_b, act_i, xdbl, xz, u, y)
             _out_rows(0, wo.shape[0], y, wo, s_out[layer], b_out[layer], h, xn, col)
         if level == depth:

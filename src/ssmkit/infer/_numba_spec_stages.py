@@ -71,14 +71,54 @@ def _silu_into(v, out, tmp, bits, scale):
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
-def _block(x, w, r, o):
-    """The 4 x 4 products x[r..r+3] . w[o..o+3] (a register block: each loaded value feeds four products)."""
+def _softplus32_into(v, m, e, bits, scale):
+    """v[j] = softplus(v[j]) = max(v, 0) + log1p(exp(-|v|)) in flat float32 loops (log1p(a) = 2 atanh(a / (2 + a))
+    by its odd series, as :func:`ssmkit.ops._numba_kernels.fast_softplus`); m, e: scratch of v's length (apart,
+    so the loops vectorise)."""
+    for j in range(v.shape[0]):
+        m[j] = -abs(v[j])
+    _decay32(np.float32(1.0), m, e, bits, scale)
+    for j in range(v.shape[0]):
+        a = e[j]
+        s = a / (np.float32(2.0) + a)
+        z = s * s
+        p = np.float32(1.0 / 15.0)
+        p = p * z + np.float32(1.0 / 13.0)
+        p = p * z + np.float32(1.0 / 11.0)
+        p = p * z + np.float32(1.0 / 9.0)
+        p = p * z + np.float32(1.0 / 7.0)
+        p = p * z + np.float32(1.0 / 5.0)
+        p = p * z + np.float32(1.0 / 3.0)
+        p = p * z + np.float32(1.0)
+        v[j] = max(v[j], np.float32(0.0)) + np.float32(2.0) * s * p
+
+
+def _softplus_into(v, m, e, bits, scale):
+    """v[j] = softplus(v[j]) in place; jitted code only (float32: :func:`_softplus32_into`, float64: libm)."""
+    raise NotImplementedError("_softplus_into is called from numba kernels only")
+
+
+@overload(_softplus_into, inline="always", jit_options={"fastmath": True})
+def _softplus_into_impl(v, m, e, bits, scale):
+    if isinstance(v.dtype, types.Float) and v.dtype.bitwidth == 32:
+        return lambda v, m, e, bits, scale: _softplus32_into(v, m, e, bits, scale)
+
+    def exact(v, m, e, bits, scale):
+        for j in range(v.shape[0]):
+            v[j] = fast_softplus(v[j])
+    return exact
+
+
+@nb.njit(inline="always", fastmath=True, cache=True)
+def _block(x, w, r0, r1, r2, r3, o):
+    """The 4 x 4 products x[r0, r1, r2, r3] . w[o..o+3] (a register block: each loaded value feeds four
+    products)."""
     z = x[0, 0] - x[0, 0]
     a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = z
     a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = z
     for k in range(x.shape[1]):
         w0, w1, w2, w3 = w[o, k], w[o + 1, k], w[o + 2, k], w[o + 3, k]
-        x0, x1, x2, x3 = x[r, k], x[r + 1, k], x[r + 2, k], x[r + 3, k]
+        x0, x1, x2, x3 = x[r0, k], x[r1, k], x[r2, k], x[r3, k]
         a00 += x0 * w0
         a01 += x0 * w1
         a02 += x0 * w2
@@ -99,16 +139,47 @@ def _block(x, w, r, o):
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
-def _row4(x, w, r, o):
+def _block6(x, w, r, last, o):
+    """The 6 x 4 products x[r..r+5] . w[o..o+3], rows past ``last`` repeating it: one pass over the weight rows
+    for 5 or 6 node rows (24 accumulators, which AVX-512's 32 vector registers hold)."""
+    r1, r2, r3, r4, r5 = min(r + 1, last), min(r + 2, last), min(r + 3, last), min(r + 4, last), min(r + 5, last)
     z = x[0, 0] - x[0, 0]
-    a0 = a1 = a2 = a3 = z
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = a20 = a21 = a22 = a23 = z
+    a30 = a31 = a32 = a33 = a40 = a41 = a42 = a43 = a50 = a51 = a52 = a53 = z
     for k in range(x.shape[1]):
+        w0, w1, w2, w3 = w[o, k], w[o + 1, k], w[o + 2, k], w[o + 3, k]
         v = x[r, k]
-        a0 += v * w[o, k]
-        a1 += v * w[o + 1, k]
-        a2 += v * w[o + 2, k]
-        a3 += v * w[o + 3, k]
-    return a0, a1, a2, a3
+        a00 += v * w0
+        a01 += v * w1
+        a02 += v * w2
+        a03 += v * w3
+        v = x[r1, k]
+        a10 += v * w0
+        a11 += v * w1
+        a12 += v * w2
+        a13 += v * w3
+        v = x[r2, k]
+        a20 += v * w0
+        a21 += v * w1
+        a22 += v * w2
+        a23 += v * w3
+        v = x[r3, k]
+        a30 += v * w0
+        a31 += v * w1
+        a32 += v * w2
+        a33 += v * w3
+        v = x[r4, k]
+        a40 += v * w0
+        a41 += v * w1
+        a42 += v * w2
+        a43 += v * w3
+        v = x[r5, k]
+        a50 += v * w0
+        a51 += v * w1
+        a52 += v * w2
+        a53 += v * w3
+    return ((a00, a01, a02, a03), (a10, a11, a12, a13), (a20, a21, a22, a23), (a30, a31, a32, a33),
+            (a40, a41, a42, a43), (a50, a51, a52, a53))
 
 
 @nb.njit(fastmath=True, cache=True)
@@ -121,17 +192,19 @@ def _gemm(x, w, scale, bias, o_lo, o_hi, out, col):
     if scale.size == 0:
         while o + 4 <= o_hi:
             r = 0
-            while r + 4 <= rows:
-                blk = _block(x, w, r, o)
-                for i in range(4):
+            while r < rows:
+                if rows - r == 5 or rows - r == 6:  # the last 5 or 6 rows in one pass
+                    six = _block6(x, w, r, rows - 1, o)
+                    for i in range(rows - r):
+                        for j in range(4):
+                            out[r + i, o + j] = six[i][j]
+                    break
+                last = rows - 1  # a last partial block repeats its last row
+                blk = _block(x, w, r, min(r + 1, last), min(r + 2, last), min(r + 3, last), o)
+                for i in range(min(4, rows - r)):
                     for j in range(4):
                         out[r + i, o + j] = blk[i][j]
                 r += 4
-            while r < rows:
-                v = _row4(x, w, r, o)
-                for j in range(4):
-                    out[r, o + j] = v[j]
-                r += 1
             if bias.shape[0] > 0:
                 for a in range(rows):
                     for j in range(4):
@@ -145,34 +218,41 @@ def _gemm(x, w, scale, bias, o_lo, o_hi, out, col):
 
 
 @nb.njit(fastmath=True, cache=True)
-def _in_conv(o_lo, o_hi, xn, wi, si, bi, cw, cb, cs, win, act_b, act_i, n_nodes, nx, xz, u, col):
-    """in_proj rows [o_lo, o_hi) for every active row; the x half is stored per node and goes through the causal
-    conv over the node's path (``win``) and SiLU."""
+def _in_conv(o_lo, o_hi, xn, wi, si, bi, cw_t, cb, cs_t, win, act_b, act_i, n_nodes, nx, xz, u, col):
+    """in_proj rows [o_lo, o_hi) for every active row; the x half is stored per node (``nx``) and goes through the
+    causal conv over the node's path (``win``) and SiLU. cw_t (K, Di) the conv weight transposed, cs_t (B, K - 1, Di)
+    the conv state transposed, so every loop runs over contiguous channels (and vectorises)."""
     di = u.shape[1]
-    width = cw.shape[1]
+    width = cw_t.shape[0]
     _gemm(xn, wi, si, bi, o_lo, o_hi, xz, col)
-    for o in range(o_lo, min(o_hi, di)):
-        for a in range(xn.shape[0]):
-            nx[act_b[a] * n_nodes + act_i[a], o] = xz[a, o]
-        for a in range(xn.shape[0]):
-            b, i = act_b[a], act_i[a]
-            acc = cw[o, width - 1] * xz[a, o]
-            for j in range(width - 1):
-                p = win[i, j]
-                if p < width - 1:
-                    acc += cw[o, j] * cs[b, o, p]
-                else:
-                    acc += cw[o, j] * nx[b * n_nodes + p - (width - 1), o]
-            if cb.shape[0] > 0:
-                acc += cb[o]
-            u[a, o] = acc
     hi = min(o_hi, di)
-    if o_lo < hi:
-        tmp = np.empty(hi - o_lo, dtype=u.dtype)
-        bits = np.empty(hi - o_lo, dtype=np.int32)
-        scale = bits.view(np.float32)
-        for a in range(xn.shape[0]):
-            _silu_into(u[a, o_lo:hi], u[a, o_lo:hi], tmp, bits, scale)
+    if o_lo >= hi:
+        return
+    n = hi - o_lo
+    for a in range(xn.shape[0]):
+        dst, src = nx[act_b[a] * n_nodes + act_i[a], o_lo:hi], xz[a, o_lo:hi]
+        for o in range(n):
+            dst[o] = src[o]
+    acc = np.empty(n, dtype=u.dtype)
+    tmp = np.empty(n, dtype=u.dtype)
+    bits = np.empty(n, dtype=np.int32)
+    scale = bits.view(np.float32)
+    for a in range(xn.shape[0]):
+        b, i = act_b[a], act_i[a]
+        last, xa = cw_t[width - 1, o_lo:hi], xz[a, o_lo:hi]
+        for o in range(n):
+            acc[o] = last[o] * xa[o]
+        for j in range(width - 1):
+            p = win[i, j]
+            src = cs_t[b, p, o_lo:hi] if p < width - 1 else nx[b * n_nodes + p - (width - 1), o_lo:hi]
+            cwj = cw_t[j, o_lo:hi]
+            for o in range(n):
+                acc[o] += cwj[o] * src[o]
+        if cb.shape[0] > 0:
+            cbs = cb[o_lo:hi]
+            for o in range(n):
+                acc[o] += cbs[o]
+        _silu_into(acc, u[a, o_lo:hi], tmp, bits, scale)
 
 
 @nb.njit(fastmath=True, cache=True)
@@ -181,54 +261,57 @@ def _x_rows(r_lo, r_hi, u, wx, sx, none, xdbl, col):
 
 
 @nb.njit(fastmath=True, cache=True)
-def _scan(c_lo, c_hi, wdt, bdt, al, dsk, ss, sn, parents, act_b, act_i, xdbl, xz, u, y):
+def _scan(c_lo, c_hi, wdt_t, bdt, neg_a, dsk, ss, sn, parents, act_b, act_i, xdbl, xz, u, y):
     """Channels [c_lo, c_hi): each active node's state from its parent's (or the initial state for the root);
-    active rows must come after their parents' (breadth-first order). The decays of all the chunk's (channel,
-    state) pairs are one flat exp loop per row (short loops over the state alone do not vectorise well)."""
+    active rows must come after their parents' (breadth-first order). wdt_t (R, Di) is dt_proj's weight
+    transposed and neg_a (Di, N) = -exp(A_log), so dt, softplus and the decays are flat loops over the chunk's
+    channels (and (channel, state) pairs) that vectorise; every loop indexes a view from 0 (an offset index makes
+    LLVM gather)."""
     di = u.shape[1]
-    rank, n_state = wdt.shape[1], al.shape[1]
-    size = (c_hi - c_lo) * n_state
-    neg_a = np.empty(size, dtype=u.dtype)
+    rank, n_state = wdt_t.shape[0], neg_a.shape[1]
+    cn = c_hi - c_lo
+    size = cn * n_state
     arg = np.empty(size, dtype=u.dtype)
     decay = np.empty(size, dtype=u.dtype)
-    dts = np.empty(c_hi - c_lo, dtype=u.dtype)
-    gate = np.empty(c_hi - c_lo, dtype=u.dtype)
+    dts = np.empty(cn, dtype=u.dtype)
+    gate = np.empty(cn, dtype=u.dtype)
+    t1 = np.empty(cn, dtype=u.dtype)
+    t2 = np.empty(cn, dtype=u.dtype)
     bits = np.empty(size, dtype=np.int32)
     scale = bits.view(np.float32)
     one = np.ones(1, dtype=u.dtype)[0]
-    _decay(one, al.ravel()[c_lo * n_state:c_hi * n_state], neg_a, bits, scale)
-    for j in range(size):
-        neg_a[j] = -neg_a[j]
+    na, bd = neg_a[c_lo:c_hi].ravel(), bdt[c_lo:c_hi]
     for a in range(u.shape[0]):
         b, i = act_b[a], act_i[a]
         p = parents[i]
-        for c in range(c_lo, c_hi):
-            dv = bdt[c]
-            for r in range(rank):
-                dv += wdt[c, r] * xdbl[a, r]
-            dt = fast_softplus(dv)
-            dts[c - c_lo] = dt
+        for c in range(cn):
+            dts[c] = bd[c]
+        for r in range(rank):
+            xr, wr = xdbl[a, r], wdt_t[r, c_lo:c_hi]
+            for c in range(cn):
+                dts[c] += xr * wr[c]
+        _softplus_into(dts, t1, t2, bits, scale)
+        for c in range(cn):
+            dc, nac, ac = dts[c], na[c * n_state:(c + 1) * n_state], arg[c * n_state:(c + 1) * n_state]
             for n in range(n_state):
-                arg[(c - c_lo) * n_state + n] = dt * neg_a[(c - c_lo) * n_state + n]
+                ac[n] = dc * nac[n]
         _decay(one, arg, decay, bits, scale)
-        _silu_into(xz[a, di + c_lo:di + c_hi], gate, arg[:c_hi - c_lo], bits, scale)
+        _silu_into(xz[a, di + c_lo:di + c_hi], gate, t1, bits, scale)
         bv, cv = xdbl[a, rank:rank + n_state], xdbl[a, rank + n_state:rank + 2 * n_state]
-        for c in range(c_lo, c_hi):
-            dt = dts[c - c_lo]
-            uc = u[a, c]
-            du = dt * uc
-            acc = dsk[c] * uc
-            if p < 0:
-                src = ss[b, c]
-            else:
-                src = sn[b, p, c]
-            dst = sn[b, i, c]
-            dec = decay[(c - c_lo) * n_state:(c - c_lo + 1) * n_state]
+        ua, ya, dska = u[a, c_lo:c_hi], y[a, c_lo:c_hi], dsk[c_lo:c_hi]
+        src2 = ss[b] if p < 0 else sn[b, p]  # (Di, N) views made once per row: a view per channel of the
+        dst2 = sn[b, i]  # 4-D array costs more than the channel's update
+        for c in range(cn):
+            uc = ua[c]
+            du = dts[c] * uc
+            acc = dska[c] * uc
+            src, dst = src2[c_lo + c], dst2[c_lo + c]
+            dec = decay[c * n_state:(c + 1) * n_state]
             for n in range(n_state):
                 hv = src[n] * dec[n] + du * bv[n]
                 dst[n] = hv
                 acc += hv * cv[n]
-            y[a, c] = acc * gate[c - c_lo]
+            ya[c] = acc * gate[c]
 
 
 @nb.njit(fastmath=True, cache=True)

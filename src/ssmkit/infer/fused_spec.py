@@ -16,6 +16,7 @@ the kernels do not cover; callers then use :mod:`ssmkit.infer.multitoken` / :mod
 from __future__ import annotations
 
 import functools
+import weakref
 
 import numpy as np
 import torch
@@ -37,7 +38,8 @@ def fused_plan(model: CausalLM, state: ModelState) -> MambaStackPlan | None:
             or cfg.logits_scaling != 1.0 or torch.is_grad_enabled()):
         return None
     plan = stack_plan(backbone, model.lm_head)
-    if not isinstance(plan, MambaStackPlan) or not plan.fusable or plan.head is None:
+    if (not isinstance(plan, MambaStackPlan) or not plan.fusable or plan.head is None
+            or getattr(plan, "act_quant", False)):  # quantized activations: the decode kernel's own path
         return None
     emb = backbone.embedding.weight
     if backbone.residual_dtype != plan.dtype or emb.dtype != plan.dtype or emb.device.type != "cpu":
@@ -85,20 +87,41 @@ class FusedSnapshots:
         return ModelState([MambaState(conv=c, ssm=s) for c, s in zip(conv.unbind(0), ssm.unbind(0), strict=True)])
 
 
-def _stacked_states(state: ModelState) -> tuple[Tensor, Tensor]:
+def _stacked_states(state: ModelState) -> tuple[Tensor, Tensor, np.ndarray]:
+    """(conv (L, B, Di, K - 1), ssm (L, B, Di, N), the conv state transposed (L, B, K - 1, Di) for the kernels)."""
     layers = state.layers
-    return (torch.stack([s.conv for s in layers]).contiguous(), torch.stack([s.ssm for s in layers]).contiguous())
+    conv = torch.stack([s.conv for s in layers]).contiguous()
+    return conv, torch.stack([s.ssm for s in layers]).contiguous(), conv.transpose(2, 3).contiguous().numpy()
+
+
+_EXTRA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _extra(plan: MambaStackPlan) -> dict:
+    """The kernels' own forms of some plan weights (made once per plan): conv_w (K, Di) and dt_w (R, Di)
+    transposed, neg_a (Di, N) = -exp(A_log), as numba typed Lists per layer."""
+    got = _EXTRA.get(plan)
+    if got is None:
+        from numba.typed import List
+
+        a = plan.arrays
+        got = {"conv_w_t": List([np.ascontiguousarray(w.T) for w in a["conv_w"]]),
+               "dt_w_t": List([np.ascontiguousarray(w.T) for w in a["dt_w"]]),
+               "neg_a": List([-np.exp(w) for w in a["a_log"]])}
+        _EXTRA[plan] = got
+    return got
 
 
 def _layer_arrays(plan: MambaStackPlan) -> tuple:
     a = plan.arrays
-    return (a["norm_w"], plan.eps, a["final_w"], plan.final_eps, a["in_w"], a["in_scale"], a["in_b"], a["conv_w"],
-            a["conv_b"])
+    return (a["norm_w"], plan.eps, a["final_w"], plan.final_eps, a["in_w"], a["in_scale"], a["in_b"],
+            _extra(plan)["conv_w_t"], a["conv_b"])
 
 
 def _scan_arrays(plan: MambaStackPlan) -> tuple:
-    a = plan.arrays
-    return (a["x_w"], a["x_scale"], a["dt_w"], a["dt_b"], a["a_log"], a["d"], a["out_w"], a["out_scale"], a["out_b"])
+    a, e = plan.arrays, _extra(plan)
+    return (a["x_w"], a["x_scale"], e["dt_w_t"], a["dt_b"], e["neg_a"], a["d"], a["out_w"], a["out_scale"],
+            a["out_b"])
 
 
 def _buffers(plan: MambaStackPlan, conv: Tensor, batch: int, n_nodes: int) -> tuple[Tensor, Tensor]:
@@ -120,7 +143,7 @@ def fused_verify(model: CausalLM, plan: MambaStackPlan, nodes: Tensor, tree: Tok
     batch, n_nodes = nodes.shape
     if n_nodes != tree.size:
         raise ValueError(f"nodes has {n_nodes} nodes but the tree has {tree.size}")
-    conv, ssm = _stacked_states(state)
+    conv, ssm, conv_t = _stacked_states(state)
     width = conv.shape[3] + 1
     parents, win_np = _tables(tree, width)
     h = model.backbone.embed(nodes.reshape(-1)).contiguous()  # (B T, d_model), row b * T + i
@@ -136,7 +159,7 @@ def fused_verify(model: CausalLM, plan: MambaStackPlan, nodes: Tensor, tree: Tok
     n_layers = len(plan.layers)
     with kernel_threads(w0.in_w.numel() * rows * n_layers) as threads:
         counters = torch.zeros(D.counter_slots(5 * n_layers + 2, threads), dtype=torch.int64)
-        S.verify_tree(h.numpy(), parents, win_np, act_b, act_i, n_nodes, *_layer_arrays(plan), conv.numpy(),
+        S.verify_tree(h.numpy(), parents, win_np, act_b, act_i, n_nodes, *_layer_arrays(plan), conv_t,
                       *_scan_arrays(plan), ssm.numpy(), node_x.numpy(), node_ssm.numpy(),
                       *(t.numpy() for t in scratch), head_w, head_s, head_b, logits.numpy(), counters.numpy(),
                       threads)
@@ -156,7 +179,7 @@ def fused_draft(model: CausalLM, plan: MambaStackPlan, root: Tensor, branches: i
     if not 1 <= branches <= vocab:
         raise ValueError(f"branches must lie in [1, vocab_size={vocab}], got {branches}")
     tree = _full_tree(branches, depth)
-    conv, ssm = _stacked_states(state)
+    conv, ssm, conv_t = _stacked_states(state)
     parents, win_np = _tables(tree, conv.shape[3] + 1)
     batch = root.shape[0]
     node_x, node_ssm = _buffers(plan, conv, batch, tree.size)
@@ -164,7 +187,7 @@ def fused_draft(model: CausalLM, plan: MambaStackPlan, root: Tensor, branches: i
     head_w, head_s, head_b = plan.arrays["head"]
     emb = model.backbone.embedding.weight.detach()
     S.draft_tree(root.contiguous().numpy(), branches, depth, emb.numpy(), parents, win_np, *_layer_arrays(plan),
-                 conv.numpy(), *_scan_arrays(plan), ssm.numpy(), head_w, head_s, head_b, nodes.numpy(),
+                 conv_t, *_scan_arrays(plan), ssm.numpy(), head_w, head_s, head_b, nodes.numpy(),
                  node_x.numpy(), node_ssm.numpy())
     n_layers, di = conv.shape[0], conv.shape[2]
     return nodes, FusedSnapshots(conv, node_x.view(n_layers, batch, tree.size, di), node_ssm, win_np)
