@@ -36,9 +36,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .heap import trim_heap
 from .sequence import SequenceParallel, shard_bounds
 from .sequence_comm import _peer, _real, group_rank_size
-from .sequence_recurrent import summary_cache, trim_heap
+from .sequence_recurrent import summary_cache
 
 IGNORE_INDEX = -100
 
