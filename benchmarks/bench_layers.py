@@ -9,6 +9,7 @@
   (H, N/2, L) Vandermonde tensor, reimplemented here) and vs ssmkit's own scan mode.
 - Mamba3 (SISO and MIMO rank 4) vs ssmkit's Mamba2 at equal state size (24 heads x 64 x N 128): forward,
   forward+backward and one-token step.
+- mamba3-step: ops.mamba3_step's numba kernel vs its torch path, one token, per state size, batch 1/8, SISO/MIMO-4.
 - H3 (d_model 768, 12 heads): no installable peer exists; reported against ssmkit's causal Attention of the same
   width as a reference point.
 Writes benchmarks/results/bench_layers.json.
@@ -160,6 +161,46 @@ def bench_mamba3(length: int, quick: bool) -> list[dict]:
     return rows
 
 
+def bench_mamba3_step(length: int, quick: bool) -> list[dict]:
+    """ops.mamba3_step's numba kernel against its torch path (``fused_kernels(False)``), one token, float32, per
+    state size (heads x P x N), batch and rank, one thread; speedup = torch time / kernel time. The op uses the
+    kernel only below STEP_KERNEL_MAX_WORK; here it is forced on for every size by raising that limit."""
+    import importlib
+
+    from ssmkit.ops import Mamba3ScanState, fused_kernels, mamba3_step
+
+    M3 = importlib.import_module("ssmkit.ops.mamba3")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # both sides on one thread: a token's work is far too small to split
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    sizes = [(4, 16, 16), (8, 32, 32), (24, 64, 128)] if quick else [(4, 16, 16), (8, 32, 32), (16, 64, 64),
+                                                                     (24, 64, 128)]
+    for H, P, N in sizes:
+        for batch, R in ((1, None), (1, 4), (8, None), (8, 4)):
+            lead = (batch,) if R is None else (batch, R)
+            r = (lambda *s: torch.randn(*s, generator=g))  # noqa: E731
+            S = N // 4
+            args = (r(*lead, H, P), torch.rand(batch, H, generator=g), -torch.rand(H), torch.rand(batch, H,
+                    generator=g), r(*lead, 1, N), r(*lead, 1, N))
+            state = Mamba3ScanState(r(batch, H, S), r(batch, H, P, N), r(*lead, H, N), r(*lead, H, P))
+            kw = {"angles": r(batch, H, S), "D": r(H)}
+            old, M3.STEP_KERNEL_MAX_WORK = M3.STEP_KERNEL_MAX_WORK, 1 << 62
+            try:
+                with torch.no_grad():
+                    t_k = _step_latency(lambda: mamba3_step(*args, state, **kw))  # noqa: B023
+                    with fused_kernels(False):
+                        t_t = _step_latency(lambda: mamba3_step(*args, state, **kw))  # noqa: B023
+            finally:
+                M3.STEP_KERNEL_MAX_WORK = old
+            work = batch * H * P * N * (2 * (R or 1) + 1)
+            rows.append({"case": f"mamba3_step {H}x{P}x{N} b{batch} {'SISO' if R is None else f'R{R}'} "
+                         f"work {work}", "ssmkit_s": t_k, "peer_s": t_t, "peer": "the torch step",
+                         "speedup": t_t / t_k})
+    torch.set_num_threads(threads)
+    return rows
+
+
 def _naive_s4d_kernel(layer, length: int) -> torch.Tensor:
     """The S4 reference code's S4D kernel: materialise (H, N/2, L) complex powers, then reduce over N."""
     _, log_dA, dB, C = layer.discrete()  # (H, N/2) complex each
@@ -214,7 +255,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", nargs="*", choices=["mamba", "mamba2", "mamba3", "s4d", "h3"])
+    parser.add_argument("--only", nargs="*", choices=["mamba", "mamba2", "mamba3", "mamba3-step", "s4d", "h3"])
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     try:
@@ -223,8 +264,8 @@ def main() -> None:
         transformers.logging.set_verbosity_error()
     except ImportError:
         pass
-    benches = {"mamba": bench_mamba, "mamba2": bench_mamba2, "mamba3": bench_mamba3, "s4d": bench_s4d,
-               "h3": bench_h3}
+    benches = {"mamba": bench_mamba, "mamba2": bench_mamba2, "mamba3": bench_mamba3,
+               "mamba3-step": bench_mamba3_step, "s4d": bench_s4d, "h3": bench_h3}
     rows = []
     for name, fn in benches.items():
         if args.only and name not in args.only:
