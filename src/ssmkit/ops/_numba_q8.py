@@ -29,6 +29,7 @@ _I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 _V32I8, _V16I8 = ir.VectorType(_I8, 32), ir.VectorType(_I8, 16)
 _V16I32 = ir.VectorType(_I32, 16)
 _PMADD = "avx512bw" in llvm_binding.get_host_cpu_features().flatten()  # vpmaddwd on 512-bit registers
+PREFETCH_ROWS = 8  # software prefetch distance of the row kernels, in weight rows
 
 
 @nb.njit(cache=True)
@@ -107,11 +108,21 @@ def _reduce(builder, vec, ty):
     return builder.call(fn, [ir.Constant(ty, -0.0), vec], fastmath=("fast",))
 
 
-def _rows_intrinsic(n_rows: int, group: int):
+def _prefetch(builder, ptr) -> None:
+    """A read prefetch of ``ptr`` into all cache levels (``prefetcht0``)."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [
+        ir.PointerType(_I8), _I32, _I32, _I32]), "llvm.prefetch.p0")
+    builder.call(fn, [builder.bitcast(ptr, ir.PointerType(_I8)), ir.Constant(_I32, 0), ir.Constant(_I32, 3),
+                      ir.Constant(_I32, 1)])
+
+
+def _rows_intrinsic(n_rows: int, group: int, prefetch_rows: int = PREFETCH_ROWS):
     """An intrinsic ``f(xq, xoff, xd, xdoff, w, woff, stride, n_blocks, ws, wsoff) -> n_rows-tuple`` of
     sum over full activation blocks i < n_blocks of xd[xdoff + i] * (int32 block product of xq[xoff + 32 i:] and
     weight row r), rows r at w[woff + r * stride:]. group 0: int8 weights (ws unused); group 32/64/128: packed
-    int4 (stride in bytes), each block also scaled by its group's ws[wsoff + r * stride_groups + g]."""
+    int4 (stride in bytes), each block also scaled by its group's ws[wsoff + r * stride_groups + g].
+    ``prefetch_rows``: each block also prefetches the same columns of the rows that many rows further (0: none),
+    so the next rows stream in while these multiply (the hardware prefetcher alone falls behind)."""
 
     @intrinsic
     def rows(typingctx, xq, xoff, xd, xdoff, w, woff, stride, n_blocks, ws, wsoff):
@@ -132,6 +143,10 @@ def _rows_intrinsic(n_rows: int, group: int):
                 d = builder.load(_data(builder, axd, builder.add(axdoff, i)))
                 for r in range(n_rows):
                     row = builder.add(awoff, builder.mul(astride, ir.Constant(i.type, r)))
+                    if prefetch_rows:
+                        ahead = builder.add(row, builder.mul(astride, ir.Constant(i.type, prefetch_rows)))
+                        col = k if group == 0 else builder.udiv(k, ir.Constant(i.type, 2))
+                        _prefetch(builder, _data(builder, aw, builder.add(ahead, col)))
                     scale = d
                     if group == 0:
                         wv = builder.load(builder.bitcast(_data(builder, aw, builder.add(row, k)),
