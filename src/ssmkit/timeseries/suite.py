@@ -29,6 +29,7 @@ QUICK_CLASSIFY = ("ItalyPowerDemand",)
 #: the classifier recipes one validation split chooses between, per data set (full budget). A first look on
 #: ArrowHead's validation split (9 cases): the old recipe (mean pooling, 150 steps) 56%, mean+max pooling 67%,
 #: with augmentation 78%, bidirectional Mamba with augmentation 56% at 3x the time; so Mamba is left out.
+#: ``s4d-ridge``: random S4D features + ridge (:mod:`.ssm_features`), its defaults as first written, untuned.
 CLASSIFY_CANDIDATES = {
     "s4d-meanmax-aug": ClassifierConfig(pool="meanmax", patch=0, max_tokens=128, augment=True, steps=300),
     "s4d-meanmax": ClassifierConfig(pool="meanmax", patch=0, max_tokens=128, steps=300),
@@ -97,16 +98,26 @@ def forecast_text(rows: list[dict], steps: int) -> tuple[str, dict]:
     share = summary.get("best_ssm_share_below_1", 0.0)
     variants, vsum = forecast_table([r for r in rows if r["model"] != "ssm"], SSM_FORECASTERS)
     choice = {r["dataset"]: r["choice"] for r in rows if r["model"] == "ssm"}
+    untrained = _untrained(rows, choice)
+    mase_ssm = {d: np.mean([r["mase"] for r in rows if r["model"] == "ssm" and r["dataset"] == d]) for d in choice}
+    trained_wins = sum(v < 1 for d, v in mase_ssm.items() if untrained[d][0] < untrained[d][1])
     text = "\n".join([
         f"Settings: {len(names)} series, neural seeds {seeds}, {steps} training steps, 5 rolling origins, "
         "horizons per series as in docs/time_series.md. `ssm` is one model: on each series, the seed ensemble of "
-        "the SSM variant (spacetime, smamba, mamba, s4d) or of all four together, whichever has the lowest MSE "
-        "on the validation windows before the first origin. Cells: MASE, mean over origins and horizons "
+        "all four SSM variants (spacetime, smamba, mamba, s4d), or of one variant when its MSE on the validation "
+        "windows before the first origin is lower than the four's by more than one standard error. Each model "
+        "learns the correction to a base forecast chosen on the same validation windows (seasonal naive, its "
+        "profile over the context's seasons, or the window mean) from a zero-initialised output layer; the "
+        "untrained step 0 is a checkpoint candidate. Cells: MASE, mean over origins and horizons "
         "(variants: also over seeds); bold is the best of the row.", "",
         "### Head to head", "", table, "",
         "Choice of `ssm` per series (validation): " + ", ".join(f"{d} {c}" for d, c in choice.items()) + ".", "",
+        "Base forecast the SSMs correct (chosen on the validation windows), and how many of the `ssm` ensemble's "
+        "members kept their untrained step-0 checkpoint, i.e. returned the base unchanged: "
+        + ", ".join(f"{d} {_base_of(rows, d)} {u}/{n}" for d, (u, n) in untrained.items()) + ".", "",
         f"- Target 1, `ssm` MASE < 1 on >= 80% of the sets: {100 * share:.0f}% -> "
-        f"{'met' if share >= 0.8 else 'not met'}.",
+        f"{'met' if share >= 0.8 else 'not met'}; counting only series where at least one member was trained: "
+        f"{trained_wins}/{len(choice)}.",
         f"- Target 2, `ssm` mean rank <= ETS's: {rank['ssm']:.2f} vs {rank['ets']:.2f} -> "
         f"{'met' if rank['ssm'] <= rank['ets'] else 'not met'}.", "",
         "### Every variant (means over seeds; not a selection)", "", variants, "",
@@ -117,6 +128,22 @@ def forecast_text(rows: list[dict], steps: int) -> tuple[str, dict]:
         _coverage_table(rows, ["arima", *SSM_FORECASTERS, "ssm"]),
     ])
     return text, {"head_to_head": summary, "variants": vsum, "choice": choice}
+
+
+def _base_of(rows: list[dict], dataset: str) -> str:
+    return next((r.get("base", "seasonal") for r in rows if r["dataset"] == dataset and r["model"] in SSM_FORECASTERS),
+                "-")
+
+
+def _untrained(rows: list[dict], choice: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """Per series: (members of the chosen ``ssm`` ensemble whose checkpoint is step 0, members)."""
+    out = {}
+    for d, c in choice.items():
+        members = SSM_FORECASTERS if c == "all" else (c,)
+        steps = {(r["model"], r["seed"]): r.get("step", -1) for r in rows
+                 if r["dataset"] == d and r["model"] in members}
+        out[d] = (sum(v == 0 for v in steps.values()), len(steps))
+    return out
 
 
 def classify_dataset(name: str, quick: bool, steps: int | None = None, run: int = 0) -> list[dict]:
@@ -159,7 +186,8 @@ def classify_text(rows: list[dict], quick: bool) -> tuple[str, dict]:
     text = "\n".join([
         "Settings: official train/test splits. `ssm_bidir`: the recipe chosen per set on a stratified 25% "
         f"validation split of the training cases, then retrained on all training cases with seeds {seeds} "
-        "(mean ± std); `ssm_bidir_ensemble`: the mean of those seeds' class probabilities. MiniRocket (sktime "
+        "(mean ± std); `ssm_bidir_ensemble`: the mean of those seeds' class probabilities (for `s4d-ridge`, "
+        "the softmax of the ridge scores; each seed draws another random S4D bank). MiniRocket (sktime "
         "`RocketClassifier`, 10,000 kernels) and 1-NN DTW (window 10%) from sktime. Cells: test accuracy (%).",
         "", table, "",
         f"- Target, SSM (ensemble) within 3 points of MiniRocket on average: {gap:.1f} points behind -> "

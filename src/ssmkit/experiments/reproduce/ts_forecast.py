@@ -35,10 +35,10 @@ def quick() -> Budget:
 def full() -> Budget:
     from ssmkit.timeseries.suite import FORECAST_STEPS
 
-    return Budget(_settings(tuple(FORECAST_SUITE), FORECAST_STEPS[1]), seeds=1, minutes=25,
+    return Budget(_settings(tuple(FORECAST_SUITE), FORECAST_STEPS[1]), seeds=1, minutes=22,
                   note=("Every run trains the four SSM forecasters and DLinear with 3 seeds each (100 Adam steps) "
-                        "and refits ETS and ARIMA at 5 origins. Minutes: measured, 25.5 min at load 8-12 (taylor: 15 "
-                        "min of it)."))
+                        "and refits ETS and ARIMA at 5 origins. Minutes: measured, 22 min at load 10-15 (taylor: "
+                        "9.6 min of it)."))
 
 
 def run_one(repro: Reproduction, setting: Setting, seed: int, run_dir: Path, quick: bool) -> dict[str, Any]:
