@@ -166,6 +166,10 @@ def _worker(size: int, rank: int):
 
     ring.CHUNK = 3  # several query tiles per shard, so tiling and tile skipping are exercised
     recurrent.SUMMARY_CHUNK = 2  # the summary pass in pieces, passing the state
+    if size == 3:  # with the heap bounded the true pass releases its outputs (sequence_recurrent._release_output)
+        from ssmkit.distributed.heap import bound_heap
+
+        assert bound_heap()
     fails, ran = [], 0
     cases = [(n, m, 3 * size + 2, r) for n, m in _families().items() for r in (False, True)]
     cases += [(n, m, 2 * size - 1, True) for n, m in _families().items()]  # shards of 1-2 tokens < halo

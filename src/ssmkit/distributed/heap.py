@@ -48,6 +48,13 @@ def trim_heap() -> None:
         _MALLOC_TRIM(0)
 
 
+def heap_bounded() -> bool:
+    """Whether :func:`bound_heap` fixed the threshold in this process (or ``MALLOC_MMAP_THRESHOLD_`` is set)."""
+    import os
+
+    return _bounded or "MALLOC_MMAP_THRESHOLD_" in os.environ
+
+
 def bound_heap() -> bool:
     """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` for this process (once; a no-op off glibc or when
     ``MALLOC_MMAP_THRESHOLD_`` is set in the environment, which then rules). Returns whether the threshold is fixed.

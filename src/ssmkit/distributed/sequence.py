@@ -47,7 +47,6 @@ from ..layers.mamba3 import Mamba3
 from ..layers.s4 import S4
 from ..layers.s4d import S4D
 from ..layers.zamba2_shared import Zamba2Hybrid
-from .heap import bound_heap
 from .ring_attention import ring_attention_forward
 from .sequence_comm import all_gather, all_gather_autograd, group_rank_size
 from .sequence_recurrent import recurrent_forward
@@ -163,14 +162,12 @@ class SequenceParallel(nn.Module):
     every rank the true state after its own shard (rank P - 1: after the whole sequence); chunked training uses
     this (:mod:`.sequence_chunked`). ``prefix_mask`` (PrefixLM) is sharded like ``reset``; a prefix may span
     several ranks (checked across the group: a prefix token opening a shard must continue the previous shard's
-    prefix or start a segment). Constructing it fixes glibc's mmap threshold for the process
-    (:func:`.heap.bound_heap`).
+    prefix or start a segment).
     """
 
     def __init__(self, module: nn.Module, group: dist.ProcessGroup | None = None) -> None:
         super().__init__()
         self.module, self.group = module, group
-        bound_heap()  # freed activations go back to the OS instead of staying resident (.heap)
         self.layers = _top_layers(module)
         if not self.layers:
             raise ValueError(f"SequenceParallel: {type(module).__name__} contains no sequence layers")

@@ -39,7 +39,7 @@ from ..layers.base import LayerState, SequenceLayer
 from ..layers.griffin import GriffinRecurrent
 from ..layers.mamba3 import Mamba3
 from . import sequence_dense, sequence_mamba3
-from .heap import bound_heap, trim_heap
+from .heap import heap_bounded, trim_heap
 from .sequence_comm import all_gather, all_gather_autograd, group_rank_size
 
 #: state fields that hold the last inputs of a convolution, time last (Mamba/Mamba2 conv, H3 shift,
@@ -315,11 +315,12 @@ def _release_output(y: Tensor, keep: set[int]) -> Tensor:
     backward only as the root it starts from (its shape and ``grad_fn``); without this the layer's output would
     stay resident from the forward to the backward, which a plain layer's output does not (the residual add that
     takes it saves nothing): 16 MiB per Mamba layer (d_model 256) and 16,384 positions. Only with the heap bounded
-    (:func:`.heap.bound_heap`): in glibc's brk heap the copy and the freed block fragment it, and the peak RSS of a
-    chunked step rose instead (792 -> 891 MiB, one process, the 2-layer Mamba LM at 16,384 positions)."""
+    (:func:`.heap.bound_heap`, which the chunked driver calls): in glibc's brk heap the copy and the freed block
+    fragment it, and the peak RSS of a chunked step rose instead (792 -> 891 MiB, one process, the 2-layer Mamba LM
+    at 16,384 positions)."""
     ptr = y.untyped_storage().data_ptr()
     if (ptr in keep or y._base is not None or y.grad_fn is None or not y.is_contiguous()
-            or not bound_heap()):
+            or not heap_bounded()):
         return y.detach()
     out = y.detach().clone()
     y.untyped_storage().resize_(0)
