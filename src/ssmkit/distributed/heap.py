@@ -4,13 +4,15 @@ Tensors of a few MiB (activations of a shard piece: 16,384 positions × 512 chan
 glibc's *dynamic* mmap threshold, which rises to 32 MiB after the first such block is freed; from then on they come
 from the brk heap, whose freed blocks stay resident and fragment under the next ones. :func:`bound_heap` fixes the
 threshold at 1 MiB, so every larger block is its own mapping and goes back to the OS when freed: RSS then follows the
-live tensors. :func:`trim_heap` returns the heap's free pages (``malloc_trim``). Both are no-ops off glibc.
+live tensors, at the cost of page faults on every large allocation; the chunked driver
+(:func:`~.sequence_chunked.sequence_parallel_chunked_backward`) calls it unless ``bounded_heap=False``.
+:func:`trim_heap` returns the heap's free pages (``malloc_trim``). Both are no-ops off glibc.
 
 Measured (2-layer Mamba LM, d_model 256, chunked training, 16,384 positions per chunk piece, one process; growth of
 peak RSS over the RSS before the step): the one-process ``chunked_loss_backward`` at chunk 16,384 927 -> 654 MiB,
 ``sequence_parallel_chunked_backward`` on a one-rank group at the same piece 792 -> 722 MiB; at chunk 32,768 (blocks
-of 64 MiB, mapped anyway) one process 1,324 vs 1,317 MiB, no change. CPU time of a step changed within the noise
-(+3% and +7%, one run each on a loaded machine).
+of 64 MiB, mapped anyway) one process 1,324 vs 1,317 MiB, no change. CPU per step (single runs, load 10-14): +3% for
+that one process, +14% per rank for P = 2 (d_model 256), +48% for one process of a d_model-64 model over 4M tokens.
 """
 
 from __future__ import annotations
