@@ -157,8 +157,9 @@ def worker(name: str, length: int, chunk_len: int, nproc: int, rank: int, init_f
            "seconds": seconds, "peak_rss": peak_rss_bytes(), "base_rss": base, "loss": stats["loss"],
            "chunks": stats["chunks"], "grad_norm": float(sum(p.grad.double().pow(2).sum()
                                                              for p in model.parameters()) ** 0.5)}
-    if phases:
+    if phases:  # each mark restarted the peak: the step's peak is the largest since any mark
         out["phases_MiB"] = {k: [round(v / MIB, 1) for v in vals] for k, vals in marks.items() if k != "base"}
+        out["peak_rss"] = max([out["peak_rss"]] + [base + v[1] for k, v in marks.items() if k != "base"])
     if counts is not None:
         out.update(collective_bytes=counts["collective"], p2p_bytes=counts["p2p"])
         import torch.distributed as dist
