@@ -179,15 +179,15 @@ FULL_TRAIN = {"steps": 1500, "batch_size": 32, "lr": 2e-3, "warmup_steps": 100, 
 
 def full() -> Budget:
     return Budget(
-        settings(64, TRAIN_LEN, FULL_TRAIN, {"num_train": 50000, "num_val": 256}), seeds=2, minutes=55,
+        settings(64, TRAIN_LEN, FULL_TRAIN, {"num_train": 50000, "num_val": 256}), seeds=2, minutes=46,
         note=("The paper's models (2 layers, d_model 64, vocabulary 16) trained at length 64 instead of 256 "
-              "(at 256 Mamba was still at chance after 648 steps of 32: the notes), 1,500 steps of 32 sequences "
+              "(at 256 Mamba was still at chance after 1,722 steps of 32: the notes), 1,500 steps of 32 sequences "
               "(48K) instead of the paper's 25-50 epochs of 8,192 steps of 8 (1.6-3.3M). Test lengths "
               f"2^6-2^20 with {MIN_EXAMPLES}-{MAX_EXAMPLES} sequences each (2^18 / length, clamped: 2 at "
               f"2^17-2^20); attention up to 2^{int(math.log2(ATTN_MAX_LEN))} only; a model below "
               f"{STOP_BELOW:g}x chance at two consecutive lengths is not tested at longer ones. Runtime: "
-              "measured, not on an idle machine: the first seed's 7 runs took 25.8 min at load average 10-16 "
-              "(1-10 min each, Mamba-3 the slowest); two seeds ~50 min there."))
+              "measured, not on an idle machine: 46 min for the 14 runs (25.8 min for the first seed, 20.4 for "
+              "the second) at load average 8-16, 1-10 min per run."))
 
 
 def report(ctx: ReportContext, directory: Any) -> str:
@@ -197,20 +197,28 @@ def report(ctx: ReportContext, directory: Any) -> str:
     if not names:
         return ""
     lens = lengths(ctx.quick)
-    means: dict[str, list[float]] = {}
+    means: dict[str, list[float]] = {}  # over all seeds; NaN where a seed was not evaluated (plotted so)
+    rows = []
     for n in names:
-        row = []
+        row, cells = [], []
         for length in lens:
             vals = [r["extra"]["accuracy_by_length"].get(str(length)) for r in by[n]]
-            vals = [v for v in vals if v is not None]
-            row.append(sum(vals) / len(vals) if vals else math.nan)
+            got = [v for v in vals if v is not None]
+            mean = sum(got) / len(got) if got else math.nan
+            row.append(mean if len(got) == len(vals) else math.nan)
+            # a seed stopped at chance is not averaged in: say how many seeds the cell has
+            cells.append(pct(mean) + (f" ({len(got)}/{len(vals)})" if 0 < len(got) < len(vals) else ""))
         means[n] = row
+        rows.append([n, *cells])
     head = ["model", *(f"2^{int(math.log2(x))}" for x in lens)]
-    rows = [[n, *(pct(v) for v in means[n])] for n in names]
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for n in names:
-        ax.plot([math.log2(x) for x in lens], [100 * v for v in means[n]], marker="o", ms=3, label=n)
+        line, = ax.plot([math.log2(x) for x in lens], [100 * v for v in means[n]], marker="o", ms=3, label=n)
+        few = [(math.log2(x), 100 * v) for x, v in zip(lens, means[n], strict=True)
+               if examples_at(x, ctx.quick) < STOP_MIN_EXAMPLES and math.isfinite(v)]
+        if few:  # open markers: fewer than STOP_MIN_EXAMPLES sequences per seed, coarse
+            ax.plot(*zip(*few, strict=True), ls="none", marker="o", ms=6, mfc="white", color=line.get_color())
     train_len = ctx.budget.settings[0].sections["task"]["seq_len"]
     ax.axvline(math.log2(train_len), color="k", ls=":", lw=0.8, label="train length")
     ax.axhline(100 / (VOCAB - 1), color="gray", ls="--", lw=0.8, label="chance")
@@ -224,10 +232,13 @@ def report(ctx: ReportContext, directory: Any) -> str:
         table(head, rows), "",
         f"`-`: not evaluated: attention beyond 2^{int(math.log2(ATTN_MAX_LEN))} (quadratic time; memory is "
         "linear, PyTorch's flash kernel), or a model already below "
-        f"{STOP_BELOW:g}x chance at two consecutive lengths ({STOP_MIN_EXAMPLES}+ sequences each). Recurrent "
+        f"{STOP_BELOW:g}x chance at two consecutive lengths ({STOP_MIN_EXAMPLES}+ sequences each); `(1/2)`: the "
+        "mean of the seeds still evaluated there (the plot shows only all-seed means). Recurrent "
         f"models are evaluated in chunks of {CHUNK} tokens (full budget) with the state passed on, so memory does "
-        "not grow with the length. Sequences per length (full budget): "
-        + ", ".join(f"2^{int(math.log2(x))}: {examples_at(x, False)}" for x in lengths(False)) + ".", "",
+        "not grow with the length. Sequences per length and seed (full budget): "
+        + ", ".join(f"2^{int(math.log2(x))}: {examples_at(x, False)}" for x in lengths(False))
+        + f"; fewer than {STOP_MIN_EXAMPLES} (open markers in the plot) give coarse numbers (with 2: 0, 50 or "
+        "100%).", "",
         f"![induction heads extrapolation]({png})"])
 
 
