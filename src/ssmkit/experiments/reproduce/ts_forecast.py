@@ -37,8 +37,8 @@ def full() -> Budget:
 
     return Budget(_settings(tuple(FORECAST_SUITE), FORECAST_STEPS[1]), seeds=1, minutes=22,
                   note=("Every run trains the four SSM forecasters and DLinear with 3 seeds each (100 Adam steps) "
-                        "and refits ETS and ARIMA at 5 origins. Minutes: measured, 22 min at load 10-15 (taylor: "
-                        "9.6 min of it)."))
+                        "and refits ETS and ARIMA at 5 origins. Minutes: measured, 12.5 min at load 6-12 and 22 min at "
+                        "load 10-15 (taylor: 40-45% of it)."))
 
 
 def run_one(repro: Reproduction, setting: Setting, seed: int, run_dir: Path, quick: bool) -> dict[str, Any]:
