@@ -180,9 +180,10 @@ def _ssd_chunked(
     else:
         h = h0.view(batch, G, R, P, N).permute(0, 1, 4, 2, 3).contiguous()
     starts = []
-    for c in range(chunks):
+    # unbind once: indexing S[:, c] in the loop would make autograd add a zero-filled full-size gradient per chunk
+    for S_c, total_c in zip(S.unbind(1), total.unbind(1), strict=True):
         starts.append(h)
-        h = torch.addcmul(S[:, c].view(batch, G, N, R, P), total[:, c], h)
+        h = torch.addcmul(S_c.view(batch, G, N, R, P), total_c, h)
     entering = torch.stack(starts, 1).view(batch, chunks, G, N, R * P)
     yo = torch.matmul(Cc, entering).view(batch, chunks, G, Q, R, P).transpose(2, 3)  # (b, c, Q, G, R, P)
 
