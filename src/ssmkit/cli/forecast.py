@@ -42,14 +42,15 @@ def run(args: argparse.Namespace) -> int:
     from ..timeseries.csv_run import plan, run_csv
     from ..timeseries.csv_series import load_csv_series
     from ..timeseries.protocol import TrainConfig
-    from ..timeseries.suite import limit_threads
+    from ..timeseries.suite import FORECAST_RECIPE, limit_threads
 
     limit_threads(args.threads)
     series = load_csv_series(args.data, args.target, date=args.date_col, covariates=args.covariates,
                              fill=args.fill)
     p = plan(series, args.horizon, args.context, args.season)
     out = Path(args.out)
-    result = run_csv(series, args.model, p, out, list(range(args.seeds)), TrainConfig(steps=args.steps))
+    cfg = TrainConfig(steps=args.steps, **FORECAST_RECIPE)  # the forecasting suite's recipe
+    result = run_csv(series, args.model, p, out, list(range(args.seeds)), cfg)
     print(f"{args.target}: season {p.season}, context {p.context}, horizons {', '.join(map(str, p.horizons))}")
     print(f"{'model@horizon':>22s}  {'MASE':>7s}  {'sMAPE':>7s}")
     for key, v in result["table"].items():
