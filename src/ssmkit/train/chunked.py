@@ -52,6 +52,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed.heap import trim_heap
+
 IGNORE_INDEX = -100
 #: the batch keys this function reads ("mask" and "padding_mask" are aliases)
 BATCH_KEYS = ("input_ids", "inputs", "labels", "reset", "mask", "padding_mask", "prefix_mask")
@@ -104,6 +106,7 @@ def chunked_loss_backward(
             out = run.forward(states[c], *bounds[c], labels=False, return_final_state=True)
             states.append(out.state)
             del out
+            trim_heap()  # glibc keeps freed chunk activations resident otherwise (RSS grows chunk by chunk)
     rng.append(_rng_get(run.device) if replay else None)
     state_bytes = sum(t.numel() * t.element_size() for s in states[1:] for t in s.tensors().values())
 
@@ -112,6 +115,7 @@ def chunked_loss_backward(
     grad_out: dict[str, Tensor] = {}
     with torch.random.fork_rng(devices=_rng_devices(run.device)):
         for c in range(last, -1, -1):
+            trim_heap()
             state_in = None if states[c] is None else states[c].map(_leaf)
             leaves = {} if state_in is None else {k: t for k, t in state_in.tensors().items() if t.requires_grad}
             if replay:
