@@ -107,6 +107,10 @@ def test_train_eval_generate_round_trip(tmp_path, capsys):
     assert out.count("expected:") == 2 and "tokens match" in out
     assert main(["generate", run, "--example", "0", "--int8"]) == 0
     assert "expected:" in capsys.readouterr().out
+    assert main(["generate", run, "--example", "0", "--int8", "--int8-activations"]) == 0
+    assert "expected:" in capsys.readouterr().out
+    assert main(["generate", run, "--example", "0", "--int8-activations"]) == 2
+    assert "--int8-activations needs --int8 or --int4" in capsys.readouterr().err
     assert main(["generate", run, "--example", "0", "--int4"]) == 2  # d_model 16: no whole group of 32 inputs
     assert "with bits=4 every layer's in_features must be a multiple of group_size 32" in capsys.readouterr().err
     assert main(["generate", run, "--prompt", "3 99"]) == 2

@@ -48,6 +48,9 @@ def register(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
                                                           "approximate: see ssmkit.infer.quantize)")
     quant.add_argument("--int4", action="store_true", help="decode with 4-bit weights, one scale per 32 inputs "
                                                           "(an eighth of the bytes, approximate: docs/quantization.md)")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="with --int8 or --int4: also quantize each layer input to int8 per block of 32 and multiply "
+                        "in integers (faster decode; accuracy in docs/quantization.md)")
     p.add_argument("--draft", metavar="DRAFT_RUN",
                    help="speculative decoding with this run's (or model directory's) smaller model as the draft "
                         "(same vocabulary and tokenizer), or 'self:N' for the model's own first N layers; the "
@@ -196,8 +199,11 @@ def run(args: argparse.Namespace) -> int:
     if args.example is not None and task is None:
         raise UsageError(f"--example needs a run directory with a task; {args.run_dir} is a bare model "
                          f"directory (use --prompt)")
+    if args.int8_activations and not (args.int8 or args.int4):
+        raise UsageError("--int8-activations needs --int8 or --int4 (weights quantized first)")
     if args.int8 or args.int4:
-        model = quantize_weights(model, bits=4 if args.int4 else 8)
+        model = quantize_weights(model, bits=4 if args.int4 else 8,
+                                 activations="int8" if args.int8_activations else "float")
     vocab = model.config.vocab_size
     tok = _tokenizer(args, ckpt, config, vocab)
     if args.top_k is not None and args.top_k > vocab:
