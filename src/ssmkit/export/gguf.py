@@ -59,6 +59,9 @@ def check_exportable(model: object) -> str:
         m = block.mixer
         if type(m) not in (Mamba, Mamba2) or m.reverse:
             raise _fail(f"layer {i} is a {type(m).__name__} (reverse={getattr(m, 'reverse', None)})")
+        if getattr(m, "variant", False):
+            raise _fail(f"layer {i} is a Mamba with out_norm={m.out_norm}, dt_source={m.dt_source!r} "
+                        f"(llama.cpp's mamba has neither)")
         if m.conv1d.bias is None or m.in_proj.bias is not None or m.out_proj.bias is not None:
             raise _fail(f"layer {i} has conv_bias={m.conv1d.bias is not None}, bias={m.in_proj.bias is not None}")
         if arch == "mamba" and m.d_inner != 2 * cfg.d_model:

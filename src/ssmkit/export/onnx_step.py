@@ -174,7 +174,7 @@ def check_onnx_exportable(model: object) -> None:
         ok = name in SUPPORTED and not getattr(m, "reverse", False)
         if isinstance(m, Attention):
             ok = ok and m.mask in ("causal", "sliding")
-        if isinstance(m, Mamba) and m.x_proj.bias is not None:
+        if isinstance(m, Mamba) and (m.x_proj.bias is not None or m.variant):  # variant: no traced step
             ok = False
         if not ok:
             raise ValueError(f"ONNX export supports {supported}; layer {i} is {name!r}")

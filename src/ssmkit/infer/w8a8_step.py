@@ -77,7 +77,7 @@ def enable_w8a8_step(model: nn.Module) -> nn.Module:
     Only plain ``Mamba`` mixers are converted; a subclass of Mamba with its own step keeps it (and fails there
     if it reads projection weights)."""
     for module in model.modules():
-        if type(module) is Mamba:
+        if type(module) is Mamba and not module.variant:  # a variant steps through its modules already
             module.__class__ = W8A8Mamba
         elif type(module) is Backbone:
             module.__class__ = W8A8Backbone

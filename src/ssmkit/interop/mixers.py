@@ -133,6 +133,7 @@ def copy_mixer_to_transformers(layer: Mamba | Mamba2, mixer: nn.Module) -> nn.Mo
                         f"got {type(layer).__name__}")
     if layer.reverse:
         raise ValueError(f"layer has reverse=True; a transformers {kind} is causal only")
+    _check_plain(layer)
     kwargs = _mamba_kwargs(mixer) if kind == "MambaMixer" else _mamba2_kwargs(mixer)
     kwargs["d_inner"] = int(mixer.intermediate_size)
     ours = {"norm_eps": layer.norm.eps} if kind == "Mamba2Mixer" else {}
@@ -144,11 +145,18 @@ def copy_mixer_to_transformers(layer: Mamba | Mamba2, mixer: nn.Module) -> nn.Mo
     return mixer
 
 
+def _check_plain(layer: nn.Module) -> None:
+    if getattr(layer, "variant", False):
+        raise ValueError(f"Mamba with out_norm={layer.out_norm}, dt_source={layer.dt_source!r} has no transformers "
+                         f"MambaMixer equivalent")
+
+
 def transformers_mixer_fields(layer: Mamba | Mamba2) -> dict:
     """The transformers MambaConfig / Mamba2Config fields that a Mamba / Mamba2 layer determines (all but the
     model-level ones: vocab_size, num_hidden_layers, layer_norm_epsilon, ...)."""
     if type(layer) not in (Mamba, Mamba2):
         raise TypeError(f"layer must be an ssmkit Mamba or Mamba2, got {type(layer).__name__}")
+    _check_plain(layer)
     expand = layer.d_inner // layer.d_model
     if expand * layer.d_model != layer.d_inner:
         raise ValueError(f"{type(layer).__name__}: d_inner={layer.d_inner} is not an integer multiple of "

@@ -137,6 +137,14 @@ class Mamba(ConvScanBlock):
         dt_scale: dt_proj weights are uniform in ±dt_scale / sqrt(dt_rank).
         conv_bias: bias in the conv; bias: biases in in_proj and out_proj.
         reverse: run right to left (anti-causal conv, reversed scan), honouring segment starts.
+        out_norm: opt-in (Mamba-2's choice): y = out_proj(RMSNorm(y * silu(z))) with a learned weight
+            (``norm.weight``, d_inner) instead of out_proj(y * silu(z)).
+        dt_source: "x_proj" (default, Mamba's low-rank Δ from the post-conv activations through dt_proj) or
+            "in_proj" (opt-in, Mamba-2's choice: Δ per channel from the block input by d_inner extra in_proj
+            rows, plus ``dt_bias``; no dt_proj, and x_proj gives only B, C).
+
+    The two opt-in choices change the parameters; the default block keeps transformers' MambaMixer layout, and
+    the fused decode, export and interop paths take only the default block (``variant`` is False).
 
     forward: x (batch, length, d_model) -> y (batch, length, d_model).
     """
@@ -157,6 +165,8 @@ class Mamba(ConvScanBlock):
         conv_bias: bool = True,
         bias: bool = False,
         reverse: bool = False,
+        out_norm: bool = False,
+        dt_source: str = "x_proj",
     ) -> None:
         super().__init__()
         self.d_model = check_d_model("Mamba", d_model)
@@ -172,15 +182,28 @@ class Mamba(ConvScanBlock):
         if not isinstance(reverse, bool):
             raise TypeError(f"Mamba: reverse must be a bool, got {type(reverse).__name__}")
         self.reverse = reverse
+        if not isinstance(out_norm, bool):
+            raise TypeError(f"Mamba: out_norm must be a bool, got {type(out_norm).__name__}")
+        if dt_source not in ("x_proj", "in_proj"):
+            raise ValueError(f"Mamba: dt_source must be 'x_proj' or 'in_proj', got {dt_source!r}")
+        self.out_norm, self.dt_source = out_norm, dt_source
         self.dt_min, self.dt_max, self.dt_init_floor, self.dt_scale = dt_min, dt_max, dt_init_floor, dt_scale
 
         d_inner, N = self.d_inner, self.d_state
-        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
+        dt_in = dt_source == "in_proj"
+        self.in_proj = nn.Linear(d_model, (3 if dt_in else 2) * d_inner, bias=bias)
         self.conv1d = ShortConv(d_inner, d_conv, bias=conv_bias)
-        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * N, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
+        self.x_proj = nn.Linear(d_inner, (0 if dt_in else self.dt_rank) + 2 * N, bias=False)
+        if dt_in:
+            self.dt_bias = nn.Parameter(torch.empty(d_inner))
+        else:
+            self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(d_inner, N))
         self.D = nn.Parameter(torch.empty(d_inner))
+        if out_norm:
+            from .mamba2 import GatedRMSNorm  # mamba2 imports this module
+
+            self.norm = GatedRMSNorm(d_inner, d_inner)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
         self.reset_ssm_parameters()
 
@@ -191,9 +214,17 @@ class Mamba(ConvScanBlock):
         A = torch.arange(1, self.d_state + 1, dtype=torch.float32)
         self.A_log.copy_(torch.log(A).expand_as(self.A_log))
         self.D.fill_(1.0)
+        if self.dt_source == "in_proj":
+            init_dt_bias(self.dt_bias, self.dt_min, self.dt_max, self.dt_init_floor)
+            return
         std = self.dt_scale * self.dt_rank ** -0.5
         self.dt_proj.weight.uniform_(-std, std)
         init_dt_bias(self.dt_proj.bias, self.dt_min, self.dt_max, self.dt_init_floor)
+
+    @property
+    def variant(self) -> bool:
+        """True when an opt-in block choice (out_norm, dt_source='in_proj') is on: not transformers' MambaMixer."""
+        return self.out_norm or self.dt_source != "x_proj"
 
     # ------------------------------------------------------------------------------------------ state
     def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None) -> MambaState:
@@ -210,6 +241,8 @@ class Mamba(ConvScanBlock):
     # ---------------------------------------------------------------------------------------- forward
     def _mix(self, x: Tensor, state: MambaState | None, reset: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Left-to-right x (batch, length, d_model) -> (y, conv state, ssm state)."""
+        if self.variant:
+            return self._mix_variant(x, state, reset)
         # under autocast the projections run in its dtype and to_compute brings their outputs back to float32
         xi, z = to_compute(self, *self.in_proj(x).chunk(2, dim=-1))  # (batch, length, d_inner) each
         u, conv_state = self.conv1d(xi, None if state is None else state.conv, reset=reset)
@@ -223,6 +256,31 @@ class Mamba(ConvScanBlock):
         )
         return self.out_proj(y), conv_state, ssm_state
 
+    def _mix_variant(self, x: Tensor, state: MambaState | None, reset: Tensor | None
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+        """``_mix`` with the opt-in choices (out_norm, dt_source='in_proj')."""
+        di, N = self.d_inner, self.d_state
+        if self.dt_source == "in_proj":
+            xi, z, dt_in = to_compute(self, *self.in_proj(x).split([di, di, di], dim=-1))
+        else:
+            xi, z = to_compute(self, *self.in_proj(x).chunk(2, dim=-1))
+        u, conv_state = self.conv1d(xi, None if state is None else state.conv, reset=reset)
+        u = F.silu(u)
+        if self.dt_source == "in_proj":
+            B, C = to_compute(self, *self.x_proj(u).split([N, N], dim=-1))
+            delta, delta_bias = dt_in, self.dt_bias
+        else:
+            dt_r, B, C = to_compute(self, *self.x_proj(u).split([self.dt_rank, N, N], dim=-1))
+            delta, delta_bias = to_compute(self, F.linear(dt_r, self.dt_proj.weight)), self.dt_proj.bias
+        y, ssm_state = selective_scan(
+            u, delta, -torch.exp(self.A_log), B.contiguous(), C.contiguous(), self.D,
+            None if self.out_norm else z, delta_bias=delta_bias, delta_softplus=True,
+            initial_state=None if state is None else state.ssm, reset=reset, return_final_state=True,
+        )
+        if self.out_norm:
+            y = self.norm(y, z)
+        return self.out_proj(y), conv_state, ssm_state
+
     def step(self, x_t: Tensor, state: MambaState) -> tuple[Tensor, MambaState]:
         """One token, O(1): x_t (batch, d_model) -> (y_t (batch, d_model), new state).
 
@@ -231,11 +289,17 @@ class Mamba(ConvScanBlock):
         x_t = self.check_step_input(x_t)
         self.check_dtype(x_t, "x_t")
         self._check_state(state, x_t)
+        if self.variant:  # the step kernel covers the default block only: one token through the forward's maps
+            y, conv, ssm = self._mix_variant(x_t[:, None], state, None)
+            return y[:, 0], MambaState(conv=conv, ssm=ssm.contiguous())
         y, conv, ssm = mamba_step(x_t, self.step_weights(), state.conv, state.ssm, owner=self)
         return y, MambaState(conv=conv, ssm=ssm)
 
     def step_weights(self) -> MambaStepWeights:
         """The parameters as :func:`ssmkit.ops.mamba_step` takes them (linear layers may be int8 weight-only)."""
+        if self.variant:
+            raise ValueError(f"Mamba.step_weights: the step kernels take only the default block, got "
+                             f"out_norm={self.out_norm}, dt_source={self.dt_source!r}")
         in_w, in_s, in_b = linear_weights(self.in_proj)
         x_w, x_s, x_b = linear_weights(self.x_proj)
         out_w, out_s, out_b = linear_weights(self.out_proj)
@@ -248,4 +312,5 @@ class Mamba(ConvScanBlock):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, "
-                f"d_conv={self.d_conv}, dt_rank={self.dt_rank}, reverse={self.reverse}")
+                f"d_conv={self.d_conv}, dt_rank={self.dt_rank}, reverse={self.reverse}"
+                + (f", out_norm={self.out_norm}, dt_source={self.dt_source!r}" if self.variant else ""))

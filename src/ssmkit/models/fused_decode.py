@@ -109,6 +109,8 @@ def _kind(backbone) -> type | None:
         norm = block.norm
         if type(block.mixer) is not kind or block.mlp is not None or norm is None or norm.kind != "rmsnorm":
             return None
+        if getattr(block.mixer, "variant", False):  # Mamba's opt-in block choices: the kernels lack them
+            return None
         if norm.eps != eps or (block.training and block.dropout.p > 0):
             return None
     return kind
@@ -179,6 +181,8 @@ def _block_kind(block: nn.Module) -> type | None:
     """Mamba or Mamba2 when the block is a plain pre-RMSNorm block of that mixer (no MLP, no active dropout)."""
     norm, kind = block._modules.get("norm"), type(block._modules["mixer"])
     if kind not in (Mamba, Mamba2) or block.mlp is not None or norm is None or norm.kind != "rmsnorm":
+        return None
+    if getattr(block._modules["mixer"], "variant", False):  # Mamba's opt-in block choices: the kernels lack them
         return None
     return None if block.training and block.dropout.p > 0 else kind
 

@@ -28,6 +28,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "mamba": ("Mamba (S6), 2 layers", {"pattern": "mamba*2"}),
     "mamba2": ("Mamba-2 (SSD), 2 layers", {"pattern": "mamba2*2",
                                           "mixer_options": {"mamba2": {"d_state": 32, "headdim": 16}}}),
+    "mamba-m2blk": ("Mamba (S6) with Mamba-2's gated RMSNorm and per-channel in_proj dt, 2 layers",
+                    {"pattern": "mamba*2", "mixer_options": {"mamba": {"out_norm": True, "dt_source": "in_proj"}}}),
     "s4d": ("S4D (diagonal, LTI) + GELU MLP, 2 layers",
             {"pattern": "s4d*2", "mlp": "gelu", "mlp_ratio": 2.0, "mixer_options": {"s4d": {"d_state": 32}}}),
     "s4": ("S4 (DPLR, LTI) + GELU MLP, 2 layers",
