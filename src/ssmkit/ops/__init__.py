@@ -3,7 +3,8 @@
 Each op has a plain loop oracle in :mod:`ssmkit.ops.reference`.
 """
 
-from . import reference
+# _numba_cache first: it keys numba's kernel cache by the jitted sources before any kernel is defined
+from . import _numba_cache, reference  # noqa: F401
 from .decode_linear import decode_linear
 from .fft_conv import fft_conv
 from .int4_linear import dequantize_int4, int4_linear, quantize_int4
