@@ -241,43 +241,24 @@ class Mamba(ConvScanBlock):
     # ---------------------------------------------------------------------------------------- forward
     def _mix(self, x: Tensor, state: MambaState | None, reset: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Left-to-right x (batch, length, d_model) -> (y, conv state, ssm state)."""
-        if self.variant:
-            return self._mix_variant(x, state, reset)
-        # under autocast the projections run in its dtype and to_compute brings their outputs back to float32
-        xi, z = to_compute(self, *self.in_proj(x).chunk(2, dim=-1))  # (batch, length, d_inner) each
-        u, conv_state = self.conv1d(xi, None if state is None else state.conv, reset=reset)
-        u = F.silu(u)
-        dt_r, B, C = to_compute(self, *self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1))
-        delta = to_compute(self, F.linear(dt_r, self.dt_proj.weight))
-        A = -torch.exp(self.A_log)
-        y, ssm_state = selective_scan(
-            u, delta, A, B, C, self.D, z, delta_bias=self.dt_proj.bias, delta_softplus=True,
-            initial_state=None if state is None else state.ssm, reset=reset, return_final_state=True,
-        )
-        return self.out_proj(y), conv_state, ssm_state
-
-    def _mix_variant(self, x: Tensor, state: MambaState | None, reset: Tensor | None
-                     ) -> tuple[Tensor, Tensor, Tensor]:
-        """``_mix`` with the opt-in choices (out_norm, dt_source='in_proj')."""
         di, N = self.d_inner, self.d_state
-        if self.dt_source == "in_proj":
-            xi, z, dt_in = to_compute(self, *self.in_proj(x).split([di, di, di], dim=-1))
-        else:
-            xi, z = to_compute(self, *self.in_proj(x).chunk(2, dim=-1))
+        dt_in = self.dt_source == "in_proj"  # opt-in: Δ per channel from in_proj's extra d_inner rows
+        # under autocast the projections run in its dtype and to_compute brings their outputs back to float32
+        xi, z, *dt_raw = to_compute(self, *self.in_proj(x).split([di] * (3 if dt_in else 2), dim=-1))
         u, conv_state = self.conv1d(xi, None if state is None else state.conv, reset=reset)
         u = F.silu(u)
-        if self.dt_source == "in_proj":
+        if dt_in:
             B, C = to_compute(self, *self.x_proj(u).split([N, N], dim=-1))
-            delta, delta_bias = dt_in, self.dt_bias
+            delta, delta_bias = dt_raw[0], self.dt_bias
         else:
             dt_r, B, C = to_compute(self, *self.x_proj(u).split([self.dt_rank, N, N], dim=-1))
             delta, delta_bias = to_compute(self, F.linear(dt_r, self.dt_proj.weight)), self.dt_proj.bias
+        A = -torch.exp(self.A_log)
         y, ssm_state = selective_scan(
-            u, delta, -torch.exp(self.A_log), B.contiguous(), C.contiguous(), self.D,
-            None if self.out_norm else z, delta_bias=delta_bias, delta_softplus=True,
+            u, delta, A, B, C, self.D, None if self.out_norm else z, delta_bias=delta_bias, delta_softplus=True,
             initial_state=None if state is None else state.ssm, reset=reset, return_final_state=True,
         )
-        if self.out_norm:
+        if self.out_norm:  # opt-in: Mamba-2's gated RMSNorm, y = norm(y * silu(z))
             y = self.norm(y, z)
         return self.out_proj(y), conv_state, ssm_state
 
@@ -290,7 +271,7 @@ class Mamba(ConvScanBlock):
         self.check_dtype(x_t, "x_t")
         self._check_state(state, x_t)
         if self.variant:  # the step kernel covers the default block only: one token through the forward's maps
-            y, conv, ssm = self._mix_variant(x_t[:, None], state, None)
+            y, conv, ssm = self._mix(x_t[:, None], state, None)
             return y[:, 0], MambaState(conv=conv, ssm=ssm.contiguous())
         y, conv, ssm = mamba_step(x_t, self.step_weights(), state.conv, state.ssm, owner=self)
         return y, MambaState(conv=conv, ssm=ssm)
