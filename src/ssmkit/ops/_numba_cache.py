@@ -21,7 +21,7 @@ from pathlib import Path
 import numba
 
 PACKAGE = Path(__file__).resolve().parent.parent  # src/ssmkit
-JIT_MARK = "njit"  # a file whose text names njit holds (or may hold) jitted code
+JIT_MARK = "numba"  # a file whose text names numba may hold jitted code (njit, @intrinsic, @overload)
 
 
 def jitted_sources(package: Path = PACKAGE) -> list[Path]:
