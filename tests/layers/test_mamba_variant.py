@@ -11,6 +11,8 @@ from ssmkit.export.gguf import check_exportable
 from ssmkit.export.onnx_step import check_onnx_exportable
 from ssmkit.infer import quantize_w8a8, quantize_weights
 from ssmkit.infer.fused_spec import fused_plan
+from ssmkit.infer.multitoken import forward_snapshots
+from ssmkit.infer.tree import tree_supported
 from ssmkit.infer.w8a8_step import enable_w8a8_step
 from ssmkit.interop.mixers import mixer_to_transformers
 from ssmkit.layers import Mamba
@@ -143,7 +145,25 @@ def test_variant_quantized_decode_equals_its_forward():
     _decode_equals_forward(w, 1e-4)
 
 
+@pytest.mark.parametrize("opts", VARIANTS)
+def test_variant_multi_token_pass_equals_forward(opts):
+    """The speculative verify paths rebuild only the default block: a variant takes the generic path (or none)."""
+    torch.manual_seed(3)
+    model = _perturbed(CausalLM(ModelConfig(d_model=16, n_layers=2, vocab_size=20,
+                                            mixer_options={"mamba": dict(opts)})).double()).eval()
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+        got, _ = forward_snapshots(model, ids, model.init_state(2))
+    assert_close(got, want, 1e-10, "forward_snapshots vs forward")
+    assert not tree_supported(model)
+
+
 def test_exports_and_interop_refuse_variant():
+    torch.manual_seed(2)
+    plain = CausalLM(ModelConfig(d_model=16, n_layers=2, vocab_size=20))  # the same model, default block: accepted
+    check_exportable(plain)
+    check_onnx_exportable(plain)
     model = _model(torch.float32)
     with pytest.raises(ValueError, match="out_norm=True"):
         check_exportable(model)

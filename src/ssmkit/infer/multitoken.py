@@ -183,7 +183,7 @@ class AttentionSnapshots(LayerSnapshots):
 
 
 def _snapshot_class(layer: SequenceLayer) -> Callable[..., LayerSnapshots]:
-    if type(layer) is Mamba and not layer.reverse:
+    if type(layer) is Mamba and not layer.reverse and not layer.variant:  # a variant's block is not rebuilt here
         return MambaSnapshots
     if type(layer) is Mamba2 and not layer.reverse:
         return Mamba2Snapshots

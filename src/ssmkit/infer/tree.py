@@ -199,7 +199,7 @@ class _AttentionTree:
 
 
 def _tree_class(layer: SequenceLayer):
-    if type(layer) is Mamba and not layer.reverse:
+    if type(layer) is Mamba and not layer.reverse and not layer.variant:  # a variant's block is not rebuilt here
         return _MambaTree
     if type(layer) is Mamba2 and not layer.reverse:
         return _Mamba2Tree
