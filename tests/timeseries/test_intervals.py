@@ -55,6 +55,22 @@ def test_choice_is_the_lowest_validation_mse():
     assert _choose({"a": [fit(0.2)]}) == ("a", ["a"])
 
 
+def test_one_se_keeps_all_unless_a_variant_wins_clearly():
+    true = np.zeros((4, 2, 1))
+
+    def fit(per_window: list[float]) -> Fitted:
+        return Fitted(None, true + np.array(per_window)[:, None, None], true)  # type: ignore[arg-type]
+
+    b = [fit([0.3] * 4)]
+    # a beats 'all' on average (0.040 vs 0.0475) but loses on one window: within one standard error
+    noisy = {"a": [fit([0.0, 0.4, 0.0, 0.0])], "b": b}
+    assert _choose(noisy) == ("a", ["a"])
+    assert _choose(noisy, one_se=True) == ("all", ["a", "b"])
+    # a beats 'all' by the same amount on every window: a clear win
+    clear = {"a": [fit([0.0, 0.2, 0.0, 0.0])], "b": b}
+    assert _choose(clear, one_se=True) == ("a", ["a"])
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread (two competing threads ran this training ~50x slower on the loaded 2-core machine)."""
