@@ -107,7 +107,14 @@ def test_train_eval_generate_round_trip(tmp_path, capsys):
     assert out.count("expected:") == 2 and "tokens match" in out
     assert main(["generate", run, "--example", "0", "--int8"]) == 0
     assert "expected:" in capsys.readouterr().out
-    assert main(["generate", run, "--example", "0", "--int8", "--int8-activations"]) == 0
+    import ssmkit.infer as infer
+
+    seen = []
+    real = infer.quantize_weights
+    with pytest.MonkeyPatch.context() as mp:  # the flag reaches quantize_weights
+        mp.setattr(infer, "quantize_weights", lambda m, **kw: seen.append(kw) or real(m, **kw))
+        assert main(["generate", run, "--example", "0", "--int8", "--int8-activations"]) == 0
+    assert seen == [{"bits": 8, "activations": "int8"}]
     assert "expected:" in capsys.readouterr().out
     assert main(["generate", run, "--example", "0", "--int8-activations"]) == 2
     assert "--int8-activations needs --int8 or --int4" in capsys.readouterr().err
