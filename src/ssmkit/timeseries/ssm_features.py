@@ -93,7 +93,8 @@ class SSMFeatures:
         out = []
         for i in range(0, len(z), batch):
             y = self._filter(z[i:i + batch])  # (b, length, kernels)
-            ppv = (y[..., None] > self.bias).float().mean(1)  # (b, kernels, biases)
+            # share of positive values per (kernel, bias): one (b, length, kernels) mask at a time, not all biases
+            ppv = torch.stack([(y > bias).sum(1) for bias in self.bias.unbind(1)], -1).to(y.dtype) / y.shape[1]
             out.append(torch.cat([ppv.flatten(1), y.amax(1)], 1))
         return torch.cat(out).double().numpy()
 
