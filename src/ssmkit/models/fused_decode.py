@@ -23,6 +23,7 @@ from ..layers.mamba2 import Mamba2, Mamba2State
 from ..ops.decode_linear import decode_linear
 from ..ops.mamba2_step import Mamba2StackPlan, Mamba2StepWeights, mamba2_stack_step
 from ..ops.mamba_step import MambaStackPlan, WeightsKey, mamba_stack_step
+from ..ops.q8_act import act_quant_of, module_act_quant, quantized_layers
 from .outputs import ModelState
 
 # Parameters, buffers and submodules are (re)registered on a module only when a model is built or changed (a new
@@ -70,22 +71,8 @@ class _Cached:
     acts: tuple = ()
 
 
-def _quantized(*modules: nn.Module | None) -> tuple:
-    """The layers with an ``act_quant`` setting (ssmkit.infer's Int8Linear / Int4Linear) in ``modules``."""
-    found = {}
-    for module in modules:
-        for m in () if module is None else module.modules():
-            if isinstance(getattr(m, "act_quant", None), bool):
-                found[id(m)] = m
-    return tuple(found.values())
-
-
 def _act_quant(layers: tuple) -> bool:
-    """The one act_quant setting of ``layers`` (False for none); a ValueError if they disagree."""
-    flags = {m.act_quant for m in layers}
-    if len(flags) > 1:
-        raise ValueError("fused decode: the quantized layers disagree on act_quant; set it on all of them")
-    return flags == {True}
+    return act_quant_of(layers, "fused decode")
 
 
 def _fresh(cached: _Cached | None, settings: tuple) -> bool:
@@ -166,7 +153,7 @@ def stack_plan(backbone, head: nn.Module | None = None) -> MambaStackPlan | Mamb
         tensors = [t for w in layers for t in w.tensors()]
     final = backbone.final_norm
     head_weights = None if head is None else linear_weights(head)
-    quantized = _quantized(backbone, head)
+    quantized = quantized_layers(backbone, head)
     cls = MambaStackPlan if kind is Mamba else Mamba2StackPlan
     plan = cls(layers, [n.weight for n in norms], final.weight, norm_eps=final.eps, final_eps=final.eps,
                head=head_weights, act_quant=_act_quant(quantized))
@@ -209,7 +196,7 @@ def run_plans(backbone) -> list[tuple[int, int, MambaStackPlan | Mamba2StackPlan
             continue
         while j < len(blocks) and _block_kind(blocks[j]) is kind and norms[j].eps == norms[i].eps:
             j += 1
-        act = _act_quant(_quantized(*blocks[i:j]))
+        act = _act_quant(quantized_layers(*blocks[i:j]))
         if kind is Mamba:
             layers = [b.mixer.step_weights() for b in blocks[i:j]]
             plan = MambaStackPlan(layers, [n.weight for n in norms[i:j]], norm_eps=norms[i].eps, act_quant=act)
@@ -222,7 +209,7 @@ def run_plans(backbone) -> list[tuple[int, int, MambaStackPlan | Mamba2StackPlan
         runs.append((i, j, plan))
         i = j
     result = runs if any(plan is not None for _, _, plan in runs) else None
-    quantized = _quantized(backbone)
+    quantized = quantized_layers(backbone)
     _RUNS[backbone] = _Cached(registrations, settings, WeightsKey(tensors), tensors, result, quantized,
                               tuple(m.act_quant for m in quantized))
     return result
@@ -261,7 +248,7 @@ def _hybrid_step(backbone, h: Tensor, state: ModelState, head: nn.Module | None
     out = None
     if head is not None:
         weight, scale, bias = linear_weights(head)
-        out = decode_linear(hidden, weight, bias, scale=scale, act_quant=getattr(head, "act_quant", False) is True)
+        out = decode_linear(hidden, weight, bias, scale=scale, act_quant=module_act_quant(head))
     return hidden, ModelState(new), out
 
 

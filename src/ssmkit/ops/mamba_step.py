@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .decode_linear import decode_fusable, dequantized
 from .linear_scan import use_fused
+from .q8_act import module_act_quant, q8_dequant
 from .threads import kernel_threads
 
 
@@ -133,8 +134,6 @@ def _act(x: Tensor, scale: Tensor | None, act_quant: bool) -> Tensor:
     (:func:`ssmkit.ops.q8_act.q8_dequant`), else x itself."""
     if not act_quant or scale is None:
         return x
-    from .q8_act import q8_dequant
-
     return q8_dequant(x)
 
 
@@ -359,8 +358,6 @@ def cached_plan(owner: object, weights: MambaStepWeights) -> MambaStackPlan:
     """The one-mixer plan of ``owner`` (e.g. the layer the weights belong to), rebuilt when the weights'
     storage or a copied weight changed (:class:`WeightsKey`). Plans live as long as their owner (a weak-keyed
     cache, so copies and pickles of the owner never see them)."""
-    from .q8_act import module_act_quant
-
     plan = _PLANS.get(owner)
     act_quant = module_act_quant(owner)
     if plan is None or plan.stale([t for t in weights if t is not None]) or plan.act_quant != act_quant:
@@ -376,8 +373,6 @@ def mamba_step(x: Tensor, weights: MambaStepWeights, conv_state: Tensor, ssm_sta
     check_step_args(x, weights, conv_state, ssm_state)
     tensors = [t for t in (x, *weights, conv_state, ssm_state) if t is not None]
     if x.shape[0] == 0 or not decode_fusable(x, tensors):
-        from .q8_act import module_act_quant
-
         return _torch_step(x, weights, conv_state, ssm_state, module_act_quant(owner))
     if owner is None:
         plan = MambaStackPlan([weights], residual=False)

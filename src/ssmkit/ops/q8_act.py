@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .decode_linear import dequantized
 
-__all__ = ["QBLOCK", "module_act_quant", "q8_dequant", "q8_linear", "q8_quantize"]
+__all__ = ["QBLOCK", "act_quant_of", "module_act_quant", "quantized_layers", "q8_dequant", "q8_linear", "q8_quantize"]
 
 QBLOCK = 32  #: activation inputs per scale (llama.cpp's q8_0 block)
 
@@ -49,13 +49,27 @@ def q8_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, scale: T
     return F.linear(q8_dequant(x), dequantized(weight, scale, x.dtype), None if bias is None else bias.to(x.dtype))
 
 
-def module_act_quant(module: object) -> bool:
-    """Whether the quantized linear layers in ``module`` (an ``nn.Module``; anything else: False) quantize their
-    activations: their ``act_quant`` attribute (ssmkit.infer's Int8Linear / Int4Linear). Layers that disagree
-    raise a ValueError (a fused step takes one setting)."""
-    if not isinstance(module, torch.nn.Module):
-        return False
-    flags = {m.act_quant for m in module.modules() if isinstance(getattr(m, "act_quant", None), bool)}
+def quantized_layers(*modules: object) -> tuple:
+    """The layers with a bool ``act_quant`` attribute (ssmkit.infer's Int8Linear / Int4Linear) in ``modules``
+    (``nn.Module``s; anything else, e.g. None, is skipped), each once."""
+    found = {}
+    for module in modules:
+        if isinstance(module, torch.nn.Module):
+            for m in module.modules():
+                if isinstance(getattr(m, "act_quant", None), bool):
+                    found[id(m)] = m
+    return tuple(found.values())
+
+
+def act_quant_of(layers: tuple, where: str = "module_act_quant") -> bool:
+    """The one ``act_quant`` setting of ``layers`` (False for none); a ValueError naming ``where`` if they
+    disagree (a fused step takes one setting)."""
+    flags = {m.act_quant for m in layers}
     if len(flags) > 1:
-        raise ValueError("module_act_quant: the quantized layers disagree on act_quant; set it on all of them")
+        raise ValueError(f"{where}: the quantized layers disagree on act_quant; set it on all of them")
     return flags == {True}
+
+
+def module_act_quant(module: object) -> bool:
+    """Whether the quantized linear layers in ``module`` quantize their activations (see :func:`act_quant_of`)."""
+    return act_quant_of(quantized_layers(module))
