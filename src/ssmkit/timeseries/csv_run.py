@@ -28,7 +28,8 @@ def plan(series: CsvSeries, horizon: int | None, context: int | None, season: in
     """Choose and check horizon, context and season; one-line ValueErrors name the flag.
 
     Defaults: season from the timestamp step; horizon = season (10 when the season is 1); context =
-    max(2 season, 3 horizon), capped so that at least 16 training windows end before the first origin.
+    max(2 season, 3 horizon), capped so that at least 16 windows (besides the horizon - 1 that the purged
+    validation split drops) end before the first origin.
     """
     n = len(series.values)
     m = season if season is not None else series.season
@@ -41,7 +42,9 @@ def plan(series: CsvSeries, horizon: int | None, context: int | None, season: in
     except ValueError:
         raise ValueError(f"--horizon {h}: {N_ORIGINS} forecast origins need more than the {n} rows of "
                          f"{series.path}; lower --horizon") from None
-    room = first - h - MIN_WINDOWS + 1  # the longest context that leaves MIN_WINDOWS training windows
+    # the longest context that leaves MIN_WINDOWS windows before the first origin besides the horizon - 1
+    # windows the purged validation split drops (TrainConfig.purge)
+    room = first - h - MIN_WINDOWS + 1 - (h - 1)
     if context is None:
         context = min(max(2 * m, 3 * h), room)
         if context < max(m, 2):

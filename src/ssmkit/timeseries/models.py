@@ -1,4 +1,5 @@
-"""Forecasters built from ssmkit's layers, plus DLinear (a linear baseline); the classifier is in :mod:`.classify`.
+"""Forecasters built from ssmkit's layers, plus DLinear (sktime's, a linear baseline); the classifier is in
+:mod:`.classify`.
 
 Every forecaster maps a context (batch, context, variates) to a forecast (batch, horizon, variates). The SSM
 forecasters normalise each window by its own mean and std over time and undo it on the output (RevIN without
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..data.base import require_module
 from ..layers import S4D, Bidirectional, Mamba
 from .companion import CompanionSSM
 
@@ -33,6 +35,31 @@ def seasonal_profile(x: Tensor, season: int, horizon: int) -> Tensor:
     return prof[:, torch.arange(horizon, device=x.device) % season]
 
 
+def seasonal_drift(x: Tensor, season: int, horizon: int) -> Tensor:
+    """Seasonal naive with drift (a seasonal random walk with drift): step t (0-based) of the horizon is the
+    seasonal-naive value plus (t // season + 1) times the mean seasonal difference x_s - x_{s-season} over
+    the context; x (batch, context, variates) with context > season -> (batch, horizon, variates)."""
+    if x.shape[1] <= season:
+        raise ValueError(f"seasonal_drift: the context ({x.shape[1]}) must be longer than season={season}")
+    drift = (x[:, season:] - x[:, :-season]).mean(1, keepdim=True)
+    k = (torch.arange(horizon, device=x.device) // season + 1).to(x.dtype)[None, :, None]
+    return seasonal_naive(x, season, horizon) + k * drift
+
+
+#: the base forecasts a forecaster's correction is added to (``TrainConfig.base``)
+BASES = ("seasonal", "profile", "drift", "mean")
+
+
+def base_forecast(x: Tensor, kind: str, season: int, horizon: int) -> Tensor:
+    """The base forecast ``kind`` of :data:`BASES` of x (batch, context, variates): (batch, horizon, variates)."""
+    if kind == "mean":
+        return x.mean(1, keepdim=True).expand(-1, horizon, -1)
+    fns = {"seasonal": seasonal_naive, "profile": seasonal_profile, "drift": seasonal_drift}
+    if kind not in fns:
+        raise ValueError(f"base_forecast: kind={kind!r} is invalid: expected one of {', '.join(BASES)}")
+    return fns[kind](x, season, horizon)
+
+
 class _WindowNorm(nn.Module):
     """Standardise each window over time; ``undo`` maps outputs back."""
 
@@ -43,22 +70,22 @@ class _WindowNorm(nn.Module):
 
 class _Forecaster(nn.Module):
     """Shared output rule: a correction scaled by the window std, added to the window mean, or, once
-    ``season`` is set (by :class:`SeasonalResidual`), to the seasonal-naive forecast of the window (with
-    ``profile``: to its :func:`seasonal_profile`)."""
+    ``season`` is set (by :class:`SeasonalResidual`), to the base forecast ``base_kind`` of the window
+    (:func:`base_forecast`)."""
 
     season: int = 0
-    profile: bool = False
+    base_kind: str = "mean"
 
     def _base(self, x: Tensor, mean: Tensor) -> Tensor:
         if not self.season:
             return mean
-        return (seasonal_profile if self.profile else seasonal_naive)(x, self.season, self.horizon)
+        return base_forecast(x, self.base_kind, self.season, self.horizon)
 
     def output_layers(self) -> list[nn.Linear]:
         """The last Linear layers before the output rule (all zeroed, the forecaster returns exactly its base)."""
         if isinstance(getattr(self, "out", None), nn.Sequential):
             return [self.out[-1]]
-        return [self.trend, self.seasonal] if isinstance(self, DLinear) else [self.head]
+        return [self.head]
 
 
 class SpaceTime(_Forecaster):
@@ -145,38 +172,39 @@ class SeqForecaster(_Forecaster):
         return y * std + self._base(x, mean)
 
 
-class DLinear(_Forecaster):
-    """DLinear: a moving-average trend and the seasonal remainder, each mapped to the horizon by one Linear
-    shared across variates (kernel 25, or the largest odd size <= context)."""
+class DLinear(nn.Module):
+    """DLinear (Zeng et al., AAAI 2023) as sktime ships it (``LTSFDLinearNetwork``, the cure-lab code): a
+    moving average of kernel 25 (replicate-padded) splits the context into trend and remainder, one Linear
+    each (shared across variates) maps them to the horizon, and the two are summed. No base, no window
+    normalisation: the standard definition, a baseline. x (batch, context, variates) -> (batch, horizon,
+    variates)."""
 
-    def __init__(self, context: int, horizon: int, variates: int, kernel: int = 25) -> None:
+    def __init__(self, context: int, horizon: int, variates: int) -> None:
         super().__init__()
+        ltsf = require_module("sktime.networks.ltsf.models.linear", task="dlinear baseline", pip="sktime")
         self.context, self.horizon, self.variates = context, horizon, variates
-        self.kernel = min(kernel, context if context % 2 else context - 1)
-        self.trend = nn.Linear(context, horizon)
-        self.seasonal = nn.Linear(context, horizon)
+        self.net = ltsf.LTSFDLinearNetwork(context, horizon, variates, individual=False)._build()
 
     def forward(self, x: Tensor) -> Tensor:
         _check("DLinear", x, self.context, self.variates)
-        pad = (self.kernel - 1) // 2
-        xt = x.transpose(1, 2)  # (batch, variates, context)
-        padded = torch.cat([xt[..., :1].expand(-1, -1, pad), xt, xt[..., -1:].expand(-1, -1, pad)], dim=-1)
-        trend = nn.functional.avg_pool1d(padded, self.kernel, stride=1)
-        y = (self.trend(trend) + self.seasonal(xt - trend)).transpose(1, 2)
-        return y + self._base(x, x.mean(1, keepdim=True)) if self.season else y
+        return self.net(x)
 
 
 class SeasonalResidual(nn.Module):
-    """Make a forecaster learn the correction to the seasonal-naive forecast (the last ``season`` context
-    steps repeated; with ``profile``, each phase averaged over the whole seasons of the context) instead of
-    to the window mean: an all-zero correction is exactly that forecast."""
+    """Make a forecaster learn the correction to the base forecast ``kind`` of :data:`BASES` other than the
+    window mean (seasonal naive, its profile over the context's seasons, or seasonal naive with drift)
+    instead of to the window mean: an all-zero correction is exactly that forecast."""
 
-    def __init__(self, inner: _Forecaster, season: int, profile: bool = False) -> None:
+    def __init__(self, inner: _Forecaster, season: int, kind: str = "seasonal") -> None:
         super().__init__()
         if not 1 <= season <= inner.context:
             raise ValueError(f"SeasonalResidual: season must be in [1, context={inner.context}], got {season}")
-        inner.season, inner.profile = season, profile
-        self.inner, self.season, self.profile = inner, season, profile
+        if kind not in BASES or kind == "mean":
+            raise ValueError(f"SeasonalResidual: kind={kind!r} is invalid: expected seasonal, profile or drift")
+        if kind == "drift" and season >= inner.context:
+            raise ValueError(f"SeasonalResidual: drift needs season < context={inner.context}, got {season}")
+        inner.season, inner.base_kind = season, kind
+        self.inner, self.season, self.kind = inner, season, kind
         self.context, self.horizon, self.variates = inner.context, inner.horizon, inner.variates
 
     def forward(self, x: Tensor) -> Tensor:
