@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_flag, check_params, check_reset, check_same, check_shape, check_tensor, reverse_reset
-from .linear_scan import check_state, compute_dtype
+from ._ssd_state import state_pass
+from .linear_scan import check_state, compute_dtype, use_fused
 
 
 def _check_chunk_size(chunk_size: object) -> int:
@@ -118,6 +119,19 @@ class _Scores(torch.autograd.Function):
         return gseg.sum(-1) - gseg.sum(-2), gCB, None, None
 
 
+def _state_loop(S: Tensor, total: Tensor, h: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The chunk-state recurrence by autograd, for devices without the fused kernel: S (b, c, G, N, R, P),
+    total (b, c, G, 1, R, 1), h (b, G, N, R, P) or None; returns the entering states and the final state."""
+    if h is None:
+        h = S.new_zeros(S.shape[:1] + S.shape[2:])
+    starts = []
+    # unbind once: indexing S[:, c] in the loop would make autograd add a zero-filled full-size gradient per chunk
+    for S_c, total_c in zip(S.unbind(1), total.unbind(1), strict=True):
+        starts.append(h)
+        h = torch.addcmul(S_c, total_c, h)
+    return torch.stack(starts, 1), h
+
+
 def _ssd_chunked(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, h0: Tensor | None,
     reset: Tensor | None, Q: int
@@ -174,17 +188,12 @@ def _ssd_chunked(
     total = _exp(acs[:, :, -1], cdt)  # (b, c, H)
     if through is not None:
         total = total * through
-    total = total.view(batch, chunks, G, 1, R, 1)
-    if h0 is None:
-        h = x.new_zeros(batch, G, N, R, P)
+    h = None if h0 is None else h0.view(batch, G, R, P, N).permute(0, 1, 4, 2, 3).contiguous()  # (b, G, N, R, P)
+    if use_fused(x):  # one fused sweep over the chunks, forward and backward (no per-chunk tensors)
+        entering, h = state_pass(S.view(batch, chunks, G, N, R, P), total.view(batch, chunks, G, R), h)
     else:
-        h = h0.view(batch, G, R, P, N).permute(0, 1, 4, 2, 3).contiguous()
-    starts = []
-    # unbind once: indexing S[:, c] in the loop would make autograd add a zero-filled full-size gradient per chunk
-    for S_c, total_c in zip(S.unbind(1), total.unbind(1), strict=True):
-        starts.append(h)
-        h = torch.addcmul(S_c.view(batch, G, N, R, P), total_c, h)
-    entering = torch.stack(starts, 1).view(batch, chunks, G, N, R * P)
+        entering, h = _state_loop(S.view(batch, chunks, G, N, R, P), total.view(batch, chunks, G, 1, R, 1), h)
+    entering = entering.view(batch, chunks, G, N, R * P)
     yo = torch.matmul(Cc, entering).view(batch, chunks, G, Q, R, P).transpose(2, 3)  # (b, c, Q, G, R, P)
 
     w_start = _exp(acs, cdt)
