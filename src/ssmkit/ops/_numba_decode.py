@@ -17,7 +17,8 @@ from numba.extending import overload
 
 from ._numba_atomics import atomic_add, atomic_load, cpu_relax, thread_yield
 from ._numba_kernels import fast_exp, fast_softplus
-from ._numba_q8 import QBLOCK, int4_group_ok, quantize_rows, rows_int4, rows_int8
+from ._numba_q4 import int4_group_ok, pack_acts, rows_int4
+from ._numba_q8 import QBLOCK, STEP, pack_acts8, quantize_rows, rows_int8
 
 _PAD = 8  # int64 slots per counter: each counter owns a 64-byte cache line (no false sharing between threads)
 _SPINS = 64  # pause-spins of a stage wait before it starts yielding the core
@@ -181,26 +182,50 @@ def _rows_block_dense(x, w, lo, hi, scale, bias, buf):
 @nb.njit(inline="always", cache=True)
 def _act_buffers(n_rows, cols, like):
     """One thread's buffers for the integer-activation products of inputs (n_rows, cols): quantized values
-    (int8), block scales and dequantized activations (like's dtype); see :func:`_prep_q`."""
+    (int8), block scales and dequantized activations (like's dtype), and the lane layout of the integer products
+    (int8 activations in the int4 weight's order, int32 lane offsets, lane scales in like's dtype); see
+    :func:`_prep_q`."""
+    steps = (cols + STEP - 1) // STEP
     return (np.zeros((n_rows, cols), dtype=np.int8),
             np.zeros((n_rows, (cols + QBLOCK - 1) // QBLOCK), dtype=like.dtype),
-            np.zeros((n_rows, cols), dtype=like.dtype))
+            np.zeros((n_rows, cols), dtype=like.dtype),
+            np.zeros((n_rows, STEP * steps), dtype=np.int8),
+            np.zeros((n_rows, 16 * steps), dtype=np.int32),
+            np.zeros((n_rows, 16 * steps), dtype=like.dtype))
 
 
-@nb.njit(inline="always", cache=True)
 def _prep_q(x, quant, scale, qbuf):
     """Before a stage's products (every thread, after the barrier that completes x): with ``quant`` and a
-    quantized weight (scale of nonzero length), quantize x into this thread's buffers qbuf = (xq, xd, xf)
-    (:func:`ssmkit.ops._numba_q8.quantize_rows`)."""
-    if quant and scale.shape[0] > 0:
-        quantize_rows(x, qbuf[0], qbuf[1], qbuf[2])
+    quantized weight (scale of nonzero length), quantize x into this thread's buffers qbuf
+    (:func:`ssmkit.ops._numba_q8.quantize_rows`) and lay it out for the weight's integer products
+    (:func:`ssmkit.ops._numba_q8.pack_acts8`; int4 of group 32, 64 or 128, a 2-D scale:
+    :func:`ssmkit.ops._numba_q4.pack_acts`). Jitted code only."""
+    raise NotImplementedError("_prep_q is called from numba kernels only")
+
+
+@overload(_prep_q)
+def _prep_q_impl(x, quant, scale, qbuf):
+    if isinstance(scale, types.Array) and scale.ndim == 2:
+        def int4(x, quant, scale, qbuf):
+            if quant:
+                quantize_rows(x, qbuf[0], qbuf[1], qbuf[2])
+                group = x.shape[1] // scale.shape[1]
+                if group == 32 or group == 64 or group == 128:
+                    pack_acts(qbuf[0], qbuf[1], group, qbuf[3], qbuf[4], qbuf[5])
+        return int4
+
+    def dense(x, quant, scale, qbuf):
+        if quant and scale.shape[0] > 0:
+            quantize_rows(x, qbuf[0], qbuf[1], qbuf[2])
+            pack_acts8(qbuf[0], qbuf[1], qbuf[4], qbuf[5])
+    return dense
 
 
 def _rows_q(x, quant, qbuf, w, lo, hi, scale, bias, buf):
     """:func:`_rows_block`, or with ``quant`` and a quantized weight its integer-activation form on the buffers
     that :func:`_prep_q` filled: int8 rows and int4 rows of group 32/64/128 multiply int8 activations
-    (:mod:`._numba_q8`); int4 of group 16 takes the float rows on the dequantized activations (same numbers).
-    Jitted code only."""
+    (:mod:`._numba_q8`, :mod:`._numba_q4`); int4 of group 16 takes the float rows on the dequantized
+    activations (same numbers). Jitted code only."""
     raise NotImplementedError("_rows_q is called from numba kernels only")
 
 
@@ -211,14 +236,14 @@ def _rows_q_impl(x, quant, qbuf, w, lo, hi, scale, bias, buf):
             if not quant:
                 _rows_block(x, w, lo, hi, scale, bias, buf)
             elif int4_group_ok(w, scale):
-                rows_int4(qbuf[0], qbuf[1], w, lo, hi, scale, bias, buf)
+                rows_int4(qbuf[3], qbuf[4], qbuf[5], w, lo, hi, scale, bias, buf)
             else:
                 _rows_block(qbuf[2], w, lo, hi, scale, bias, buf)
         return int4
 
     def dense(x, quant, qbuf, w, lo, hi, scale, bias, buf):
         if quant and scale.shape[0] > 0:
-            rows_int8(qbuf[0], qbuf[1], w, lo, hi, scale, bias, buf)
+            rows_int8(qbuf[0], qbuf[1], qbuf[4], qbuf[5], w, lo, hi, scale, bias, buf)
         else:
             _rows_block(x, w, lo, hi, scale, bias, buf)
     return dense

@@ -2,15 +2,20 @@
 
 The activation row x (K,) is quantized per block of :data:`QBLOCK` inputs (a shorter last block when K is not a
 multiple): ``d = max|x_block| / 127`` (0 for an all-zero block), ``q = round_half_even(x / d)`` in [-127, 127]
-(:func:`quantize_rows`). A weight row then multiplies integers: each block's int8 x int8 (or int4 nibble x int8)
-products are summed exactly in int32, and only the block sum is converted to float and scaled by ``d`` (and, for
-int4, by the weight group's scale). The int32 block sums use ``vpmaddwd`` (16-bit pairs multiplied and added) on
-x86 with AVX-512BW and a plain sign-extend, multiply and pairwise add elsewhere (LLVM lowers it for any target).
-Oracle: :func:`ssmkit.ops.reference.q8_linear` (the same activation quantization, then a float64 product with
-the dequantized weight).
+(:func:`quantize_rows`). A weight row then multiplies integers: the int8 x int8 (here) or int4 x int8
+(:mod:`._numba_q4`) products are summed exactly in int32 per 4 neighbours (16 lanes per 64 inputs), and each
+lane's sum is converted to float and scaled by its block's ``d`` (:func:`pack_acts8` lays the scales out per
+lane, ``xv``). With AVX-512 VNNI, ``vpdpbusd`` (unsigned x signed bytes) takes the weight shifted to unsigned,
+w + 128, and the lane's sum starts from ``xc`` = -128 x (the sum of its four activations), which makes it exact;
+with AVX-512BW, ``vpmaddwd`` on the sign-extended bytes and a pairwise add; elsewhere plain widening multiplies
+(LLVM lowers them for any target). A last partial step (K not a multiple of 64) is summed per element.
+:data:`ISA` is the host's; :func:`make_rows_int8` builds the row function for any of :data:`ISAS` (tests force
+each fallback). Oracle: :func:`ssmkit.ops.reference.q8_linear` (the same activation quantization, then a float64
+product with the dequantized weight).
 
-Row kernels take x's quantized form (``xq`` (B, K) int8, ``xd`` (B, blocks) scales in x's dtype), the weight
-and its scale, and write ``buf[o - lo, b]`` like :func:`ssmkit.ops._numba_decode._rows_block`. Jitted code only.
+Row kernels take x's quantized form (``xq`` (B, K) int8, ``xd`` (B, blocks) scales in x's dtype, and the lane
+layout), the weight and its scale, and write ``buf[o - lo, b]`` like
+:func:`ssmkit.ops._numba_decode._rows_block`. Jitted code only.
 """
 
 from __future__ import annotations
@@ -25,11 +30,17 @@ from numba.extending import intrinsic
 
 from .q8_act import QBLOCK
 
-_I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
-_V32I8, _V16I8 = ir.VectorType(_I8, 32), ir.VectorType(_I8, 16)
-_V16I32 = ir.VectorType(_I32, 16)
-_PMADD = "avx512bw" in llvm_binding.get_host_cpu_features().flatten()  # vpmaddwd on 512-bit registers
+ISAS = ("vnni", "avx512bw", "generic")
+_FEATURES = llvm_binding.get_host_cpu_features()  # a dict of feature -> bool
+#: the instruction set the decode kernels' integer products use on this machine
+ISA = ("vnni" if _FEATURES.get("avx512vnni") and _FEATURES.get("avx512bw")
+       else "avx512bw" if _FEATURES.get("avx512bw") else "generic")
 PREFETCH_ROWS = 8  # software prefetch distance of the row kernels, in weight rows
+STEP = 64  # activations per row step: 16 int32 lanes of 4 products
+
+_I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+_V16I8, _V32I8, _V64I8 = (ir.VectorType(_I8, n) for n in (16, 32, 64))
+_V16I32 = ir.VectorType(_I32, 16)
 
 
 @nb.njit(cache=True)
@@ -57,126 +68,118 @@ def quantize_rows(x, xq, xd, xf):
                     xf[b, k] = d
 
 
-def _data(builder, arr, offset):
+
+@nb.njit(cache=True)
+def pack_acts8(xq, xd, xc, xv):
+    """The int8 products' lane layout of every row b of xq (B, K) (module docstring): xc[b, 16 s + l] =
+    -128 x (sum of xq[b, 64 s + 4 l:][:4]) and xv[b, 16 s + l] = its block's scale xd[b, (64 s + 4 l) // 32],
+    for the full steps s < K // 64."""
+    for b in range(xq.shape[0]):
+        for s in range(xq.shape[1] // STEP):
+            for lane in range(16):
+                k = STEP * s + 4 * lane
+                total = np.int32(xq[b, k]) + np.int32(xq[b, k + 1]) + np.int32(xq[b, k + 2]) + np.int32(xq[b, k + 3])
+                xc[b, 16 * s + lane] = -128 * total
+                xv[b, 16 * s + lane] = xd[b, k // QBLOCK]
+
+
+def data_ptr(builder, arr, offset):
     """Pointer to element ``offset`` of a C-contiguous array value (field 4 of numba's array struct: data)."""
     return builder.gep(builder.extract_value(arr, 4), [offset])
 
 
-def _index(values) -> ir.Constant:
-    """A constant <n x i32> shuffle mask."""
+def load(builder, arr, offset, vty):
+    """An unaligned vector load of ``vty`` at element ``offset`` of a C-contiguous array value."""
+    return builder.load(builder.bitcast(data_ptr(builder, arr, offset), vty.as_pointer()), align=1)
+
+
+def const(values, ty=_I32) -> ir.Constant:
+    """A constant vector (e.g. a shuffle mask)."""
     values = list(values)
-    return ir.Constant(ir.VectorType(_I32, len(values)), values)
+    return ir.Constant(ir.VectorType(ty, len(values)), values)
 
 
-def _block_sum(builder, a, b):
-    """<16 x i32>: pairwise sums of the 32 products of two <32 x i8> vectors (signed)."""
-    v16 = ir.VectorType(_I16, 32)
-    if _PMADD:
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I32, [v16, v16]),
-                                            "llvm.x86.avx512.pmaddw.d.512")
-        return builder.call(fn, [builder.sext(a, v16), builder.sext(b, v16)])
-    v32 = ir.VectorType(_I32, 32)
-    p = builder.mul(builder.sext(a, v32), builder.sext(b, v32))
-    even = builder.shuffle_vector(p, p, _index(range(0, 32, 2)))
-    odd = builder.shuffle_vector(p, p, _index(range(1, 32, 2)))
-    return builder.add(even, odd)
+def call(builder, name, ret, args, fastmath=()):
+    """A call of the LLVM intrinsic ``name``."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args, fastmath=fastmath)
 
 
-def _nibbles(builder, ptr, group):
-    """The 32 weights (unsigned nibbles 0..15 as <32 x i8>) of activation sub-block ``s`` of an int4 group, for
-    group 32 (16 bytes: low nibbles then high nibbles); larger groups load 32 bytes at ``ptr`` and take either
-    nibble (the caller picks the pointer and which half via ``group``: 'lo' or 'hi')."""
-    if group == 32:
-        v = builder.load(builder.bitcast(ptr, _V16I8.as_pointer()), align=1)
-        lo = builder.and_(v, ir.Constant(_V16I8, [15] * 16))
-        hi = builder.lshr(v, ir.Constant(_V16I8, [4] * 16))
-        return builder.shuffle_vector(lo, hi, _index(range(32)))
-    v = builder.load(builder.bitcast(ptr, _V32I8.as_pointer()), align=1)
-    if group == "lo":
-        return builder.and_(v, ir.Constant(_V32I8, [15] * 32))
-    return builder.lshr(v, ir.Constant(_V32I8, [4] * 32))
-
-
-def _splat(builder, value, vty):
-    v = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count))
-
-
-def _reduce(builder, vec, ty):
-    name = f"llvm.vector.reduce.fadd.v16{'f32' if ty == ir.FloatType() else 'f64'}"
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty, vec.type]), name)
-    return builder.call(fn, [ir.Constant(ty, -0.0), vec], fastmath=("fast",))
-
-
-def _prefetch(builder, ptr) -> None:
+def prefetch(builder, ptr) -> None:
     """A read prefetch of ``ptr`` into all cache levels (``prefetcht0``)."""
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [
-        ir.PointerType(_I8), _I32, _I32, _I32]), "llvm.prefetch.p0")
-    builder.call(fn, [builder.bitcast(ptr, ir.PointerType(_I8)), ir.Constant(_I32, 0), ir.Constant(_I32, 3),
-                      ir.Constant(_I32, 1)])
+    call(builder, "llvm.prefetch.p0", ir.VoidType(), [builder.bitcast(ptr, ir.PointerType(_I8)),
+                                                      ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
-def _rows_intrinsic(n_rows: int, group: int, prefetch_rows: int = PREFETCH_ROWS):
-    """An intrinsic ``f(xq, xoff, xd, xdoff, w, woff, stride, n_blocks, ws, wsoff) -> n_rows-tuple`` of
-    sum over full activation blocks i < n_blocks of xd[xdoff + i] * (int32 block product of xq[xoff + 32 i:] and
-    weight row r), rows r at w[woff + r * stride:]. group 0: int8 weights (ws unused); group 32/64/128: packed
-    int4 (stride in bytes), each block also scaled by its group's ws[wsoff + r * stride_groups + g].
-    ``prefetch_rows``: each block also prefetches the same columns of the rows that many rows further (0: none),
-    so the next rows stream in while these multiply (the hardware prefetcher alone falls behind)."""
+def reduce_sum(builder, vec):
+    """The sum of a float vector's lanes (any order)."""
+    ty = vec.type.element
+    name = f"llvm.vector.reduce.fadd.v{vec.type.count}{'f32' if ty == ir.FloatType() else 'f64'}"
+    return call(builder, name, ty, [ir.Constant(ty, -0.0), vec], ("fast",))
+
+
+def sum4(builder, p):
+    """<16 x i32>: the sums of each 4 neighbours of a <64 x i32>."""
+    out = builder.shuffle_vector(p, p, const(range(0, 64, 4)))
+    for i in range(1, 4):
+        out = builder.add(out, builder.shuffle_vector(p, p, const(range(i, 64, 4))))
+    return out
+
+
+def _dot4_s8(builder, xc, w, x, isa):
+    """<16 x i32>: the sums of each 4 neighbouring products of w and x (<64 x i8>, both signed); with VNNI from
+    ``xc`` = -128 x the sums of x's four (``vpdpbusd`` of w + 128), otherwise from 0 (xc unused)."""
+    if isa == "vnni":
+        u = builder.xor(w, ir.Constant(_V64I8, [-128] * 64))
+        return call(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I32,
+                    [xc, builder.bitcast(u, _V16I32), builder.bitcast(x, _V16I32)])
+    if isa == "avx512bw":
+        v32i16 = ir.VectorType(_I16, 32)
+        halves = []
+        for h in range(2):
+            idx = const(range(32 * h, 32 * h + 32))
+            a = builder.sext(builder.shuffle_vector(w, w, idx), v32i16)
+            b = builder.sext(builder.shuffle_vector(x, x, idx), v32i16)
+            halves.append(call(builder, "llvm.x86.avx512.pmaddw.d.512", _V16I32, [a, b]))
+        both = builder.shuffle_vector(halves[0], halves[1], const(range(32)))  # pair sums
+        return builder.add(builder.shuffle_vector(both, both, const(range(0, 32, 2))),
+                           builder.shuffle_vector(both, both, const(range(1, 32, 2))))
+    v64 = ir.VectorType(_I32, 64)
+    return sum4(builder, builder.mul(builder.sext(w, v64), builder.sext(x, v64)))
+
+
+def _rows_intrinsic(n_rows: int, isa: str, prefetch_rows: int = PREFETCH_ROWS):
+    """An intrinsic ``f(xq, xoff, xc, xv, loff, w, woff, k, n_steps) -> n_rows-tuple``: for int8 rows r at
+    w[woff + r k:], the sum over steps s < n_steps of float(int32 lane sums of xq[xoff + 64 s:] and the row)
+    x xv[loff + 16 s:] (:func:`pack_acts8`). ``prefetch_rows``: each step also prefetches the same columns of the
+    row that many rows further (0: none), so the next rows stream in while these multiply."""
 
     @intrinsic
-    def rows(typingctx, xq, xoff, xd, xdoff, w, woff, stride, n_blocks, ws, wsoff):
-        ret = types.UniTuple(xd.dtype, n_rows)
-        sig = ret(xq, types.intp, xd, types.intp, w, types.intp, types.intp, types.intp, ws, types.intp)
+    def rows(typingctx, xq, xoff, xc, xv, loff, w, woff, k, n_steps):
+        ret = types.UniTuple(xv.dtype, n_rows)
+        sig = ret(xq, types.intp, xc, xv, types.intp, w, types.intp, types.intp, types.intp)
 
         def codegen(context, builder, sg, args):
-            axq, axoff, axd, axdoff, aw, awoff, astride, anb, aws, awsoff = args
-            fty = context.get_value_type(sg.args[2].dtype)
+            axq, axoff, axc, axv, aloff, aw, awoff, ak, ansteps = args
+            fty = context.get_value_type(sg.args[3].dtype)
             vty = ir.VectorType(fty, 16)
-            zero = ir.Constant(vty, [0.0] * 16)
-            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(n_rows)]
-            with cgutils.for_range(builder, anb) as loop:
-                i = loop.index
-                k = builder.mul(i, ir.Constant(i.type, QBLOCK))
-                xv = builder.load(builder.bitcast(_data(builder, axq, builder.add(axoff, k)), _V32I8.as_pointer()),
-                                  align=1)
-                d = builder.load(_data(builder, axd, builder.add(axdoff, i)))
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(vty, [0.0] * 16)) for _ in range(n_rows)]
+            with cgutils.for_range(builder, ansteps) as loop:
+                s = loop.index
+                col = builder.mul(s, ir.Constant(s.type, STEP))
+                lane = builder.add(aloff, builder.mul(s, ir.Constant(s.type, 16)))
+                xv8 = load(builder, axq, builder.add(axoff, col), _V64I8)
+                xcv = load(builder, axc, lane, _V16I32)
+                xvv = load(builder, axv, lane, vty)
                 for r in range(n_rows):
-                    row = builder.add(awoff, builder.mul(astride, ir.Constant(i.type, r)))
+                    row = builder.add(awoff, builder.mul(ak, ir.Constant(s.type, r)))
                     if prefetch_rows:
-                        ahead = builder.add(row, builder.mul(astride, ir.Constant(i.type, prefetch_rows)))
-                        col = k if group == 0 else builder.udiv(k, ir.Constant(i.type, 2))
-                        _prefetch(builder, _data(builder, aw, builder.add(ahead, col)))
-                    scale = d
-                    if group == 0:
-                        wv = builder.load(builder.bitcast(_data(builder, aw, builder.add(row, k)),
-                                                          _V32I8.as_pointer()), align=1)
-                    else:
-                        per = group // QBLOCK  # activation blocks per group
-                        g = builder.udiv(i, ir.Constant(i.type, per))
-                        s = builder.urem(i, ir.Constant(i.type, per))
-                        gbytes = builder.add(row, builder.mul(g, ir.Constant(i.type, group // 2)))
-                        if group == QBLOCK:
-                            nib = _nibbles(builder, _data(builder, aw, gbytes), 32)
-                        else:  # sub-blocks [0, per / 2) are low nibbles of 32-byte runs, the rest high nibbles
-                            half = ir.Constant(i.type, per // 2)
-                            is_hi = builder.icmp_unsigned(">=", s, half)
-                            run = builder.select(is_hi, builder.sub(s, half), s)
-                            ptr = _data(builder, aw, builder.add(gbytes, builder.mul(run, ir.Constant(i.type, 32))))
-                            nib = builder.select(is_hi, _nibbles(builder, ptr, "hi"), _nibbles(builder, ptr, "lo"))
-                        wv = builder.sub(nib, ir.Constant(_V32I8, [8] * 32))
-                        n_groups = builder.udiv(builder.mul(astride, ir.Constant(i.type, 2)),
-                                                ir.Constant(i.type, group))
-                        gs = builder.load(_data(builder, aws, builder.add(
-                            builder.add(awsoff, builder.mul(n_groups, ir.Constant(i.type, r))), g)))
-                        if gs.type != fty:
-                            gs = builder.fpext(gs, fty)
-                        scale = builder.fmul(d, gs)
-                    p = builder.sitofp(_block_sum(builder, xv, wv), vty)
-                    acc = builder.load(accs[r])
-                    builder.store(builder.fadd(acc, builder.fmul(p, _splat(builder, scale, vty), flags=("fast",)),
-                                               flags=("fast",)), accs[r])
-            out = [_reduce(builder, builder.load(a), fty) for a in accs]
+                        ahead = builder.add(row, builder.mul(ak, ir.Constant(s.type, prefetch_rows)))
+                        prefetch(builder, data_ptr(builder, aw, builder.add(ahead, col)))
+                    wv = load(builder, aw, builder.add(row, col), _V64I8)
+                    p = builder.fmul(builder.sitofp(_dot4_s8(builder, xcv, wv, xv8, isa), vty), xvv, flags=("fast",))
+                    builder.store(builder.fadd(builder.load(accs[r]), p, flags=("fast",)), accs[r])
+            out = [reduce_sum(builder, builder.load(a)) for a in accs]
             return context.make_tuple(builder, sg.return_type, out)
 
         return sig, codegen
@@ -184,88 +187,51 @@ def _rows_intrinsic(n_rows: int, group: int, prefetch_rows: int = PREFETCH_ROWS)
     return rows
 
 
-_i8_rows4 = _rows_intrinsic(4, 0)
-_i8_rows1 = _rows_intrinsic(1, 0)
-_i4_rows4_g32 = _rows_intrinsic(4, 32)
-_i4_rows4_g64 = _rows_intrinsic(4, 64)
-_i4_rows4_g128 = _rows_intrinsic(4, 128)
-_i4_rows1_g32 = _rows_intrinsic(1, 32)
-_i4_rows1_g64 = _rows_intrinsic(1, 64)
-_i4_rows1_g128 = _rows_intrinsic(1, 128)
-
-
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _i8_tail(xq, xd, b, w, o, k):
-    """The last, partial activation block's term of row o (0 when K is a multiple of QBLOCK)."""
-    k0 = (k // QBLOCK) * QBLOCK
-    s = 0
-    for j in range(k0, k):
-        s += np.int32(xq[b, j]) * np.int32(w[o, j])
-    return xd[b, k // QBLOCK] * s if k0 < k else xd[b, 0] * 0
+    """Row o's terms of the inputs past the last full step of 64 (0 when K is a multiple of 64)."""
+    acc = xd[b, 0] * 0
+    for k0 in range((k // STEP) * STEP, k, QBLOCK):
+        s = 0
+        for j in range(k0, min(k, k0 + QBLOCK)):
+            s += np.int32(xq[b, j]) * np.int32(w[o, j])
+        acc += xd[b, k0 // QBLOCK] * s
+    return acc
 
 
-@nb.njit(inline="always", fastmath=True, cache=True)
-def rows_int8(xq, xd, w, lo, hi, scale, bias, buf):
-    """buf[o - lo, b] = (x[b] . int8 row o, activations quantized) * scale[o] + bias[o] for o in [lo, hi);
-    xq (B', >= K) / xd: from :func:`quantize_rows` (B = buf.shape[1] rows used), w (O, K) int8, scale (O,),
-    bias (O,) or length 0."""
-    k = w.shape[1]
-    nfull = k // QBLOCK
-    for b in range(buf.shape[1]):
-        xo, do = b * xq.shape[1], b * xd.shape[1]
-        o = lo
-        while o + 4 <= hi:
-            a0, a1, a2, a3 = _i8_rows4(xq, xo, xd, do, w, o * k, k, nfull, xd, 0)
-            buf[o - lo, b] = (a0 + _i8_tail(xq, xd, b, w, o, k)) * scale[o]
-            buf[o + 1 - lo, b] = (a1 + _i8_tail(xq, xd, b, w, o + 1, k)) * scale[o + 1]
-            buf[o + 2 - lo, b] = (a2 + _i8_tail(xq, xd, b, w, o + 2, k)) * scale[o + 2]
-            buf[o + 3 - lo, b] = (a3 + _i8_tail(xq, xd, b, w, o + 3, k)) * scale[o + 3]
-            o += 4
-        while o < hi:
-            (a0,) = _i8_rows1(xq, xo, xd, do, w, o * k, k, nfull, xd, 0)
-            buf[o - lo, b] = (a0 + _i8_tail(xq, xd, b, w, o, k)) * scale[o]
-            o += 1
-        if bias.shape[0] > 0:
-            for o in range(lo, hi):
-                buf[o - lo, b] += bias[o]
+def make_rows_int8(isa: str = ISA):
+    """The jitted ``rows_int8(xq, xd, xc, xv, w, lo, hi, scale, bias, buf)`` for instruction set ``isa`` (one of
+    :data:`ISAS`): buf[o - lo, b] = (x[b] . int8 row o, activations quantized) * scale[o] + bias[o] for
+    o in [lo, hi); xq (B', K) / xd from :func:`quantize_rows`, xc / xv from :func:`pack_acts8` (B =
+    buf.shape[1] rows used), w (O, K) int8, scale (O,), bias (O,) or length 0."""
+    if isa not in ISAS:
+        raise ValueError(f"make_rows_int8: isa must be one of {ISAS}, got {isa!r}")
+    r4, r1 = _rows_intrinsic(4, isa), _rows_intrinsic(1, isa)
+
+    @nb.njit(inline="always", fastmath=True)
+    def rows_int8(xq, xd, xc, xv, w, lo, hi, scale, bias, buf):
+        k = w.shape[1]
+        n_steps = k // STEP
+        for b in range(buf.shape[1]):
+            xo, lo_ = b * xq.shape[1], b * xc.shape[1]
+            o = lo
+            while o + 4 <= hi:
+                a0, a1, a2, a3 = r4(xq, xo, xc, xv, lo_, w, o * k, k, n_steps)
+                buf[o - lo, b] = (a0 + _i8_tail(xq, xd, b, w, o, k)) * scale[o]
+                buf[o + 1 - lo, b] = (a1 + _i8_tail(xq, xd, b, w, o + 1, k)) * scale[o + 1]
+                buf[o + 2 - lo, b] = (a2 + _i8_tail(xq, xd, b, w, o + 2, k)) * scale[o + 2]
+                buf[o + 3 - lo, b] = (a3 + _i8_tail(xq, xd, b, w, o + 3, k)) * scale[o + 3]
+                o += 4
+            while o < hi:
+                (a0,) = r1(xq, xo, xc, xv, lo_, w, o * k, k, n_steps)
+                buf[o - lo, b] = (a0 + _i8_tail(xq, xd, b, w, o, k)) * scale[o]
+                o += 1
+            if bias.shape[0] > 0:
+                for o in range(lo, hi):
+                    buf[o - lo, b] += bias[o]
+
+    return rows_int8
 
 
-@nb.njit(inline="always", fastmath=True, cache=True)
-def rows_int4(xq, xd, w, lo, hi, scale, bias, buf):
-    """:func:`rows_int8` for packed int4 weights w (O, K / 2) with group scales scale (O, K / group), group 32,
-    64 or 128 (the caller checks: :func:`int4_group_ok`)."""
-    nbytes = w.shape[1]
-    group = 2 * nbytes // scale.shape[1]
-    nfull = 2 * nbytes // QBLOCK
-    ng = scale.shape[1]
-    for b in range(buf.shape[1]):
-        xo, do = b * xq.shape[1], b * xd.shape[1]
-        o = lo
-        while o + 4 <= hi:
-            if group == 32:
-                a = _i4_rows4_g32(xq, xo, xd, do, w, o * nbytes, nbytes, nfull, scale, o * ng)
-            elif group == 64:
-                a = _i4_rows4_g64(xq, xo, xd, do, w, o * nbytes, nbytes, nfull, scale, o * ng)
-            else:
-                a = _i4_rows4_g128(xq, xo, xd, do, w, o * nbytes, nbytes, nfull, scale, o * ng)
-            buf[o - lo, b], buf[o + 1 - lo, b], buf[o + 2 - lo, b], buf[o + 3 - lo, b] = a
-            o += 4
-        while o < hi:
-            if group == 32:
-                (a0,) = _i4_rows1_g32(xq, xo, xd, do, w, o * nbytes, nbytes, nfull, scale, o * ng)
-            elif group == 64:
-                (a0,) = _i4_rows1_g64(xq, xo, xd, do, w, o * nbytes, nbytes, nfull, scale, o * ng)
-            else:
-                (a0,) = _i4_rows1_g128(xq, xo, xd, do, w, o * nbytes, nbytes, nfull, scale, o * ng)
-            buf[o - lo, b] = a0
-            o += 1
-        if bias.shape[0] > 0:
-            for o in range(lo, hi):
-                buf[o - lo, b] += bias[o]
-
-
-@nb.njit(inline="always", cache=True)
-def int4_group_ok(w, scale):
-    """Whether :func:`rows_int4` takes this packed weight: groups of 32, 64 or 128 inputs."""
-    group = 2 * w.shape[1] // scale.shape[1]
-    return group == 32 or group == 64 or group == 128
+#: the host's row function (:data:`ISA`)
+rows_int8 = make_rows_int8(ISA)
