@@ -3,10 +3,13 @@ original model is untouched."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from ssmkit.infer import Int8Linear, generate, quantize_weights
+from ssmkit.infer.quantize import RowSplitLinear
 from ssmkit.models import CausalLM, ModelConfig, PrefixLM
 
 
@@ -46,3 +49,34 @@ def test_prefix_lm_and_errors():
         quantize_weights(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="float32"):
         quantize_weights(model.double())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_delta_rows_of_a_mamba_with_dt_from_in_proj_stay_float(bits):
+    """dt_source='in_proj': in_proj's last d_inner rows (Δ) stay float32, as the default block's dt_proj does;
+    the model equals the float one whose other linear weights are the dequantized ones (float32: the int8
+    product rounds in its own order), and its steps equal its forward."""
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(d_model=32, n_layers=2, vocab_size=50,
+                                 mixer_options={"mamba": {"dt_source": "in_proj", "out_norm": True}})).eval()
+    q = quantize_weights(model, bits=bits)
+    ref = copy.deepcopy(model)
+    for blk, rblk in zip(q.backbone.blocks, ref.backbone.blocks, strict=True):
+        ip, di = blk.mixer.in_proj, blk.mixer.d_inner
+        assert isinstance(ip, RowSplitLinear) and (ip.in_features, ip.out_features) == (32, 3 * di)
+        assert torch.equal(ip.kept.weight, rblk.mixer.in_proj.weight[2 * di:].float())
+        with torch.no_grad():
+            rblk.mixer.in_proj.weight[:2 * di] = ip.quantized.dequantized_weight()
+            for name in ("x_proj", "out_proj"):
+                getattr(rblk.mixer, name).weight.copy_(getattr(blk.mixer, name).dequantized_weight())
+    with torch.no_grad():
+        ref.lm_head.weight = torch.nn.Parameter(q.lm_head.dequantized_weight())  # unties the embedding
+        ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(1))
+        out = q(ids).logits
+        torch.testing.assert_close(out, ref(ids).logits, rtol=1e-5, atol=1e-5)
+        state = q.init_state(2)
+        for t in range(6):
+            logits, state = q.step(ids[:, t], state)
+            torch.testing.assert_close(logits, out[:, t], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="n_kept must be in"):
+        RowSplitLinear.from_linear(torch.nn.Linear(4, 3), 3, Int8Linear.from_linear)

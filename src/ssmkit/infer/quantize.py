@@ -9,10 +9,12 @@ Every ``nn.Linear`` (in/out and x projections, MLPs, attention projections and t
 to the embedding) becomes an :class:`Int8Linear`: int8 weights with one float32 scale per output
 channel (:func:`ssmkit.ops.quantize_int8`), float32 activations and accumulation. Embeddings, norms, convolution
 kernels, the SSM parameters (A, D) and Mamba's small ``dt_proj`` (whose weight and bias the layer uses apart) stay
-float32. Decoding reads every weight once per token, so it
-moves about a quarter of the bytes; outputs differ from the float32 model by the rounding of the weights (each at
-most half a step of its row's scale), so greedy generations can part ways where two tokens are nearly tied. The
-quantized model is for inference: it holds no trainable weights in its linear layers.
+float32; so do the Δ rows of a Mamba with ``dt_source="in_proj"`` (in_proj's last d_inner rows, which take
+dt_proj's place): its in_proj becomes a :class:`RowSplitLinear` of quantized (x, z) rows and float32 Δ rows.
+Decoding reads every weight once per token, so it moves about a quarter of the bytes; outputs differ from the
+float32 model by the rounding of the weights (each at most half a step of its row's scale), so greedy generations
+can part ways where two tokens are nearly tied. The quantized model is for inference: it holds no trainable
+weights in its linear layers.
 
 With ``bits=4`` every such layer becomes an :class:`Int4Linear` instead: 4-bit weights, two per byte, with one
 float32 scale per group of ``group_size`` inputs of a row (:func:`ssmkit.ops.int4_linear.quantize_int4`), about
@@ -22,7 +24,8 @@ multiple of ``group_size``.
 ``activations="int8"`` makes the quantized layers multiply integer activations, as llama.cpp's q8_0 and q4_0
 products do: each layer's input is quantized per block of 32 values to int8 with one float scale per block
 (:mod:`ssmkit.ops.q8_act`), the int8 x int8 (or int4 x int8) products are summed exactly in int32 per block,
-and the fused decode kernels run these products with ``vpmaddwd`` instead of widening every weight to float.
+and the fused decode kernels run these products with ``vpdpbusd`` (AVX-512 VNNI; ``vpmaddwd`` without it)
+instead of widening every weight to float.
 The input rounding adds an error of at most half a step of each block's scale; prefill and gradients use the
 same quantized activations in torch ops, so prompt and decode agree. The layers' ``act_quant`` attribute holds
 the setting (every quantized layer of a model must agree for the fused decode).
@@ -115,6 +118,51 @@ class Int4Linear(nn.Module):
                 f"int4, group_size={self.group_size}{', int8 activations' if self.act_quant else ''}")
 
 
+class RowSplitLinear(nn.Module):
+    """The rows of one linear layer in two parts: ``forward(x)`` = cat(quantized(x), kept(x)) along the last dim,
+    x (..., in) -> (..., quantized.out_features + kept.out_features). For a Mamba with dt_source="in_proj":
+    in_proj's (x, z) rows quantized, its Δ rows (the last d_inner) a float32 ``nn.Linear``, as the default
+    block keeps dt_proj."""
+
+    def __init__(self, quantized: nn.Module, kept: nn.Linear) -> None:
+        super().__init__()
+        if quantized.in_features != kept.in_features:
+            raise ValueError(f"RowSplitLinear: both parts must take the same in_features, got "
+                             f"{quantized.in_features} and {kept.in_features}")
+        self.quantized, self.kept = quantized, kept
+        self.in_features = kept.in_features
+        self.out_features = quantized.out_features + kept.out_features
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, n_kept: int, quantize) -> RowSplitLinear:
+        """Split ``linear``'s last ``n_kept`` rows (0 < n_kept < out_features) off as float32; ``quantize``:
+        nn.Linear -> the quantized layer for the other rows."""
+        n_q = linear.out_features - n_kept
+        if not 0 < n_kept < linear.out_features:
+            raise ValueError(f"RowSplitLinear.from_linear: n_kept must be in (0, {linear.out_features}), got {n_kept}")
+        parts = []
+        for lo, hi in ((0, n_q), (n_q, linear.out_features)):
+            part = nn.Linear(linear.in_features, hi - lo, bias=linear.bias is not None)
+            with torch.no_grad():
+                part.weight.copy_(linear.weight[lo:hi])
+                if linear.bias is not None:
+                    part.bias.copy_(linear.bias[lo:hi])
+            parts.append(part)
+        return cls(quantize(parts[0]), parts[1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([self.quantized(x), self.kept(x)], dim=-1)
+
+
+def float_rows(model: nn.Module) -> dict[str, int]:
+    """{name of a linear layer: how many of its last rows stay float32}: the Δ rows of in_proj in every Mamba with
+    dt_source="in_proj" (the default block's dt_proj stays float32 as a whole, :data:`KEEP_FLOAT`)."""
+    from ..layers.mamba import Mamba
+
+    return {f"{name}.in_proj" if name else "in_proj": m.d_inner for name, m in model.named_modules()
+            if isinstance(m, Mamba) and getattr(m, "dt_source", "x_proj") == "in_proj"}
+
+
 def linear_targets(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """(name, layer) of every ``nn.Linear`` that quantization replaces (all but :data:`KEEP_FLOAT`)."""
     return [(name, m) for name, m in model.named_modules()
@@ -161,11 +209,16 @@ def quantize_weights(model: SequenceModel, bits: int = 8, group_size: int = 32, 
         if bad:
             raise ValueError(f"quantize_weights: with bits=4 every layer's in_features must be a multiple of "
                              f"group_size {group_size}; not: {', '.join(bad)}")
+    def quantize(linear: nn.Linear) -> nn.Module:
+        return (Int8Linear.from_linear(linear, act_quant=act_quant) if bits == 8
+                else Int4Linear.from_linear(linear, group_size, act_quant=act_quant))
+
+    kept = float_rows(q)
     new = {}  # a tied LM head and embedding share one weight: quantize it once
     for name, linear in targets:
         if linear not in new:
-            new[linear] = (Int8Linear.from_linear(linear, act_quant=act_quant) if bits == 8
-                           else Int4Linear.from_linear(linear, group_size, act_quant=act_quant))
+            new[linear] = (RowSplitLinear.from_linear(linear, kept[name], quantize) if name in kept
+                           else quantize(linear))
         replace_module(q, name, new[linear])
     q.requires_grad_(False)
     return q
