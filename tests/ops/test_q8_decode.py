@@ -5,6 +5,7 @@ against their own prefill."""
 
 from __future__ import annotations
 
+import numba as nb
 import pytest
 import torch
 from hypothesis import given, settings
@@ -17,6 +18,7 @@ from ssmkit.models.fused_decode import mamba2_step_weights, stack_plan
 from ssmkit.models.outputs import ModelState
 from ssmkit.ops import fused_kernels, quantize_int8, reference
 from ssmkit.ops import reference_mamba2 as reference2
+from ssmkit.ops import threads as threads_mod
 from ssmkit.ops.decode_linear import decode_linear
 from ssmkit.ops.int4_linear import quantize_int4
 from ssmkit.ops.q8_act import q8_dequant, q8_quantize
@@ -100,8 +102,15 @@ def _oracle(model, ids, state):
     return reference2.mamba2_stack_step(args[0], layers, *args[2:], head=plan.head, act_quant=True)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("pattern,d_model", [("mamba", 64), ("mamba2", 64)])
-def test_fused_stack_with_int8_activations_equals_the_oracle_and_the_torch_path(pattern, d_model):
+def test_fused_stack_with_int8_activations_equals_the_oracle_and_the_torch_path(pattern, d_model, threads,
+                                                                                monkeypatch):
+    """threads=2: the one launch runs on 2 numba threads however small the model, so the stages' chunks of
+    quantized rows are shared between them."""
+    if threads > 1:
+        assert nb.config.NUMBA_NUM_THREADS >= threads
+        monkeypatch.setattr(threads_mod, "threads_for", lambda work: threads)
     q = _mixed(pattern, d_model).double()  # scales and norms in float64: exact up to float rounding
     assert stack_plan(q.backbone, q.lm_head).act_quant
     state, slow, orc = q.init_state(2), q.init_state(2), q.init_state(2)
