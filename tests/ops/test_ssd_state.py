@@ -1,10 +1,13 @@
 """The fused SSD chunk-state pass against a plain loop (autograd for its gradients), float64 and float32."""
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ssmkit.ops import reference as R
 from ssmkit.ops._ssd_state import state_pass
 
 
@@ -64,3 +67,38 @@ def test_bad_shapes_name_the_argument():
         state_pass(S, total, h0[..., :2])
     with pytest.raises(TypeError, match="total"):
         state_pass(S, total.float(), h0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(length=st.integers(1, 40), chunk=st.integers(1, 6), piece=st.integers(1, 12), groups=st.integers(1, 2),
+       use_reset=st.booleans(), reverse=st.booleans(), seed=st.integers(0, 1000))
+def test_ssd_in_pieces_matches_reference(length, chunk, piece, groups, use_reset, reverse, seed):
+    """ssd over pieces of whole chunks (the state carried from piece to piece) equals the float64 oracle,
+    outputs, final state and every gradient; PIECE is lowered so short sequences split."""
+    ssd_mod = importlib.import_module("ssmkit.ops.ssd")
+    g = torch.Generator().manual_seed(seed)
+    heads, P, N = 2 * groups, 3, 4
+    x = torch.randn(2, length, heads, P, generator=g, dtype=torch.float64)
+    dt = torch.nn.functional.softplus(torch.randn(2, length, heads, generator=g, dtype=torch.float64) - 1)
+    A = -(torch.rand(heads, generator=g, dtype=torch.float64) * 2 + 0.05)
+    B, C = (torch.randn(2, length, groups, N, generator=g, dtype=torch.float64) for _ in range(2))
+    D = torch.randn(heads, generator=g, dtype=torch.float64)
+    h0 = torch.randn(2, heads, P, N, generator=g, dtype=torch.float64)
+    reset = torch.rand(2, length, generator=g) < 0.2 if use_reset else None
+    w = torch.randn(2, length, heads, P, generator=g, dtype=torch.float64)
+    wh = torch.randn(2, heads, P, N, generator=g, dtype=torch.float64)
+
+    def run(fn, **kw):
+        leaves = [t.clone().requires_grad_() for t in (x, dt, A, B, C, D, h0)]
+        y, hT = fn(*leaves[:5], D=leaves[5], initial_state=leaves[6], reset=reset, reverse=reverse,
+                   return_final_state=True, **kw)
+        return (y, hT, *torch.autograd.grad((y * w).sum() + (hT * wh).sum(), leaves))
+
+    old = ssd_mod.PIECE
+    ssd_mod.PIECE = piece
+    try:
+        got = run(ssd_mod.ssd, chunk_size=chunk)
+    finally:
+        ssd_mod.PIECE = old
+    for a, b in zip(got, run(R.ssd), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

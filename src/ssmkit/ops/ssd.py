@@ -278,6 +278,29 @@ def ssd(
         return _ssd(x, dt, A, B, C, D, Q, initial_state, reset, reverse, return_final_state)
 
 
+#: positions per piece (rounded down to whole chunks, at least one): a long sequence runs as pieces in order, each
+#: continuing the state of the one before, so every temporary of the chunked algorithm (scores, chunk states: sizes
+#: linear in the length) stays a few MiB. Whole-sequence temporaries of 64-128 MiB at 32,768 positions were mapped
+#: fresh by the C heap on every allocation (page faults on every page) and streamed through memory.
+PIECE = 4096
+
+
+def _ssd_pieces(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, h0: Tensor | None,
+                reset: Tensor | None, Q: int) -> tuple[Tensor, Tensor]:
+    """:func:`_ssd_chunked` over pieces of :data:`PIECE` positions (whole chunks), the state carried across."""
+    length = x.shape[1]
+    piece = Q * max(1, PIECE // Q)
+    if length <= piece:
+        return _ssd_chunked(x, dt, A, B, C, D, h0, reset, Q)
+    ys, h = [], h0
+    for s in range(0, length, piece):
+        sl = slice(s, s + piece)
+        y, h = _ssd_chunked(x[:, sl], dt[:, sl], A, B[:, sl], C[:, sl], D, h,
+                            None if reset is None else reset[:, sl], Q)
+        ys.append(y)
+    return torch.cat(ys, 1), h
+
+
 def _ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, Q: int,
          initial_state: Tensor | None, reset: Tensor | None, reverse: bool, return_final_state: bool):
     """:func:`ssd` on checked arguments."""
@@ -289,9 +312,9 @@ def _ssd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | Non
     Q = min(Q, length)
     if reverse:
         r = None if reset is None else reverse_reset(reset).flip(1)
-        y, hT = _ssd_chunked(xf.flip(1), dtf.flip(1), Af, Bf.flip(1), Cf.flip(1), Dc, h0, r, Q)
+        y, hT = _ssd_pieces(xf.flip(1), dtf.flip(1), Af, Bf.flip(1), Cf.flip(1), Dc, h0, r, Q)
         y = y.flip(1)
     else:
-        y, hT = _ssd_chunked(xf, dtf, Af, Bf, Cf, Dc, h0, reset, Q)
+        y, hT = _ssd_pieces(xf, dtf, Af, Bf, Cf, Dc, h0, reset, Q)
     y = y.to(x.dtype)
     return (y, hT) if return_final_state else y
