@@ -78,8 +78,8 @@ def test_draft_tree_equals_the_unfused_draft(branches, depth, seed):
 def test_speculative_takes_the_fused_path_and_equals_plain_greedy(monkeypatch):
     model, draft = tiny_model("mamba*2"), tiny_model("mamba", seed=3)
     calls = []
-    real = spec._fused_round
-    monkeypatch.setattr(spec, "_fused_round", lambda *a: calls.append(a[3]) or real(*a))
+    real = spec.fused_rounds
+    monkeypatch.setattr(spec, "fused_rounds", lambda *a: calls.append(a[2]) or real(*a))
     x = ids(3, 6, seed=1)
     want = generate(model, x, 13, prompt_lengths=[6, 2, 4])
     for kw in ({"num_draft": 1}, {"num_draft": 4}, {"tree": (2, 2)}, {"tree": (3, 1)}):
@@ -89,6 +89,13 @@ def test_speculative_takes_the_fused_path_and_equals_plain_greedy(monkeypatch):
     got, stats = speculative_generate(model, x, 13, draft_model=model, num_draft=3, prompt_lengths=[6, 2, 4])
     assert torch.equal(got, want) and stats.acceptance_rate == 1.0
     assert calls[0] == (1, 1) and (1, 4) in calls and (2, 2) in calls
+    eos = int(want[1, 3])  # rows stop at different rounds: the fused loop drops finished rows from its buffers
+    want = generate(model, x, 13, prompt_lengths=[6, 2, 4], eos_token_id=eos, pad_token_id=0)
+    assert (want == 0).any(1).sum() >= 1
+    for kw in ({"num_draft": 3}, {"tree": (2, 2)}):
+        got, _ = speculative_generate(model, x, 13, draft_model=draft, prompt_lengths=[6, 2, 4], eos_token_id=eos,
+                                      pad_token_id=0, **kw)
+        assert torch.equal(got, want), kw
     n = len(calls)  # sampling, and models that are not pure Mamba, take the unfused path
     speculative_generate(model, x, 4, draft_model=draft, num_draft=2, temperature=1.0, seed=0)
     speculative_generate(tiny_model("mamba,attn"), x, 4, draft_model=draft, num_draft=2)

@@ -27,9 +27,11 @@ def _scan_inputs(dtype, rng):
     act_i = np.tile(np.arange(n_nodes), batch)
     rows = batch * n_nodes
     f = lambda *shape: rng.standard_normal(shape).astype(dtype)  # noqa: E731
-    args = dict(wdt_t=f(rank, di), bdt=f(di), neg_a=-np.exp(f(di, n_state)), dsk=f(di), ss=f(batch, di, n_state),
-                sn=np.zeros((batch, n_nodes, di, n_state), dtype), parents=parents, act_b=act_b, act_i=act_i,
-                xdbl=f(rows, rank + 2 * n_state), xz=4 * f(rows, 2 * di), u=f(rows, di), y=np.zeros((rows, di), dtype))
+    n_work, n_bits = S.scan_scratch(n_state, 21)
+    args = dict(wdt_t=f(rank, di), bdt=f(di), neg_a_t=-np.exp(f(n_state, di)), dsk=f(di), ss=f(batch, n_state, di),
+                sn=np.zeros((batch, n_nodes, n_state, di), dtype), parents=parents, act_b=act_b, act_i=act_i,
+                xdbl=f(rows, rank + 2 * n_state), xz=4 * f(rows, 2 * di), u=f(rows, di), y=np.zeros((rows, di), dtype),
+                work=np.full(n_work, np.nan, dtype), bits=np.zeros(n_bits, np.int32))
     args["bdt"][:3] = [30.0, -30.0, 0.0]  # softplus far out on both sides
     return args
 
@@ -38,7 +40,7 @@ def test_float32_scan_equals_float64():
     rng = np.random.default_rng(0)
     a64 = _scan_inputs(np.float64, rng)
     a32 = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in a64.items()}
-    for lo, hi in ((0, 16), (16, 37)):  # two channel chunks, as the threads split them
+    for lo, hi in ((0, 16), (16, 37)):  # two channel chunks (scratch for up to 21), as the threads split them
         S._scan(lo, hi, *a64.values())
         S._scan(lo, hi, *a32.values())
     assert np.abs(a64["y"]).max() > 0.1

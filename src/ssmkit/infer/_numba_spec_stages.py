@@ -218,10 +218,11 @@ def _gemm(x, w, scale, bias, o_lo, o_hi, out, col):
 
 
 @nb.njit(fastmath=True, cache=True)
-def _in_conv(o_lo, o_hi, xn, wi, si, bi, cw_t, cb, cs_t, win, act_b, act_i, n_nodes, nx, xz, u, col):
+def _in_conv(o_lo, o_hi, xn, wi, si, bi, cw_t, cb, cs_t, win, act_b, act_i, n_nodes, nx, xz, u, col, work, bits):
     """in_proj rows [o_lo, o_hi) for every active row; the x half is stored per node (``nx``) and goes through the
     causal conv over the node's path (``win``) and SiLU. cw_t (K, Di) the conv weight transposed, cs_t (B, K - 1, Di)
-    the conv state transposed, so every loop runs over contiguous channels (and vectorises)."""
+    the conv state transposed, so every loop runs over contiguous channels (and vectorises). work (>= 2 (o_hi -
+    o_lo)) and bits (int32, >= o_hi - o_lo): this thread's scratch."""
     di = u.shape[1]
     width = cw_t.shape[0]
     _gemm(xn, wi, si, bi, o_lo, o_hi, xz, col)
@@ -233,9 +234,8 @@ def _in_conv(o_lo, o_hi, xn, wi, si, bi, cw_t, cb, cs_t, win, act_b, act_i, n_no
         dst, src = nx[act_b[a] * n_nodes + act_i[a], o_lo:hi], xz[a, o_lo:hi]
         for o in range(n):
             dst[o] = src[o]
-    acc = np.empty(n, dtype=u.dtype)
-    tmp = np.empty(n, dtype=u.dtype)
-    bits = np.empty(n, dtype=np.int32)
+    acc, tmp = work[:n], work[n:2 * n]
+    bits = bits[:n]
     scale = bits.view(np.float32)
     for a in range(xn.shape[0]):
         b, i = act_b[a], act_i[a]
@@ -260,27 +260,32 @@ def _x_rows(r_lo, r_hi, u, wx, sx, none, xdbl, col):
     _gemm(u, wx, sx, none, r_lo, r_hi, xdbl, col)
 
 
+@nb.njit(cache=True)
+def scan_scratch(n_state: int, channels: int) -> tuple[int, int]:
+    """(float, int32) scratch lengths :func:`_scan` needs for chunks of up to ``channels`` channels."""
+    return 2 * n_state * channels + 6 * channels, n_state * channels
+
+
 @nb.njit(fastmath=True, cache=True)
-def _scan(c_lo, c_hi, wdt_t, bdt, neg_a, dsk, ss, sn, parents, act_b, act_i, xdbl, xz, u, y):
+def _scan(c_lo, c_hi, wdt_t, bdt, neg_a_t, dsk, ss, sn, parents, act_b, act_i, xdbl, xz, u, y, work, bits):
     """Channels [c_lo, c_hi): each active node's state from its parent's (or the initial state for the root);
-    active rows must come after their parents' (breadth-first order). wdt_t (R, Di) is dt_proj's weight
-    transposed and neg_a (Di, N) = -exp(A_log), so dt, softplus and the decays are flat loops over the chunk's
-    channels (and (channel, state) pairs) that vectorise; every loop indexes a view from 0 (an offset index makes
-    LLVM gather)."""
+    active rows must come after their parents' (breadth-first order). States are stored state-major: ss (B, N, Di)
+    the initial states, sn (B, T, N, Di) every node's, so every loop (dt, softplus, the decays, the state update
+    and y) runs over the chunk's contiguous channels and vectorises, with no reduction across lanes. wdt_t (R, Di)
+    is dt_proj's weight transposed, neg_a_t (N, Di) = -exp(A_log) transposed. work / bits: this thread's scratch
+    (:func:`scan_scratch`)."""
     di = u.shape[1]
-    rank, n_state = wdt_t.shape[0], neg_a.shape[1]
+    rank, n_state = wdt_t.shape[0], neg_a_t.shape[0]
     cn = c_hi - c_lo
     size = cn * n_state
-    arg = np.empty(size, dtype=u.dtype)
-    decay = np.empty(size, dtype=u.dtype)
-    dts = np.empty(cn, dtype=u.dtype)
-    gate = np.empty(cn, dtype=u.dtype)
-    t1 = np.empty(cn, dtype=u.dtype)
-    t2 = np.empty(cn, dtype=u.dtype)
-    bits = np.empty(size, dtype=np.int32)
+    arg, decay = work[:size], work[size:2 * size]
+    o = 2 * size
+    dts, gate, t1 = work[o:o + cn], work[o + cn:o + 2 * cn], work[o + 2 * cn:o + 3 * cn]
+    t2, du, yacc = work[o + 3 * cn:o + 4 * cn], work[o + 4 * cn:o + 5 * cn], work[o + 5 * cn:o + 6 * cn]
+    bits = bits[:size]
     scale = bits.view(np.float32)
     one = np.ones(1, dtype=u.dtype)[0]
-    na, bd = neg_a[c_lo:c_hi].ravel(), bdt[c_lo:c_hi]
+    bd, dska = bdt[c_lo:c_hi], dsk[c_lo:c_hi]
     for a in range(u.shape[0]):
         b, i = act_b[a], act_i[a]
         p = parents[i]
@@ -291,27 +296,28 @@ def _scan(c_lo, c_hi, wdt_t, bdt, neg_a, dsk, ss, sn, parents, act_b, act_i, xdb
             for c in range(cn):
                 dts[c] += xr * wr[c]
         _softplus_into(dts, t1, t2, bits, scale)
-        for c in range(cn):
-            dc, nac, ac = dts[c], na[c * n_state:(c + 1) * n_state], arg[c * n_state:(c + 1) * n_state]
-            for n in range(n_state):
-                ac[n] = dc * nac[n]
+        for n in range(n_state):
+            nan, an = neg_a_t[n, c_lo:c_hi], arg[n * cn:(n + 1) * cn]
+            for c in range(cn):
+                an[c] = dts[c] * nan[c]
         _decay(one, arg, decay, bits, scale)
         _silu_into(xz[a, di + c_lo:di + c_hi], gate, t1, bits, scale)
-        bv, cv = xdbl[a, rank:rank + n_state], xdbl[a, rank + n_state:rank + 2 * n_state]
-        ua, ya, dska = u[a, c_lo:c_hi], y[a, c_lo:c_hi], dsk[c_lo:c_hi]
-        src2 = ss[b] if p < 0 else sn[b, p]  # (Di, N) views made once per row: a view per channel of the
-        dst2 = sn[b, i]  # 4-D array costs more than the channel's update
+        ua = u[a, c_lo:c_hi]
         for c in range(cn):
-            uc = ua[c]
-            du = dts[c] * uc
-            acc = dska[c] * uc
-            src, dst = src2[c_lo + c], dst2[c_lo + c]
-            dec = decay[c * n_state:(c + 1) * n_state]
-            for n in range(n_state):
-                hv = src[n] * dec[n] + du * bv[n]
-                dst[n] = hv
-                acc += hv * cv[n]
-            ya[c] = acc * gate[c]
+            du[c] = dts[c] * ua[c]
+            yacc[c] = dska[c] * ua[c]
+        src2 = ss[b] if p < 0 else sn[b, p]  # (N, Di) views made once per row
+        dst2 = sn[b, i]
+        for n in range(n_state):
+            src, dst, dec = src2[n, c_lo:c_hi], dst2[n, c_lo:c_hi], decay[n * cn:(n + 1) * cn]
+            bn, cvn = xdbl[a, rank + n], xdbl[a, rank + n_state + n]
+            for c in range(cn):
+                hv = src[c] * dec[c] + du[c] * bn
+                dst[c] = hv
+                yacc[c] += hv * cvn
+        ya = y[a, c_lo:c_hi]
+        for c in range(cn):
+            ya[c] = yacc[c] * gate[c]
 
 
 @nb.njit(fastmath=True, cache=True)

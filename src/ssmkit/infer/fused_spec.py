@@ -62,7 +62,7 @@ def _full_tree(branches: int, depth: int) -> TokenTree:
 
 
 class FusedSnapshots:
-    """Every node's state from a fused pass: conv inputs (L, B, T, Di), SSM states (L, B, T, Di, N)."""
+    """Every node's state from a fused pass: conv inputs (L, B, T, Di), SSM states (L, B, T, N, Di) (state-major)."""
 
     def __init__(self, conv: Tensor, node_x: Tensor, node_ssm: Tensor, win: np.ndarray) -> None:
         self.conv, self.node_x, self.node_ssm, self.win_np = conv, node_x, node_ssm, win
@@ -81,17 +81,19 @@ class FusedSnapshots:
 
         n_layers, _, di, km1 = self.conv.shape
         conv = self.conv.new_empty((n_layers, node.shape[0], di, km1))
-        ssm = self.node_ssm.new_empty((n_layers, node.shape[0], *self.node_ssm.shape[3:]))
+        ssm = self.node_ssm.new_empty((n_layers, node.shape[0], di, self.node_ssm.shape[3]))
         S.select_states(self.conv.numpy(), self.node_x.numpy(), self.node_ssm.numpy(), self.win_np,
                         node.contiguous().numpy(), rows.contiguous().numpy(), conv.numpy(), ssm.numpy())
         return ModelState([MambaState(conv=c, ssm=s) for c, s in zip(conv.unbind(0), ssm.unbind(0), strict=True)])
 
 
-def _stacked_states(state: ModelState) -> tuple[Tensor, Tensor, np.ndarray]:
-    """(conv (L, B, Di, K - 1), ssm (L, B, Di, N), the conv state transposed (L, B, K - 1, Di) for the kernels)."""
+def _stacked_states(state: ModelState) -> tuple[Tensor, np.ndarray, np.ndarray]:
+    """(conv (L, B, Di, K - 1), then for the kernels the SSM state (L, B, N, Di) and the conv state (L, B, K - 1, Di),
+    both transposed)."""
     layers = state.layers
     conv = torch.stack([s.conv for s in layers]).contiguous()
-    return conv, torch.stack([s.ssm for s in layers]).contiguous(), conv.transpose(2, 3).contiguous().numpy()
+    ssm_t = torch.stack([s.ssm for s in layers]).transpose(2, 3).contiguous().numpy()
+    return conv, ssm_t, conv.transpose(2, 3).contiguous().numpy()
 
 
 _EXTRA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -99,7 +101,7 @@ _EXTRA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _extra(plan: MambaStackPlan) -> dict:
     """The kernels' own forms of some plan weights (made once per plan): conv_w (K, Di) and dt_w (R, Di)
-    transposed, neg_a (Di, N) = -exp(A_log), as numba typed Lists per layer."""
+    transposed, neg_a (N, Di) = -exp(A_log).T, as numba typed Lists per layer."""
     got = _EXTRA.get(plan)
     if got is None:
         from numba.typed import List
@@ -107,7 +109,7 @@ def _extra(plan: MambaStackPlan) -> dict:
         a = plan.arrays
         got = {"conv_w_t": List([np.ascontiguousarray(w.T) for w in a["conv_w"]]),
                "dt_w_t": List([np.ascontiguousarray(w.T) for w in a["dt_w"]]),
-               "neg_a": List([-np.exp(w) for w in a["a_log"]])}
+               "neg_a": List([np.ascontiguousarray(-np.exp(w).T) for w in a["a_log"]])}
         _EXTRA[plan] = got
     return got
 
@@ -128,7 +130,7 @@ def _buffers(plan: MambaStackPlan, conv: Tensor, batch: int, n_nodes: int) -> tu
     n_layers, _, di, _ = conv.shape
     n_state = plan.layers[0].a_log.shape[1]
     node_x = torch.empty((n_layers, batch * n_nodes, di), dtype=plan.dtype)
-    node_ssm = torch.empty((n_layers, batch, n_nodes, di, n_state), dtype=plan.dtype)
+    node_ssm = torch.empty((n_layers, batch, n_nodes, n_state, di), dtype=plan.dtype)
     return node_x, node_ssm
 
 
@@ -160,7 +162,7 @@ def fused_verify(model: CausalLM, plan: MambaStackPlan, nodes: Tensor, tree: Tok
     with kernel_threads(w0.in_w.numel() * rows * n_layers) as threads:
         counters = torch.zeros(D.counter_slots(5 * n_layers + 2, threads), dtype=torch.int64)
         S.verify_tree(h.numpy(), parents, win_np, act_b, act_i, n_nodes, *_layer_arrays(plan), conv_t,
-                      *_scan_arrays(plan), ssm.numpy(), node_x.numpy(), node_ssm.numpy(),
+                      *_scan_arrays(plan), ssm, node_x.numpy(), node_ssm.numpy(),
                       *(t.numpy() for t in scratch), head_w, head_s, head_b, logits.numpy(), counters.numpy(),
                       threads)
     snaps = FusedSnapshots(conv, node_x.view(n_layers, batch, n_nodes, di), node_ssm, win_np)
@@ -187,7 +189,7 @@ def fused_draft(model: CausalLM, plan: MambaStackPlan, root: Tensor, branches: i
     head_w, head_s, head_b = plan.arrays["head"]
     emb = model.backbone.embedding.weight.detach()
     S.draft_tree(root.contiguous().numpy(), branches, depth, emb.numpy(), parents, win_np, *_layer_arrays(plan),
-                 conv_t, *_scan_arrays(plan), ssm.numpy(), head_w, head_s, head_b, nodes.numpy(),
+                 conv_t, *_scan_arrays(plan), ssm, head_w, head_s, head_b, nodes.numpy(),
                  node_x.numpy(), node_ssm.numpy())
     n_layers, di = conv.shape[0], conv.shape[2]
     return nodes, FusedSnapshots(conv, node_x.view(n_layers, batch, tree.size, di), node_ssm, win_np)

@@ -13,9 +13,10 @@ node's Mamba/Mamba-2 state comes from its parent's, attention sees the node's an
 accepted node and sets its state to that node's path. Models with other mixers verify the b**d root-to-leaf
 paths as batch rows instead (shared prefixes recomputed). Output again equals plain greedy.
 
-Greedy rounds on a pure-Mamba target and draft (the stacks the fused decode step covers) run as two numba launches
-(:mod:`ssmkit.infer.fused_spec`): the draft's chain or tree, then the target's verify pass over all its nodes;
-a chain of k drafts is the tree (1, k). Anything else takes the paths above.
+Greedy decoding with a pure-Mamba target and draft (the stacks the fused decode step covers) runs as three numba
+launches per round with the states kept in the kernels' layout (:mod:`ssmkit.infer.fused_loop`): the draft's chain
+or tree, the target's verify pass over all its nodes, the acceptance and rollback; a chain of k drafts is the tree
+(1, k). Anything else takes the paths above.
 
     tokens, stats = speculative_generate(target, ids, 64, draft_model=draft, num_draft=4)
     print(stats.acceptance_rate, stats.tokens_per_pass)
@@ -33,7 +34,8 @@ from torch import Tensor, nn
 
 from ..models.heads import CausalLM, PrefixLM
 from ..models.outputs import ModelState
-from .fused_spec import fused_draft, fused_plan, fused_verify
+from .fused_loop import fused_rounds
+from .fused_spec import fused_plan
 from .generate import _check_model, _plan, _prefill
 from .multitoken import forward_snapshots
 from .sampling import filter_logits, sample_from_logits
@@ -241,33 +243,6 @@ def _tree_round(plan, draft: CausalLM, tree: tuple[int, int], last: Tensor, s_t:
     return out, n + 1, snaps.select(best), dsnaps.select(n + 1)
 
 
-@functools.cache
-def _level_index(branches: int, depth: int) -> list[tuple[Tensor, Tensor]]:
-    """Per level below the root: (its nodes, their parents) of TokenTree.full(branches, depth)."""
-    tree, parents, _, _ = _tree_tables(branches, depth)
-    return [(torch.tensor(lv), parents[torch.tensor(lv)]) for lv in tree.levels()[1:]]
-
-
-@torch.no_grad()
-def _fused_round(plan, draft: CausalLM, plans: tuple, tree: tuple[int, int], last: Tensor, s_t: ModelState,
-                 s_d: ModelState) -> tuple[Tensor, Tensor, ModelState, ModelState]:
-    """A greedy round on pure-Mamba target and draft in two launches (:mod:`ssmkit.infer.fused_spec`): the draft's
-    tree (a chain is the tree (1, k)), then the target's verify pass. Same returns as _chain_round."""
-    tt, _, depths, leaf_paths = _tree_tables(*tree)
-    nodes, dsnaps = fused_draft(draft, plans[1], last, tree[0], tree[1], s_d)
-    logits, snaps = fused_verify(plan.model, plans[0], nodes, tt, s_t)
-    g = torch.argmax(logits, dim=-1)  # (m, T)
-    ok = torch.ones_like(nodes, dtype=torch.bool)
-    for idx, par in _level_index(*tree):  # a node is accepted when its parent is and it is its parent's argmax
-        ok[:, idx] = ok[:, par] & (nodes[:, idx] == g[:, par])
-    best = torch.argmax(ok.long() * (depths + 1), dim=1)  # the deepest accepted node (the path is unique)
-    n = depths[best]
-    chosen = nodes.gather(1, leaf_paths[best])
-    final = g.gather(1, best[:, None]).squeeze(1)
-    out = torch.cat([chosen[:, 1:], chosen[:, 1:2]], 1).scatter(1, n[:, None], final[:, None])
-    return out, n + 1, snaps.select(best), dsnaps.select(best)
-
-
 @torch.no_grad()
 def _paths_round(plan, draft: CausalLM, tree: tuple[int, int], last: Tensor, s_t: ModelState, s_d: ModelState,
                  paths: Tensor) -> tuple[Tensor, Tensor, ModelState, ModelState]:
@@ -341,6 +316,10 @@ def speculative_generate(
     done = count >= plan.max_new_tokens
     if eos is not None:
         done |= torch.isin(last, eos)
+    if fused is not None:  # the whole loop in numba launches (ssmkit.infer.fused_loop)
+        fused_rounds(fused, (plan.model, draft), tree or (1, k), last, (s_t, s_d), out, count, done, eos,
+                     plan.max_new_tokens, stats)
+        return out, stats
     while True:
         keep = ~done[active]
         if not bool(keep.any()):
@@ -348,9 +327,7 @@ def speculative_generate(
         if not bool(keep.all()):
             active, last = active[keep], last[keep]
             s_t, s_d = (s.map(lambda t, k_=keep: t[k_]) for s in (s_t, s_d))
-        if fused is not None:
-            toks, n, s_t, s_d = _fused_round(plan, draft, fused, tree or (1, k), last, s_t, s_d)
-        elif tree is None:
+        if tree is None:
             toks, n, s_t, s_d = _chain_round(plan, draft, k, last, s_t, s_d, active)
         else:
             toks, n, s_t, s_d = _tree_round(plan, draft, tree, last, s_t, s_d, active)
