@@ -63,7 +63,13 @@ def test_config_fields_and_steps_override(tmp_path):
     assert names == {f"{r}-{B.SSM}" for r in ("ntp", "ul2", "fixed", "birdie-causal")} | {
         "transformer-ntp", "ntp-rglru", "birdie-rglru"}
     hawk = B.config(next(x for x in B.full().settings if x.name == "birdie-rglru"), seed=0)
-    assert hawk.mixer == "rglru" and hawk.prefix_layers
+    assert hawk.mixer == "rglru" and hawk.prefix_layers and hawk.mqar_layout == "aligned"
+    with pytest.raises(ValueError, match="mqar_keys"):
+        BirdieConfig(text=str(text), mqar_layout="aligned", mqar_pairs=(4, 32))
+    with pytest.raises(ValueError, match="mqar_train_pairs"):
+        BirdieConfig(text=str(text), mqar_pairs=(4, 8), mqar_train_pairs=9)
+    with pytest.raises(ValueError, match="mqar_layout"):
+        BirdieConfig(text=str(text), mqar_layout="sideways")
     with pytest.raises(ValueError, match="prefix_layers"):
         BirdieConfig(text=str(text), mixer="mamba2")
 
@@ -80,8 +86,8 @@ def test_quick_pipeline(tmp_path):
     for s in budget.settings:
         rec = json.loads((tmp_path / "out" / s.name / "seed0" / "record.json").read_text())
         acc = rec["extra"]["accuracy"]
-        assert set(acc) == {"4", "8"} and rec["value"] == pytest.approx(sum(acc.values()) / 2)
-        assert rec["chance"] == 1 / 32
+        assert set(acc) == {"4", "8", "16"} and rec["value"] == pytest.approx(sum(acc.values()) / 3)
+        assert rec["chance"] == 1 / 26
         assert rec["final"]["val_ppl"] > 1 and rec["steps"] == 4
     again = run_reproduction(repro, tmp_path / "out", quick=True, progress=False)
     assert again["skipped"] == len(budget.settings) and again["settings"] == summary["settings"]

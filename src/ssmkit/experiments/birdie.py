@@ -44,6 +44,7 @@ from ssmkit.train.config import TrainConfig
 from ssmkit.train.presets import resolve_model
 from ssmkit.train.run_dir import CHECKPOINTS
 
+from .aligned_recall import LETTERS, aligned_accuracy, finetune_aligned
 from .birdie_config import EVALS, RUNS, BirdieConfig
 from .retrieval import (
     finetune_mqar,
@@ -150,14 +151,22 @@ def eval_phonebook(cfg: BirdieConfig, model: CausalLM, task: ObjectiveText, quie
 
 
 def eval_mqar(cfg: BirdieConfig, model: CausalLM, task: ObjectiveText, quiet: bool) -> dict[str, Any]:
-    """MQAR value accuracy per number of pairs after an MQAR fine-tune of a copy of ``model``."""
+    """MQAR value accuracy per number of pairs after an MQAR fine-tune of a copy of ``model``
+    (``cfg.mqar_layout``: the layout of :func:`.retrieval.mqar_pair` or of :mod:`.aligned_recall`)."""
     tuned = copy.deepcopy(model)
-    kv = {"num_keys": cfg.mqar_keys, "interleaved": cfg.mqar_interleaved,
-          "query_fraction": cfg.mqar_query_fraction}
-    losses = finetune_mqar(tuned, task.vocab, steps=cfg.mqar_steps, batch_size=cfg.mqar_batch, lr=cfg.mqar_lr,
-                           max_pairs=max(cfg.mqar_pairs), pad_id=task.pad_id, seed=cfg.seed, quiet=quiet, **kv)
-    acc = {str(n): mqar_accuracy(tuned, task.vocab, num_pairs=n, num_examples=cfg.mqar_examples,
-                                 pad_id=task.pad_id, seed=cfg.seed + 2024, **kv) for n in cfg.mqar_pairs}
+    common = {"pad_id": task.pad_id}
+    if cfg.mqar_layout == "aligned":
+        kv = {"num_keys": cfg.mqar_keys or LETTERS,
+              "query_fraction": cfg.mqar_query_fraction}
+        tune, score = finetune_aligned, aligned_accuracy
+    else:
+        kv = {"num_keys": cfg.mqar_keys, "interleaved": cfg.mqar_layout == "interleaved",
+              "query_fraction": cfg.mqar_query_fraction}
+        tune, score = finetune_mqar, mqar_accuracy
+    losses = tune(tuned, task.vocab, steps=cfg.mqar_steps, batch_size=cfg.mqar_batch, lr=cfg.mqar_lr,
+                  max_pairs=cfg.mqar_train_pairs or max(cfg.mqar_pairs), seed=cfg.seed, quiet=quiet, **common, **kv)
+    acc = {str(n): score(tuned, task.vocab, num_pairs=n, num_examples=cfg.mqar_examples, seed=cfg.seed + 2024,
+                         **common, **kv) for n in cfg.mqar_pairs}
     return {"accuracy": acc, "finetune_loss": _loss_summary(losses),
             "finetune_losses": [round(v, 4) for v in losses]}
 

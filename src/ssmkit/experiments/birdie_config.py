@@ -24,9 +24,12 @@ EVALS: dict[str, tuple[str, ...]] = {
     "infilling": ("infill_rows",),
     "phonebook": ("phonebook_entries", "phonebook_queries", "phonebook_steps", "phonebook_batch", "phonebook_lr",
                   "phonebook_examples", "phonebook_digits", "phonebook_name_parts"),
-    "mqar": ("mqar_pairs", "mqar_steps", "mqar_batch", "mqar_lr", "mqar_examples", "mqar_keys", "mqar_interleaved",
-             "mqar_query_fraction"),
+    "mqar": ("mqar_pairs", "mqar_steps", "mqar_batch", "mqar_lr", "mqar_examples", "mqar_keys", "mqar_layout",
+             "mqar_query_fraction", "mqar_train_pairs"),
 }
+
+#: where the MQAR queries go (see BirdieConfig.mqar_layout)
+MQAR_LAYOUTS = ("after", "interleaved", "aligned")
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,14 @@ class BirdieConfig:
             per name (2: the paper's "First Last"; 1 makes books shorter).
         mqar_pairs, mqar_steps, mqar_batch, mqar_lr, mqar_examples: MQAR (every key queried) after a fine-tune
             on 2..max(mqar_pairs) pairs; accuracy per number of pairs. mqar_keys: distinct keys (and values;
-            None: 130, half the byte vocabulary); mqar_interleaved: queries as ``q1 v1 q2 v2 ...`` in the label
-            (each value right after its key, Zoology's layout) instead of all queries before the values;
-            mqar_query_fraction: share of the keys queried (below 1 removes answering by elimination).
+            None: 130, half the byte vocabulary). mqar_layout: where the queries go; "after": all queried keys
+            at the end of the input, their values as the label; "interleaved": ``q1 v1 q2 v2 ...`` as the label
+            (each value right after its key and fed back); "aligned": the queries as the causal suffix, each
+            scored on its value, which is not fed back (:mod:`~ssmkit.experiments.aligned_recall`; keys and
+            values are letters, at most 26, None: 26; the one the attention control learns).
+            mqar_query_fraction: share of the keys queried (below 1 removes answering by elimination in
+            "interleaved"). mqar_train_pairs: the fine-tune's largest number of pairs (None: max(mqar_pairs));
+            larger evaluated counts test generalisation.
         evals: which evaluations (keys of :data:`EVALS`) run after training.
         threads: torch threads per run (1, as train.threads: fast beside other work and bitwise reproducible).
     """
@@ -105,8 +113,9 @@ class BirdieConfig:
     mqar_lr: float = 1e-3
     mqar_examples: int = 64
     mqar_keys: int | None = None
-    mqar_interleaved: bool = False
+    mqar_layout: str = "after"
     mqar_query_fraction: float = 1.0
+    mqar_train_pairs: int | None = None
     seed: int = 0
     evals: tuple[str, ...] = tuple(EVALS)
     threads: int | None = 1
@@ -154,11 +163,17 @@ class BirdieConfig:
         if self.mqar_keys is not None and (isinstance(self.mqar_keys, bool) or not isinstance(self.mqar_keys, int)
                                            or not max(self.mqar_pairs) <= self.mqar_keys <= 128):
             fail("mqar_keys", f"None or an int in [max(mqar_pairs)={max(self.mqar_pairs)}, 128]")
+        t = self.mqar_train_pairs
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or not 2 <= t <= max(self.mqar_pairs)):
+            fail("mqar_train_pairs", f"None or an int in [2, max(mqar_pairs)={max(self.mqar_pairs)}]")
+        if self.mqar_layout == "aligned" and max(self.mqar_keys or 26, *self.mqar_pairs) > 26:
+            fail("mqar_keys", "None or at most 26 (the letters), with mqar_pairs at most 26, for "
+                 "mqar_layout='aligned'")
         f = self.mqar_query_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
             fail("mqar_query_fraction", "a number in (0, 1]")
-        if not isinstance(self.mqar_interleaved, bool):
-            fail("mqar_interleaved", "a bool")
+        if self.mqar_layout not in MQAR_LAYOUTS:
+            fail("mqar_layout", f"one of {', '.join(MQAR_LAYOUTS)}")
         from ssmkit.models.registry import PREFIXABLE
 
         if not isinstance(self.prefix_layers, bool):

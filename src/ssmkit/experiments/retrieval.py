@@ -87,19 +87,16 @@ def _run(model: CausalLM, batch: dict[str, torch.Tensor], **kw):
     return model(batch["input_ids"], reset=batch["reset"], **kw)
 
 
-def finetune_on_pairs(model: CausalLM, vocab: ObjectiveVocab, make_pair: Callable[[np.random.Generator], Pair], *,
-                      steps: int, batch_size: int, lr: float, pad_id: int, seed: int = 0, desc: str = "fine-tune",
-                      quiet: bool = True, mask_labels: Callable[[torch.Tensor], torch.Tensor] | None = None
-                      ) -> list[float]:
-    """Fine-tune ``model`` in place on pairs from ``make_pair(rng)``, packed one per row.
+def finetune_on_batches(model: CausalLM, make_batch: Callable[[np.random.Generator], dict[str, torch.Tensor]], *,
+                        steps: int, lr: float, seed: int = 0, desc: str = "fine-tune", quiet: bool = True
+                        ) -> list[float]:
+    """Fine-tune ``model`` in place on ``make_batch(rng)`` batches (input_ids, labels, reset, prefix_mask).
 
     AdamW (weight decay 0), linear warm-up over 10% of the steps then cosine to 10%; gradient clipping at 1.
-    Rows are padded to the longest sample of the batch; ``mask_labels`` (labels -> labels) may unscore
-    positions. Returns the per-step training losses; leaves the model
-    in eval mode.
+    Returns the per-step training losses; leaves the model in eval mode.
     """
-    if steps < 0 or batch_size < 1:
-        raise ValueError(f"finetune_on_pairs: need steps >= 0 and batch_size >= 1, got {steps} and {batch_size}")
+    if steps < 0:
+        raise ValueError(f"finetune_on_batches: steps must be >= 0, got {steps}")
     rng = np.random.default_rng([seed, 7])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warm = max(1, steps // 10)
@@ -110,10 +107,8 @@ def finetune_on_pairs(model: CausalLM, vocab: ObjectiveVocab, make_pair: Callabl
             1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
         for g in opt.param_groups:
             g["lr"] = lr * scale
-        pairs = [make_pair(rng) for _ in range(batch_size)]
-        batch = _batch(pairs, max(p.packed_len for p in pairs), pad_id, vocab.start_id)
-        labels = batch["labels"] if mask_labels is None else mask_labels(batch["labels"])
-        out = _run(model, batch, labels=labels)
+        batch = make_batch(rng)
+        out = _run(model, batch, labels=batch["labels"])
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -121,6 +116,25 @@ def finetune_on_pairs(model: CausalLM, vocab: ObjectiveVocab, make_pair: Callabl
         losses.append(float(out.loss.detach()))
     model.eval()
     return losses
+
+
+def finetune_on_pairs(model: CausalLM, vocab: ObjectiveVocab, make_pair: Callable[[np.random.Generator], Pair], *,
+                      steps: int, batch_size: int, lr: float, pad_id: int, seed: int = 0, desc: str = "fine-tune",
+                      quiet: bool = True, mask_labels: Callable[[torch.Tensor], torch.Tensor] | None = None
+                      ) -> list[float]:
+    """:func:`finetune_on_batches` on pairs from ``make_pair(rng)``, packed one per row and padded to the
+    longest sample of the batch; ``mask_labels`` (labels -> labels) may unscore positions."""
+    if batch_size < 1:
+        raise ValueError(f"finetune_on_pairs: batch_size must be >= 1, got {batch_size}")
+
+    def make(rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        pairs = [make_pair(rng) for _ in range(batch_size)]
+        batch = _batch(pairs, max(p.packed_len for p in pairs), pad_id, vocab.start_id)
+        if mask_labels is not None:
+            batch["labels"] = mask_labels(batch["labels"])
+        return batch
+
+    return finetune_on_batches(model, make, steps=steps, lr=lr, seed=seed, desc=desc, quiet=quiet)
 
 
 def finetune_phonebook(model: CausalLM, vocab: ObjectiveVocab, *, steps: int, batch_size: int, lr: float,
