@@ -4,12 +4,15 @@ Forecasting protocol on a series of n points with horizons H_1 < ... < H_max:
 
 - origins o_1 < ... < o_K, spaced by max(1, H_max // 2), the last at n - H_max; each forecaster predicts
   y[o : o + H_max] from y[:o] and every horizon H is scored on the first H steps;
-- neural models (each learning the correction to a base forecast, ``TrainConfig.base``: seasonal naive, its
-  profile over the context's seasons (:class:`SeasonalResidual`), the window mean, or whichever of the three
-  has the lowest MSE on the validation windows) train once per seed on windows that end before o_1 (the last
-  15% of those windows choose the checkpoint; with ``keep_base``, the untrained step-0 model is a candidate),
-  on the series z-normalised by the mean and std of y[:o_1];
-  statistical baselines refit at every origin on (at most the last ``max_history`` points of) y[:o];
+- SSM forecasters learn the correction to a base forecast (``TrainConfig.base``: seasonal naive, its profile
+  over the context's seasons (:class:`SeasonalResidual`), seasonal naive with drift, the window mean, or
+  whichever of those has the lowest MSE on the validation windows); DLinear, a baseline, takes no base and
+  trains ``baseline_steps`` at ``baseline_lr``. Every neural model trains once per seed on windows that end
+  before o_1 (the last ``val_frac`` of those windows validate and choose the checkpoint; with ``purge``, the
+  training windows stop horizon - 1 windows earlier, so no validation target is a training target; with
+  ``keep_base``, the untrained step-0 model is a candidate), on the series z-normalised by the mean and std
+  of y[:o_1]; statistical baselines refit at every origin on (at most the last ``max_history`` points of)
+  y[:o];
 - every neural model carries a :class:`.intervals.GaussianHead`, calibrated on the same validation windows;
 - ``ssm``: among the SSM forecasters evaluated, the seed ensemble (mean forecast, Gaussian mixture interval)
   of the variant, or of all variants together, with the lowest MSE on the validation windows (never on the
@@ -117,8 +120,8 @@ class Fitted:
 def train_forecaster(name: str, z: np.ndarray, end: int, context: int, horizon: int, seed: int,
                      cfg: TrainConfig, season: int = 1) -> Fitted:
     """Train forecaster ``name`` (with a :class:`GaussianHead`) on windows of the normalised series z
-    (time, variates) ending by ``end`` (wrapped in :class:`SeasonalResidual` with ``season`` when
-    ``cfg.seasonal_residual``); the validation windows choose the checkpoint and calibrate sigma."""
+    (time, variates) ending by ``end`` (an SSM wrapped in :class:`SeasonalResidual` with ``season`` unless its
+    base is the window mean); the validation windows choose the checkpoint and calibrate sigma."""
     x, y = _windows(z, end, context, horizon)
     if len(x) < 2:
         raise ValueError(f"context={context} + horizon={horizon} leave {len(x)} training window(s) in the "

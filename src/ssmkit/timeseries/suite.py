@@ -111,11 +111,16 @@ def forecast_text(rows: list[dict], steps: int) -> tuple[str, dict]:
         f"Settings: {len(names)} series, neural seeds {seeds}, {steps} training steps, 5 rolling origins, "
         "horizons per series as in docs/time_series.md. `ssm` is one model: on each series, the seed ensemble of "
         "all four SSM variants (spacetime, smamba, mamba, s4d), or of one variant when its MSE on the validation "
-        "windows before the first origin is lower than the four's by more than one standard error. Each model "
-        "learns the correction to a base forecast chosen on the same validation windows (seasonal naive, its "
-        "profile over the context's seasons, or the window mean) from a zero-initialised output layer"
+        "windows before the first origin is lower than the four's by more than one standard error"
+        + (" (validation windows purged: the training windows end horizon - 1 windows earlier, so no validation "
+           "target is a training target)" if FORECAST_RECIPE.get("purge") else "")
+        + ". Each SSM learns the correction to a base forecast chosen on the same validation windows (seasonal "
+        "naive, its profile over the context's seasons, seasonal naive with drift, or the window mean) from a "
+        "zero-initialised output layer"
         + ("; the untrained step 0 is a checkpoint candidate" if FORECAST_RECIPE.get("keep_base") else "")
-        + ". Cells: MASE, mean over origins and horizons "
+        + ". DLinear is sktime's network (the standard definition: no base, no window normalisation, standard "
+        f"initialisation) trained {FORECAST_RECIPE.get('baseline_steps', steps)} steps at lr "
+        f"{FORECAST_RECIPE.get('baseline_lr', 2e-3):g}. Cells: MASE, mean over origins and horizons "
         "(variants: also over seeds); bold is the best of the row.", "",
         "### Head to head", "", table, "",
         "Choice of `ssm` per series (validation): " + ", ".join(f"{d} {c}" for d, c in choice.items()) + ".", "",

@@ -36,9 +36,9 @@ def full() -> Budget:
     from ssmkit.timeseries.suite import FORECAST_STEPS
 
     return Budget(_settings(tuple(FORECAST_SUITE), FORECAST_STEPS[1]), seeds=1, minutes=22,
-                  note=("Every run trains the four SSM forecasters and DLinear with 3 seeds each (100 Adam steps) "
-                        "and refits ETS and ARIMA at 5 origins. Minutes: measured, 12.5 min at load 6-12 and 22 min at "
-                        "load 10-15 (taylor: 40-45% of it)."))
+                  note=("Every run trains the four SSM forecasters (100 Adam steps) and DLinear (300) with 3 seeds "
+                        "each and refits ETS and ARIMA at 5 origins. Minutes: measured, 19 min at load 7-9 (taylor: "
+                        "9 min of it); the previous recipe took 12.5 min at load 6-12 and 22 min at load 10-15."))
 
 
 def run_one(repro: Reproduction, setting: Setting, seed: int, run_dir: Path, quick: bool) -> dict[str, Any]:
