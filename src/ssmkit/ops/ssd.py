@@ -293,10 +293,12 @@ def _ssd_pieces(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
     if length <= piece:
         return _ssd_chunked(x, dt, A, B, C, D, h0, reset, Q)
     ys, h = [], h0
-    for s in range(0, length, piece):
-        sl = slice(s, s + piece)
-        y, h = _ssd_chunked(x[:, sl], dt[:, sl], A, B[:, sl], C[:, sl], D, h,
-                            None if reset is None else reset[:, sl], Q)
+    # split, not slices: one backward node that concatenates the pieces' gradients (a slice's backward would add a
+    # zero-filled whole-length gradient per piece)
+    parts = [t.split(piece, dim=1) for t in (x, dt, B, C)]
+    resets = [None] * len(parts[0]) if reset is None else reset.split(piece, dim=1)
+    for xp, dtp, Bp, Cp, rp in zip(*parts, resets, strict=True):
+        y, h = _ssd_chunked(xp, dtp, A, Bp, Cp, D, h, rp, Q)
         ys.append(y)
     return torch.cat(ys, 1), h
 
