@@ -2,7 +2,7 @@
 
     python benchmarks/bench_longseq.py [--length 1048576] [--chunk-len 32768]
                                        [--hf-lengths 4096 16384 65536] [--hf-cap-gib 12] [--quick]
-    python benchmarks/bench_longseq.py --bound-only --length 131072 --models mamba mamba2
+    python benchmarks/bench_longseq.py --bound-only --length 131072 --models mamba mamba2 [--resident-heap]
 
 Model: a 2-layer Mamba CausalLM, d_model 256, byte vocabulary (256), d_state 16, expand 2, d_conv 4, tied
 embeddings, RMSNorm, no MLP; float32, batch 1, random weights and tokens. ``--models mamba2`` adds the same
@@ -156,9 +156,11 @@ def _model(name: str):
                                 mixer_options={name: MIXERS[name]}))
 
 
-def child_ssmkit(length: int, chunk_len: int, name: str = "mamba", threads: int = 1, profile: int = 0) -> dict:
+def child_ssmkit(length: int, chunk_len: int, name: str = "mamba", threads: int = 1, profile: int = 0,
+                 resident: int = 0) -> dict:
     """Peak RSS, wall and CPU time of one chunked training step (ssmkit) on ``length`` tokens, and the bound
-    measured in the same process; with ``profile`` also the step's CPU time per op (see longseq_profile.py)."""
+    measured in the same process; with ``profile`` also the step's CPU time per op (see longseq_profile.py);
+    ``resident``: chunked_loss_backward(resident_heap=True)."""
     import torch
 
     from ssmkit.train.chunked import chunked_loss_backward
@@ -178,9 +180,9 @@ def child_ssmkit(length: int, chunk_len: int, name: str = "mamba", threads: int 
         from longseq_profile import OpProfiler
 
         with OpProfiler() as prof:
-            stats = chunked_loss_backward(model, batch, chunk_len)
+            stats = chunked_loss_backward(model, batch, chunk_len, resident_heap=bool(resident))
     else:
-        stats = chunked_loss_backward(model, batch, chunk_len)
+        stats = chunked_loss_backward(model, batch, chunk_len, resident_heap=bool(resident))
     seconds, cpu, o1 = time.perf_counter() - t0, time.process_time() - c0, os.times()
     grads_ok = all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in model.parameters())
     rates = machine_rates()
@@ -190,6 +192,7 @@ def child_ssmkit(length: int, chunk_len: int, name: str = "mamba", threads: int 
         ops = prof.table(rates, rates["copy_bytes_per_s"])
     return {"model": name, "length": length, "chunk_len": chunk_len, "threads": threads, "seconds": seconds,
             "cpu_seconds": cpu, "user_s": o1.user - o0.user, "sys_s": o1.system - o0.system,
+            "resident_heap": bool(resident),
             "bound_s": bound["seconds"], "bound_flops": bound["flops"], "bound_exps": bound["exps"],
             "rates": rates, "cost_per_token": cost, "peak_rss": peak_rss_bytes(), "ops": ops,
             "base_rss": base, "loss": stats["loss"], "tokens": stats["tokens"], "chunks": stats["chunks"],
@@ -247,6 +250,10 @@ def main() -> None:
                     help="only ssmkit's chunked step at --length per model, against its bound (no transformers)")
     ap.add_argument("--profile", action="store_true", help="as --bound-only, plus the CPU time per op (slower)")
     ap.add_argument("--threads", type=int, default=1, help="torch and numba threads of the ssmkit step")
+    ap.add_argument("--resident-heap", action="store_true",
+                    help="chunked_loss_backward(resident_heap=True): glibc's heap kept resident during the step "
+                         "(fewer page faults, more peak RSS; with --bound-only/--profile)")
+    ap.add_argument("--tag", default="", help="suffix of the results file name (bench_longseq_bound<tag>.json)")
     ap.add_argument("--thp", action="store_true",
                     help="set THP_MEM_ALLOC_ENABLE=1 in the children (transparent huge pages for torch's tensors)")
     a = ap.parse_args()
@@ -256,7 +263,7 @@ def main() -> None:
         rows = []
         for name in a.models:
             r = run_child(SCRIPT, "ssmkit", str(a.length), str(min(a.chunk_len, a.length)), name, str(a.threads),
-                          str(int(a.profile)), timeout=3600)
+                          str(int(a.profile)), str(int(a.resident_heap)), timeout=3600)
             if "error" in r:
                 print(f"{name}: FAILED: {r['error']}")
                 continue
@@ -266,14 +273,15 @@ def main() -> None:
                          "cpu_ratio": r["cpu_seconds"] / r["bound_s"],
                          "MFLOP/token": r["bound_flops"] / a.length / 1e6, "exps/token": r["bound_exps"] / a.length,
                          "GFLOP/s": r["rates"]["gemm_flops"] / 1e9, "Gexp/s": r["rates"]["exp_per_s"] / 1e9,
-                         "thp": a.thp, "load": r["loadavg"][0]})
+                         "thp": a.thp, "resident_heap": a.resident_heap, "peak_rss_GiB": r["peak_rss"] / GIB,
+                         "load": r["loadavg"][0]})
             if r.get("ops"):
                 print(f"\n{name}: CPU time per op, one step of {a.length} tokens ({a.threads} thread(s))")
                 print_table(r["ops"], list(r["ops"][0]))
         print()
         print_table(rows, list(rows[0]) if rows else ["model"])
-        tag = "_profile" if a.profile else ""
-        write_json(f"bench_longseq_bound{tag}", {"table": rows, "loadavg": os.getloadavg()})
+        tag = ("_profile" if a.profile else "") + (f"_{a.tag}" if a.tag else "")
+        write_json(f"bench_longseq_bound{tag}", {"table": rows, "loadavg": os.getloadavg(), "argv": sys.argv[1:]})
         return
     if a.quick:
         a.length, a.chunk_len, a.hf_lengths = 8192, 2048, [512, 1024]

@@ -5,10 +5,11 @@
     rows = prof.table(rates, copy_bytes_per_s)
 
 Every aten op (forward and backward) is timed by process CPU time through a ``TorchDispatchMode``, and ssmkit's
-numba kernels (selective scan, short conv) by wrapping them. Bounds per op: GEMMs (mm, addmm, bmm, baddbmm) their
-FLOPs from the operand shapes at the GEMM rate; the selective-scan kernels their exps at the exp rate plus their
-other arithmetic (6 FLOPs per (channel, state) element forward, 21 backward, see bench_longseq.py) at the GEMM
-rate; the short conv its multiply-adds at the GEMM rate; every other op the bytes it reads and writes at the
+numba kernels (selective scan, SSD's chunk-state pass, short conv) by wrapping them. Bounds per op: GEMMs (mm,
+addmm, bmm, baddbmm) their FLOPs from the operand shapes at the GEMM rate; the selective-scan kernels their exps at
+the exp rate plus their other arithmetic (6 FLOPs per (channel, state) element forward, 21 backward, see
+bench_longseq.py) at the GEMM rate; the short conv and the SSD state pass their multiply-adds at the GEMM rate
+(a bandwidth-bound sweep, so that bound is loose); every other op the bytes it reads and writes at the
 measured copy bandwidth. Timing through the mode adds a few microseconds per op call.
 """
 
@@ -86,6 +87,7 @@ class OpProfiler(TorchDispatchMode):
     def __enter__(self):
         import ssmkit.layers.short_conv as sc
         import ssmkit.ops._numba_kernels as kern
+        import ssmkit.ops._ssd_state as ssd_state
 
         def scan(per_elem: float):
             # u (B, L, D) and At (N, D) are the first and third arguments of both kernels
@@ -94,6 +96,9 @@ class OpProfiler(TorchDispatchMode):
         self._wrap(kern, "selective_fwd", "numba: selective scan fwd", scan(6.0))
         self._wrap(kern, "selective_bwd", "numba: selective scan bwd", scan(21.0))
         conv = (lambda a: (2.0 * a[0].size * a[1].shape[0], 0.0))  # noqa: E731  xp (B, L+W-1, C), wt (W, C)
+        # SSD's chunk-state sweep: one fma per element forward, two and a product backward (S (b, c, G, N, R, P))
+        self._wrap(ssd_state, "ssd_state_fwd", "numba: ssd state pass fwd", (lambda a: (2.0 * a[0].size, 0.0)))
+        self._wrap(ssd_state, "ssd_state_bwd", "numba: ssd state pass bwd", (lambda a: (4.0 * a[1].size, 0.0)))
         self._wrap(sc, "_conv_fwd", "numba: short conv fwd", conv)
         self._wrap(sc, "_conv_bwd", "numba: short conv bwd", (lambda a: (2 * conv(a)[0], 0.0)))
         return super().__enter__()
