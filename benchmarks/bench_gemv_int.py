@@ -1,7 +1,7 @@
 """Decode GEMVs (batch 1) on the 130M Mamba shapes: float-activation rows against integer-activation rows.
 
     nice -n 10 python benchmarks/bench_gemv_int.py [--copies 24] [--repeat 5] [--shapes in_proj,out_proj,...]
-        [--isas vnni,avx512bw]
+        [--isas vnni,avx512bw] [--clock wall|cpu] [--flush-mb 512]
 
 One thread, one process. Per shape (in_proj 3072 x 768, out_proj 768 x 1536, x_proj 80 x 1536, LM head
 50280 x 768) it builds ``--copies`` independent weights (a 24-layer model reads 24 different matrices per token,
@@ -17,6 +17,10 @@ best of ``--repeat``, every variant interleaved:
 - ``int4`` (group 32): float-activation rows, integer-activation rows (``_numba_q4``) on each of ``--isas``,
   ``_weight_int4pack_mm_for_cpu``.
 
+Before each timed pass a ``--flush-mb`` buffer is summed (untimed), so no variant finds the weights in the
+last-level cache after the pass of the variant before it over the same weights (0: no flush).
+``--clock cpu`` times with this thread's CPU time (``time.thread_time``) instead of the wall clock, so time
+slices lost to other processes on a loaded machine do not count (cache and memory contention still do).
 Columns: time of one GEMV relative to the first row of its precision (``vs first``), and ``of bound``: the
 weight bytes over the copy bandwidth measured in the same process (``np.copyto`` of 1 GiB; bytes copied per
 second), divided by the measured time. Writes benchmarks/results/bench_gemv_int.json.
@@ -77,15 +81,16 @@ def _buffers(x):
     return D._act_buffers(x.shape[0], x.shape[1], x)
 
 
-def copy_bandwidth(gib: float = 1.0, repeat: int = 5) -> float:
-    """Bytes copied per second: best ``np.copyto`` of ``gib`` GiB (each byte read once and written once)."""
+def copy_bandwidth(gib: float = 1.0, repeat: int = 5, clock=time.perf_counter) -> float:
+    """Bytes copied per second: best ``np.copyto`` of ``gib`` GiB (each byte read once and written once), timed
+    with ``clock``."""
     src = np.ones(int(gib * 2**30), dtype=np.uint8)
     dst = np.empty_like(src)
     best = float("inf")
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = clock()
         np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock() - t)
     return src.nbytes / best
 
 
@@ -141,7 +146,8 @@ def _variants(rows: int, cols: int, copies: int, isas: list[str]) -> dict[str, t
     return out
 
 
-def run(shape: str, copies: int, repeat: int, bw: float, isas: list[str]) -> list[dict]:
+def run(shape: str, copies: int, repeat: int, bw: float, isas: list[str], clock=time.perf_counter,
+        flush: np.ndarray | None = None) -> list[dict]:
     rows, cols = SHAPES[shape]
     variants = _variants(rows, cols, copies, isas)
     variants = {k: v for k, v in variants.items() if v[2]}
@@ -150,10 +156,12 @@ def run(shape: str, copies: int, repeat: int, bw: float, isas: list[str]) -> lis
     best = {k: float("inf") for k in variants}
     for _ in range(repeat):
         for name, (_, _, fns) in variants.items():
-            t = time.perf_counter()
+            if flush is not None:
+                flush.sum()
+            t = clock()
             for fn in fns:
                 fn()
-            best[name] = min(best[name], (time.perf_counter() - t) / len(fns))
+            best[name] = min(best[name], (clock() - t) / len(fns))
     table, first = [], {}
     for name, (prec, nbytes, _) in variants.items():
         first.setdefault(prec, best[name])
@@ -170,22 +178,27 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--isas", default=",".join(i for i in Q.ISAS if i != "generic" and (i != "vnni" or Q.ISA == i)),
                         help=f"instruction sets of the integer-activation rows, of {Q.ISAS} (host: {Q.ISA})")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--flush-mb", type=int, default=512)
     args = parser.parse_args()
+    flush = np.ones(args.flush_mb << 20, np.uint8) if args.flush_mb > 0 else None
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     isas = args.isas.split(",")
     if any(i not in Q.ISAS for i in isas) or (Q.ISA != "vnni" and "vnni" in isas):
         raise SystemExit(f"--isas: each must be one of {Q.ISAS} (vnni only on a CPU with it), got {args.isas!r}")
     torch.set_num_threads(1)
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(clock=clock)
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s (one thread)", flush=True)
     rows = []
     for shape in args.shapes.split(","):
         if shape not in SHAPES:
             raise SystemExit(f"--shapes: unknown shape {shape!r}; known: {', '.join(SHAPES)}")
-        rows += run(shape, 1 if shape == "head" else args.copies, args.repeat, bw, isas)
-    bw2 = copy_bandwidth()
+        rows += run(shape, 1 if shape == "head" else args.copies, args.repeat, bw, isas, clock, flush)
+    bw2 = copy_bandwidth(clock=clock)
     print_table(rows, ["shape", "kernel", "us", "vs first", "MB", "of bound"])
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s before, {bw2 / 1e9:.1f} GB/s after")
-    write_json("bench_gemv_int", {"copy_bandwidth_Bps": [bw, bw2], "host_isa": Q.ISA, "rows": rows})
+    write_json("bench_gemv_int", {"copy_bandwidth_Bps": [bw, bw2], "host_isa": Q.ISA, "clock": args.clock,
+                                  "flush_mb": args.flush_mb, "rows": rows})
 
 
 if __name__ == "__main__":

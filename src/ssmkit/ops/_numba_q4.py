@@ -39,29 +39,29 @@ _V16I32 = ir.VectorType(_I32, 16)
 def pack_acts(xq, xd, group, xp, xc, xv):
     """The per-token layout of the module docstring for every row b of xq (B, K) int8 with block scales xd, for
     weights of ``group`` inputs per scale (32, 64 or 128): xp (B, >= 64 S) int8, xc (B, >= 16 S) int32,
-    xv (B, >= 16 S) xd's dtype, S = ceil(K / 64) steps; padding past K gets zeros."""
+    xv (B, >= 16 S) xd's dtype, S = ceil(K / 64) steps; padding past K gets zeros. No division in the loops
+    (this runs for every stage of every token)."""
     nbytes = xq.shape[1] // 2
     half = group // 2
     n_steps = (nbytes + 31) // 32
     for b in range(xq.shape[0]):
-        for s in range(n_steps):
-            for j in range(32):
-                byte = 32 * s + j
-                lo = hi = np.int8(0)
-                if byte < nbytes:
-                    first = (byte // half) * group + byte % half
-                    lo, hi = xq[b, first], xq[b, first + half]
-                xp[b, STEP * s + j], xp[b, STEP * s + 32 + j] = lo, hi
-            for lane in range(16):
-                o = STEP * s + 4 * lane
-                total = np.int32(xp[b, o]) + np.int32(xp[b, o + 1]) + np.int32(xp[b, o + 2]) + np.int32(xp[b, o + 3])
-                xc[b, 16 * s + lane] = -8 * total
-                byte = 32 * s + 4 * (lane % 8)
-                if byte < nbytes:
-                    first = (byte // half) * group + byte % half + (half if lane >= 8 else 0)
-                    xv[b, 16 * s + lane] = xd[b, first // QBLOCK]
-                else:
-                    xv[b, 16 * s + lane] = xd[b, 0] * 0
+        for i in range(STEP * (n_steps - 1), STEP * n_steps):  # a half last step: zeros past K
+            xp[b, i] = 0
+        for i in range(16 * (n_steps - 1), 16 * n_steps):
+            xv[b, i] = xd[b, 0] * 0
+        byte = 0
+        for g0 in range(0, xq.shape[1], group):  # group g0 // group: bytes [g0 / 2, g0 / 2 + half)
+            for p in range(half):
+                s, j = byte >> 5, byte & 31
+                lo, hi = g0 + p, g0 + half + p
+                xp[b, STEP * s + j], xp[b, STEP * s + 32 + j] = xq[b, lo], xq[b, hi]
+                if j & 3 == 0:  # a lane's first byte: its activation blocks
+                    xv[b, 16 * s + (j >> 2)], xv[b, 16 * s + 8 + (j >> 2)] = xd[b, lo // QBLOCK], xd[b, hi // QBLOCK]
+                byte += 1
+        for i in range(16 * n_steps):
+            o = 4 * i
+            xc[b, i] = -8 * (np.int32(xp[b, o]) + np.int32(xp[b, o + 1]) + np.int32(xp[b, o + 2])
+                             + np.int32(xp[b, o + 3]))
 
 
 def _dot4(builder, acc, u, s, isa):
