@@ -78,5 +78,10 @@ def test_delta_rows_of_a_mamba_with_dt_from_in_proj_stay_float(bits):
         for t in range(6):
             logits, state = q.step(ids[:, t], state)
             torch.testing.assert_close(logits, out[:, t], rtol=1e-4, atol=1e-4)
+    quantized = quantize_weights(model, bits=bits, dt_rows="quantized").backbone.blocks[0].mixer.in_proj
+    assert not isinstance(quantized, RowSplitLinear) and quantized.out_features == 3 * model.backbone.blocks[
+        0].mixer.d_inner
+    with pytest.raises(ValueError, match="dt_rows must be one of"):
+        quantize_weights(model, dt_rows="int8")
     with pytest.raises(ValueError, match="n_kept must be in"):
         RowSplitLinear.from_linear(torch.nn.Linear(4, 3), 3, Int8Linear.from_linear)

@@ -9,8 +9,11 @@ Every ``nn.Linear`` (in/out and x projections, MLPs, attention projections and t
 to the embedding) becomes an :class:`Int8Linear`: int8 weights with one float32 scale per output
 channel (:func:`ssmkit.ops.quantize_int8`), float32 activations and accumulation. Embeddings, norms, convolution
 kernels, the SSM parameters (A, D) and Mamba's small ``dt_proj`` (whose weight and bias the layer uses apart) stay
-float32; so do the Δ rows of a Mamba with ``dt_source="in_proj"`` (in_proj's last d_inner rows, which take
-dt_proj's place): its in_proj becomes a :class:`RowSplitLinear` of quantized (x, z) rows and float32 Δ rows.
+float32; so do, by default (``dt_rows="float"``), the Δ rows of a Mamba with ``dt_source="in_proj"`` (in_proj's
+last d_inner rows, which take dt_proj's place): its in_proj becomes a :class:`RowSplitLinear` of quantized (x, z)
+rows and float32 Δ rows. Those rows are a third of in_proj (d_inner x d_model, not dt_proj's rank x d_inner), so
+in float32 they add 3 bytes per weight to every token's reads; ``dt_rows="quantized"`` quantizes them with the
+rest.
 Decoding reads every weight once per token, so it moves about a quarter of the bytes; outputs differ from the
 float32 model by the rounding of the weights (each at most half a step of its row's scale), so greedy generations
 can part ways where two tokens are nearly tied. The quantized model is for inference: it holds no trainable
@@ -185,18 +188,23 @@ def check_float_model(where: str, model: object) -> None:
 
 #: what ``quantize_weights(activations=...)`` accepts
 ACTIVATIONS = ("float", "int8")
+#: what ``quantize_weights(dt_rows=...)`` accepts
+DT_ROWS = ("float", "quantized")
 
 
 def quantize_weights(model: SequenceModel, bits: int = 8, group_size: int = 32, *,
-                     activations: str = "float") -> SequenceModel:
+                     activations: str = "float", dt_rows: str = "float") -> SequenceModel:
     """A copy of ``model`` (float32) whose ``nn.Linear`` layers are :class:`Int8Linear` (``bits=8``) or
     :class:`Int4Linear` (``bits=4``, scales per ``group_size`` inputs; see the module docstring), in eval
-    mode; ``activations="int8"``: they multiply activations quantized per block of 32 (module docstring)."""
+    mode; ``activations="int8"``: they multiply activations quantized per block of 32 (module docstring);
+    ``dt_rows``: the Δ rows of a Mamba with dt_source="in_proj" stay "float" (default) or are "quantized"."""
     if isinstance(bits, bool) or bits not in (4, 8):
         raise ValueError(f"quantize_weights: bits must be 4 or 8, got {bits!r}")
     if activations not in ACTIVATIONS:
         raise ValueError(f"quantize_weights: activations must be one of {ACTIVATIONS}, got {activations!r}")
     act_quant = activations == "int8"
+    if dt_rows not in DT_ROWS:
+        raise ValueError(f"quantize_weights: dt_rows must be one of {DT_ROWS}, got {dt_rows!r}")
     if bits == 4 and (isinstance(group_size, bool) or group_size not in GROUP_SIZES):
         raise ValueError(f"quantize_weights: group_size must be one of {GROUP_SIZES}, got {group_size!r}")
     check_float_model("quantize_weights", model)
@@ -213,7 +221,7 @@ def quantize_weights(model: SequenceModel, bits: int = 8, group_size: int = 32, 
         return (Int8Linear.from_linear(linear, act_quant=act_quant) if bits == 8
                 else Int4Linear.from_linear(linear, group_size, act_quant=act_quant))
 
-    kept = float_rows(q)
+    kept = float_rows(q) if dt_rows == "float" else {}
     new = {}  # a tied LM head and embedding share one weight: quantize it once
     for name, linear in targets:
         if linear not in new:
