@@ -81,8 +81,8 @@ def test_a_run_dir_with_other_settings_is_an_error(tmp_path):
 def test_select_and_aggregate():
     budget = get_reproduction("mqar").quick()
     sel = select(budget, only="mamba-*,attn-w32*", steps=7, seeds=3)
-    assert [s.name for s in sel.settings] == ["mamba-w16-L16-kv2", "mamba-w32-L16-kv2", "attn-w32-L16-kv2",
-                                              "mamba-w16-L16-kv2-N4"]
+    assert [s.name for s in sel.settings] == ["mamba-w16-L16-kv2", "mamba-m2blk-w16-L16-kv2", "mamba-w32-L16-kv2",
+                                              "attn-w32-L16-kv2", "mamba-w16-L16-kv2-N4"]
     assert sel.seeds == 3 and all(s.sections["train"]["steps"] == 7 for s in sel.settings)
     with pytest.raises(ValueError, match="--only 'x\\*' matches no setting"):
         select(budget, only="x*")
@@ -113,7 +113,19 @@ def test_mqar_state_size_is_counted_from_the_model():
 
     # Mamba: 2 layers x d_inner 32 x (d_state 16 + d_conv - 1 = 3); attention: 2 layers x (k, v) x 32 tokens x 16
     assert state_size(build("mamba"), 32) == 2 * 32 * (16 + 3)
+    assert state_size(build("mamba-m2blk"), 32) == 2 * 32 * (16 + 3)  # same state; other block choices
     assert state_size(build("attn"), 32) == 2 * 2 * 32 * 16
+
+
+def test_mqar_d_state_override_keeps_the_presets_block_options():
+    from ssmkit.experiments.reproduce.mqar import TRAIN, full, setting
+
+    spec = resolve_run(dict(setting("mamba-m2blk", 64, "L64-kv8", TRAIN, d_state=4).sections)).model
+    assert spec.config.mixer_options["mamba"] == {"out_norm": True, "dt_source": "in_proj", "d_state": 4}
+    settings = full().settings
+    assert len({s.name for s in settings}) == len(settings)
+    m2 = [s for s in settings if s.meta["model"] == "mamba-m2blk"]
+    assert {s.meta["d_state"] for s in m2} == {4, 16, 64} and {s.meta["task"] for s in m2} == {"L64-kv8", "L32-kv4"}
 
 
 def test_cli_list_and_errors(tmp_path, capsys):
