@@ -36,6 +36,11 @@ TRAIN = {  # name -> model and training flags (byte-level text task, 128-token r
 }
 
 
+COLUMNS = ["case", "batch", "tokens_per_s", "speedup_vs_plain", "speedup_vs_best_chain", "decode_only_speedup_vs_plain",
+           "cpu_speedup_vs_plain", "cpu_speedup_vs_best_chain", "tokens_per_pass", "acceptance_rate",
+           "rows_identical_fp32"]
+
+
 def train(root: Path) -> tuple[Path, Path]:
     """Train the target and the draft (the settings in TRAIN) into root/target and root/draft, one at a time."""
     repo = Path(__file__).resolve().parent.parent
@@ -120,15 +125,26 @@ def bench(target, draft, self_layers: int, prompts: torch.Tensor, new: int, ks: 
 
 
 def components(target, draft, prompts: torch.Tensor, k: int, tree: tuple[int, int], repeat: int = 20) -> list[dict]:
-    """CPU milliseconds (best of ``repeat``) of the parts of one round after the prompt: a plain decode step, the
-    unfused round's parts (k draft steps, the multi-token pass, the rollback) and the fused round's."""
-    from ssmkit.infer.fused_spec import fused_draft, fused_plan, fused_verify
-    from ssmkit.infer.multitoken import forward_snapshots
-    from ssmkit.infer.tree import TokenTree
+    """CPU milliseconds (best of ``repeat``, interleaved) of the parts of one round after the prompt: a plain decode
+    step, the unfused round's parts, and the fused loop's three launches (draft, verify, acceptance + rollback), the
+    verify pass for 1..8 and the tree's nodes, and the products alone (every weight once, as the verify pass reads
+    them) for 1, k + 1 and the tree's rows."""
+    import numba as nb
+    import numpy as np
 
-    def cpu_ms(fn) -> float:
-        fn()
-        return 1e3 * min(timed(fn)[1] for _ in range(repeat))
+    from ssmkit.infer import _numba_spec as S
+    from ssmkit.infer._numba_spec_stages import _gemm
+    from ssmkit.infer.fused_loop import _Side, _Verify
+    from ssmkit.infer.fused_spec import _full_tree, fused_plan
+    from ssmkit.infer.multitoken import forward_snapshots
+
+    @nb.njit(fastmath=True)
+    def products(xs, w_in, w_x, w_out, w_head, e, outs, col):  # the verify pass's products with its blocking
+        for layer in range(len(w_in)):
+            _gemm(xs[0], w_in[layer], e, e, 0, w_in[layer].shape[0], outs[0], col)
+            _gemm(xs[1], w_x[layer], e, e, 0, w_x[layer].shape[0], outs[1], col)
+            _gemm(xs[1], w_out[layer], e, e, 0, w_out[layer].shape[0], outs[2], col)
+        _gemm(xs[0], w_head, e, e, 0, w_head.shape[0], outs[3], col)
 
     def draft_steps():
         tok, s = last, s_d
@@ -136,30 +152,85 @@ def components(target, draft, prompts: torch.Tensor, k: int, tree: tuple[int, in
             lg, s = draft.step(tok, s)
             tok = lg.argmax(-1)
 
+    batch = prompts.shape[0]
     with torch.no_grad():
         out = target(prompts, return_final_state=True)
         s_t, s_d = out.state, draft(prompts, return_final_state=True).state
         last = out.logits[:, -1].argmax(-1)
         chain = last[:, None].repeat(1, k + 1)
         _, snaps = forward_snapshots(target, chain, s_t)
-        n = torch.full((prompts.shape[0],), k // 2, dtype=torch.long)
-        tp, dp = fused_plan(target, s_t), fused_plan(draft, s_d)
+        n = torch.full((batch,), k // 2, dtype=torch.long)
         parts = {"plain step (target)": lambda: target.step(last, s_t),
                  f"unfused: {k} draft steps": draft_steps,
                  f"unfused: target pass over {k + 1} tokens": lambda: forward_snapshots(target, chain, s_t),
                  "unfused: rollback select": lambda: snaps.select(n)}
+        tp, dp = fused_plan(target, s_t), fused_plan(draft, s_d)
         if tp is not None and dp is not None:
-            tc, tt = TokenTree.full(1, k), TokenTree.full(*tree)
-            nodes, _ = fused_draft(draft, dp, last, tree[0], tree[1], s_d)
-            _, fsnaps = fused_verify(target, tp, chain, tc, s_t)
-            parts.update({
-                f"fused: draft chain of {k}": lambda: fused_draft(draft, dp, last, 1, k, s_d),
-                f"fused: verify {k + 1} tokens": lambda: fused_verify(target, tp, chain, tc, s_t),
-                "fused: verify 1 token": lambda: fused_verify(target, tp, chain[:, :1], TokenTree.full(1, 0), s_t),
-                "fused: rollback select": lambda: fsnaps.select(n),
-                f"fused: draft tree {tree}": lambda: fused_draft(draft, dp, last, tree[0], tree[1], s_d),
-                f"fused: verify tree {tree} ({tt.size} nodes)": lambda: fused_verify(target, tp, nodes, tt, s_t)})
-        return [{"part": name, "batch": prompts.shape[0], "cpu_ms": cpu_ms(fn)} for name, fn in parts.items()]
+            a = tp.arrays
+            e = np.empty(0, dtype=np.float32)
+            di, xdim, d_model = a["d"][0].shape[0], a["x_w"][0].shape[0], a["in_w"][0].shape[1]
+
+            def side_pair(b: int, d: int):
+                tt = _full_tree(b, d)
+                tg, dr = _Side(target, tp, s_t, tt), _Side(draft, dp, s_d, tt)
+                return tt, tg, dr, _Verify(tg, batch), last[:, None].repeat(1, tt.size).contiguous()
+
+            def fused_parts(b: int, d: int, label: str) -> None:
+                tt, tg, dr, ver, nodes = side_pair(b, d)
+                root = last.numpy().astype(np.int64)
+                toks, cnt = np.empty((batch, d + 1), np.int64), np.empty(batch, np.int64)
+
+                def draft_fn():
+                    S.draft_tree(root, b, d, dr.emb.numpy(), dr.parents, dr.win, *dr.layers, dr.conv_t, *dr.scan,
+                                 dr.ssm, *dr.head, nodes.numpy(), dr.node_x, dr.node_ssm)
+
+                def accept_fn():
+                    S.accept_round(nodes.numpy(), ver.logits.numpy().reshape(batch, tt.size, -1), tg.parents, tg.win,
+                                   tg.node_x, tg.node_ssm, tg.conv_t.copy(), tg.ssm.copy(), dr.win, dr.node_x,
+                                   dr.node_ssm, dr.conv_t.copy(), dr.ssm.copy(), toks, cnt)
+                draft_fn()
+                ver.run(tg, nodes)
+                parts[f"fused: draft {label}"] = draft_fn
+                parts[f"fused: verify {label} ({tt.size} nodes)"] = lambda: ver.run(tg, nodes)
+                parts[f"fused: accept + rollback {label}"] = accept_fn
+
+            fused_parts(1, k, f"chain of {k}")
+            fused_parts(*tree, f"tree {tree[0]},{tree[1]}")
+            for t in sorted({1, 2, 3, 5, 6, 8} - {k + 1}):
+                _, tg, _, ver, nodes = side_pair(1, t - 1)
+                parts[f"fused: verify {t} tokens"] = lambda tg=tg, ver=ver, nodes=nodes: ver.run(tg, nodes)
+            for rows in sorted({1, k + 1, _full_tree(*tree).size}):
+                r = rows * batch
+                xs = (np.random.rand(r, d_model).astype(np.float32), np.random.rand(r, di).astype(np.float32))
+                outs = tuple(np.empty((r, m), np.float32) for m in (2 * di, xdim, d_model, a["head"][0].shape[0]))
+                args = (xs, a["in_w"], a["x_w"], a["out_w"], a["head"][0], e, outs, np.empty(r, np.float32))
+                parts[f"products only, {rows} node rows per batch row"] = lambda args=args: products(*args)
+        times = {name: [] for name in parts}
+        for fn in parts.values():
+            fn()
+        for _ in range(repeat):  # interleaved, so load changes hit every part alike
+            for name, fn in parts.items():
+                times[name].append(timed(fn)[1])
+        return [{"part": name, "batch": batch, "cpu_ms": 1e3 * min(v), "cpu_ms_median": 1e3 * float(np.median(v)),
+                 "plain_steps": min(v) / min(times["plain step (target)"])} for name, v in times.items()]
+
+
+def read_bandwidth(n_bytes: int) -> float:
+    """GB/s of one thread summing a float32 array of ``n_bytes`` (best of 10): the rate a decode step can read
+    weights of that size at (L3 for the 82 MB target on this machine, DRAM for 1 GB)."""
+    import numba as nb
+    import numpy as np
+
+    @nb.njit(fastmath=True)
+    def total(x):
+        acc = np.float32(0.0)
+        for i in range(x.shape[0]):
+            acc += x[i]
+        return acc
+
+    x = np.random.rand(n_bytes // 4).astype(np.float32)
+    total(x)
+    return n_bytes / min(timed(lambda: total(x))[1] for _ in range(10)) / 1e9
 
 
 def exact_check(target, draft, prompts: torch.Tensor, new: int, k: int, tree: tuple[int, int]) -> dict:
@@ -203,23 +274,25 @@ def main() -> None:
     rows = []
     for b in (int(v) for v in args.batches.split(",")):
         rows += bench(target, draft, args.self_layers, val[:b].contiguous(), args.new, ks, trees, args.repeat)
+    print_table(rows, COLUMNS)
     parts = []
     for b in (int(v) for v in args.batches.split(",")):
         parts += components(target, draft, val[:b].contiguous(), ks[-1], trees[-1])
-    print_table(parts, ["part", "batch", "cpu_ms"])
+    print_table(parts, ["part", "batch", "cpu_ms", "cpu_ms_median", "plain_steps"])
     exact = exact_check(target, draft, val, min(args.new, 48), ks[-1], trees[-1])
-    print_table(rows, ["case", "batch", "tokens_per_s", "speedup_vs_plain", "speedup_vs_best_chain",
-                       "decode_only_speedup_vs_plain", "cpu_speedup_vs_plain", "cpu_speedup_vs_best_chain",
-                       "tokens_per_pass", "acceptance_rate", "rows_identical_fp32"])
     print(f"float64 exactness ({exact['rows']} rows x {exact['new_tokens']} tokens): chain identical "
           f"{exact['chain_identical']}, tree identical {exact['tree_identical']}")
     bounds = machine_bounds()
     weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
     bounds["target_weight_MB"] = weight_bytes / 1e6
     bounds["plain_bound_tokens_per_s_batch1"] = bounds["copy_GBps"] * 1e9 / weight_bytes
-    print(f"machine: copy {bounds['copy_GBps']:.1f} GB/s; reading the target's {weight_bytes / 1e6:.1f} MB of "
-          f"weights once per token bounds plain batch-1 decoding at {bounds['plain_bound_tokens_per_s_batch1']:.0f}"
-          f" tokens/s; load average {os.getloadavg()[0]:.1f}")
+    bounds["read_GBps_weights_size"] = read_bandwidth(weight_bytes)
+    bounds["read_GBps_1GB"] = read_bandwidth(1 << 30)
+    bounds["weights_read_ms_at_weights_size_rate"] = weight_bytes / bounds["read_GBps_weights_size"] / 1e6
+    print(f"machine: copy {bounds['copy_GBps']:.1f} GB/s; one thread reads {bounds['read_GBps_weights_size']:.1f} "
+          f"GB/s from an array of the target's size ({weight_bytes / 1e6:.1f} MB: "
+          f"{bounds['weights_read_ms_at_weights_size_rate']:.2f} ms per pass over the weights) and "
+          f"{bounds['read_GBps_1GB']:.1f} GB/s from 1 GB; load average {os.getloadavg()[0]:.1f}")
     config = {"target": args.target, "draft": args.draft, "target_params": sum(p.numel() for p in target.parameters()),
               "draft_params": sum(p.numel() for p in draft.parameters()), "new_tokens": args.new,
               "prompt": args.prompt, "num_draft": ks, "trees": trees, "threads": args.threads,
