@@ -8,7 +8,9 @@ attention: 8 query / 2 kv heads of 64; MLP: relu2, 1536 wide), vocab 32000. Case
 - prefill of a 2048-token prompt, batch 1: time to the last position's logits and the cache/state (ssmkit:
   forward with return_final_state; transformers: forward with use_cache=True, logits_to_keep=1);
 - decode after a 2048-token prompt, batch 1 and 8: the time of 32 one-token steps from the prefilled cache (ssmkit:
-  CausalLM.step; transformers: its forward on one token with the cache), with the logits of both compared;
+  the step ``generate`` takes, ``infer.fused_hybrid.decode_step``: the whole stack and the LM head in one kernel
+  launch; ``model_step_s``: CausalLM.step, block by block; transformers: its forward on one token with the cache),
+  with the logits of both compared;
 - generate as a user sees it (2048-token prompt, 32 greedy tokens, batch 1): both generate functions, and whether
   they produced the same tokens.
 ``--quick``: 4 layers "M*M-", 256-token prompts, 8 steps. Writes benchmarks/results/bench_hybrid.json.
@@ -205,12 +207,17 @@ def decode_case(hf, ours, batch: int, context: int, steps: int, repeat: int) -> 
     x = ids(batch, context + steps, seed=batch)
     prompt, nxt = x[:, :context], x[:, context:]
 
-    def ours_run() -> tuple[float, torch.Tensor]:
+    from ssmkit.infer.fused_hybrid import decode_step
+
+    def ours_run(step=decode_step) -> tuple[float, torch.Tensor]:
         state = ours(prompt, return_final_state=True).state
         t0 = time.perf_counter()
         for t in range(steps):
-            lg, state = ours.step(nxt[:, t], state)
+            lg, state = step(ours, nxt[:, t], state)
         return time.perf_counter() - t0, lg
+
+    def block_step(model, tok, state):
+        return model.step(tok, state)
 
     def hf_run() -> tuple[float, torch.Tensor]:
         cache = hf(prompt, use_cache=True, logits_to_keep=1).cache
@@ -220,14 +227,16 @@ def decode_case(hf, ours, batch: int, context: int, steps: int, repeat: int) -> 
             cache = out.cache
         return time.perf_counter() - t0, out.logits[:, -1]
 
-    ours_run(), hf_run()  # warm-up
+    ours_run(), ours_run(block_step), hf_run()  # warm-up
     t_ours, lg_ours = min((ours_run() for _ in range(repeat)), key=lambda r: r[0])
+    t_block = min(ours_run(block_step)[0] for _ in range(repeat))
     t_hf, lg_hf = min((hf_run() for _ in range(repeat)), key=lambda r: r[0])
     err = float((lg_ours - lg_hf).abs().max() / lg_hf.abs().max())
     n = batch * steps
     bound, bw = decode_bound(ours, batch, context, steps, repeat)
     return {"case": f"decode @{context} b{batch}", "ssmkit_s": t_ours, "transformers_s": t_hf,
-            "speedup": t_hf / t_ours, "bound_s": bound, "hf_over_bound": t_hf / bound,
+            "speedup": t_hf / t_ours, "model_step_s": t_block, "model_step_speedup": t_hf / t_block,
+            "bound_s": bound, "hf_over_bound": t_hf / bound,
             "weights_gb_per_s": bw / 1e9, "ssmkit_tok_per_s": n / t_ours, "transformers_tok_per_s": n / t_hf,
             "logits_rel_err": err}
 
@@ -270,8 +279,8 @@ def main() -> None:
     rows = [prefill_case(hf, ours, p["context"], p["repeat"])]
     rows += [decode_case(hf, ours, b, p["context"], p["steps"], p["repeat"]) for b in p["batches"]]
     rows.append(generate_case(hf, ours, p["context"], p["steps"], p["repeat"]))
-    print_table(rows, ["case", "speedup", "ssmkit_s", "transformers_s", "floor_s", "hf_over_floor", "bound_s",
-                       "hf_over_bound", "gemm_gflops",
+    print_table(rows, ["case", "speedup", "ssmkit_s", "transformers_s", "model_step_speedup", "floor_s",
+                       "hf_over_floor", "bound_s", "hf_over_bound", "gemm_gflops",
                        "weights_gb_per_s", "ssmkit_tok_per_s", "transformers_tok_per_s", "logits_rel_err",
                        "same_tokens"])
     path = write_json("bench_hybrid" + ("_quick" if args.quick else ""), {

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..models.heads import CausalLM
 from ..models.outputs import ModelState
+from .fused_hybrid import decode_step
 from .prompts import Prompts, parse_prompts
 from .sampling import RowRandom, check_sampling_options, select_tokens
 from .states import merge_states
@@ -99,7 +100,7 @@ def _prefill(model: CausalLM, prompts: Prompts) -> tuple[Tensor, ModelState]:
 
 @torch.no_grad()
 def _step(model: CausalLM, tokens: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
-    return model.step(tokens, state)
+    return decode_step(model, tokens, state)  # a hybrid stack in one launch when it fits (infer.fused_hybrid)
 
 
 @dataclass
