@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ssmkit.ops import reference as R
-from ssmkit.ops._ssd_state import state_pass
+from ssmkit.ops._ssd_state import ROWS, state_pass
 
 
 def loop(S, total, h0):
@@ -52,6 +52,20 @@ def test_matches_loop_forward_and_gradients(b, c, G, N, R, P, dtype, use_h0, gra
     loss_r = loss_r + sum(0 * t.sum() for t in leaves_r)  # one chunk and no h0: entering is constant zero
     for got, want in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(loss_r, leaves_r), strict=True):
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("N", [ROWS, ROWS + 1, 2 * ROWS + 5])
+def test_several_row_blocks(N):
+    """N past one task's block of rows (and a partial last block): forward and gradients against the loop."""
+    S, total, h0 = inputs(2, 4, 2, N, 3, 5, torch.float64, N, True)
+    got = state_pass(S, total, h0)
+    want = loop(S, total, h0)
+    w = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+         for i, t in enumerate(want)]
+    g_got = torch.autograd.grad(sum((a * b).sum() for a, b in zip(got, w, strict=True)), (S, total, h0))
+    g_want = torch.autograd.grad(sum((a * b).sum() for a, b in zip(want, w, strict=True)), (S, total, h0))
+    for a, b in zip((*got, *g_got), (*want, *g_want), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_gradcheck():

@@ -4,11 +4,12 @@
 
 h_0 = h0; h_{c+1} = total_c h_c + S_c; entering[:, c] = h_c; hT = h_chunks. Shapes: S (b, c, G, N, R, P) the
 chunks' own end states, total (b, c, G, R) each chunk's whole decay per head (heads = G * R), h0 (b, G, N, R, P)
-or None (zeros); entering like S, hT like h0. One task per (batch, group, head) walks the chunks in order, so no
-per-chunk tensors, stack or autograd nodes are made (a Python loop over 512 chunks of a 32,768-token piece made
-~2,000 small ops per backward), and the backward is one reverse sweep:
-g_h <- g_hT; for c from last to first: g_S_c = g_h, g_total_c = sum_{n,p} g_h h_c, g_h <- total_c g_h + g_entering_c;
-g_h0 = g_h. Every element is computed by one task in one fixed order, so results do not depend on the thread count.
+or None (zeros); entering like S, hT like h0. One task per (batch, group, block of state rows) walks the chunks in
+order over its rows' contiguous (heads, head_dim) blocks, so no per-chunk tensors, stack or autograd nodes are made
+(a Python loop over 512 chunks of a 32,768-token piece made ~2,000 small ops per backward), and the backward is one
+reverse sweep: g_h <- g_hT; for c from last to first: g_S_c = g_h, g_total_c = sum_{n,p} g_h h_c,
+g_h <- total_c g_h + g_entering_c; g_h0 = g_h. Every element is computed by one task in one fixed order and the
+blocks' parts of g_total are added in block order, so results do not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -21,61 +22,78 @@ from torch import Tensor
 from ._numba_kernels import EXACT_MATH, fma
 from .threads import kernel_threads
 
+#: state rows (N) per task: a task sweeps its rows' (heads, head_dim) blocks of S contiguously, chunk after chunk
+ROWS = 16
+
 
 @nb.njit(parallel=True, fastmath=EXACT_MATH, cache=True)
 def ssd_state_fwd(S, tot, h0, ent, hT):
-    """ent[:, c] = h_c, h_{c+1} = tot_c h_c + S_c (one rounding, fma), h_0 = h0; hT = h after the last chunk."""
+    """ent[:, c] = h_c, h_{c+1} = tot_c h_c + S_c (one rounding, fma), h_0 = h0; hT = h after the last chunk.
+    One task per (batch, group, block of ROWS state rows)."""
     nbat, nc, G, N, R, P = S.shape
-    for task in nb.prange(nbat * G * R):
-        bi = task // (G * R)
-        gi = (task // R) % G
-        r = task % R
-        h = np.empty((N, P), dtype=S.dtype)
-        for n in range(N):
-            for p in range(P):
-                h[n, p] = h0[bi, gi, n, r, p]
-        for c in range(nc):
-            t = tot[bi, c, gi, r]
-            for n in range(N):
+    nblk = (N + ROWS - 1) // ROWS
+    for task in nb.prange(nbat * G * nblk):
+        bi = task // (G * nblk)
+        gi = (task // nblk) % G
+        n0 = (task % nblk) * ROWS
+        n1 = min(N, n0 + ROWS)
+        h = np.empty((n1 - n0, R, P), dtype=S.dtype)
+        for n in range(n0, n1):
+            for r in range(R):
                 for p in range(P):
-                    v = h[n, p]
-                    ent[bi, c, gi, n, r, p] = v
-                    h[n, p] = fma(t, v, S[bi, c, gi, n, r, p])
-        for n in range(N):
-            for p in range(P):
-                hT[bi, gi, n, r, p] = h[n, p]
+                    h[n - n0, r, p] = h0[bi, gi, n, r, p]
+        for c in range(nc):
+            for n in range(n0, n1):
+                for r in range(R):
+                    t = tot[bi, c, gi, r]
+                    for p in range(P):
+                        v = h[n - n0, r, p]
+                        ent[bi, c, gi, n, r, p] = v
+                        h[n - n0, r, p] = fma(t, v, S[bi, c, gi, n, r, p])
+        for n in range(n0, n1):
+            for r in range(R):
+                for p in range(P):
+                    hT[bi, gi, n, r, p] = h[n - n0, r, p]
 
 
 @nb.njit(parallel=True, fastmath=EXACT_MATH, cache=True)
-def ssd_state_bwd(tot, ent, gent, ghT, gS, gtot, gh0):
-    """The reverse sweep of :func:`ssd_state_fwd` (see the module docstring); gtot's sum over (n, p) is kept per
-    lane p over n, then summed over p in order."""
+def ssd_state_bwd(tot, ent, gent, ghT, gS, gtot_part, gh0):
+    """The reverse sweep of :func:`ssd_state_fwd` (see the module docstring), one task per (batch, group, block of
+    ROWS rows) as there; gtot_part[blk] holds the block's part of g_total (summed over its rows in order, per lane
+    p, then over p in order); the caller adds the blocks in order."""
     nbat, nc, G, N, R, P = ent.shape
-    for task in nb.prange(nbat * G * R):
-        bi = task // (G * R)
-        gi = (task // R) % G
-        r = task % R
-        gh = np.empty((N, P), dtype=ent.dtype)
-        acc = np.empty(P, dtype=ent.dtype)
-        for n in range(N):
-            for p in range(P):
-                gh[n, p] = ghT[bi, gi, n, r, p]
-        for c in range(nc - 1, -1, -1):
-            t = tot[bi, c, gi, r]
-            acc[:] = 0.0
-            for n in range(N):
+    nblk = (N + ROWS - 1) // ROWS
+    for task in nb.prange(nbat * G * nblk):
+        bi = task // (G * nblk)
+        gi = (task // nblk) % G
+        blk = task % nblk
+        n0 = blk * ROWS
+        n1 = min(N, n0 + ROWS)
+        gh = np.empty((n1 - n0, R, P), dtype=ent.dtype)
+        acc = np.empty((R, P), dtype=ent.dtype)
+        for n in range(n0, n1):
+            for r in range(R):
                 for p in range(P):
-                    g = gh[n, p]
-                    gS[bi, c, gi, n, r, p] = g
-                    acc[p] = fma(g, ent[bi, c, gi, n, r, p], acc[p])
-                    gh[n, p] = fma(t, g, gent[bi, c, gi, n, r, p])
-            s = acc[0]
-            for p in range(1, P):
-                s += acc[p]
-            gtot[bi, c, gi, r] = s
-        for n in range(N):
-            for p in range(P):
-                gh0[bi, gi, n, r, p] = gh[n, p]
+                    gh[n - n0, r, p] = ghT[bi, gi, n, r, p]
+        for c in range(nc - 1, -1, -1):
+            acc[:, :] = 0.0
+            for n in range(n0, n1):
+                for r in range(R):
+                    t = tot[bi, c, gi, r]
+                    for p in range(P):
+                        g = gh[n - n0, r, p]
+                        gS[bi, c, gi, n, r, p] = g
+                        acc[r, p] = fma(g, ent[bi, c, gi, n, r, p], acc[r, p])
+                        gh[n - n0, r, p] = fma(t, g, gent[bi, c, gi, n, r, p])
+            for r in range(R):
+                s = acc[r, 0]
+                for p in range(1, P):
+                    s += acc[r, p]
+                gtot_part[blk, bi, c, gi, r] = s
+        for n in range(n0, n1):
+            for r in range(R):
+                for p in range(P):
+                    gh0[bi, gi, n, r, p] = gh[n - n0, r, p]
 
 
 class _StatePass(torch.autograd.Function):
@@ -99,10 +117,14 @@ class _StatePass(torch.autograd.Function):
         batch, _, G, N, R, P = ent.shape
         gent = torch.zeros_like(ent) if gent is None else gent.contiguous()
         ghT = ent.new_zeros(batch, G, N, R, P) if ghT is None else ghT.contiguous()
-        gS, gtot, gh0 = torch.empty_like(ent), torch.empty_like(tot), torch.empty_like(ghT)
+        gS, gh0 = torch.empty_like(ent), torch.empty_like(ghT)
+        parts = torch.empty((-(-N // ROWS), *tot.shape), dtype=tot.dtype)
         with kernel_threads(ent.numel()):
-            ssd_state_bwd(tot.numpy(), ent.numpy(), gent.numpy(), ghT.numpy(), gS.numpy(), gtot.numpy(),
+            ssd_state_bwd(tot.numpy(), ent.numpy(), gent.numpy(), ghT.numpy(), gS.numpy(), parts.numpy(),
                           gh0.numpy())
+        gtot = parts[0].clone()
+        for part in parts[1:]:  # in block order: the same sum on any thread count
+            gtot += part
         return gS, gtot, gh0 if ctx.has_h0 else None
 
 
