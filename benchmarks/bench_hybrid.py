@@ -10,10 +10,12 @@ attention: 8 query / 2 kv heads of 64; MLP: relu2, 1536 wide), vocab 32000. Case
 - decode after a 2048-token prompt, batch 1 and 8: the time of 32 one-token steps from the prefilled cache (ssmkit:
   the step ``generate`` takes, ``infer.fused_hybrid.decode_step``: the whole stack and the LM head in one kernel
   launch; ``model_step_s``: CausalLM.step, block by block; transformers: its forward on one token with the cache),
-  with the logits of both compared;
+  with the logits of both compared; the three run interleaved, best of ``repeat``, in wall clock (``speedup``) and
+  CPU time (``cpu_speedup``, steadier on a shared machine);
 - generate as a user sees it (2048-token prompt, 32 greedy tokens, batch 1): both generate functions, and whether
   they produced the same tokens.
-``--quick``: 4 layers "M*M-", 256-token prompts, 8 steps. Writes benchmarks/results/bench_hybrid.json.
+``--quick``: 4 layers "M*M-", 256-token prompts, 8 steps; ``--decode-only``: the decode rows alone.
+Writes benchmarks/results/bench_hybrid.json.
 
 Each prefill/decode row also has ``bound_s``, a floor for the same float32 arithmetic on this machine under its
 current load, timed in this process right after the case by replaying the model's projections alone (F.linear on
@@ -209,33 +211,34 @@ def decode_case(hf, ours, batch: int, context: int, steps: int, repeat: int) -> 
 
     from ssmkit.infer.fused_hybrid import decode_step
 
-    def ours_run(step=decode_step) -> tuple[float, torch.Tensor]:
+    def ours_run(step=decode_step) -> tuple[float, float, torch.Tensor]:
         state = ours(prompt, return_final_state=True).state
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for t in range(steps):
             lg, state = step(ours, nxt[:, t], state)
-        return time.perf_counter() - t0, lg
+        return time.perf_counter() - t0, time.process_time() - c0, lg
 
     def block_step(model, tok, state):
         return model.step(tok, state)
 
-    def hf_run() -> tuple[float, torch.Tensor]:
+    def hf_run() -> tuple[float, float, torch.Tensor]:
         cache = hf(prompt, use_cache=True, logits_to_keep=1).cache
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for t in range(steps):
             out = hf(nxt[:, t:t + 1], cache=cache, use_cache=True)
             cache = out.cache
-        return time.perf_counter() - t0, out.logits[:, -1]
+        return time.perf_counter() - t0, time.process_time() - c0, out.logits[:, -1]
 
     ours_run(), ours_run(block_step), hf_run()  # warm-up
-    t_ours, lg_ours = min((ours_run() for _ in range(repeat)), key=lambda r: r[0])
-    t_block = min(ours_run(block_step)[0] for _ in range(repeat))
-    t_hf, lg_hf = min((hf_run() for _ in range(repeat)), key=lambda r: r[0])
+    runs = [(ours_run(), ours_run(block_step), hf_run()) for _ in range(repeat)]  # interleaved: the load drifts
+    (t_ours, c_ours, lg_ours), (t_block, c_block, _), (t_hf, c_hf, lg_hf) = (
+        (min(r[k][0] for r in runs), min(r[k][1] for r in runs), runs[-1][k][2]) for k in range(3))
     err = float((lg_ours - lg_hf).abs().max() / lg_hf.abs().max())
     n = batch * steps
     bound, bw = decode_bound(ours, batch, context, steps, repeat)
     return {"case": f"decode @{context} b{batch}", "ssmkit_s": t_ours, "transformers_s": t_hf,
             "speedup": t_hf / t_ours, "model_step_s": t_block, "model_step_speedup": t_hf / t_block,
+            "cpu_speedup": c_hf / c_ours, "model_step_cpu_speedup": c_hf / c_block,
             "bound_s": bound, "hf_over_bound": t_hf / bound,
             "weights_gb_per_s": bw / 1e9, "ssmkit_tok_per_s": n / t_ours, "transformers_tok_per_s": n / t_hf,
             "logits_rel_err": err}
@@ -266,6 +269,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4 layers, 256-token prompts (a smoke run)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides")
+    parser.add_argument("--decode-only", action="store_true", help="only the decode rows")
     args = parser.parse_args()
     if args.threads is not None:
         if args.threads < 1:
@@ -276,14 +280,16 @@ def main() -> None:
     t0 = time.perf_counter()
     hf, ours = build(p["pattern"])
     print(f"model: {ours.summary()}  (threads: {torch.get_num_threads()})")
-    rows = [prefill_case(hf, ours, p["context"], p["repeat"])]
+    rows = [] if args.decode_only else [prefill_case(hf, ours, p["context"], p["repeat"])]
     rows += [decode_case(hf, ours, b, p["context"], p["steps"], p["repeat"]) for b in p["batches"]]
-    rows.append(generate_case(hf, ours, p["context"], p["steps"], p["repeat"]))
-    print_table(rows, ["case", "speedup", "ssmkit_s", "transformers_s", "model_step_speedup", "floor_s",
+    if not args.decode_only:
+        rows.append(generate_case(hf, ours, p["context"], p["steps"], p["repeat"]))
+    print_table(rows, ["case", "speedup", "ssmkit_s", "transformers_s", "model_step_speedup", "cpu_speedup",
+                       "model_step_cpu_speedup", "floor_s",
                        "hf_over_floor", "bound_s", "hf_over_bound", "gemm_gflops",
                        "weights_gb_per_s", "ssmkit_tok_per_s", "transformers_tok_per_s", "logits_rel_err",
                        "same_tokens"])
-    path = write_json("bench_hybrid" + ("_quick" if args.quick else ""), {
+    path = write_json("bench_hybrid" + ("_quick" if args.quick else "") + ("_decode" if args.decode_only else ""), {
         "quick": args.quick, "threads": torch.get_num_threads(), "params": p, "model": ours.summary(), "rows": rows,
         "rss_bytes_end": current_rss_bytes(), "wall_s": time.perf_counter() - t0})
     print(f"wrote {path}")
