@@ -15,8 +15,28 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-TIMEOUT = 240.0
+TIMEOUT = 600.0  # generous: in a fresh clone on a loaded machine each rank may compile numba kernels first
 TOL = 1e-10
+
+
+def warm_kernels(makers: dict[str, Callable], d_model: int, length: int = 7) -> None:
+    """Run each ``maker()`` once in float64 in the calling process (forward with a reset, backward), so numba
+    compiles its kernels into the on-disk cache once, before spawned ranks would each compile them at the same
+    time; layers with recurrent state also run with an initial state and ``return_final_state``."""
+    torch.manual_seed(0)
+    for make in makers.values():
+        layer = make().double()
+        x = torch.randn(2, length, d_model, dtype=torch.float64, requires_grad=True)
+        reset = torch.zeros(2, length, dtype=torch.bool)
+        reset[0, length // 2] = True
+        layer(x, reset=reset).sum().backward()
+        try:
+            s0 = layer.init_state(2)
+        except (AttributeError, NotImplementedError):
+            continue
+        if s0 is not None:
+            y, _ = layer(x, s0, reset=reset, return_final_state=True)
+            y.sum().backward()
 
 
 def max_err(got: torch.Tensor, want: torch.Tensor) -> float:

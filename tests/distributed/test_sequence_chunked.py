@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from .sp_common import spawn
+from .sp_common import spawn, warm_kernels
 
 TOL = 1e-10
 
@@ -142,6 +142,7 @@ def _cases(size: int, rank: int) -> tuple[int, list[str]]:
 
 @pytest.mark.parametrize("size", [2])
 def test_state_passing_and_chunked_training_equal_one_process(size):
+    warm_kernels(_layers(), 6)
     results = spawn(_cases, size)
     for _, ran, fails in results:
         assert not fails, "\n".join(fails)

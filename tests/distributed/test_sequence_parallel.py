@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from .sp_common import TOL, check_case, max_err, spawn
+from .sp_common import TOL, check_case, max_err, spawn, warm_kernels
 
 
 def _families() -> dict:
@@ -192,6 +192,7 @@ def _worker(size: int, rank: int):
 @pytest.mark.parametrize("size", [2, 3])
 def test_sequence_parallel_equals_one_process(size):
     n_cases = 3 * len(_families()) + 2 * len(_hybrids()) + 2 * len(_prefixed())
+    warm_kernels(_families(), 8)
     for rank, ran, fails in spawn(_worker, size):
         assert not fails, "\n".join(fails)
         assert ran == n_cases, f"rank {rank} ran {ran} of {n_cases} cases"
