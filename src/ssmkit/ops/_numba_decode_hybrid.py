@@ -2,7 +2,7 @@
 for a few rows in one parallel launch, with the final norm and the LM head.
 
 The work sharing (stage counters, chunk claiming, barriers) and the matrix-row products are those of
-:mod:`._numba_decode`; the Mamba-2 stages follow :mod:`._numba_decode_mamba2`'s. Arrays are C-contiguous, float32
+:mod:`._numba_decode`; the Mamba-2 stages are :mod:`._numba_decode_mamba2`'s. Arrays are C-contiguous, float32
 or float64 throughout (one dtype per call, float weights only).
 """
 
@@ -24,7 +24,7 @@ from ._numba_decode import (
     _silu,
     _wait_stage,
 )
-from ._numba_kernels import fast_exp, fast_softplus
+from ._numba_decode_mamba2 import gated_norm_stage, in_proj_tail, ssd_stage
 
 #: block kinds of the program
 MAMBA2, FFN, GQA = 0, 1, 2
@@ -33,7 +33,6 @@ ACTS = {"silu": 0, "gelu": 1, "gelu_pytorch_tanh": 2, "relu": 3, "relu2": 4}
 #: counter stages per block; the kernel needs counter_slots(STAGES * L + 2, threads) counters
 STAGES = 5
 _ROWS_IN = 32  # projection rows per chunk
-_CHANNELS = 16  # SSD channels per chunk
 _ROWS_OUT = 16  # output-projection rows per chunk
 
 
@@ -95,17 +94,7 @@ def _rows_into(x, w, bias, out, counters, stage, t, n_threads, col, cursor):
 def _mamba2_block(st, t, n_threads, counters, cursor, col, h, xn, mult, wi, bi, cw, cb, cs, cn, dtb, al, dsk, gw,
                   lo, hi, geps, n_groups, wo, bo, ss, sn, zb, xbc, dts, y):
     """A Mamba-2 block after its norm (xn): in_proj, conv, SSD step, gated norm, out_proj into h (stages
-    st + 1 .. st + 4)."""
-    nb_rows = h.shape[0]
-    di = zb.shape[1]
-    n_conv = xbc.shape[1]
-    gn = (n_conv - di) // 2
-    n_state = gn // n_groups
-    n_heads = al.shape[0]
-    headdim = di // n_heads
-    heads_per_group = n_heads // n_groups
-    group_size = di // n_groups
-    width = cw.shape[1]
+    st + 1 .. st + 4); the stages after in_proj's products are :mod:`._numba_decode_mamba2`'s."""
     n1 = (wi.shape[0] + _ROWS_IN - 1) // _ROWS_IN
     cursor[0] = 0
     while True:
@@ -114,69 +103,11 @@ def _mamba2_block(st, t, n_threads, counters, cursor, col, h, xn, mult, wi, bi, 
             break
         lo_, hi_ = chunk * _ROWS_IN, min(wi.shape[0], chunk * _ROWS_IN + _ROWS_IN)
         _rows(xn, wi, lo_, hi_, bi, col)
-        for o in range(lo_, hi_):
-            if o < di:
-                for b in range(nb_rows):
-                    zb[b, o] = col[o - lo_, b]
-            elif o < di + n_conv:
-                c = o - di
-                for b in range(nb_rows):
-                    v = col[o - lo_, b]
-                    acc = cw[c, width - 1] * v
-                    for j in range(width - 1):
-                        acc += cw[c, j] * cs[b, c, j]
-                    for j in range(width - 2):
-                        cn[b, c, j] = cs[b, c, j + 1]
-                    if width > 1:
-                        cn[b, c, width - 2] = v
-                    if cb.shape[0] > 0:
-                        acc += cb[c]
-                    xbc[b, c] = _silu(acc)
-            else:
-                hh = o - di - n_conv
-                for b in range(nb_rows):
-                    dt = min(max(fast_softplus(col[o - lo_, b] + dtb[hh]), lo), hi)
-                    dts[b, hh] = dt
-                    dts[b, n_heads + hh] = fast_exp(-dt * fast_exp(al[hh]))
+        in_proj_tail(col, lo_, hi_, zb, cw, cb, cs, cn, xbc, dtb, al, dts, lo, hi)
         _finish_stage(counters, st + 1, n_threads)
     _wait_stage(counters, st + 1, n1, n_threads)
-    n2 = (di + _CHANNELS - 1) // _CHANNELS
-    cursor[0] = 0
-    while True:
-        chunk = _next_chunk(counters, st + 2, n2, t, n_threads, cursor)
-        if chunk < 0:
-            break
-        for c in range(chunk * _CHANNELS, min(di, chunk * _CHANNELS + _CHANNELS)):
-            hh = c // headdim
-            boff = di + (hh // heads_per_group) * n_state
-            for b in range(nb_rows):
-                xv = xbc[b, c]
-                dx = dts[b, hh] * xv
-                da = dts[b, n_heads + hh]
-                acc = dsk[hh] * xv
-                for n in range(n_state):
-                    sv = ss[b, c, n] * da + dx * xbc[b, boff + n]
-                    sn[b, c, n] = sv
-                    acc += sv * xbc[b, boff + gn + n]
-                y[b, c] = acc * _silu(zb[b, c])
-        _finish_stage(counters, st + 2, n_threads)
-    _wait_stage(counters, st + 2, n2, n_threads)
-    n3 = nb_rows * n_groups
-    cursor[0] = 0
-    while True:
-        chunk = _next_chunk(counters, st + 3, n3, t, n_threads, cursor)
-        if chunk < 0:
-            break
-        b, g = chunk // n_groups, chunk % n_groups
-        c0 = g * group_size
-        ms = y[b, c0] * y[b, c0]
-        for c in range(c0 + 1, c0 + group_size):
-            ms += y[b, c] * y[b, c]
-        inv = 1 / math.sqrt(ms / group_size + geps)
-        for c in range(c0, c0 + group_size):
-            y[b, c] = y[b, c] * inv * gw[c]
-        _finish_stage(counters, st + 3, n_threads)
-    _wait_stage(counters, st + 3, n3, n_threads)
+    ssd_stage(counters, st + 2, t, n_threads, cursor, xbc, dts, dsk, ss, sn, zb, y, n_groups)
+    gated_norm_stage(counters, st + 3, t, n_threads, cursor, y, gw, geps, n_groups)
     _rows_into_h(y, wo, bo, h, mult, counters, st + 4, t, n_threads, col, cursor)
 
 

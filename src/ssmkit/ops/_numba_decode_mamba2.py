@@ -36,6 +36,99 @@ _CHANNELS = 16  # SSD channels (of headdim * nheads) per chunk
 _ROWS_OUT = 16  # out_proj rows per chunk
 
 
+@nb.njit(fastmath=True, cache=True)
+def in_proj_tail(col, lo_, hi_, zb, cw, cb, cs, cn, xbc, dtb, al, dts, lo, hi):
+    """in_proj rows lo_..hi_ (products in col (rows, B)) to their uses: z kept in zb, (x, B, C) through the
+    causal conv (state cs -> cn) and SiLU into xbc, dt through softplus and the clamp (lo, hi) into dts[:, :H]
+    with exp(-dt * exp(A_log)) into dts[:, H:]."""
+    nb_rows = zb.shape[0]
+    di = zb.shape[1]
+    n_conv = xbc.shape[1]
+    n_heads = al.shape[0]
+    width = cw.shape[1]
+    for o in range(lo_, hi_):
+        if o < di:
+            for b in range(nb_rows):
+                zb[b, o] = col[o - lo_, b]
+        elif o < di + n_conv:
+            c = o - di
+            for b in range(nb_rows):
+                v = col[o - lo_, b]
+                acc = cw[c, width - 1] * v
+                for j in range(width - 1):
+                    acc += cw[c, j] * cs[b, c, j]
+                for j in range(width - 2):
+                    cn[b, c, j] = cs[b, c, j + 1]
+                if width > 1:
+                    cn[b, c, width - 2] = v
+                if cb.shape[0] > 0:
+                    acc += cb[c]
+                xbc[b, c] = _silu(acc)
+        else:
+            hh = o - di - n_conv
+            for b in range(nb_rows):
+                dt = min(max(fast_softplus(col[o - lo_, b] + dtb[hh]), lo), hi)
+                dts[b, hh] = dt
+                dts[b, n_heads + hh] = fast_exp(-dt * fast_exp(al[hh]))
+
+
+@nb.njit(fastmath=True, cache=True)
+def ssd_stage(counters, stage, t, n_threads, cursor, xbc, dts, dsk, ss, sn, zb, y, n_groups):
+    """The SSD state update (ss -> sn) and readout per channel, the skip and the gate y = (.) * silu(z), shared
+    out in chunks of _CHANNELS channels (one counter stage)."""
+    nb_rows = zb.shape[0]
+    di = zb.shape[1]
+    gn = (xbc.shape[1] - di) // 2  # G * N
+    n_state = gn // n_groups
+    n_heads = dsk.shape[0]
+    headdim = di // n_heads
+    heads_per_group = n_heads // n_groups
+    n2 = (di + _CHANNELS - 1) // _CHANNELS
+    cursor[0] = 0
+    while True:
+        chunk = _next_chunk(counters, stage, n2, t, n_threads, cursor)
+        if chunk < 0:
+            break
+        for c in range(chunk * _CHANNELS, min(di, chunk * _CHANNELS + _CHANNELS)):
+            hh = c // headdim
+            boff = di + (hh // heads_per_group) * n_state  # this head's B in xbc; its C is gn further
+            for b in range(nb_rows):
+                xv = xbc[b, c]
+                dx = dts[b, hh] * xv
+                da = dts[b, n_heads + hh]
+                acc = dsk[hh] * xv
+                for n in range(n_state):
+                    sv = ss[b, c, n] * da + dx * xbc[b, boff + n]
+                    sn[b, c, n] = sv
+                    acc += sv * xbc[b, boff + gn + n]
+                y[b, c] = acc * _silu(zb[b, c])
+        _finish_stage(counters, stage, n_threads)
+    _wait_stage(counters, stage, n2, n_threads)
+
+
+@nb.njit(fastmath=True, cache=True)
+def gated_norm_stage(counters, stage, t, n_threads, cursor, y, gw, geps, n_groups):
+    """The gated RMSNorm of y (B, Di) in place, per (row, group) (one counter stage)."""
+    nb_rows = y.shape[0]
+    group_size = y.shape[1] // n_groups
+    n3 = nb_rows * n_groups
+    cursor[0] = 0
+    while True:
+        chunk = _next_chunk(counters, stage, n3, t, n_threads, cursor)
+        if chunk < 0:
+            break
+        b, g = chunk // n_groups, chunk % n_groups
+        c0 = g * group_size
+        ms = y[b, c0] * y[b, c0]
+        for c in range(c0 + 1, c0 + group_size):
+            ms += y[b, c] * y[b, c]
+        inv = 1 / math.sqrt(ms / group_size + geps)
+        for c in range(c0, c0 + group_size):
+            y[b, c] = y[b, c] * inv * gw[c]
+        _finish_stage(counters, stage, n_threads)
+    _wait_stage(counters, stage, n3, n_threads)
+
+
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, conv_w, conv_b, conv_state,
                  dt_b, a_log, d_skip, gnorm_w, consts, n_groups, w_out, s_out, b_out, ssm_state, conv_new, ssm_new,
@@ -62,13 +155,6 @@ def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in,
     nb_rows = h.shape[0]
     n_layers = len(w_in)
     di = zb.shape[1]
-    n_conv = xbc.shape[1]
-    gn = (n_conv - di) // 2  # G * N
-    n_state = gn // n_groups
-    n_heads = a_log[0].shape[0]
-    headdim = di // n_heads
-    heads_per_group = n_heads // n_groups
-    group_size = di // n_groups
     for t in nb.prange(n_threads):
         col = np.empty((_ROWS_LINEAR, nb_rows), dtype=h.dtype)  # this thread's products of a chunk's rows
         cursor = np.zeros(1, dtype=np.int64)
@@ -81,7 +167,6 @@ def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in,
             ss, sn = ssm_state[layer], ssm_new[layer]
             wo, so, bo = w_out[layer], s_out[layer], b_out[layer]
             lo, hi, geps = consts[layer, 0], consts[layer, 1], consts[layer, 2]
-            width = cw.shape[1]
             _norm_stage(counters, st, n_threads, h, norm_w[layer], eps, xn, residual)  # stage 0: the block's norm
             # stage 1: in_proj; z kept, (x, B, C) through the causal conv and SiLU, dt through softplus and clamp
             _prep_q(xn, act_q, si, qm)
@@ -93,71 +178,13 @@ def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in,
                     break
                 lo_, hi_ = chunk * _ROWS_IN, min(wi.shape[0], chunk * _ROWS_IN + _ROWS_IN)
                 _rows_q(xn, act_q, qm, wi, lo_, hi_, si, bi, col)
-                for o in range(lo_, hi_):
-                    if o < di:
-                        for b in range(nb_rows):
-                            zb[b, o] = col[o - lo_, b]
-                    elif o < di + n_conv:
-                        c = o - di
-                        for b in range(nb_rows):
-                            v = col[o - lo_, b]
-                            acc = cw[c, width - 1] * v
-                            for j in range(width - 1):
-                                acc += cw[c, j] * cs[b, c, j]
-                            for j in range(width - 2):
-                                cn[b, c, j] = cs[b, c, j + 1]
-                            if width > 1:
-                                cn[b, c, width - 2] = v
-                            if cb.shape[0] > 0:
-                                acc += cb[c]
-                            xbc[b, c] = _silu(acc)
-                    else:
-                        hh = o - di - n_conv
-                        for b in range(nb_rows):
-                            dt = min(max(fast_softplus(col[o - lo_, b] + dtb[hh]), lo), hi)
-                            dts[b, hh] = dt
-                            dts[b, n_heads + hh] = fast_exp(-dt * fast_exp(al[hh]))
+                in_proj_tail(col, lo_, hi_, zb, cw, cb, cs, cn, xbc, dtb, al, dts, lo, hi)
                 _finish_stage(counters, st + 1, n_threads)
             _wait_stage(counters, st + 1, n1, n_threads)
             # stage 2: the SSD state update and readout per channel, the skip and the gate y * silu(z)
-            n2 = (di + _CHANNELS - 1) // _CHANNELS
-            cursor[0] = 0
-            while True:
-                chunk = _next_chunk(counters, st + 2, n2, t, n_threads, cursor)
-                if chunk < 0:
-                    break
-                for c in range(chunk * _CHANNELS, min(di, chunk * _CHANNELS + _CHANNELS)):
-                    hh = c // headdim
-                    boff = di + (hh // heads_per_group) * n_state  # this head's B in xbc; its C is gn further
-                    for b in range(nb_rows):
-                        xv = xbc[b, c]
-                        dx = dts[b, hh] * xv
-                        da = dts[b, n_heads + hh]
-                        acc = dsk[hh] * xv
-                        for n in range(n_state):
-                            sv = ss[b, c, n] * da + dx * xbc[b, boff + n]
-                            sn[b, c, n] = sv
-                            acc += sv * xbc[b, boff + gn + n]
-                        y[b, c] = acc * _silu(zb[b, c])
-                _finish_stage(counters, st + 2, n_threads)
-            _wait_stage(counters, st + 2, n2, n_threads)
+            ssd_stage(counters, st + 2, t, n_threads, cursor, xbc, dts, dsk, ss, sn, zb, y, n_groups)
             # stage 3: the gated RMSNorm, one chunk per (row, group)
-            n3 = nb_rows * n_groups
-            cursor[0] = 0
-            while True:
-                chunk = _next_chunk(counters, st + 3, n3, t, n_threads, cursor)
-                if chunk < 0:
-                    break
-                b, g = chunk // n_groups, chunk % n_groups
-                c0 = g * group_size
-                ms = y[b, c0] * y[b, c0]
-                for c in range(c0 + 1, c0 + group_size):
-                    ms += y[b, c] * y[b, c]
-                inv = 1 / math.sqrt(ms / group_size + geps)
-                for c in range(c0, c0 + group_size):
-                    y[b, c] = y[b, c] * inv * gw[c]
-                _finish_stage(counters, st + 3, n_threads)
-            _wait_stage(counters, st + 3, n3, n_threads)
+            gated_norm_stage(counters, st + 3, t, n_threads, cursor, y, gw, geps, n_groups)
             # stage 4: out_proj into the residual stream
             _prep_q(y, act_q, so, qi)
             n4 = (wo.shape[0] + _ROWS_OUT - 1) // _ROWS_OUT
