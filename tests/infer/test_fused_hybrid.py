@@ -129,3 +129,33 @@ def test_not_eligible_returns_none():
         assert hybrid_step(m, x, m.backbone.init_state(2)) is None  # the state's batch differs from the tokens'
         assert hybrid_step(m, x, m.backbone.init_state(1)) is not None
     assert hybrid_step(m, x, m.backbone.init_state(1)) is None  # gradients needed: the block-by-block path
+
+
+@torch.no_grad()
+def test_in_place_weight_updates_after_the_plan_reach_the_step():
+    """The plan copies the block norms and q/k/v into stacked arrays; updating them in place (an optimizer step,
+    load_state_dict) must rebuild it, not step with the old values."""
+    m = _model(PATTERN, seed=8)
+    x = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(9))
+    state = m(x[:, :6], return_final_state=True).state
+    hybrid_step(m, x[:, 6], state)  # builds and caches the plan
+    m.backbone.blocks[2].mixer.q_proj.weight.add_(0.05)
+    m.backbone.blocks[5].mixer.v_proj.bias.mul_(2)
+    m.backbone.blocks[0].norm.weight.mul_(1.5)
+    lf, _ = hybrid_step(m, x[:, 6], state)
+    _close(lf, m.step(x[:, 6], state)[0])
+
+
+@torch.no_grad()
+def test_a_batch_prefix_of_a_fused_state_steps_correctly():
+    """A state cut to its first rows (views of the fused step's KV buffer) is not mistaken for the buffer."""
+    m = _model(PATTERN, seed=10)
+    x = torch.randint(0, 40, (3, 9), generator=torch.Generator().manual_seed(11))
+    state = m(x[:, :6], return_final_state=True).state
+    _, s1 = hybrid_step(m, x[:, 6], state)
+    part = s1.map(lambda t: t[:2])
+    lf, s2 = hybrid_step(m, x[:2, 7], part)
+    lp, p2 = m.step(x[:2, 7], part)
+    _close(lf, lp)
+    lf, _ = hybrid_step(m, x[:2, 8], s2)
+    _close(lf, m.step(x[:2, 8], p2)[0])

@@ -75,7 +75,10 @@ class HybridPlan:
             tensors.append(block.norm.weight)
         head_w, _, head_b = linear_weights(model.lm_head)
         tensors += [bb.final_norm.weight, head_w] + ([head_b] if head_b is not None else [])
-        self.key, self.tensors = WeightsKey(tensors), tensors
+        # the block norms and q/k/v are copied into stacked arrays below: their in-place updates must rebuild
+        copied = [b.norm.weight for b in bb.blocks] + [p for m in att for lin in (m.q_proj, m.k_proj, m.v_proj)
+                                                       for p in (lin.weight, lin.bias) if p is not None]
+        self.key, self.tensors = WeightsKey(tensors, copied), tensors
         self.kinds, self.index = torch.tensor(kinds).numpy(), torch.tensor(index).numpy()
         self.norm_w = torch.stack([b.norm.weight.detach() for b in bb.blocks]).numpy()
         self.norm_eps = torch.tensor([b.norm.eps for b in bb.blocks], dtype=like.dtype).numpy()
@@ -203,7 +206,8 @@ def _kv_buffers(states: list[AttentionState], plan: HybridPlan) -> tuple[Tensor,
     if any(s.k.shape[2] != n or not torch.equal(s.pos, states[0].pos) for s in states[1:]):
         return None
     K, V = k0._base, states[0].v._base
-    if K is not None and V is not None and getattr(K, "_ssmkit_filled", None) is not None and K.shape[0] == len(states):
+    if (K is not None and V is not None and getattr(K, "_ssmkit_filled", None) is not None
+            and K.shape[0] == len(states) and K.shape[1:3] == k0.shape[:2] and K.shape[4] == k0.shape[3]):
         start = (k0.storage_offset() - K[0].storage_offset()) // K.stride(3)
         end = start + n
         if (K._ssmkit_filled == end and end < K.shape[3] and V._ssmkit_filled == end and V.shape == K.shape
@@ -288,8 +292,8 @@ def hybrid_step(model: CausalLM, token_ids: Tensor, state: ModelState) -> tuple[
             ssm_new.view(ssm_all.shape[0], batch, -1, ssm_all.shape[-1]).numpy(),
             *plan.ffn, plan.f_acts, plan.f_consts,
             *plan.att, plan.inv_freq, plan.a_consts, n_heads, n_kv, k_buf.numpy(), v_buf.numpy(), end,
-            row_lo.numpy(), pos.numpy(), *(t.numpy() for t in scratch), out.numpy(), *plan.head, logits.numpy(),
-            counters.numpy(), threads)
+            row_lo.numpy(), pos.to(h.dtype).numpy(), *(t.numpy() for t in scratch), out.numpy(), *plan.head,
+            logits.numpy(), counters.numpy(), threads)
     new, convs, ssms = [], iter(conv_new.unbind(0)), iter(ssm_new.unbind(0))
     if att:
         k_buf._ssmkit_filled = v_buf._ssmkit_filled = end + 1

@@ -145,7 +145,8 @@ class RowSplitLinear(nn.Module):
             raise ValueError(f"RowSplitLinear.from_linear: n_kept must be in (0, {linear.out_features}), got {n_kept}")
         parts = []
         for lo, hi in ((0, n_q), (n_q, linear.out_features)):
-            part = nn.Linear(linear.in_features, hi - lo, bias=linear.bias is not None)
+            part = nn.Linear(linear.in_features, hi - lo, bias=linear.bias is not None,
+                             dtype=linear.weight.dtype, device=linear.weight.device)
             with torch.no_grad():
                 part.weight.copy_(linear.weight[lo:hi])
                 if linear.bias is not None:

@@ -143,7 +143,8 @@ def _ffn_block(st, t, n_threads, counters, cursor, col, col2, h, xn, mult, wu, b
 
 @nb.njit(inline="always", fastmath=True, cache=True)
 def _rotate(x, off, inv_freq, pos):
-    """Rotate x[off : off + rotary_dim] in place: pairs (j, j + rotary_dim / 2) by pos * inv_freq[j]."""
+    """Rotate x[off : off + rotary_dim] in place: pairs (j, j + rotary_dim / 2) by pos * inv_freq[j] (pos in
+    x's dtype, so float32 angles round as GQAttention's do)."""
     half = inv_freq.shape[0]
     for j in range(half):
         ang = pos * inv_freq[j]

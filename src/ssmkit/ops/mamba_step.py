@@ -168,13 +168,16 @@ class WeightsKey:
     """What a plan built from ``tensors`` depends on, cheap to check per token: each tensor's storage address (a
     ``.data`` swap or a dtype/device move changes it) and the version counter of each tensor that was not
     contiguous when the plan was built. The plan copies those, so their in-place updates (which bump the counter)
-    must rebuild it; in-place updates of contiguous tensors reach the plan's views by themselves."""
+    must rebuild it; in-place updates of contiguous tensors reach the plan's views by themselves. ``copied_too``:
+    tensors of the list that the plan copies although they are contiguous (e.g. stacked or concatenated)."""
 
     __slots__ = ("copied", "ptrs")
 
-    def __init__(self, tensors: list[Tensor]) -> None:
+    def __init__(self, tensors: list[Tensor], copied_too: list[Tensor] = ()) -> None:
         self.ptrs = tuple(t.data_ptr() for t in tensors)
-        self.copied = tuple((i, t._version) for i, t in enumerate(tensors) if not t.is_contiguous())
+        extra = {id(t) for t in copied_too}
+        self.copied = tuple((i, t._version) for i, t in enumerate(tensors)
+                            if not t.is_contiguous() or id(t) in extra)
 
     def matches(self, tensors: list[Tensor]) -> bool:
         """Whether a plan built with this key is still valid for ``tensors`` (the same list, in the same order)."""
