@@ -73,8 +73,9 @@ def full() -> Budget:
         "pairs; docs/init.md), one seed. Shrunk from the first plan of 34 settings to the 27 run here: L=128 "
         "with 16 pairs, width 256 and the Mamba-2 d_state sweep were dropped for time (at L=64 with 8 pairs "
         "every model but attention and mamba-m2blk at width 128 stayed on the plateau, so the harder settings "
-        "would show the same plateau); also left out: L=256 and 512, 32-64 pairs, RG-LRU (GatedSSM stands for "
-        "the gated linear recurrences), width 512. Runtime (1 thread per run, one run at a time): 131 min of "
+        "are expected to show the same plateau; not run); also left out: L=256 and 512, 32-64 pairs, RG-LRU "
+        "(GatedSSM stands for the gated linear recurrences), width 512. Runtime (1 thread per run, one run at "
+        "a time): 131 min of "
         "runs summed, measured on the shared 2-core machine at a load of 1-11 (46-676 s per run); not measured "
         "on an idle machine, where runs are faster (attention at L=32: 250 s at load 7-10 against ~50 s idle, "
         "docs/init.md). Run parts of it with --only, e.g. --only '*-w64-L64-kv8'."))
