@@ -33,3 +33,30 @@ def test_bad_flag_names_the_argument():
     model = build(CausalLM, "mamba", seed=0)
     with pytest.raises(TypeError, match="resident_heap"):
         chunked_loss_backward(model, lm_batch(1, 8), 4, resident_heap=1)
+
+
+def test_thresholds_raised_inside_and_restored_after(monkeypatch):
+    calls = []
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setattr(rh, "_MALLOPT", lambda param, value: calls.append((param, value)) or 1)
+    monkeypatch.setattr(rh, "heap_bounded", lambda: False)
+    with rh.resident_heap() as on:
+        assert on is True
+        assert calls == [(rh.M_MMAP_THRESHOLD, rh.RESIDENT_THRESHOLD), (rh.M_TRIM_THRESHOLD, rh.RESIDENT_THRESHOLD)]
+    assert calls[2:] == [(rh.M_MMAP_THRESHOLD, rh.GLIBC_MMAP_MAX), (rh.M_TRIM_THRESHOLD, 2 * rh.GLIBC_MMAP_MAX)]
+    calls.clear()
+    monkeypatch.setattr(rh, "heap_bounded", lambda: True)  # the bounded heap's 1 MiB threshold comes back
+    with rh.resident_heap():
+        pass
+    assert calls[2:] == [(rh.M_MMAP_THRESHOLD, rh.MMAP_THRESHOLD), (rh.M_TRIM_THRESHOLD, 2 * rh.MMAP_THRESHOLD)]
+
+
+def test_chunked_backward_enters_it_only_when_asked(monkeypatch):
+    calls = []
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setattr(rh, "_MALLOPT", lambda param, value: calls.append((param, value)) or 1)
+    model = build(CausalLM, "mamba", seed=0)
+    chunked_loss_backward(model, lm_batch(1, 8), 4)
+    assert calls == []
+    chunked_loss_backward(model, lm_batch(1, 8), 4, resident_heap=True)
+    assert (rh.M_MMAP_THRESHOLD, rh.RESIDENT_THRESHOLD) in calls and len(calls) == 4
