@@ -5,6 +5,8 @@ TrainConfig's one-line errors."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -22,6 +24,10 @@ from ssmkit.timeseries.models import (
     seasonal_profile,
 )
 from ssmkit.timeseries.protocol import TrainConfig, choose_base, train_forecaster
+
+#: DLinear is sktime's network; sktime is in the optional ``data`` extra
+needs_sktime = pytest.mark.skipif(importlib.util.find_spec("sktime") is None,
+                                  reason="DLinear is sktime's: pip install sktime")
 
 
 @settings(max_examples=25, deadline=None)
@@ -91,6 +97,7 @@ def test_zero_output_layer_returns_the_base(name):
         SeasonalResidual(net, 4, "mean")
 
 
+@needs_sktime
 @pytest.mark.parametrize("context", [7, 30])
 def test_dlinear_is_the_standard_definition(context):
     """sktime's DLinear network against the definition (Zeng et al. 2023), in float64: a moving average of 25
@@ -111,6 +118,7 @@ def test_dlinear_is_the_standard_definition(context):
         net(x[:, 1:])
 
 
+@needs_sktime
 def test_purge_keeps_validation_targets_out_of_training(monkeypatch):
     """On z = time index, the targets a training batch holds are time steps: without purge the training
     targets reach into the validation targets, with it they end before the first one."""

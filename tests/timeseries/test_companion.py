@@ -3,6 +3,8 @@ open-loop convolution fed with the same inputs; all in float64. Forecaster shape
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from hypothesis import given
@@ -65,7 +67,12 @@ def test_layer_errors():
         m(torch.zeros(1, 5, 3))
 
 
-@pytest.mark.parametrize("name", sorted(FORECASTERS))
+NO_SKTIME = importlib.util.find_spec("sktime") is None
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.skipif(n == "dlinear" and NO_SKTIME, reason="DLinear is sktime's"))
+    for n in sorted(FORECASTERS)])
 def test_forecaster_shapes_and_seasonal_residual(name):
     torch.manual_seed(0)
     x = torch.randn(3, 12, 2)

@@ -34,6 +34,7 @@ def test_model_names_match():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("statsmodels") is None, reason="ETS and ARIMA need statsmodels")
+@pytest.mark.skipif(importlib.util.find_spec("sktime") is None, reason="the DLinear baseline is sktime's")
 def test_forecast_end_to_end(tmp_path, capsys):
     t = np.arange(120)
     y = 20 + 0.05 * t + 2 * np.sin(2 * np.pi * t / 4) + np.random.default_rng(0).normal(0, 0.2, 120)

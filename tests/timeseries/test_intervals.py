@@ -3,6 +3,8 @@ of the SSM ensemble, and the coverage of a trained S4D forecaster on a series wi
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -33,6 +35,7 @@ def test_coverage_counts_the_closed_interval():
         coverage(np.zeros(3), np.ones(4), np.zeros(4))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("sktime") is None, reason="DLinear is sktime's")
 def test_calibration_makes_the_standardised_residual_unit():
     torch.manual_seed(0)
     head = GaussianHead(DLinear(12, 3, 1)).double()
