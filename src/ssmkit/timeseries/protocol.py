@@ -53,7 +53,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     #: drop the horizon - 1 training windows before the validation windows, so that no validation target is a
     #: training target (without it, the last training windows' targets cover the validation targets)
-    purge: bool = False
+    purge: bool = True
     val_frac: float = 0.15  # the share of the windows before the first origin that validate
     #: DLinear's own budget: Adam at 5e-3 as in the LTSF-Linear scripts, and 300 steps (the SSMs' 100 left it
     #: far from converged from its standard initialisation: measured, docs/time_series.md)
