@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -49,6 +51,39 @@ def test_thresholds_raised_inside_and_restored_after(monkeypatch):
     with rh.resident_heap():
         pass
     assert calls[2:] == [(rh.M_MMAP_THRESHOLD, rh.MMAP_THRESHOLD), (rh.M_TRIM_THRESHOLD, 2 * rh.MMAP_THRESHOLD)]
+
+
+def test_nested_and_threaded_blocks_restore_once_at_the_last_exit(monkeypatch):
+    """The thresholds are process-wide: an inner block (or another thread's) must not restore them while an
+    outer block still runs."""
+    calls = []
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setattr(rh, "_MALLOPT", lambda param, value: calls.append((param, value)) or 1)
+    monkeypatch.setattr(rh, "heap_bounded", lambda: False)
+    raised = [(rh.M_MMAP_THRESHOLD, rh.RESIDENT_THRESHOLD), (rh.M_TRIM_THRESHOLD, rh.RESIDENT_THRESHOLD)]
+    restored = [(rh.M_MMAP_THRESHOLD, rh.GLIBC_MMAP_MAX), (rh.M_TRIM_THRESHOLD, 2 * rh.GLIBC_MMAP_MAX)]
+    with rh.resident_heap():
+        with rh.resident_heap():
+            pass
+        assert calls == raised  # the inner exit left them raised
+    assert calls == raised + restored
+    calls.clear()
+    inside, release = threading.Barrier(3), threading.Event()
+
+    def worker():
+        with rh.resident_heap():
+            inside.wait(timeout=30)
+            release.wait(timeout=30)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    inside.wait(timeout=30)  # both threads are inside
+    assert calls == raised
+    release.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert calls == raised + restored and rh._users == 0
 
 
 def test_chunked_backward_enters_it_only_when_asked(monkeypatch):

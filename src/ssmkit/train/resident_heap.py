@@ -13,7 +13,9 @@ threshold is raised as well); the chunked driver still returns the free heap to 
 
 On exit the thresholds go back to fixed values, since glibc cannot restore its dynamic ones: the mmap threshold to
 1 MiB if :func:`~ssmkit.distributed.heap.bound_heap` fixed it, else to 32 MiB (the ceiling of glibc's dynamic
-threshold), the trim threshold to twice that (glibc's own rule when it adjusts them).
+threshold), the trim threshold to twice that (glibc's own rule when it adjusts them). The thresholds are
+process-wide, so the context counts its users: nested blocks, or blocks in several threads, set them on the first
+entry and restore them on the last exit.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import threading
 from collections.abc import Iterator
 
 from ..distributed.heap import M_MMAP_THRESHOLD, MMAP_THRESHOLD, heap_bounded, trim_heap
@@ -45,21 +48,30 @@ def _mallopt():
 
 
 _MALLOPT = _mallopt()
+_LOCK = threading.Lock()
+_users = 0  # blocks inside resident_heap now, over all threads
 
 
 @contextlib.contextmanager
 def resident_heap() -> Iterator[bool]:
     """Raise glibc's mmap and trim thresholds to :data:`RESIDENT_THRESHOLD` inside the block (see the module
     docstring); yields whether it did."""
+    global _users
     if _MALLOPT is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         yield False
         return
-    back = MMAP_THRESHOLD if heap_bounded() else GLIBC_MMAP_MAX
-    _MALLOPT(M_MMAP_THRESHOLD, RESIDENT_THRESHOLD)
-    _MALLOPT(M_TRIM_THRESHOLD, RESIDENT_THRESHOLD)
+    with _LOCK:
+        _users += 1
+        if _users == 1:
+            _MALLOPT(M_MMAP_THRESHOLD, RESIDENT_THRESHOLD)
+            _MALLOPT(M_TRIM_THRESHOLD, RESIDENT_THRESHOLD)
     try:
         yield True
     finally:
-        _MALLOPT(M_MMAP_THRESHOLD, back)
-        _MALLOPT(M_TRIM_THRESHOLD, 2 * back)
-        trim_heap()
+        with _LOCK:
+            _users -= 1
+            if _users == 0:
+                back = MMAP_THRESHOLD if heap_bounded() else GLIBC_MMAP_MAX
+                _MALLOPT(M_MMAP_THRESHOLD, back)
+                _MALLOPT(M_TRIM_THRESHOLD, 2 * back)
+                trim_heap()
