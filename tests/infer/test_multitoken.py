@@ -15,6 +15,7 @@ from tests.infer.util import VOCAB, ids, tiny_model
 
 FAMILIES = ["mamba", "mamba2", "s4d", "s4", "h3", "longconv", "gated", "rglru", "attn", "mamba2,attn,mamba,gated"]
 SLIDING = {"attn": {"n_heads": 2, "mask": "sliding", "window": 3}}
+GQA = {"gqa": {"n_heads": 4, "n_kv_heads": 2, "rotary_dim": 2}}  # grouped-query attention with rotary positions
 TOL = {"rtol": 1e-10, "atol": 1e-10}
 
 
@@ -66,11 +67,14 @@ def test_k_tokens_in_one_forward_equal_k_steps(pattern, k, seed):
         assert out.state.layers[i].k.shape[2] == state.layers[i].k.shape[2] + k
 
 
-@pytest.mark.parametrize("pattern", FAMILIES + ["sliding"])
+@pytest.mark.parametrize("pattern", FAMILIES + ["sliding", "mamba2,gqa"])
 @settings(max_examples=4, deadline=None)
 @given(k=st.integers(1, 16), seed=st.integers(0, 10**6), data=st.data())
 def test_ragged_rollback_equals_stepping_each_row(pattern, k, seed, data):
-    model = tiny_model("mamba,attn", mixer_options=SLIDING) if pattern == "sliding" else tiny_model(pattern)
+    if pattern == "sliding":
+        model = tiny_model("mamba,attn", mixer_options=SLIDING)
+    else:
+        model = tiny_model(pattern, mixer_options=GQA if "gqa" in pattern else None)
     batch = 3
     g = torch.Generator().manual_seed(seed)
     # rows with prompts of different lengths (a left-padded merged cache for attention)
@@ -83,6 +87,8 @@ def test_ragged_rollback_equals_stepping_each_row(pattern, k, seed, data):
     toks = ids(batch, k, seed=seed + 1)
     want_logits, states = _steps(model, state, toks)
     logits, snaps = forward_snapshots(model, toks, state)
+    if "gqa" in pattern:  # cut back like attention's cache, not recomputed
+        assert type(snaps.layers[1]).__name__ == "AttentionSnapshots"
     torch.testing.assert_close(logits, want_logits, **TOL)
     n = torch.tensor(data.draw(st.lists(st.integers(0, k), min_size=batch, max_size=batch)))
     got = snaps.select(n)

@@ -13,7 +13,8 @@ from scipy.stats import chisquare
 from ssmkit.infer import generate, self_draft, speculative_generate
 from tests.infer.util import VOCAB, ids, tiny_model
 
-PATTERNS = ["mamba*2", "mamba2*2", "mamba2,attn,mamba2", "s4d,gated", "rglru,h3,longconv"]
+PATTERNS = ["mamba*2", "mamba2*2", "mamba2,attn,mamba2", "mamba2,gqa", "s4d,gated", "rglru,h3,longconv"]
+GQA = {"gqa": {"n_heads": 4, "n_kv_heads": 2, "rotary_dim": 2}}
 LENGTHS = [6, 2, 4]
 
 
@@ -24,7 +25,7 @@ def _drafts(model):
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_chain_and_tree_greedy_equal_plain_greedy(pattern):
-    model = tiny_model(pattern)
+    model = tiny_model(pattern, mixer_options=GQA if "gqa" in pattern else None)
     x = ids(3, 6, seed=1)
     want = generate(model, x, 13, prompt_lengths=LENGTHS)
     for (name, draft), k in itertools.product(_drafts(model).items(), (1, 3, 6)):

@@ -14,7 +14,7 @@ How each layer family rolls back (chosen per mixer class, most specific first):
   position by position in PyTorch (the same update ``step`` makes), keeping the state after every position
   (k + 1 states of (d_inner, d_state) per row; k is small); ``select`` picks row b's state at n[b] and slices
   the stored conv input window there. Nothing is recomputed.
-* Attention (causal or prefix, no sliding window): the KV cache after all k tokens, with row b's last
+* Attention (causal or prefix, no sliding window) and grouped-query attention: the KV cache after all k tokens, with row b's last
   k - n[b] entries cut off and the row shifted right (the cache is right-aligned; ``pos`` masks the padding).
 * Every other layer (S4, S4D, H3, LongConv, GatedSSM, RG-LRU, sliding-window attention): ``select`` runs the
   layer's own forward over each row's kept prefix from the stored initial state (rows grouped by n), which is
@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ..layers.attention import Attention, AttentionState
 from ..layers.base import LayerState, SequenceLayer
+from ..layers.gqa import GQAttention
 from ..layers.mamba import Mamba, MambaState
 from ..layers.mamba2 import Mamba2, Mamba2State
 from ..models.heads import CausalLM
@@ -187,7 +188,7 @@ def _snapshot_class(layer: SequenceLayer) -> Callable[..., LayerSnapshots]:
         return MambaSnapshots
     if type(layer) is Mamba2 and not layer.reverse:
         return Mamba2Snapshots
-    if type(layer) is Attention and layer.window is None:
+    if (type(layer) is Attention and layer.window is None) or type(layer) is GQAttention:
         return AttentionSnapshots
     return LayerSnapshots
 

@@ -16,7 +16,8 @@ paths as batch rows instead (shared prefixes recomputed). Output again equals pl
 Greedy decoding with a pure-Mamba target and draft (the stacks the fused decode step covers) runs as three numba
 launches per round with the states kept in the kernels' layout (:mod:`ssmkit.infer.fused_loop`): the draft's chain
 or tree, the target's verify pass over all its nodes, the acceptance and rollback; a chain of k drafts is the tree
-(1, k). Anything else takes the paths above.
+(1, k). With another target (a hybrid, say) a pure-Mamba draft still drafts a greedy chain in one launch
+(:func:`~ssmkit.infer.fused_spec.fused_draft`). Anything else takes the paths above.
 
     tokens, stats = speculative_generate(target, ids, 64, draft_model=draft, num_draft=4)
     print(stats.acceptance_rate, stats.tokens_per_pass)
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from ..models.heads import CausalLM, PrefixLM
 from ..models.outputs import ModelState
 from .fused_loop import fused_rounds
-from .fused_spec import fused_plan
+from .fused_spec import fused_draft, fused_plan
 from .generate import _check_model, _plan, _prefill
 from .multitoken import forward_snapshots
 from .sampling import filter_logits, sample_from_logits
@@ -147,13 +148,18 @@ def _uniforms(plan, active: Tensor) -> Tensor:
 
 @torch.no_grad()
 def _chain_round(plan, draft: CausalLM, k: int, last: Tensor, s_t: ModelState, s_d: ModelState,
-                 active: Tensor) -> tuple[Tensor, Tensor, ModelState, ModelState]:
+                 active: Tensor, draft_plan=None) -> tuple[Tensor, Tensor, ModelState, ModelState]:
     """One draft-then-verify round: -> (tokens (m, k + 1), count (m,) of them emitted, target state, draft
-    state); both states have consumed everything emitted except the last emitted token."""
+    state); both states have consumed everything emitted except the last emitted token. ``draft_plan`` (greedy
+    only): the draft's fused plan, so its k steps are one launch (:func:`~ssmkit.infer.fused_spec.fused_draft`)
+    whatever the target."""
     greedy = plan.temperature == 0
     states, toks, qs = [s_d], [], []
     tok, s = last, s_d
-    for _ in range(k):
+    if draft_plan is not None:  # node i of the chain: the draft's state after last and i drafts
+        nodes, dsnaps = fused_draft(draft, draft_plan, last, 1, k, s_d)
+        toks = list(nodes[:, 1:].unbind(1))
+    for _ in range(k if draft_plan is None else 0):
         lg, s = draft.step(tok, s)
         states.append(s)
         if greedy:
@@ -183,6 +189,8 @@ def _chain_round(plan, draft: CausalLM, k: int, last: Tensor, s_t: ModelState, s
         resid[rejected] = (resid[rejected] - q[rows[rejected], n[rejected]]).clamp(min=0)
         final = _sample(resid, _uniforms(plan, active))
     out = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, n[:, None], final[:, None])
+    if draft_plan is not None:
+        return out, n + 1, snaps.select(n + 1), dsnaps.select(n)
     if bool((n == k).any()):  # the draft has not consumed its own last token yet
         states.append(draft.step(toks[-1], s)[1])
     return out, n + 1, snaps.select(n + 1), _pick_states(states, n + 1)
@@ -309,7 +317,8 @@ def speculative_generate(
         last = _sample(_probs(logits, plan), _uniforms(plan, active))
     out[:, 0] = last
     with torch.no_grad():  # pure-Mamba target and draft, greedy: fused draft and verify passes
-        fused = (fused_plan(plan.model, s_t), fused_plan(draft, s_d)) if plan.temperature == 0 else (None,)
+        fused = (fused_plan(plan.model, s_t), fused_plan(draft, s_d)) if plan.temperature == 0 else (None, None)
+    draft_plan = fused[1]  # a pure-Mamba draft drafts in one launch even for another target
     fused = fused if None not in fused else None
     count = torch.ones(batch, dtype=torch.long, device=device)
     eos = None if plan.eos is None else torch.tensor(plan.eos, device=device)
@@ -328,7 +337,7 @@ def speculative_generate(
             active, last = active[keep], last[keep]
             s_t, s_d = (s.map(lambda t, k_=keep: t[k_]) for s in (s_t, s_d))
         if tree is None:
-            toks, n, s_t, s_d = _chain_round(plan, draft, k, last, s_t, s_d, active)
+            toks, n, s_t, s_d = _chain_round(plan, draft, k, last, s_t, s_d, active, draft_plan)
         else:
             toks, n, s_t, s_d = _tree_round(plan, draft, tree, last, s_t, s_d, active)
         stats.passes += 1
