@@ -14,8 +14,9 @@ How each layer family rolls back (chosen per mixer class, most specific first):
   position by position in PyTorch (the same update ``step`` makes), keeping the state after every position
   (k + 1 states of (d_inner, d_state) per row; k is small); ``select`` picks row b's state at n[b] and slices
   the stored conv input window there. Nothing is recomputed.
-* Attention (causal or prefix, no sliding window) and grouped-query attention: the KV cache after all k tokens, with row b's last
-  k - n[b] entries cut off and the row shifted right (the cache is right-aligned; ``pos`` masks the padding).
+* Attention (causal or prefix, no sliding window) and grouped-query attention: the KV cache after all k tokens,
+  with row b's last k - n[b] entries cut off and the row shifted right (the cache is right-aligned; ``pos`` masks
+  the padding).
 * Every other layer (S4, S4D, H3, LongConv, GatedSSM, RG-LRU, sliding-window attention): ``select`` runs the
   layer's own forward over each row's kept prefix from the stored initial state (rows grouped by n), which is
   exact by the layer contract (split sequences equal whole ones) and costs one extra pass of that mixer.
