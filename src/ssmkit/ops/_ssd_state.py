@@ -10,6 +10,9 @@ order over its rows' contiguous (heads, head_dim) blocks, so no per-chunk tensor
 reverse sweep: g_h <- g_hT; for c from last to first: g_S_c = g_h, g_total_c = sum_{n,p} g_h h_c,
 g_h <- total_c g_h + g_entering_c; g_h0 = g_h. Every element is computed by one task in one fixed order and the
 blocks' parts of g_total are added in block order, so results do not depend on the thread count.
+
+The scaled variant (:func:`scaled_pass_fwd` / :func:`scaled_pass_bwd`, for the factored path of
+:mod:`._ssd_factored`): h_{c+1} = tot_c h_c + rin_c U_c with the output k_c = rout_c h_c.
 """
 
 from __future__ import annotations
@@ -145,3 +148,111 @@ def state_pass(S: Tensor, total: Tensor, h0: Tensor | None) -> tuple[Tensor, Ten
     if S.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"S must be float32 or float64 for the fused state pass, got {S.dtype}")
     return _StatePass.apply(S, total, h0)
+
+
+# ------------------------------------------------------------------------------------------ scaled variant
+@nb.njit(parallel=True, fastmath=EXACT_MATH, cache=True)
+def ssd_scaled_fwd(U, tot, rin, rout, h0, k, hT):
+    """k[:, c] = rout_c h_c, h_{c+1} = tot_c h_c + rin_c U_c (fma), h_0 = h0; hT = h after the last chunk.
+    Tasks as in :func:`ssd_state_fwd`; tot, rin, rout (b, c, G, R)."""
+    nbat, nc, G, N, R, P = U.shape
+    nblk = (N + ROWS - 1) // ROWS
+    for task in nb.prange(nbat * G * nblk):
+        bi = task // (G * nblk)
+        gi = (task // nblk) % G
+        n0 = (task % nblk) * ROWS
+        n1 = min(N, n0 + ROWS)
+        h = np.empty((n1 - n0, R, P), dtype=U.dtype)
+        for n in range(n0, n1):
+            for r in range(R):
+                for p in range(P):
+                    h[n - n0, r, p] = h0[bi, gi, n, r, p]
+        for c in range(nc):
+            for n in range(n0, n1):
+                for r in range(R):
+                    t, ri, ro = tot[bi, c, gi, r], rin[bi, c, gi, r], rout[bi, c, gi, r]
+                    for p in range(P):
+                        v = h[n - n0, r, p]
+                        k[bi, c, gi, n, r, p] = ro * v
+                        h[n - n0, r, p] = fma(t, v, ri * U[bi, c, gi, n, r, p])
+        for n in range(n0, n1):
+            for r in range(R):
+                for p in range(P):
+                    hT[bi, gi, n, r, p] = h[n - n0, r, p]
+
+
+@nb.njit(parallel=True, fastmath=EXACT_MATH, cache=True)
+def ssd_scaled_bwd(U, tot, rin, rout, k, gk, ghT, gU, parts, gh0):
+    """The reverse sweep of :func:`ssd_scaled_fwd`: g_U_c = rin_c g_h, and per (block, batch, chunk, group, head)
+    parts[0/1/2] = the block's part of g_tot = <g_h, h_c>, g_rin = <g_h, U_c>, g_rout = <g_k, h_c>, with
+    g_h the gradient of h_{c+1}; <., h_c> is accumulated against k_c = rout_c h_c and divided by rout_c once.
+    Then g_h <- tot_c g_h + rout_c g_k_c; g_h0 = g_h."""
+    nbat, nc, G, N, R, P = U.shape
+    nblk = (N + ROWS - 1) // ROWS
+    for task in nb.prange(nbat * G * nblk):
+        bi = task // (G * nblk)
+        gi = (task // nblk) % G
+        blk = task % nblk
+        n0 = blk * ROWS
+        n1 = min(N, n0 + ROWS)
+        gh = np.empty((n1 - n0, R, P), dtype=U.dtype)
+        acc = np.empty((3, R, P), dtype=U.dtype)
+        for n in range(n0, n1):
+            for r in range(R):
+                for p in range(P):
+                    gh[n - n0, r, p] = ghT[bi, gi, n, r, p]
+        for c in range(nc - 1, -1, -1):
+            acc[:, :, :] = 0.0
+            for n in range(n0, n1):
+                for r in range(R):
+                    t, ri, ro = tot[bi, c, gi, r], rin[bi, c, gi, r], rout[bi, c, gi, r]
+                    for p in range(P):
+                        g = gh[n - n0, r, p]
+                        kv = k[bi, c, gi, n, r, p]
+                        gkv = gk[bi, c, gi, n, r, p]
+                        gU[bi, c, gi, n, r, p] = ri * g
+                        acc[0, r, p] = fma(g, kv, acc[0, r, p])
+                        acc[1, r, p] = fma(g, U[bi, c, gi, n, r, p], acc[1, r, p])
+                        acc[2, r, p] = fma(gkv, kv, acc[2, r, p])
+                        gh[n - n0, r, p] = fma(t, g, ro * gkv)
+            for r in range(R):
+                ro = rout[bi, c, gi, r]
+                for j in range(3):
+                    s = acc[j, r, 0]
+                    for p in range(1, P):
+                        s += acc[j, r, p]
+                    parts[j, blk, bi, c, gi, r] = s / ro if j != 1 else s
+        for n in range(n0, n1):
+            for r in range(R):
+                for p in range(P):
+                    gh0[bi, gi, n, r, p] = gh[n - n0, r, p]
+
+
+def scaled_pass_fwd(U: Tensor, tot: Tensor, rin: Tensor, rout: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
+    """:func:`ssd_scaled_fwd` on contiguous tensors (no autograd): returns (k, hT)."""
+    batch, _, G, N, R, P = U.shape
+    h0 = U.new_zeros(batch, G, N, R, P) if h0 is None else h0.contiguous()
+    k, hT = torch.empty_like(U), torch.empty_like(h0)
+    with kernel_threads(U.numel()):
+        ssd_scaled_fwd(U.numpy(), tot.numpy(), rin.numpy(), rout.numpy(), h0.numpy(), k.numpy(), hT.numpy())
+    return k, hT
+
+
+def scaled_pass_bwd(U: Tensor, tot: Tensor, rin: Tensor, rout: Tensor, k: Tensor, gk: Tensor | None,
+                    ghT: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`ssd_scaled_bwd` (no autograd): returns the gradients of (U, tot, rin, rout, h0)."""
+    batch, _, G, N, R, P = U.shape
+    gk = torch.zeros_like(k) if gk is None else gk.contiguous()
+    ghT = U.new_zeros(batch, G, N, R, P) if ghT is None else ghT.contiguous()
+    gU, gh0 = torch.empty_like(U), torch.empty_like(ghT)
+    parts = torch.empty((3, -(-N // ROWS), *tot.shape), dtype=tot.dtype)
+    with kernel_threads(U.numel()):
+        ssd_scaled_bwd(U.numpy(), tot.numpy(), rin.numpy(), rout.numpy(), k.numpy(), gk.numpy(), ghT.numpy(),
+                       gU.numpy(), parts.numpy(), gh0.numpy())
+    grads = []
+    for j in range(3):  # blocks added in order: the same sums on any thread count
+        acc = parts[j, 0].clone()
+        for part in parts[j, 1:]:
+            acc += part
+        grads.append(acc)
+    return gU, *grads, gh0

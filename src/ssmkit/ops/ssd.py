@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_flag, check_params, check_reset, check_same, check_shape, check_tensor, reverse_reset
+from ._ssd_factored import FACTORED, chunk_masks, ssd_factored
 from ._ssd_state import state_pass
 from .linear_scan import check_state, compute_dtype, use_fused
 
@@ -30,26 +31,6 @@ def _check_bc(name: str, M: object, batch: int, length: int, heads: int) -> Tens
         )
     check_shape(name, M, (batch, length, groups, M.shape[3]), "(batch, length, groups, N)")
     return M
-
-
-def _chunk_masks(reset: Tensor | None, batch: int, chunks: int, Q: int, device: torch.device):
-    """Masks that cut decays at segment starts, per chunk. reset: (batch, chunks * Q) bool or None.
-
-    Returns (intra, to_end, from_start, through):
-        intra (batch, chunks, 1, Q, Q): no reset in (s, t] for s <= t (lower triangle);
-        to_end (batch, chunks, Q, 1): no reset in (s, Q-1];
-        from_start (batch, chunks, Q, 1): no reset in [0, t]  (the entering state survives to t);
-        through (batch, chunks, 1): no reset anywhere in the chunk.
-    With reset None the last three are None and intra is the plain causal mask (Q, Q).
-    """
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=device).tril()
-    if reset is None:
-        return causal, None, None, None
-    seg = reset.reshape(batch, chunks, Q).to(torch.int32).cumsum(-1)  # number of resets at positions <= t
-    intra = (seg.unsqueeze(-1) == seg.unsqueeze(-2)) & causal
-    to_end = seg == seg[..., -1:]
-    from_start = seg == 0
-    return intra.unsqueeze(2), to_end.unsqueeze(-1), from_start.unsqueeze(-1), from_start[..., -1:]
 
 
 def _log_decay_sums(a: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -157,7 +138,7 @@ def _ssd_chunked(
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
         if reset is not None:
             reset = F.pad(reset, (0, pad))
-    intra, to_end, from_start, through = _chunk_masks(reset, batch, chunks, Q, x.device)
+    intra, to_end, from_start, through = chunk_masks(reset, batch, chunks, Q, x.device)
     bc, cdt = batch * chunks, x.dtype
 
     dtc = dt.reshape(batch, chunks, Q, heads)
@@ -285,20 +266,31 @@ def ssd(
 PIECE = 4096
 
 
+def _ssd_piece(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, h0: Tensor | None,
+               reset: Tensor | None, Q: int) -> tuple[Tensor, Tensor]:
+    """One piece: the factored-decay path (:mod:`._ssd_factored`, no per-head (Q, Q) matrices) where its
+    factors stay normal and the fused kernels run, else the segment-sum path :func:`_ssd_chunked`."""
+    if FACTORED["enabled"] and use_fused(x):
+        out = ssd_factored(x, dt, A, B, C, D, h0, reset, Q)
+        if out is not None:
+            return out
+    return _ssd_chunked(x, dt, A, B, C, D, h0, reset, Q)
+
+
 def _ssd_pieces(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, h0: Tensor | None,
                 reset: Tensor | None, Q: int) -> tuple[Tensor, Tensor]:
-    """:func:`_ssd_chunked` over pieces of :data:`PIECE` positions (whole chunks), the state carried across."""
+    """:func:`_ssd_piece` over pieces of :data:`PIECE` positions (whole chunks), the state carried across."""
     length = x.shape[1]
     piece = Q * max(1, PIECE // Q)
     if length <= piece:
-        return _ssd_chunked(x, dt, A, B, C, D, h0, reset, Q)
+        return _ssd_piece(x, dt, A, B, C, D, h0, reset, Q)
     ys, h = [], h0
     # split, not slices: one backward node that concatenates the pieces' gradients (a slice's backward would add a
     # zero-filled whole-length gradient per piece)
     parts = [t.split(piece, dim=1) for t in (x, dt, B, C)]
     resets = [None] * len(parts[0]) if reset is None else reset.split(piece, dim=1)
     for xp, dtp, Bp, Cp, rp in zip(*parts, resets, strict=True):
-        y, h = _ssd_chunked(xp, dtp, A, Bp, Cp, D, h, rp, Q)
+        y, h = _ssd_piece(xp, dtp, A, Bp, Cp, D, h, rp, Q)
         ys.append(y)
     return torch.cat(ys, 1), h
 
