@@ -13,11 +13,14 @@ KV cache: an attention layer's state keeps the usual :class:`~ssmkit.layers.atte
 (attention layers x batch x kv_heads x capacity x head_dim) with room to grow, so the next step writes its key
 and value in place instead of copying the cache. A slot is written only once (the buffer records how far it is
 filled): stepping twice from the same state (speculation, retries) copies the cache for the second step, so an
-older state never changes.
+older state never changes. Slots are claimed under a lock before the launch (and launches hold
+:data:`ssmkit.ops.threads.KERNEL_LOCK`), so threads stepping from one state at once each get their own slot or
+copy: the step is thread-safe.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -36,6 +39,7 @@ from ..ops.mamba_step import _stacked
 from ..ops.threads import kernel_threads
 
 _GROW = 256  # the least number of free KV slots a new buffer gets
+_CLAIM = threading.Lock()  # held while a step finds its KV buffers and claims their next slot
 
 
 class HybridPlan:
@@ -82,7 +86,7 @@ class HybridPlan:
         self.kinds, self.index = torch.tensor(kinds).numpy(), torch.tensor(index).numpy()
         self.norm_w = torch.stack([b.norm.weight.detach() for b in bb.blocks]).numpy()
         self.norm_eps = torch.tensor([b.norm.eps for b in bb.blocks], dtype=like.dtype).numpy()
-        self.res_mult = float(bb.config.residual_multiplier)
+        self.res_mult = torch.tensor([float(b.residual_multiplier) for b in bb.blocks], dtype=like.dtype).numpy()
         self.final = (np_(bb.final_norm.weight), float(bb.final_norm.eps), float(bb.config.logits_scaling))
         self.head = (np_(head_w), np_(head_b))
         d = like.shape[0]
@@ -164,10 +168,11 @@ def _eligible(model: CausalLM) -> bool:
 def _settings(model: CausalLM) -> tuple:
     """Plain attributes the plan copies (no registration hook sees a change of them)."""
     bb = model.backbone
-    out = [bb.final_norm.eps, bb.config.residual_multiplier, bb.config.logits_scaling]
+    out = [bb.final_norm.eps, bb.config.logits_scaling]
     for b in bb.blocks:
         m = b._modules["mixer"]
-        out += [b.training, getattr(b._modules.get("norm"), "eps", None), getattr(m, "variant", None)]
+        out += [b.training, b.residual_multiplier, getattr(b._modules.get("norm"), "eps", None),
+                getattr(m, "variant", None)]
         if type(m) is Mamba2:
             out += [m.ngroups, tuple(m.dt_limit), m._modules["norm"].eps]
         elif type(m) is FeedForward:
@@ -264,10 +269,12 @@ def hybrid_step(model: CausalLM, token_ids: Tensor, state: ModelState) -> tuple[
         conv_all, ssm_all = h.new_zeros(1, batch, 1, 1), h.new_zeros(1, batch, 1, 1, 1)
     conv_new, ssm_new = torch.empty_like(conv_all), torch.empty_like(ssm_all)
     if att:
-        kv = _kv_buffers(att, plan)
-        if kv is None:
-            return None
-        k_buf, v_buf, start, end = kv
+        with _CLAIM:  # claim slot `end` before the launch: a second step from this state copies the caches
+            kv = _kv_buffers(att, plan)
+            if kv is None:
+                return None
+            k_buf, v_buf, start, end = kv
+            k_buf._ssmkit_filled = v_buf._ssmkit_filled = end + 1
         pos = att[0].pos
         n = end - start
         pos = pos.contiguous()
@@ -296,7 +303,6 @@ def hybrid_step(model: CausalLM, token_ids: Tensor, state: ModelState) -> tuple[
             logits.numpy(), counters.numpy(), threads)
     new, convs, ssms = [], iter(conv_new.unbind(0)), iter(ssm_new.unbind(0))
     if att:
-        k_buf._ssmkit_filled = v_buf._ssmkit_filled = end + 1
         hi = int(pos.max())
         first = start + (n + 1) - min(hi + 1, n + 1)  # entries no row can see again are dropped, as GQAttention does
         new_pos = pos + 1

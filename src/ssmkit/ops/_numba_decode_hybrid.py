@@ -24,6 +24,7 @@ from ._numba_decode import (
     _wait_stage,
 )
 from ._numba_decode_mamba2 import gated_norm_stage, in_proj_tail, ssd_stage
+from ._numba_kernels import fast_exp
 from ._numba_rowblock import rows_blocked
 
 #: block kinds of the program
@@ -192,25 +193,21 @@ def _gqa_block(st, t, n_threads, counters, cursor, col, h, xn, mult, wqkv, bqkv,
             for i in range(d):
                 qv[r, i] = qkv[b, qoff + i] * scale
                 acc[r, i] = 0
-        for j in range(count):
-            kj = kb[b, g, first + j]
-            for r in range(rep):
-                s = qv[r, 0] * kj[0]
-                for i in range(1, d):
-                    s += qv[r, i] * kj[i]
-                scores[r, j] = s
+        # scores[r, j] = q_r . k_j: the cached keys as the rows of x, the group's queries as weight rows
+        rows_blocked(kb[b, g, first:slot + 1], qv, 0, rep, kb[b, g, 0, :0], scores)
         for r in range(rep):
-            m = scores[r, 0]  # fast math assumes finite values: no -inf start
+            sr = scores[r, :count]
+            m = sr[0]  # fast math assumes finite values: no -inf start
             for j in range(1, count):
-                m = max(m, scores[r, j])
+                m = max(m, sr[j])
             tot = m - m
-            for j in range(count):
-                e = math.exp(scores[r, j] - m)
-                scores[r, j] = e
+            for j in range(count):  # a flat loop over contiguous scores: float32's exp vectorises
+                e = fast_exp(sr[j] - m)
+                sr[j] = e
                 tot += e
             inv = 1 / tot
             for j in range(count):
-                scores[r, j] *= inv
+                sr[j] *= inv
         for j in range(count):
             vj = vb[b, g, first + j]
             for r in range(rep):
@@ -233,11 +230,11 @@ def hybrid_stack(h, kinds, index, norm_w, norm_eps, res_mult, final_w, final_eps
                  f_up_w, f_up_b, f_gate_w, f_gate_b, f_down_w, f_down_b, f_acts, f_consts,
                  a_qkv_w, a_qkv_b, a_o_w, a_o_b, a_inv_freq, a_consts, n_heads, n_kv, k_buf, v_buf, slot, row_lo, pos,
                  xn, zb, xbc, dts, y, hid, qkv, att, out, w_head, b_head, logits, counters, n_threads):
-    """One token through a stack of pre-RMSNorm residual blocks, h <- h + res_mult * block_l(norm_l(h)), then
+    """One token through a stack of pre-RMSNorm residual blocks, h <- h + res_mult[l] * block_l(norm_l(h)), then
     out = final_norm(h) / final_div and, when w_head (V, d_model) has rows, logits (B, V) = out @ w_head^T + b_head.
 
     h (B, d_model): the residual stream, updated in place. kinds (L,): MAMBA2, FFN or GQA; index (L,): the block's
-    position in its kind's lists. norm_w: (L, d_model) block norm weights; norm_eps (L,).
+    position in its kind's lists. norm_w: (L, d_model) block norm weights; norm_eps, res_mult (L,).
     Mamba-2 (lists over its blocks, as :func:`._numba_decode_mamba2.mamba2_stack` takes them, float weights):
     m_consts (n, 3) dt clamp (lo, hi) and the gated norm's eps; states conv (n, B, C, K - 1), ssm (n, B, Di, N),
     new ones to conv_new / ssm_new. MLP: up (F, d_model), gate (F, d_model) or (0, d_model) ungated, down
@@ -263,7 +260,7 @@ def hybrid_stack(h, kinds, index, norm_w, norm_eps, res_mult, final_w, final_eps
             st = STAGES * layer
             _norm_stage(counters, st, n_threads, h, norm_w[layer], norm_eps[layer], xn, True)
             k, i = kinds[layer], index[layer]
-            mult = res_mult
+            mult = res_mult[layer]
             if k == MAMBA2:
                 _mamba2_block(st, t, n_threads, counters, cursor, col, h, xn, mult, m_in_w[i], m_in_b[i],
                               m_conv_w[i], m_conv_b[i], conv_state[i], conv_new[i], m_dt_b[i], m_a_log[i], m_d[i],
