@@ -11,6 +11,8 @@ Bs, Cs (bcg, Q, N); tot, rin, rout (batch, chunks, G, R); h0 (batch, G, N, R, P)
 and the gradients of every input by hand: two fused sweeps over (length, heads, head_dim) in the backward (one
 before the GEMMs: g_Y, g_e, g_skip; one after: g_x, g_fw) instead of autograd's ~10 passes of products, sums and
 additions, and g_X' from its two GEMMs summed in place. Sums over head_dim run in a fixed order (fma).
+The elementwise sweeps are serial (memory-bound; a parallel numba kernel compiles ~10x slower, 3-7 s each per
+dtype); the state pass parallelises over (batch, group, block of state rows) as before.
 """
 
 from __future__ import annotations
@@ -22,14 +24,13 @@ from torch import Tensor
 
 from ._numba_kernels import EXACT_MATH, fma
 from ._ssd_state import scaled_pass_bwd, scaled_pass_fwd
-from .threads import kernel_threads
 
 
-@nb.njit(parallel=True, fastmath=EXACT_MATH, cache=True)
+@nb.njit(fastmath=EXACT_MATH, cache=True)
 def scale_in(x, fw, Xp):
     """Xp[i, g, q, r] = fw[i, q, g, r] x[i, q, g, r]."""
     bc, Q, G, R, P = x.shape
-    for i in nb.prange(bc):
+    for i in range(bc):
         for q in range(Q):
             for g in range(G):
                 for r in range(R):
@@ -38,11 +39,11 @@ def scale_in(x, fw, Xp):
                         Xp[i, g, q, r, p] = w * x[i, q, g, r, p]
 
 
-@nb.njit(parallel=True, fastmath=EXACT_MATH, cache=True)
+@nb.njit(fastmath=EXACT_MATH, cache=True)
 def scale_out(Y, e, x, skip, y):
     """y[i, q, g, r] = e[i, q, g, r] Y[i, g, q, r] + skip[i, q, g, r] x[i, q, g, r] (one fma)."""
     bc, Q, G, R, P = x.shape
-    for i in nb.prange(bc):
+    for i in range(bc):
         for q in range(Q):
             for g in range(G):
                 for r in range(R):
@@ -51,12 +52,12 @@ def scale_out(Y, e, x, skip, y):
                         y[i, q, g, r, p] = fma(a, Y[i, g, q, r, p], s * x[i, q, g, r, p])
 
 
-@nb.njit(parallel=True, fastmath=EXACT_MATH, cache=True)
+@nb.njit(fastmath=EXACT_MATH, cache=True)
 def scale_out_bwd(gy, Y, e, x, gY, ge, gskip):
     """gY = e gy (Y's layout); ge = sum_p gy Y; gskip = sum_p gy x."""
     bc, Q, G, R, P = x.shape
     zero = np.zeros(1, dtype=x.dtype)[0]
-    for i in nb.prange(bc):
+    for i in range(bc):
         for q in range(Q):
             for g in range(G):
                 for r in range(R):
@@ -72,12 +73,12 @@ def scale_out_bwd(gy, Y, e, x, gY, ge, gskip):
                     gskip[i, q, g, r] = s2
 
 
-@nb.njit(parallel=True, fastmath=EXACT_MATH, cache=True)
+@nb.njit(fastmath=EXACT_MATH, cache=True)
 def scale_in_bwd(gy, skip, gXp, fw, x, gx, gfw):
     """gx = skip gy + fw gXp (one fma, x's layout); gfw = sum_p gXp x."""
     bc, Q, G, R, P = x.shape
     zero = np.zeros(1, dtype=x.dtype)[0]
-    for i in nb.prange(bc):
+    for i in range(bc):
         for q in range(Q):
             for g in range(G):
                 for r in range(R):
@@ -102,16 +103,14 @@ class _Core(torch.autograd.Function):
         bc, Q, G, R, P = x.shape
         bcg, N = bc * G, Bs.shape[-1]
         Xp = x.new_empty(bc, G, Q, R, P)
-        with kernel_threads(x.numel()):
-            scale_in(*_np(x, fw, Xp))
+        scale_in(*_np(x, fw, Xp))
         Xv = Xp.view(bcg, Q, R * P)
         U = torch.bmm(Bs.transpose(1, 2), Xv)
         k, hT = scaled_pass_fwd(U.view(*tot.shape[:3], N, R, P), tot, rin, rout,
                                 None if h0 is None else h0.detach())
         Y = torch.bmm(CB, Xv).baddbmm_(Cs, k.view(bcg, N, R * P))
         y = torch.empty_like(x)
-        with kernel_threads(x.numel()):
-            scale_out(*_np(Y.view(bc, G, Q, R, P), e, x, skip, y))
+        scale_out(*_np(Y.view(bc, G, Q, R, P), e, x, skip, y))
         ctx.has_h0 = h0 is not None
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, fw, e, skip, CB, Bs, Cs, tot, rin, rout, Xp, U, k, Y)
@@ -125,8 +124,7 @@ class _Core(torch.autograd.Function):
         bcg, N = bc * G, Bs.shape[-1]
         gy = torch.zeros_like(x) if gy is None else gy.contiguous()
         gY, ge, gskip = torch.empty_like(Y), torch.empty_like(e), torch.empty_like(skip)
-        with kernel_threads(x.numel()):
-            scale_out_bwd(*_np(gy, Y.view(bc, G, Q, R, P), e, x, gY.view(bc, G, Q, R, P), ge, gskip))
+        scale_out_bwd(*_np(gy, Y.view(bc, G, Q, R, P), e, x, gY.view(bc, G, Q, R, P), ge, gskip))
         Xv, kv = Xp.view(bcg, Q, R * P), k.view(bcg, N, R * P)
         gCB = torch.bmm(gY, Xv.transpose(1, 2))
         gCs = torch.bmm(gY, kv.transpose(1, 2))
@@ -136,8 +134,7 @@ class _Core(torch.autograd.Function):
         gXp = torch.bmm(CB.transpose(1, 2), gY).baddbmm_(Bs, gU)
         gBs = torch.bmm(Xv, gU.transpose(1, 2))
         gx, gfw = torch.empty_like(x), torch.empty_like(fw)
-        with kernel_threads(x.numel()):
-            scale_in_bwd(*_np(gy, skip, gXp.view(bc, G, Q, R, P), fw, x, gx, gfw))
+        scale_in_bwd(*_np(gy, skip, gXp.view(bc, G, Q, R, P), fw, x, gx, gfw))
         return gx, gfw, ge, gskip, gCB, gBs, gCs, gtot, grin, grout, gh0 if ctx.has_h0 else None
 
 

@@ -1,0 +1,104 @@
+"""SSD's factored-decay path (ops/_ssd_factored.py, ops/_ssd_core.py) against the float64 oracle, and its
+hand-over to the segment-sum path where the factors would leave the normal range."""
+
+import importlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ssmkit.ops import reference as R
+from ssmkit.ops import ssd
+from ssmkit.ops._ssd_factored import FACTORED
+
+ssd_mod = importlib.import_module("ssmkit.ops.ssd")
+
+
+def inputs(length, heads, groups, seed, dtype=torch.float64, dt_scale=1.0, A=None):
+    g = torch.Generator().manual_seed(seed)
+    P, N = 3, 4
+    x = torch.randn(2, length, heads, P, generator=g, dtype=torch.float64)
+    dt = dt_scale * torch.nn.functional.softplus(torch.randn(2, length, heads, generator=g, dtype=torch.float64))
+    A = -(torch.rand(heads, generator=g, dtype=torch.float64) + 0.1) if A is None else A
+    B, C = (torch.randn(2, length, groups, N, generator=g, dtype=torch.float64) for _ in range(2))
+    D = torch.randn(heads, generator=g, dtype=torch.float64)
+    h0 = torch.randn(2, heads, P, N, generator=g, dtype=torch.float64)
+    reset = torch.rand(2, length, generator=g) < 0.15
+    return [t.to(dtype) for t in (x, dt, A, B, C, D, h0)], reset
+
+
+def outputs(fn, leaves, reset, reverse, **kw):
+    """y, the final state and the gradients of a fixed random loss w.r.t. x, dt, A, B, C, D, h0."""
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    y, hT = fn(*leaves[:5], D=leaves[5], initial_state=leaves[6], reset=reset, reverse=reverse,
+               return_final_state=True, **kw)
+    g = torch.Generator().manual_seed(5)
+    wy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
+    wh = torch.randn(hT.shape, generator=g, dtype=torch.float64).to(hT.dtype)
+    return [y, hT, *torch.autograd.grad((y * wy).sum() + (hT * wh).sum(), leaves)]
+
+
+def close(got, want, tol):
+    for name, a, b in zip("y hT x dt A B C D h0".split(), got, want, strict=True):
+        err = ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+        assert err < tol, (name, err)
+
+
+@pytest.fixture
+def no_segment_sums(monkeypatch):
+    """Fails any call of the segment-sum path: the factored path must serve every piece."""
+    def fail(*args):
+        raise AssertionError("segment-sum path taken")
+    monkeypatch.setattr(ssd_mod, "_ssd_chunked", fail)
+
+
+@settings(max_examples=20, deadline=None)
+@given(length=st.integers(2, 45), chunk=st.integers(2, 9), groups=st.sampled_from([1, 2]),
+       use_reset=st.booleans(), reverse=st.booleans(), seed=st.integers(0, 1000))
+def test_factored_path_matches_reference_float64(length, chunk, groups, use_reset, reverse, seed):
+    leaves, reset = inputs(length, 2 * groups, groups, seed)
+    reset = reset if use_reset else None
+    saved = ssd_mod._ssd_chunked
+    ssd_mod._ssd_chunked = None  # the factored path must serve every piece (None is not callable)
+    try:
+        got = outputs(ssd, leaves, reset, reverse, chunk_size=chunk)
+    finally:
+        ssd_mod._ssd_chunked = saved
+    close(got, outputs(R.ssd, leaves, reset, reverse), 1e-10)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_factored_path_float32(groups, no_segment_sums):
+    """float32 at Mamba-2-like sizes (chunk 16, 3 chunks, resets): float32 accuracy in every output."""
+    leaves, reset = inputs(48, 4, groups, 3, dtype=torch.float32, dt_scale=0.3)
+    got = outputs(ssd, leaves, reset, False, chunk_size=16)
+    close(got, outputs(R.ssd, [t.double() for t in leaves], reset, False), 1e-5)
+
+
+def test_wide_decay_ranges_fall_back_piece_by_piece(monkeypatch):
+    """Pieces whose chunks decay by more than the factors can carry in float64 (exp(+-354)) run the segment-sum
+    path, the others the factored one, the state handed across: equal to the oracle, and each path was taken."""
+    length, chunk = 24, 4
+    leaves, reset = inputs(length, 2, 1, 9, A=torch.tensor([-0.5, -200.0], dtype=torch.float64))
+    leaves[1][:, : length // 2] *= 0.01  # first half: chunk decays ~1; second half: ~300 per step in head 1
+    leaves[1][:, length // 2:] += 1.0
+    calls = {"segment sums": 0}
+    seg = ssd_mod._ssd_chunked
+
+    def counted(*args):
+        calls["segment sums"] += 1
+        return seg(*args)
+
+    monkeypatch.setattr(ssd_mod, "_ssd_chunked", counted)
+    monkeypatch.setattr(ssd_mod, "PIECE", 8)
+    got = outputs(ssd, leaves, reset, False, chunk_size=chunk)
+    assert 0 < calls["segment sums"] < length // 8
+    close(got, outputs(R.ssd, leaves, reset, False), 1e-10)
+
+
+def test_switch_off_runs_segment_sums_with_the_same_result(monkeypatch):
+    leaves, reset = inputs(30, 4, 2, 11)
+    on = outputs(ssd, leaves, reset, True, chunk_size=8)
+    monkeypatch.setitem(FACTORED, "enabled", False)
+    close(on, outputs(ssd, leaves, reset, True, chunk_size=8), 1e-12)
