@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import Mamba3ScanState, mamba3, mamba3_step
+from ..ops.mamba3_stack import Mamba3StepWeights
 from .base import LayerState, SequenceLayer, check_d_model, check_state_dtypes, flip_reset, state_kwargs, to_compute
 from .mamba import _positive_int, check_dt_range, cut_at_segment_start, init_dt_bias, inner_size, state_dtype
 from .mamba2 import _default_headdim
@@ -202,6 +203,16 @@ class Mamba3(SequenceLayer):
         y, st = mamba3_step(xs, dt, A, trap, B, C, Mamba3ScanState(state.angle, state.ssm, state.k, state.x),
                             angles=angles, **self._ssm_params(self._param_dtype(xs)))
         return self._output(y, z, x_t.dtype), Mamba3State(angle=st.angle, ssm=st.ssm, k=st.k, x=st.x)
+
+    def step_weights(self) -> Mamba3StepWeights:
+        """The parameters as the stack decode kernel takes them (:mod:`ssmkit.ops.mamba3_stack`)."""
+        m = (lambda name: getattr(self, name) if self.mimo else None)  # noqa: E731
+        return Mamba3StepWeights(
+            in_w=self.in_proj.weight, in_b=self.in_proj.bias, dt_b=self.dt_bias, b_bias=self.B_bias,
+            c_bias=self.C_bias, bn_w=self.B_norm.weight, cn_w=self.C_norm.weight, d=self.D, mimo_x=m("mimo_x"),
+            mimo_z=m("mimo_z"), mimo_o=m("mimo_o"), out_w=self.out_proj.weight, out_b=self.out_proj.bias,
+            ngroups=self.ngroups, headdim=self.headdim, n_angles=self.n_angles, a_floor=self.A_floor,
+            b_eps=self.B_norm.eps, c_eps=self.C_norm.eps)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, nheads={self.nheads}, "

@@ -1,12 +1,15 @@
-"""The decode step of a pure-Mamba or pure-Mamba-2 backbone in one kernel launch
-(:func:`ssmkit.ops.mamba_stack_step`, :func:`ssmkit.ops.mamba2_step.mamba2_stack_step`).
+"""The decode step of a pure-Mamba, pure-Mamba-2 or pure-Mamba-3 backbone in one kernel launch
+(:func:`ssmkit.ops.mamba_stack_step`, :func:`ssmkit.ops.mamba2_step.mamba2_stack_step`,
+:func:`ssmkit.ops.mamba3_stack.mamba3_stack_step`).
 
-A backbone whose blocks are all plain ``mamba`` mixers, or all plain ``mamba2`` mixers, with RMSNorm, no MLP and no
-active dropout, with an RMSNorm at the end, steps all its blocks (and the LM head, for a CausalLM) in one launch:
+A backbone whose blocks are all plain ``mamba`` mixers, all plain ``mamba2`` mixers or all ``mamba3`` mixers of one
+shape (float linear layers for Mamba-3), with RMSNorm, no MLP and no active dropout, with an RMSNorm at the end,
+steps all its blocks (and the LM head, for a CausalLM) in one launch:
 decoding a token reads every weight once, and one launch per matrix product (or per layer) would spend a large
 share of the token's time waking threads and in Python. The result equals the block-by-block step up to float
 rounding (tests compare both, and both against the ops' oracles). Any other backbone, or a call that needs
-gradients, takes the block-by-block path.
+gradients, takes the block-by-block path; in a hybrid, runs of plain Mamba or Mamba-2 blocks still take one launch
+each (:func:`run_plans`), Mamba-3 blocks there step one by one.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from torch import Tensor, nn
 from ..layers.base import linear_weights
 from ..layers.mamba import Mamba, MambaState
 from ..layers.mamba2 import Mamba2, Mamba2State
-from ..ops.decode_linear import decode_linear
+from ..layers.mamba3 import Mamba3, Mamba3State
+from ..ops.decode_linear import decode_fusable, decode_linear
 from ..ops.mamba2_step import Mamba2StackPlan, Mamba2StepWeights, mamba2_stack_step
+from ..ops.mamba3_stack import Mamba3StackPlan, mamba3_stack_step
 from ..ops.mamba_step import MambaStackPlan, WeightsKey, mamba_stack_step
 from ..ops.q8_act import act_quant_of, module_act_quant, quantized_layers
 from .outputs import ModelState
@@ -66,7 +71,7 @@ class _Cached:
     settings: tuple  # per block (training, norm eps, mixer settings), the final norm eps: no hooks see them
     key: WeightsKey  # a `.data` swap, a dtype/device move or an in-place update of a copied weight breaks it
     tensors: list[Tensor]
-    plan: MambaStackPlan | Mamba2StackPlan | None
+    plan: MambaStackPlan | Mamba2StackPlan | Mamba3StackPlan | None
     quantized: tuple = ()  # the quantized linear layers: their act_quant settings, read when the plan was built
     acts: tuple = ()
 
@@ -84,14 +89,27 @@ def _fresh(cached: _Cached | None, settings: tuple) -> bool:
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _mamba3_shape(mixer: Mamba3) -> tuple | None:
+    """What the Mamba-3 layers of one stack launch must share, or None if the kernel cannot take the layer."""
+    if type(mixer.in_proj) is not nn.Linear or type(mixer.out_proj) is not nn.Linear or any(
+            n.weight is None or not isinstance(n.eps, float) for n in (mixer.B_norm, mixer.C_norm)):
+        return None
+    return (mixer.d_model, mixer.d_state, mixer.nheads, mixer.headdim, mixer.ngroups, mixer.mimo, mixer.rank,
+            mixer.n_angles, mixer.in_proj.bias is None, mixer.out_proj.bias is None)
+
+
 def _kind(backbone) -> type | None:
-    """Mamba or Mamba2 when every block is a plain mixer of that type fit for the fused step, else None."""
+    """Mamba, Mamba2 or Mamba3 when every block is a plain mixer of that type fit for the fused step, else None."""
     if backbone.final_norm.kind != "rmsnorm":
         return None
     eps = backbone.final_norm.eps
     kind = type(backbone.blocks[0].mixer)
-    if kind not in (Mamba, Mamba2):
+    if kind not in (Mamba, Mamba2, Mamba3):
         return None
+    if kind is Mamba3:
+        shape = _mamba3_shape(backbone.blocks[0].mixer)
+        if shape is None or any(_mamba3_shape(b.mixer) != shape for b in backbone.blocks if type(b.mixer) is kind):
+            return None
     for block in backbone.blocks:
         norm = block.norm
         if type(block.mixer) is not kind or block.mlp is not None or norm is None or norm.kind != "rmsnorm":
@@ -107,6 +125,8 @@ def _mixer_settings(mixer: nn.Module) -> tuple:
     """A Mamba-2 mixer's plain attributes that the plan copies (a Mamba mixer has none)."""
     if type(mixer) is Mamba2:
         return mixer.ngroups, mixer.dt_limit, mixer._modules["norm"].eps
+    if type(mixer) is Mamba3:
+        return mixer.A_floor, mixer._modules["B_norm"].eps, mixer._modules["C_norm"].eps
     return ()
 
 
@@ -127,7 +147,7 @@ def mamba2_step_weights(mixer: Mamba2) -> Mamba2StepWeights:
         in_scale=in_s, out_scale=out_s, norm_eps=mixer.norm.eps, dt_limit=mixer.dt_limit)
 
 
-def stack_plan(backbone, head: nn.Module | None = None) -> MambaStackPlan | Mamba2StackPlan | None:
+def stack_plan(backbone, head: nn.Module | None = None) -> MambaStackPlan | Mamba2StackPlan | Mamba3StackPlan | None:
     """The backbone's (cached) plan, with ``head`` (a linear layer, e.g. the LM head) in the same launch;
     rebuilt when the model changed; None if the backbone is not eligible."""
     owner = backbone if head is None else head
@@ -145,6 +165,8 @@ def stack_plan(backbone, head: nn.Module | None = None) -> MambaStackPlan | Mamb
     if kind is None:
         _CACHE[owner] = _Cached(registrations, settings, WeightsKey([]), [], None)
         return None
+    if kind is Mamba3:
+        return _mamba3_plan(backbone, head, owner, registrations, settings)
     if kind is Mamba:
         layers = [block.mixer.step_weights() for block in backbone.blocks]
         tensors = [t for w in layers for t in w if t is not None]
@@ -162,6 +184,32 @@ def stack_plan(backbone, head: nn.Module | None = None) -> MambaStackPlan | Mamb
     _CACHE[owner] = _Cached(registrations, settings, plan.key, tensors, plan, quantized,
                             tuple(m.act_quant for m in quantized))
     return plan
+
+
+def _mamba3_plan(backbone, head: nn.Module | None, owner, registrations: int, settings: tuple
+                 ) -> Mamba3StackPlan | None:
+    """A pure Mamba-3 stack's plan (None, cached too, when the head is not a float linear layer)."""
+    head_weights = None if head is None else linear_weights(head)
+    if head_weights is not None and head_weights[1] is not None:
+        _CACHE[owner] = _Cached(registrations, settings, WeightsKey([]), [], None)
+        return None
+    final = backbone.final_norm
+    plan = Mamba3StackPlan([b.mixer.step_weights() for b in backbone.blocks], [b.norm.weight for b in backbone.blocks],
+                           final.weight, norm_eps=final.eps, final_eps=final.eps, head=head_weights)
+    tensors = [t for w in plan.layers for t in w.tensors()] + plan.norm_weights + [final.weight]
+    tensors += [t for t in (head_weights or ()) if t is not None]
+    _CACHE[owner] = _Cached(registrations, settings, plan.key, tensors, plan)
+    return plan
+
+
+def _mamba3_fused(backbone, plan: Mamba3StackPlan, h: Tensor, layers: list
+                  ) -> tuple[Tensor, ModelState, Tensor | None] | None:
+    if not plan.fusable or not all(type(s) is Mamba3State for s in layers) or not decode_fusable(
+            h, [h, *plan.layers[0].tensors()]) or h.dtype != plan.dtype or h.shape[0] == 0:
+        return None
+    backbone.blocks[0].mixer._check_state(layers[0], h)  # shapes and dtypes; the stack step checks the rest
+    hidden, states, out = mamba3_stack_step(h, plan, [(s.angle, s.ssm, s.k, s.x) for s in layers])
+    return hidden, ModelState([Mamba3State(*s) for s in states]), out
 
 
 def _block_kind(block: nn.Module) -> type | None:
@@ -264,6 +312,8 @@ def fused_step(backbone, h: Tensor, state: ModelState, head: nn.Module | None = 
     plan = stack_plan(backbone, head)
     if plan is None:
         return _hybrid_step(backbone, h, state, head)
+    if isinstance(plan, Mamba3StackPlan):
+        return _mamba3_fused(backbone, plan, h, layers)
     state_cls = MambaState if isinstance(plan, MambaStackPlan) else Mamba2State
     if not plan.fusable or h.dtype != plan.dtype or not all(type(s) is state_cls for s in layers):
         return None
