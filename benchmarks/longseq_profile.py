@@ -5,7 +5,7 @@
     rows = prof.table(rates, copy_bytes_per_s)
 
 Every aten op (forward and backward) is timed by process CPU time through a ``TorchDispatchMode``, and ssmkit's
-numba kernels (selective scan, SSD's chunk-state pass, short conv) by wrapping them. Bounds per op: GEMMs (mm,
+numba kernels (selective scan, SSD's chunk-state pass, short conv + SiLU) by wrapping them. Bounds per op: GEMMs (mm,
 addmm, bmm, baddbmm) their FLOPs from the operand shapes at the GEMM rate; the selective-scan kernels their exps at
 the exp rate plus their other arithmetic (6 FLOPs per (channel, state) element forward, 21 backward, see
 bench_longseq.py) at the GEMM rate; the short conv and the SSD state pass their multiply-adds at the GEMM rate
@@ -85,8 +85,8 @@ class OpProfiler(TorchDispatchMode):
         self._undo.append((module, attr, fn))
 
     def __enter__(self):
-        import ssmkit.layers.short_conv as sc
         import ssmkit.ops._numba_kernels as kern
+        import ssmkit.ops._numba_short_conv as sc
         import ssmkit.ops._ssd_state as ssd_state
 
         def scan(per_elem: float):
@@ -95,12 +95,13 @@ class OpProfiler(TorchDispatchMode):
 
         self._wrap(kern, "selective_fwd", "numba: selective scan fwd", scan(6.0))
         self._wrap(kern, "selective_bwd", "numba: selective scan bwd", scan(21.0))
-        conv = (lambda a: (2.0 * a[0].size * a[1].shape[0], 0.0))  # noqa: E731  xp (B, L+W-1, C), wt (W, C)
+        # short conv (+ SiLU): x read in place, wt (W, C) the 6th argument, out / g (B, L, C) the 11th
+        conv = (lambda a: (2.0 * a[10].size * a[5].shape[0], float(a[10].size) if a[9] else 0.0))  # noqa: E731
         # SSD's chunk-state sweep: one fma per element forward, two and a product backward (S (b, c, G, N, R, P))
         self._wrap(ssd_state, "ssd_state_fwd", "numba: ssd state pass fwd", (lambda a: (2.0 * a[0].size, 0.0)))
         self._wrap(ssd_state, "ssd_state_bwd", "numba: ssd state pass bwd", (lambda a: (4.0 * a[1].size, 0.0)))
-        self._wrap(sc, "_conv_fwd", "numba: short conv fwd", conv)
-        self._wrap(sc, "_conv_bwd", "numba: short conv bwd", (lambda a: (2 * conv(a)[0], 0.0)))
+        self._wrap(sc, "conv_fwd", "numba: short conv fwd", conv)
+        self._wrap(sc, "conv_bwd", "numba: short conv bwd", (lambda a: (2 * conv(a)[0], conv(a)[1])))
         return super().__enter__()
 
     def __exit__(self, *exc):

@@ -245,8 +245,7 @@ class Mamba(ConvScanBlock):
         dt_in = self.dt_source == "in_proj"  # opt-in: Δ per channel from in_proj's extra d_inner rows
         # under autocast the projections run in its dtype and to_compute brings their outputs back to float32
         xi, z, *dt_raw = to_compute(self, *self.in_proj(x).split([di] * (3 if dt_in else 2), dim=-1))
-        u, conv_state = self.conv1d(xi, None if state is None else state.conv, reset=reset)
-        u = F.silu(u)
+        u, conv_state = self.conv1d(xi, None if state is None else state.conv, reset=reset, activation="silu")
         if dt_in:
             B, C = to_compute(self, *self.x_proj(u).split([N, N], dim=-1))
             delta, delta_bias = dt_raw[0], self.dt_bias

@@ -12,15 +12,19 @@ the inputs in processing order.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
-import numba as nb
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import _numba_short_conv as K
+from ..ops import threads as T
 from ..ops.linear_scan import use_fused
 from .base import flip_reset
+
+ACTIVATIONS = (None, "silu")
 
 
 def _check_conv_args(
@@ -60,8 +64,9 @@ def short_conv(
     initial_state: Tensor | None = None,
     reset: Tensor | None = None,
     reverse: bool = False,
+    activation: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Depthwise short convolution with segment resets and carried state.
+    """Depthwise short convolution with segment resets and carried state, optionally followed by SiLU.
 
     Args:
         x: (batch, length, channels).
@@ -71,36 +76,43 @@ def short_conv(
         reset: bool (batch, length); True at t starts a new segment (no tap reaches back across it).
         reverse: anti-causal (right-to-left) convolution: ``initial_state`` holds the inputs to the right of x and
             the returned state is for the chunk to the left (zeroed in rows where x starts a segment).
+        activation: None, or "silu": y = silu(conv) (fused into the kernel; the state holds the conv's inputs).
 
     Returns:
         y (batch, length, channels) and the new state (batch, channels, width - 1).
 
-    Float32/64 CPU tensors run a fused numba kernel (forward and backward); other inputs, or inside
-    ``ssmkit.ops.fused_kernels(False)``, a sum of shifted taps in PyTorch.
+    Float32/64 CPU tensors run a fused numba kernel (forward and backward; x is read in place, so a channel slice
+    of a wider tensor is not copied); other inputs, or inside ``ssmkit.ops.fused_kernels(False)``, a sum of
+    shifted taps in PyTorch.
     """
     _check_conv_args(x, weight, bias, initial_state, reset)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"short_conv: activation must be None or 'silu', got {activation!r}")
     if reverse:
-        y, new_state = short_conv(x.flip(1), weight, bias, initial_state=initial_state, reset=flip_reset(reset))
+        y, new_state = short_conv(x.flip(1), weight, bias, initial_state=initial_state, reset=flip_reset(reset),
+                                  activation=activation)
         if reset is not None:  # x starts a segment: nothing carries on into the chunk to its left
             new_state = new_state * (~reset[:, 0]).to(new_state.dtype)[:, None, None]
         return y.flip(1), new_state
     batch, length, channels = x.shape
     width = weight.shape[1]
+    act = F.silu if activation == "silu" else (lambda t: t)  # noqa: E731
     if width == 1:
         y = x * weight[:, 0]
-        return (y if bias is None else y + bias), x.new_zeros(batch, channels, 0)
+        return act(y if bias is None else y + bias), x.new_zeros(batch, channels, 0)
     ctx = x.new_zeros(batch, width - 1, channels) if initial_state is None else initial_state.transpose(1, 2)
-    xp = torch.cat([ctx, x], 1)  # (batch, width - 1 + length, channels)
     segp = None
     if reset is not None:
         seg = torch.cumsum(reset, 1)  # segment id of each position; the state's positions have id 0
         segp = torch.cat([seg.new_zeros(batch, width - 1), seg], 1)
     if use_fused(x) and x.dtype in (torch.float32, torch.float64):
         b = bias if bias is not None else x.new_zeros(channels)
-        y = _ShortConvFn.apply(xp, weight.t(), b, segp)
+        y = _ShortConvFn.apply(x, ctx.contiguous(), weight.t(), b, segp, activation == "silu")
+        tail = (x[:, length - width + 1:] if length >= width - 1 else torch.cat([ctx, x], 1)[:, -(width - 1):])
     else:
-        y = _taps(xp, weight, bias, segp, length)
-    tail = xp[:, -(width - 1):]
+        xp = torch.cat([ctx, x], 1)  # (batch, width - 1 + length, channels)
+        y = act(_taps(xp, weight, bias, segp, length))
+        tail = xp[:, -(width - 1):]
     if segp is not None:
         tail = tail * (segp[:, -(width - 1):] == segp[:, -1:]).unsqueeze(-1).to(x.dtype)
     return y, tail.transpose(1, 2).contiguous()
@@ -122,102 +134,48 @@ def _taps(xp: Tensor, weight: Tensor, bias: Tensor | None, segp: Tensor | None, 
 
 
 # ------------------------------------------------------------------------------------------ fused CPU kernel
-_ROWS = 64  # time rows per parallel task
-
-
-@nb.njit(parallel=True, cache=True)
-def _conv_fwd(xp, wt, bias, segp, use_seg, out):  # pragma: no cover - compiled
-    """out[b, t] = bias + sum_k wt[k] * xp[b, t + k], skipping taps where segp[b, t + k] differs from
-    segp[b, t + W - 1]."""
-    nbat, lp, nch = xp.shape
-    W = wt.shape[0]
-    length = lp - W + 1
-    ntask = (length + _ROWS - 1) // _ROWS
-    for task in nb.prange(nbat * ntask):
-        b = task // ntask
-        t0 = (task % ntask) * _ROWS
-        for t in range(t0, min(length, t0 + _ROWS)):
-            o = out[b, t]
-            for c in range(nch):
-                o[c] = bias[c]
-            for k in range(W):
-                if use_seg and segp[b, t + k] != segp[b, t + W - 1]:
-                    continue
-                xr = xp[b, t + k]
-                wk = wt[k]
-                for c in range(nch):
-                    o[c] += wk[c] * xr[c]
-
-
-@nb.njit(parallel=True, cache=True)
-def _conv_bwd(xp, wt, segp, use_seg, g, gxp, gw_part):  # pragma: no cover - compiled
-    """gxp[b, s] = sum_k wt[k] g[b, s - k] (unmasked taps); gw_part[task, k] = sum over the task's rows of
-    g[b, s - k] * xp[b, s]. Tasks own disjoint rows s of gxp, so nothing is written twice."""
-    nbat, lp, nch = xp.shape
-    W = wt.shape[0]
-    length = lp - W + 1
-    ntask = (lp + _ROWS - 1) // _ROWS
-    for task in nb.prange(nbat * ntask):
-        b = task // ntask
-        s0 = (task % ntask) * _ROWS
-        gw = gw_part[task]
-        for s in range(s0, min(lp, s0 + _ROWS)):
-            acc = gxp[b, s]
-            for c in range(nch):
-                acc[c] = 0.0
-            xr = xp[b, s]
-            for k in range(W):
-                t = s - k
-                if t < 0 or t >= length:
-                    continue
-                if use_seg and segp[b, s] != segp[b, t + W - 1]:
-                    continue
-                gr = g[b, t]
-                wk = wt[k]
-                gwk = gw[k]
-                for c in range(nch):
-                    acc[c] += wk[c] * gr[c]
-                    gwk[c] += gr[c] * xr[c]
-
-
-@contextlib.contextmanager
-def _threads(work: int):
-    """ssmkit's one thread policy for numba kernels (:func:`ssmkit.ops.threads.kernel_threads`): one thread for
-    small problems, torch's count otherwise, launches serialised by the process-wide kernel lock."""
-    from ..ops.threads import kernel_threads
-
-    with kernel_threads(work):
-        yield
+def _flat(x: Tensor) -> tuple[np.ndarray, int, int, int]:
+    """x (batch, length, channels) with unit channel stride as (flat storage array, offset, batch stride, row
+    stride) for the kernels (a copy only when the channel stride is not 1 or rows overlap)."""
+    if x.stride(2) != 1 or x.stride(1) < x.shape[2] or (x.shape[0] > 1 and x.stride(0) < x.stride(1) * x.shape[1]):
+        x = x.contiguous()
+    batch, length, channels = x.shape
+    span = (batch - 1) * x.stride(0) + (length - 1) * x.stride(1) + channels
+    flat = torch.as_strided(x, (span,), (1,))
+    return flat.numpy(), 0, x.stride(0), x.stride(1)
 
 
 class _ShortConvFn(torch.autograd.Function):
-    """Fused depthwise conv over the padded input xp (batch, W-1+L, C) with weight wt (W, C) and bias (C,)."""
+    """Fused depthwise conv (+ SiLU) of x (batch, L, C) after the context ctx (batch, W-1, C), weight wt (W, C),
+    bias (C,); x is read in place (see :mod:`ssmkit.ops._numba_short_conv`)."""
 
     @staticmethod
-    def forward(ctx, xp: Tensor, wt: Tensor, bias: Tensor, segp: Tensor | None) -> Tensor:
-        xp_, wt_, b_ = xp.detach().contiguous(), wt.detach().contiguous(), bias.detach().contiguous()
+    def forward(ctx, x: Tensor, cx: Tensor, wt: Tensor, bias: Tensor, segp: Tensor | None, silu: bool) -> Tensor:
+        x_, cx_, wt_, b_ = x.detach(), cx.detach().contiguous(), wt.detach().contiguous(), bias.detach().contiguous()
         seg = torch.zeros(1, 1, dtype=torch.int64) if segp is None else segp.contiguous()
-        nbat, lp, nch = xp_.shape
-        out = torch.empty(nbat, lp - wt_.shape[0] + 1, nch, dtype=xp_.dtype)
-        with _threads(out.numel() * wt_.shape[0]):
-            _conv_fwd(xp_.numpy(), wt_.numpy(), b_.numpy(), seg.numpy(), segp is not None, out.numpy())
-        ctx.save_for_backward(xp_, wt_, seg)
-        ctx.use_seg = segp is not None
+        out = torch.empty(x_.shape, dtype=x_.dtype)
+        with T.kernel_threads(out.numel() * wt_.shape[0]):
+            K.conv_fwd(*_flat(x_), cx_.numpy(), wt_.numpy(), b_.numpy(), seg.numpy(), segp is not None, silu,
+                       out.numpy())
+        ctx.save_for_backward(x_, cx_, wt_, b_, seg)
+        ctx.use_seg, ctx.silu = segp is not None, silu
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        xp, wt, seg = ctx.saved_tensors
+        x, cx, wt, b, seg = ctx.saved_tensors
         g = g.contiguous()
-        nbat, lp, nch = xp.shape
-        ntask = nbat * (-(-lp // _ROWS))
-        gxp = torch.empty_like(xp)
-        gw_part = torch.zeros(ntask, wt.shape[0], nch, dtype=xp.dtype)
-        with _threads(g.numel() * wt.shape[0]):
-            _conv_bwd(xp.numpy(), wt.numpy(), seg.numpy(), ctx.use_seg, g.numpy(), gxp.numpy(),
-                      gw_part.numpy())
-        gb = g.sum((0, 1)) if ctx.needs_input_grad[2] else None
-        return gxp, gw_part.sum(0), gb, None
+        nbat, length, nch = x.shape
+        width = wt.shape[0]
+        ntask = nbat * (-(-(length + width - 1) // K.ROWS))
+        gx, gcx = torch.empty(x.shape, dtype=x.dtype), torch.empty_like(cx)
+        gw_part = torch.zeros(ntask, width, nch, dtype=x.dtype)
+        gb_part = torch.zeros(ntask, nch, dtype=x.dtype)
+        with T.kernel_threads(g.numel() * width):
+            K.conv_bwd(*_flat(x), cx.numpy(), wt.numpy(), b.numpy(), seg.numpy(), ctx.use_seg, ctx.silu, g.numpy(),
+                       gx.numpy(), gcx.numpy(), gw_part.numpy(), gb_part.numpy())
+        gb = gb_part.sum(0) if ctx.needs_input_grad[3] else None
+        return gx, gcx, gw_part.sum(0), gb, None, None
 
 
 def short_conv_step(
@@ -259,10 +217,13 @@ class ShortConv(nn.Module):
             self.bias.uniform_(-bound, bound)
 
     def forward(
-        self, x: Tensor, initial_state: Tensor | None = None, *, reset: Tensor | None = None, reverse: bool = False
+        self, x: Tensor, initial_state: Tensor | None = None, *, reset: Tensor | None = None, reverse: bool = False,
+        activation: str | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """x: (batch, length, channels) -> (y (batch, length, channels), state (batch, channels, width-1))."""
-        return short_conv(x, self.weight[:, 0], self.bias, initial_state=initial_state, reset=reset, reverse=reverse)
+        """x: (batch, length, channels) -> (y (batch, length, channels), state (batch, channels, width-1));
+        ``activation="silu"`` applies SiLU to y inside the kernel."""
+        return short_conv(x, self.weight[:, 0], self.bias, initial_state=initial_state, reset=reset, reverse=reverse,
+                          activation=activation)
 
     def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """x_t: (batch, channels), state (batch, channels, width - 1) -> (y_t, new state)."""
