@@ -1,15 +1,19 @@
 """Speculative decoding on trained byte-level Tiny Shakespeare models: plain greedy vs chain vs tree drafts (and a
 self-draft), in one process so the ratios are fair.
 
-    python benchmarks/bench_speculative.py --target RUN --draft RUN [--new 128] [--num-draft 2,4] [--tree '2,2 2,3']
+    python benchmarks/bench_speculative.py --target RUN --draft RUN [--target-hybrid RUN] [--new 128]
+        [--num-draft 3,4] [--tree '2,1 2,2']
     python benchmarks/bench_speculative.py --train DIR     # first trains a target and a draft into DIR (nice -n 10)
 
 Prompts are the first ``--prompt`` tokens of validation rows. For batch 1 and 4 at ``--threads`` threads it
-reports new tokens per second (prefill included, best of ``--repeat``), the speedup over plain greedy (wall time;
-the same without the prompt's prefill, timed apart; and in this process's CPU time, which a busy machine disturbs
-less), the tokens a row gains per target pass (the acceptance length) and the acceptance rate, and whether the
-tokens equal plain greedy's: float32 rows identical, and an exact check in float64 (models cast to float64).
-Writes benchmarks/results/bench_speculative_t<threads>.json.
+reports, best of ``--repeat`` interleaved runs: new tokens per second with the prompt's prefill and the speedup
+over plain greedy (wall time); the same for the decoding alone (each case's time minus the prefills it contains,
+which are timed as cases of their own in the same loop); the speedup in this process's CPU time; the tokens a row
+gains per target pass (the acceptance length) and the acceptance rate; and whether the tokens equal plain
+greedy's: float32 rows identical, and an exact check in float64 (models cast to float64). ``--target-hybrid``
+adds a second target (a Mamba-2 + attention hybrid, say) with the same draft: plain (its fused hybrid step) vs
+chain (the draft's chain in one launch, the target's multi-token pass in PyTorch). Then the parts of a round
+(bench_speculative_parts.py). Writes benchmarks/results/bench_speculative_t<threads>.json.
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ TRAIN = {  # name -> model and training flags (byte-level text task, 128-token r
 }
 
 
-COLUMNS = ["case", "batch", "tokens_per_s", "speedup_vs_plain", "speedup_vs_best_chain", "decode_only_speedup_vs_plain",
-           "cpu_speedup_vs_plain", "cpu_speedup_vs_best_chain", "tokens_per_pass", "acceptance_rate",
+COLUMNS = ["case", "batch", "tokens_per_s", "speedup_vs_plain", "decode_tokens_per_s", "decode_speedup_vs_plain",
+           "speedup_vs_best_chain", "cpu_speedup_vs_plain", "tokens_per_pass", "acceptance_rate",
            "rows_identical_fp32"]
+PART_COLUMNS = ["part", "batch", "wall_ms", "wall_ms_median", "cpu_ms", "plain_steps"]
 
 
 def train(root: Path) -> tuple[Path, Path]:
@@ -59,6 +64,52 @@ def train(root: Path) -> tuple[Path, Path]:
     return root / "target", root / "draft"
 
 
+def distill(target_run: str, draft_run: str, out: Path, steps: int, batch: int = 8, lr: float = 1e-3) -> Path:
+    """Fine-tune the draft toward the target's next-token distribution (KL(target || draft) on the training split's
+    128-token rows, the target's softmax as soft labels; Adam, ``steps`` steps of ``batch`` rows): the draft is
+    trained on the same data, with the target as the teacher. Writes the run dir ``out`` (config copied from the
+    draft's run, the weights as its latest checkpoint). Prints the teacher-forced greedy agreement (draft argmax ==
+    target argmax) on 8 validation rows before and after."""
+    import shutil
+
+    import torch.nn.functional as F
+
+    from ssmkit.models import save_pretrained
+
+    task, target = load(target_run)
+    _, model = load(draft_run)
+
+    @torch.no_grad()
+    def agreement() -> float:
+        x = next(iter(task.batches("val", 8, 0)))["input_ids"]
+        return float((model(x).logits.argmax(-1) == target(x).logits.argmax(-1)).double().mean())
+
+    print(f"greedy agreement with the target before: {agreement():.4f}", flush=True)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for step, b in enumerate(task.batches("train", batch, 1)):
+        if step == steps:
+            break
+        x = b["input_ids"]
+        with torch.no_grad():
+            teacher = F.log_softmax(target(x).logits.float(), -1)
+        loss = F.kl_div(F.log_softmax(model(x).logits.float(), -1), teacher, log_target=True, reduction="batchmean")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            print(f"step {step} KL {loss.item() / x.shape[1]:.4f}", flush=True)
+    model.eval()
+    print(f"greedy agreement with the target after {steps} steps: {agreement():.4f}", flush=True)
+    src = Path(draft_run)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "config.yaml"):
+        shutil.copy(src / name, out / name)
+    save_pretrained(model, out / "checkpoints" / f"step-{steps:08d}")
+    (out / "checkpoints" / "latest").write_text(f"step-{steps:08d}")
+    return out
+
+
 def load(run: str):
     from ssmkit.cli.common import load_run
 
@@ -73,146 +124,68 @@ def timed(fn) -> tuple[float, float, object]:
     return time.perf_counter() - t0, time.process_time() - c0, out
 
 
-def bench(target, draft, self_layers: int, prompts: torch.Tensor, new: int, ks: list[int],
-          trees: list[tuple[int, int]], repeat: int) -> list[dict]:
+@torch.no_grad()
+def bench(target, draft, prompts: torch.Tensor, new: int, ks: list[int], trees: list[tuple[int, int]], repeat: int,
+          self_layers: int = 0, label: str = "", other_draft=None, other_name: str = "") -> list[dict]:
+    """Plain greedy, chains, trees (and a self-draft if ``self_layers``; chains with ``other_draft`` too, named
+    ``other_name``), with the prompt's prefill (target; draft) timed as cases of their own in the same interleaved
+    loop: tokens/s with the prefill, and decode-only tokens/s (the case's best time minus the best prefills it
+    contains; ``other_draft`` must have the draft's shape, so the draft's prefill stands for its own)."""
     from ssmkit.infer import generate, self_draft, speculative_generate
+    from ssmkit.infer.generate import _prefill
+    from ssmkit.infer.prompts import parse_prompts
 
-    mine = self_draft(target, self_layers)
+    parsed = parse_prompts(prompts, vocab_size=target.config.vocab_size, device=prompts.device)
     cases = {"plain": lambda: (generate(target, prompts, new), None)}
     for k in ks:
         cases[f"chain k={k}"] = lambda k=k: speculative_generate(target, prompts, new, draft_model=draft,
                                                                  num_draft=k)
+    for k in ks if other_draft is not None else ():
+        cases[f"{other_name} chain k={k}"] = lambda k=k: speculative_generate(
+            target, prompts, new, draft_model=other_draft, num_draft=k)
     for b, d in trees:
         cases[f"tree {b},{d}"] = lambda t=(b, d): speculative_generate(target, prompts, new, draft_model=draft,
                                                                        tree=t)
-    cases[f"self-draft {self_layers}L k={ks[0]}"] = lambda: speculative_generate(
-        target, prompts, new, draft_model=mine, num_draft=ks[0])
-    prefill = {"target": lambda: target(prompts, return_final_state=True),
-               "draft": lambda: draft(prompts, return_final_state=True)}
-    pre = {}
-    with torch.no_grad():
-        for name, fn in prefill.items():  # the prompt's share of every case's time (best of repeat + 1)
-            pre[name] = min(timed(fn)[0] for _ in range(repeat + 1))
-    best = {name: float("inf") for name in cases}
-    cpu = {name: float("inf") for name in cases}
+    if self_layers:
+        mine = self_draft(target, self_layers)
+        cases[f"self-draft {self_layers}L k={ks[0]}"] = lambda: speculative_generate(
+            target, prompts, new, draft_model=mine, num_draft=ks[0])
+    prefill = {"prefill target": lambda: _prefill(target, parsed), "prefill draft": lambda: _prefill(draft, parsed)}
+    best = {name: float("inf") for name in [*cases, *prefill]}
+    cpu = dict(best)
     outs: dict[str, tuple] = {}
     for fn in cases.values():  # warm-up (kernel compilation)
         fn()
     for _ in range(repeat):  # interleaved, so load changes hit every case alike
-        for name, fn in cases.items():
+        for name, fn in [*cases.items(), *prefill.items()]:
             t, c, outs[name] = timed(fn)
             best[name], cpu[name] = min(best[name], t), min(cpu[name], c)
+    pre_t, pre_d = best["prefill target"], best["prefill draft"]
+    pre_self = pre_t  # a self-draft also prefills its first layers: not subtracted (its decode figure is a lower bound)
+    print(f"{label}batch {prompts.shape[0]}: prefill of the {prompts.shape[1]}-token prompt {1e3 * pre_t:.2f} ms "
+          f"(target), {1e3 * pre_d:.2f} ms (draft); plain decoding {1e3 * (best['plain'] - pre_t) / (new - 1):.3f} "
+          f"ms per token after it")
     plain_tokens = outs["plain"][0]
     best_chain = min(best[n] for n in cases if n.startswith("chain"))
-    cpu_chain = min(cpu[n] for n in cases if n.startswith("chain"))
+    n_new = prompts.shape[0] * new
     rows = []
     for name in cases:
         tokens, stats = outs[name]
+        pre = pre_t if name == "plain" else pre_self if name.startswith("self") else pre_t + pre_d
         rows.append({
-            "case": name, "batch": prompts.shape[0],
-            "tokens_per_s": prompts.shape[0] * new / best[name],
+            "case": label + name, "batch": prompts.shape[0],
+            "tokens_per_s": n_new / best[name],
             "speedup_vs_plain": best["plain"] / best[name],
+            "decode_tokens_per_s": n_new / (best[name] - pre),
+            "decode_speedup_vs_plain": (best["plain"] - pre_t) / (best[name] - pre),
             "speedup_vs_best_chain": best_chain / best[name],
-            "decode_only_speedup_vs_plain": (best["plain"] - pre["target"]) / (
-                best[name] - pre["target"] - (0.0 if name == "plain" or name.startswith("self") else pre["draft"])),
             "cpu_speedup_vs_plain": cpu["plain"] / cpu[name],
-            "cpu_speedup_vs_best_chain": cpu_chain / cpu[name],
             "tokens_per_pass": None if stats is None else stats.tokens_per_pass,
             "acceptance_rate": None if stats is None else stats.acceptance_rate,
             "rows_identical_fp32": int((tokens == plain_tokens).all(1).sum()),
+            "prefill_ms_target": 1e3 * pre_t, "prefill_ms_draft": 1e3 * pre_d,
         })
     return rows
-
-
-def components(target, draft, prompts: torch.Tensor, k: int, tree: tuple[int, int], repeat: int = 20) -> list[dict]:
-    """CPU milliseconds (best of ``repeat``, interleaved) of the parts of one round after the prompt: a plain decode
-    step, the unfused round's parts, and the fused loop's three launches (draft, verify, acceptance + rollback), the
-    verify pass for 1..8 and the tree's nodes, and the products alone (every weight once, as the verify pass reads
-    them) for 1, k + 1 and the tree's rows."""
-    import numba as nb
-    import numpy as np
-
-    from ssmkit.infer import _numba_spec as S
-    from ssmkit.infer._numba_spec_stages import _gemm
-    from ssmkit.infer.fused_loop import _Side, _Verify
-    from ssmkit.infer.fused_spec import _full_tree, fused_plan
-    from ssmkit.infer.multitoken import forward_snapshots
-
-    @nb.njit(fastmath=True)
-    def products(xs, w_in, w_x, w_out, w_head, e, outs, col):  # the verify pass's products with its blocking
-        for layer in range(len(w_in)):
-            _gemm(xs[0], w_in[layer], e, e, 0, w_in[layer].shape[0], outs[0], col)
-            _gemm(xs[1], w_x[layer], e, e, 0, w_x[layer].shape[0], outs[1], col)
-            _gemm(xs[1], w_out[layer], e, e, 0, w_out[layer].shape[0], outs[2], col)
-        _gemm(xs[0], w_head, e, e, 0, w_head.shape[0], outs[3], col)
-
-    def draft_steps():
-        tok, s = last, s_d
-        for _ in range(k):
-            lg, s = draft.step(tok, s)
-            tok = lg.argmax(-1)
-
-    batch = prompts.shape[0]
-    with torch.no_grad():
-        out = target(prompts, return_final_state=True)
-        s_t, s_d = out.state, draft(prompts, return_final_state=True).state
-        last = out.logits[:, -1].argmax(-1)
-        chain = last[:, None].repeat(1, k + 1)
-        _, snaps = forward_snapshots(target, chain, s_t)
-        n = torch.full((batch,), k // 2, dtype=torch.long)
-        parts = {"plain step (target)": lambda: target.step(last, s_t),
-                 f"unfused: {k} draft steps": draft_steps,
-                 f"unfused: target pass over {k + 1} tokens": lambda: forward_snapshots(target, chain, s_t),
-                 "unfused: rollback select": lambda: snaps.select(n)}
-        tp, dp = fused_plan(target, s_t), fused_plan(draft, s_d)
-        if tp is not None and dp is not None:
-            a = tp.arrays
-            e = np.empty(0, dtype=np.float32)
-            di, xdim, d_model = a["d"][0].shape[0], a["x_w"][0].shape[0], a["in_w"][0].shape[1]
-
-            def side_pair(b: int, d: int):
-                tt = _full_tree(b, d)
-                tg, dr = _Side(target, tp, s_t, tt), _Side(draft, dp, s_d, tt)
-                return tt, tg, dr, _Verify(tg, batch), last[:, None].repeat(1, tt.size).contiguous()
-
-            def fused_parts(b: int, d: int, label: str) -> None:
-                tt, tg, dr, ver, nodes = side_pair(b, d)
-                root = last.numpy().astype(np.int64)
-                toks, cnt = np.empty((batch, d + 1), np.int64), np.empty(batch, np.int64)
-
-                def draft_fn():
-                    S.draft_tree(root, b, d, dr.emb.numpy(), dr.parents, dr.win, *dr.layers, dr.conv_t, *dr.scan,
-                                 dr.ssm, *dr.head, nodes.numpy(), dr.node_x, dr.node_ssm)
-
-                def accept_fn():
-                    S.accept_round(nodes.numpy(), ver.logits.numpy().reshape(batch, tt.size, -1), tg.parents, tg.win,
-                                   tg.node_x, tg.node_ssm, tg.conv_t.copy(), tg.ssm.copy(), dr.win, dr.node_x,
-                                   dr.node_ssm, dr.conv_t.copy(), dr.ssm.copy(), toks, cnt)
-                draft_fn()
-                ver.run(tg, nodes)
-                parts[f"fused: draft {label}"] = draft_fn
-                parts[f"fused: verify {label} ({tt.size} nodes)"] = lambda: ver.run(tg, nodes)
-                parts[f"fused: accept + rollback {label}"] = accept_fn
-
-            fused_parts(1, k, f"chain of {k}")
-            fused_parts(*tree, f"tree {tree[0]},{tree[1]}")
-            for t in sorted({1, 2, 3, 5, 6, 8} - {k + 1}):
-                _, tg, _, ver, nodes = side_pair(1, t - 1)
-                parts[f"fused: verify {t} tokens"] = lambda tg=tg, ver=ver, nodes=nodes: ver.run(tg, nodes)
-            for rows in sorted({1, k + 1, _full_tree(*tree).size}):
-                r = rows * batch
-                xs = (np.random.rand(r, d_model).astype(np.float32), np.random.rand(r, di).astype(np.float32))
-                outs = tuple(np.empty((r, m), np.float32) for m in (2 * di, xdim, d_model, a["head"][0].shape[0]))
-                args = (xs, a["in_w"], a["x_w"], a["out_w"], a["head"][0], e, outs, np.empty(r, np.float32))
-                parts[f"products only, {rows} node rows per batch row"] = lambda args=args: products(*args)
-        times = {name: [] for name in parts}
-        for fn in parts.values():
-            fn()
-        for _ in range(repeat):  # interleaved, so load changes hit every part alike
-            for name, fn in parts.items():
-                times[name].append(timed(fn)[1])
-        return [{"part": name, "batch": batch, "cpu_ms": 1e3 * min(v), "cpu_ms_median": 1e3 * float(np.median(v)),
-                 "plain_steps": min(v) / min(times["plain step (target)"])} for name, v in times.items()]
 
 
 def read_bandwidth(n_bytes: int) -> float:
@@ -233,8 +206,8 @@ def read_bandwidth(n_bytes: int) -> float:
     return n_bytes / min(timed(lambda: total(x))[1] for _ in range(10)) / 1e9
 
 
-def exact_check(target, draft, prompts: torch.Tensor, new: int, k: int, tree: tuple[int, int]) -> dict:
-    """Chain and tree tokens equal plain greedy's with both models in float64."""
+def exact_check(target, draft, prompts: torch.Tensor, new: int, k: int, tree: tuple[int, int] | None) -> dict:
+    """Chain (and tree) tokens equal plain greedy's with both models in float64."""
     import copy
 
     from ssmkit.infer import generate, speculative_generate
@@ -242,46 +215,77 @@ def exact_check(target, draft, prompts: torch.Tensor, new: int, k: int, tree: tu
     t64, d64 = copy.deepcopy(target).double(), copy.deepcopy(draft).double()
     want = generate(t64, prompts, new)
     chain = speculative_generate(t64, prompts, new, draft_model=d64, num_draft=k)[0]
-    treed = speculative_generate(t64, prompts, new, draft_model=d64, tree=tree)[0]
-    return {"rows": prompts.shape[0], "new_tokens": new, "chain_identical": bool(torch.equal(chain, want)),
-            "tree_identical": bool(torch.equal(treed, want))}
+    out = {"rows": prompts.shape[0], "new_tokens": new, "chain_identical": bool(torch.equal(chain, want))}
+    if tree is not None:
+        out["tree_identical"] = bool(torch.equal(speculative_generate(t64, prompts, new, draft_model=d64,
+                                                                      tree=tree)[0], want))
+    return out
 
 
 def main() -> None:
+    from bench_speculative_parts import components, hybrid_components
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", help="target run directory")
+    ap.add_argument("--target", help="target run directory (pure Mamba: the fused loop)")
     ap.add_argument("--draft", help="draft run directory")
+    ap.add_argument("--draft-distilled", metavar="RUN", help="a second draft of the same shape (e.g. the draft "
+                    "distilled from the target, --distill): chains with it too, for the pure-Mamba target")
+    ap.add_argument("--target-hybrid", metavar="RUN", help="also a hybrid target (e.g. Mamba-2 + attention) with "
+                    "the same draft: plain vs chain (the unfused verify pass)")
     ap.add_argument("--train", metavar="DIR", help="train a target and a draft into DIR first (skips done ones)")
+    ap.add_argument("--distill", metavar="DIR", help="only fine-tune --draft toward --target (distill()) into DIR")
+    ap.add_argument("--distill-steps", type=int, default=150)
     ap.add_argument("--new", type=int, default=128, help="new tokens per row")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens")
-    ap.add_argument("--num-draft", default="2,4", help="chain lengths k, comma-separated")
-    ap.add_argument("--tree", default="2,2 2,3", help="trees B,D, space-separated")
-    ap.add_argument("--self-layers", type=int, default=2, help="layers of the self-draft")
+    ap.add_argument("--num-draft", default="3,4", help="chain lengths k, comma-separated")
+    ap.add_argument("--tree", default="2,1 2,2", help="trees B,D, space-separated")
+    ap.add_argument("--self-layers", type=int, default=2, help="layers of the self-draft (0: none)")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-parts", action="store_true", help="skip the per-part timings")
     args = ap.parse_args()
     if args.train:
         args.target, args.draft = (str(p) for p in train(Path(args.train)))
     if not (args.target and args.draft):
         ap.error("give --target and --draft run directories, or --train DIR")
     torch.set_num_threads(args.threads)
+    if args.distill:
+        distill(args.target, args.draft, Path(args.distill), args.distill_steps)
+        return
     ks = [int(v) for v in args.num_draft.split(",")]
     trees = [tuple(int(v) for v in t.split(",")) for t in args.tree.split()]
+    batches = [int(v) for v in args.batches.split(",")]
+    load_avg = [os.getloadavg()]
     task, target = load(args.target)
     _, draft = load(args.draft)
+    distilled = load(args.draft_distilled)[1] if args.draft_distilled else None
+    hybrid = load(args.target_hybrid)[1] if args.target_hybrid else None
     val = next(iter(task.batches("val", 4, 0)))["input_ids"][:, : args.prompt]
-    rows = []
-    for b in (int(v) for v in args.batches.split(",")):
-        rows += bench(target, draft, args.self_layers, val[:b].contiguous(), args.new, ks, trees, args.repeat)
+    rows, parts = [], []
+    for b in batches:
+        rows += bench(target, draft, val[:b].contiguous(), args.new, ks, trees, args.repeat, args.self_layers,
+                      other_draft=distilled, other_name="distilled")
+        load_avg.append(os.getloadavg())
+        if hybrid is not None:
+            rows += bench(hybrid, draft, val[:b].contiguous(), args.new, ks, [], args.repeat, label="hybrid ")
+            load_avg.append(os.getloadavg())
     print_table(rows, COLUMNS)
-    parts = []
-    for b in (int(v) for v in args.batches.split(",")):
-        parts += components(target, draft, val[:b].contiguous(), ks[-1], trees[-1])
-    print_table(parts, ["part", "batch", "cpu_ms", "cpu_ms_median", "plain_steps"])
-    exact = exact_check(target, draft, val, min(args.new, 48), ks[-1], trees[-1])
-    print(f"float64 exactness ({exact['rows']} rows x {exact['new_tokens']} tokens): chain identical "
-          f"{exact['chain_identical']}, tree identical {exact['tree_identical']}")
+    if not args.no_parts:
+        for b in batches:
+            parts += components(target, draft, val[:b].contiguous(), ks[-1], trees[-1])
+            if hybrid is not None:
+                parts += [{**r, "part": "hybrid: " + r["part"]}
+                          for r in hybrid_components(hybrid, draft, val[:b].contiguous(), ks[-1])]
+        print_table(parts, PART_COLUMNS)
+    exact = {"target": exact_check(target, draft, val, min(args.new, 48), ks[-1], trees[-1] if trees else None)}
+    if distilled is not None:
+        exact["distilled draft"] = exact_check(target, distilled, val, min(args.new, 48), ks[-1], None)
+    if hybrid is not None:
+        exact["hybrid"] = exact_check(hybrid, draft, val, min(args.new, 48), ks[-1], None)
+    for name, e in exact.items():
+        print(f"float64 exactness, {name} ({e['rows']} rows x {e['new_tokens']} tokens): chain identical "
+              f"{e['chain_identical']}" + (f", tree identical {e['tree_identical']}" if "tree_identical" in e else ""))
     bounds = machine_bounds()
     weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
     bounds["target_weight_MB"] = weight_bytes / 1e6
@@ -289,14 +293,19 @@ def main() -> None:
     bounds["read_GBps_weights_size"] = read_bandwidth(weight_bytes)
     bounds["read_GBps_1GB"] = read_bandwidth(1 << 30)
     bounds["weights_read_ms_at_weights_size_rate"] = weight_bytes / bounds["read_GBps_weights_size"] / 1e6
+    load_avg.append(os.getloadavg())
     print(f"machine: copy {bounds['copy_GBps']:.1f} GB/s; one thread reads {bounds['read_GBps_weights_size']:.1f} "
           f"GB/s from an array of the target's size ({weight_bytes / 1e6:.1f} MB: "
           f"{bounds['weights_read_ms_at_weights_size_rate']:.2f} ms per pass over the weights) and "
-          f"{bounds['read_GBps_1GB']:.1f} GB/s from 1 GB; load average {os.getloadavg()[0]:.1f}")
-    config = {"target": args.target, "draft": args.draft, "target_params": sum(p.numel() for p in target.parameters()),
+          f"{bounds['read_GBps_1GB']:.1f} GB/s from 1 GB; 1-min load average during the run "
+          f"{', '.join(f'{v[0]:.1f}' for v in load_avg)}")
+    config = {"target": args.target, "draft": args.draft, "draft_distilled": args.draft_distilled,
+              "target_hybrid": args.target_hybrid,
+              "target_params": sum(p.numel() for p in target.parameters()),
+              "hybrid_params": None if hybrid is None else sum(p.numel() for p in hybrid.parameters()),
               "draft_params": sum(p.numel() for p in draft.parameters()), "new_tokens": args.new,
               "prompt": args.prompt, "num_draft": ks, "trees": trees, "threads": args.threads,
-              "load_average": list(os.getloadavg())}
+              "load_average": [list(v) for v in load_avg]}
     write_json(f"bench_speculative_t{args.threads}", {"config": config, "machine_bounds": bounds, "rows": rows,
                                                      "round_parts": parts, "float64_exact": exact})
 
