@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import ssd
+from ..ops._numba_gated_norm import gated_rms_norm
+from ..ops.linear_scan import use_fused
 from .base import (
     LayerState,
     check_d_model,
@@ -53,6 +55,9 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        if (use_fused(y, z, self.weight) and y.dtype in (torch.float32, torch.float64)
+                and z.dtype == y.dtype == self.weight.dtype and y.shape == z.shape):
+            return gated_rms_norm(y, z, self.weight, self.group_size, self.eps)  # one fused sweep each way
         acc = state_dtype(y.dtype)
         g = F.silu(z.to(acc)) * y.to(acc)
         g = F.rms_norm(g.unflatten(-1, (self.dim // self.group_size, self.group_size)), (self.group_size,),
