@@ -1,7 +1,7 @@
 """Hybrid-model speed: ssmkit vs transformers on a NemotronH-shaped model (Mamba-2, GQA attention and MLP blocks)
 with random weights, converted with ssmkit.interop so both sides hold identical weights, in one process (ratios).
 
-    python benchmarks/bench_hybrid.py [--quick] [--threads N]
+    python benchmarks/bench_hybrid.py [--quick] [--threads N] [--decode-only] [--family nemotron_h|bamba]
 
 Model: NemotronHForCausalLM, d_model 512, 8 layers "M-M-*-M-" (Mamba-2: 16 heads x 64, d_state 64, 2 groups;
 attention: 8 query / 2 kv heads of 64; MLP: relu2, 1536 wide), vocab 32000. Cases:
@@ -53,14 +53,26 @@ QUICK = {"pattern": "M*M-", "context": 256, "steps": 8, "batches": [1, 8], "repe
 TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
 
 
-def build(pattern: str):
-    """(transformers model, ssmkit model) with the same random weights."""
+def build(pattern: str, family: str = "nemotron_h"):
+    """(transformers model, ssmkit model) with the same random weights. family "bamba": BambaForCausalLM with the
+    same widths, a layer per mixer letter of ``pattern`` (each followed by its SwiGLU MLP; "-" letters dropped)."""
     import transformers
 
     from ssmkit.interop import from_transformers
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
+    if family == "bamba":
+        mixers = pattern.replace("-", "")
+        cfg = transformers.BambaConfig(
+            vocab_size=32000, hidden_size=512, num_hidden_layers=len(mixers),
+            attn_layer_indices=[i for i, c in enumerate(mixers) if c == "*"], num_attention_heads=8,
+            num_key_value_heads=2, intermediate_size=1536, mamba_n_heads=16, mamba_d_head=64, mamba_d_state=64,
+            mamba_n_groups=2, mamba_chunk_size=128, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+        hf = transformers.BambaForCausalLM(cfg).eval()
+        return hf, from_transformers(hf)
+    if family != "nemotron_h":
+        raise ValueError(f"family must be 'nemotron_h' or 'bamba', got {family!r}")
     cfg = transformers.NemotronHConfig(
         vocab_size=32000, hidden_size=512, layers_block_type=[TYPES[c] for c in pattern], num_attention_heads=8,
         num_key_value_heads=2, head_dim=64, intermediate_size=1536, ssm_state_size=64, mamba_num_heads=16,
@@ -270,6 +282,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="4 layers, 256-token prompts (a smoke run)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides")
     parser.add_argument("--decode-only", action="store_true", help="only the decode rows")
+    parser.add_argument("--family", choices=["nemotron_h", "bamba"], default="nemotron_h", help="the model family")
     args = parser.parse_args()
     if args.threads is not None:
         if args.threads < 1:
@@ -278,7 +291,7 @@ def main() -> None:
     p = QUICK if args.quick else FULL
     warnings.simplefilter("ignore")
     t0 = time.perf_counter()
-    hf, ours = build(p["pattern"])
+    hf, ours = build(p["pattern"], args.family)
     print(f"model: {ours.summary()}  (threads: {torch.get_num_threads()})")
     rows = [] if args.decode_only else [prefill_case(hf, ours, p["context"], p["repeat"])]
     rows += [decode_case(hf, ours, b, p["context"], p["steps"], p["repeat"]) for b in p["batches"]]
@@ -289,8 +302,10 @@ def main() -> None:
                        "hf_over_floor", "bound_s", "hf_over_bound", "gemm_gflops",
                        "weights_gb_per_s", "ssmkit_tok_per_s", "transformers_tok_per_s", "logits_rel_err",
                        "same_tokens"])
-    path = write_json("bench_hybrid" + ("_quick" if args.quick else "") + ("_decode" if args.decode_only else ""), {
-        "quick": args.quick, "threads": torch.get_num_threads(), "params": p, "model": ours.summary(), "rows": rows,
+    name = "bench_hybrid" + ("_bamba" if args.family == "bamba" else "")
+    path = write_json(name + ("_quick" if args.quick else "") + ("_decode" if args.decode_only else ""), {
+        "quick": args.quick, "family": args.family, "threads": torch.get_num_threads(), "params": p,
+        "model": ours.summary(), "rows": rows,
         "rss_bytes_end": current_rss_bytes(), "wall_s": time.perf_counter() - t0})
     print(f"wrote {path}")
 
