@@ -5,7 +5,7 @@
 
 Each block is h <- h + mamba3(rmsnorm(h)), the layer of :class:`ssmkit.layers.Mamba3` (SISO or MIMO of rank R):
 in_proj to (z, x, B, C, dt, A, trap, angle rates), RMSNorms on B and C, the SSM step of
-:func:`ssmkit.ops.mamba3_step` (its kernel's own per-head code), the silu(z) gate, the MIMO down-projection and
+:func:`ssmkit.ops.mamba3_step` (equal up to rounding), the silu(z) gate, the MIMO down-projection and
 out_proj; then the final RMSNorm and an optional LM head. CPU, float32/float64 float weights, no gradient: the
 caller (:mod:`ssmkit.models.fused_decode`) checks :attr:`Mamba3StackPlan.fusable` and otherwise steps block by
 block. States per layer are ``(angle (b, H, S), ssm (b, H, P, N), k, x)`` with k (b, [R,] H, N) and
@@ -178,7 +178,7 @@ def mamba3_stack_step(h: Tensor, plan: Mamba3StackPlan, states: list[State]
             a["consts"], a["out_w"], a["out_b"], th0.numpy(), h0.numpy(),
             k0.view(n_layers, batch, R, H, N).numpy(), x0.view(n_layers, batch, R, H, P).numpy(), th1.numpy(),
             h1.numpy(), k1.view(n_layers, batch, R, H, N).numpy(), x1.view(n_layers, batch, 1, R, H, P).numpy(),
-            h.new_ones(1).numpy(), new(batch, h.shape[1]), new(batch, di), new(batch, 2 * R * G * N),
+            new(batch, h.shape[1]), new(batch, di), new(batch, 2 * R * G * N),
             new(batch, 1, R, G, N), new(batch, 1, R, G, N), new(batch, 1, H), new(batch, 1, H), new(batch, 1, H),
             new(batch, 1, H, S), new(batch, di), out.numpy(), head_w, head_b, logits.numpy(), counters.numpy(),
             threads)
