@@ -4,6 +4,10 @@ float64 only the float summation order of the scaled sums differs (1e-12)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numba as nb
 import numpy as np
 import pytest
@@ -21,8 +25,10 @@ from ssmkit.ops.int8_linear import quantize_int8
 from ssmkit.ops.threads import KERNEL_LOCK
 
 # the host's own set (Q8.ISA) runs in every decode test (decode_linear, the fused stacks); here the others are
-# forced (their row functions compiled apart, without the cache)
+# forced (their row functions compiled apart, without the cache); "vnni-emulated" checks VNNI's unsigned weights
+# and per-lane offsets on any CPU (for int4 it is the generic set, which already starts from the offsets)
 FORCED = [isa for isa in Q8.ISAS if isa not in ("vnni", Q8.ISA)]
+FORCED_INT4 = [isa for isa in FORCED if isa != "vnni-emulated"]
 _RUNNERS: dict = {}
 
 
@@ -78,7 +84,7 @@ def test_int8_rows_on_each_instruction_set(isa, rows, k, out, seed):
     _check(isa, *_case(rows, k, out, 0, seed))
 
 
-@pytest.mark.parametrize("isa", FORCED)
+@pytest.mark.parametrize("isa", FORCED_INT4)
 @settings(max_examples=8, deadline=None)
 @given(rows=st.integers(1, 3), groups=st.integers(1, 5), group=st.sampled_from([32, 64, 128]),
        out=st.integers(1, 9), seed=st.integers(0, 99))
@@ -87,11 +93,37 @@ def test_int4_rows_on_each_instruction_set(isa, rows, groups, group, out, seed):
     _check(isa, *_case(rows, groups * group, out, group, seed))
 
 
-@pytest.mark.parametrize("isa", ["host", *FORCED])
-@pytest.mark.parametrize("group", [0, 32, 128])
+@pytest.mark.parametrize(("isa", "group"), [(isa, group) for isa in ["host", *FORCED] for group in (0, 32, 128)
+                                             if group == 0 or isa in ("host", *FORCED_INT4)])
 def test_products_at_the_ends_of_the_ranges(isa, group):
     """|q| = 127 everywhere and weights +-127 / nibbles 1 and 15: no 16-bit saturation, exact offsets."""
     _check(isa, *_case(2, 256 + 32 * (group != 128), 6, group, 0, extreme=True))
+
+
+def test_vnni_emulation_is_forced_everywhere():
+    """The VNNI offsets are checked on every CPU: by the host's own set or by its emulation."""
+    assert Q8.ISA == "vnni" or "vnni-emulated" in FORCED
+
+
+def test_instruction_set_follows_the_compile_target(monkeypatch):
+    """The row functions' set is the widest the features numba compiles for allow: NUMBA_CPU_FEATURES when set
+    (a cache built for a portable target must not hold VNNI code), else the host's."""
+    pick = lambda spec: Q8.isa_for(Q8.target_features(spec))  # noqa: E731
+    assert pick("+avx2,+avx512f,+avx512bw,+avx512vnni") == "vnni"
+    assert pick("+avx512f,+avx512bw,-avx512vnni") == "avx512bw"
+    assert pick("+avx2,-avx512bw,+avx512vnni") == "generic"
+    assert pick("") == "generic"
+    monkeypatch.setattr(nb.config, "CPU_FEATURES", "+avx2,+fma,-avx512bw")
+    assert Q8.isa_for(Q8.target_features()) == "generic"
+    monkeypatch.setattr(nb.config, "CPU_FEATURES", None)
+    from numba.core.codegen import get_host_cpu_features
+
+    assert Q8.target_features() == Q8.target_features(get_host_cpu_features())
+    assert Q8.ISA == Q8.isa_for(Q8.target_features())  # this process's own setting
+    env = {**os.environ, "NUMBA_CPU_FEATURES": "+sse2,+avx2,+fma"}
+    out = subprocess.run([sys.executable, "-c", "from ssmkit.ops import _numba_q8 as Q8; print(Q8.ISA)"], env=env,
+                         capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "generic"
 
 
 def test_unknown_instruction_set_is_refused():

@@ -17,6 +17,7 @@ from ._numba_decode import (
     _act_buffers,
     _claim,
     _finish_stage,
+    _mark,
     _next_chunk,
     _norm_stage,
     _prep_q,
@@ -27,6 +28,7 @@ from ._numba_decode import (
     _wait_stage,
 )
 from ._numba_kernels import fast_exp, fast_softplus
+from ._numba_stream import ssd_row, store_fence, streamable
 
 #: stages per layer (block norm, in_proj + conv + dt, SSD state update, gated norm, out_proj); the kernel
 #: needs counter_slots(STAGES * L + 2, threads) counters
@@ -75,7 +77,14 @@ def in_proj_tail(col, lo_, hi_, zb, cw, cb, cs, cn, xbc, dtb, al, dts, lo, hi):
 @nb.njit(fastmath=True, cache=True)
 def ssd_stage(counters, stage, t, n_threads, cursor, xbc, dts, dsk, ss, sn, zb, y, n_groups):
     """The SSD state update (ss -> sn) and readout per channel, the skip and the gate y = (.) * silu(z), shared
-    out in chunks of _CHANNELS channels (one counter stage)."""
+    out in chunks of _CHANNELS channels (one counter stage), then its barrier."""
+    n2 = ssd_chunks(counters, stage, t, n_threads, cursor, xbc, dts, dsk, ss, sn, zb, y, n_groups)
+    _wait_stage(counters, stage, n2, n_threads)
+
+
+@nb.njit(fastmath=True, cache=True)
+def ssd_chunks(counters, stage, t, n_threads, cursor, xbc, dts, dsk, ss, sn, zb, y, n_groups):
+    """:func:`ssd_stage`'s chunks without the barrier; returns the stage's chunk count."""
     nb_rows = zb.shape[0]
     di = zb.shape[1]
     gn = (xbc.shape[1] - di) // 2  # G * N
@@ -84,6 +93,8 @@ def ssd_stage(counters, stage, t, n_threads, cursor, xbc, dts, dsk, ss, sn, zb, 
     headdim = di // n_heads
     heads_per_group = n_heads // n_groups
     n2 = (di + _CHANNELS - 1) // _CHANNELS
+    stream = streamable(sn, n_state)  # the new state's rows go to memory with streaming stores
+    ssf, snf = ss.reshape(-1), sn.reshape(-1)
     cursor[0] = 0
     while True:
         chunk = _next_chunk(counters, stage, n2, t, n_threads, cursor)
@@ -97,18 +108,30 @@ def ssd_stage(counters, stage, t, n_threads, cursor, xbc, dts, dsk, ss, sn, zb, 
                 dx = dts[b, hh] * xv
                 da = dts[b, n_heads + hh]
                 acc = dsk[hh] * xv
-                for n in range(n_state):
-                    sv = ss[b, c, n] * da + dx * xbc[b, boff + n]
-                    sn[b, c, n] = sv
-                    acc += sv * xbc[b, boff + gn + n]
+                if stream:
+                    acc += ssd_row(ssf, snf, (b * di + c) * n_state, xbc[b], boff, boff + gn, da, dx, n_state)
+                else:
+                    for n in range(n_state):
+                        sv = ss[b, c, n] * da + dx * xbc[b, boff + n]
+                        sn[b, c, n] = sv
+                        acc += sv * xbc[b, boff + gn + n]
                 y[b, c] = acc * _silu(zb[b, c])
+        if stream:
+            store_fence()
         _finish_stage(counters, stage, n_threads)
-    _wait_stage(counters, stage, n2, n_threads)
+    return n2
 
 
 @nb.njit(fastmath=True, cache=True)
 def gated_norm_stage(counters, stage, t, n_threads, cursor, y, gw, geps, n_groups):
-    """The gated RMSNorm of y (B, Di) in place, per (row, group) (one counter stage)."""
+    """The gated RMSNorm of y (B, Di) in place, per (row, group) (one counter stage), then its barrier."""
+    n3 = gated_norm_chunks(counters, stage, t, n_threads, cursor, y, gw, geps, n_groups)
+    _wait_stage(counters, stage, n3, n_threads)
+
+
+@nb.njit(fastmath=True, cache=True)
+def gated_norm_chunks(counters, stage, t, n_threads, cursor, y, gw, geps, n_groups):
+    """:func:`gated_norm_stage`'s chunks without the barrier; returns the stage's chunk count."""
     nb_rows = y.shape[0]
     group_size = y.shape[1] // n_groups
     n3 = nb_rows * n_groups
@@ -126,13 +149,13 @@ def gated_norm_stage(counters, stage, t, n_threads, cursor, y, gw, geps, n_group
         for c in range(c0, c0 + group_size):
             y[b, c] = y[b, c] * inv * gw[c]
         _finish_stage(counters, stage, n_threads)
-    _wait_stage(counters, stage, n3, n_threads)
+    return n3
 
 
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in, conv_w, conv_b, conv_state,
                  dt_b, a_log, d_skip, gnorm_w, consts, n_groups, w_out, s_out, b_out, ssm_state, conv_new, ssm_new,
-                 xn, zb, xbc, dts, y, out, w_head, s_head, b_head, logits, counters, n_threads, act_q):
+                 xn, zb, xbc, dts, y, out, w_head, s_head, b_head, logits, counters, n_threads, act_q, prof):
     """One token through a stack of Mamba-2 blocks, h <- h + mamba2_l(norm_l(h)) for l = 0..L-1, then
     out = final_norm(h) (RMSNorm) and, when w_head (V, d_model) has rows, logits (B, V) = head(out).
 
@@ -147,7 +170,8 @@ def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in,
     gated norm's groups). States: conv (L, B, C, K - 1), ssm (L, B, Di, N) (Di = heads x headdim); the new
     ones go to conv_new / ssm_new. Scratch: xn (B, d_model), zb (B, Di), xbc (B, C), dts (B, 2 H), y (B, Di).
     counters: int64 zeros (counter_slots(STAGES * L + 2, n_threads),). act_q: int8 and int4 weights multiply
-    activations quantized per block of 32 (:mod:`._numba_q8`), float weights do not.
+    activations quantized per block of 32 (:mod:`._numba_q8`), float weights do not. prof: int64
+    (n_threads, 2 (STAGES L + 2) + 1) per-stage clock (:func:`._numba_decode._mark`), or (0, 0) for none.
 
     Every stage's work happens inside claimed chunks and each shared buffer is rewritten only after a barrier
     that needs every chunk reading it, so a thread that starts late (or never) changes nothing.
@@ -159,6 +183,7 @@ def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in,
         col = np.empty((_ROWS_LINEAR, nb_rows), dtype=h.dtype)  # this thread's products of a chunk's rows
         cursor = np.zeros(1, dtype=np.int64)
         qm, qi = _act_buffers(nb_rows, h.shape[1], h), _act_buffers(nb_rows, di, h)  # quantized inputs (act_q)
+        _mark(prof, t, 0)
         for layer in range(n_layers):
             st = STAGES * layer
             wi, si, bi = w_in[layer], s_in[layer], b_in[layer]
@@ -167,7 +192,9 @@ def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in,
             ss, sn = ssm_state[layer], ssm_new[layer]
             wo, so, bo = w_out[layer], s_out[layer], b_out[layer]
             lo, hi, geps = consts[layer, 0], consts[layer, 1], consts[layer, 2]
+            _mark(prof, t, 1 + 2 * st)
             _norm_stage(counters, st, n_threads, h, norm_w[layer], eps, xn, residual)  # stage 0: the block's norm
+            _mark(prof, t, 2 + 2 * st)
             # stage 1: in_proj; z kept, (x, B, C) through the causal conv and SiLU, dt through softplus and clamp
             _prep_q(xn, act_q, si, qm)
             n1 = (wi.shape[0] + _ROWS_IN - 1) // _ROWS_IN
@@ -180,11 +207,19 @@ def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in,
                 _rows_q(xn, act_q, qm, wi, lo_, hi_, si, bi, col)
                 in_proj_tail(col, lo_, hi_, zb, cw, cb, cs, cn, xbc, dtb, al, dts, lo, hi)
                 _finish_stage(counters, st + 1, n_threads)
+            _mark(prof, t, 1 + 2 * (st + 1))
             _wait_stage(counters, st + 1, n1, n_threads)
+            _mark(prof, t, 2 + 2 * (st + 1))
             # stage 2: the SSD state update and readout per channel, the skip and the gate y * silu(z)
-            ssd_stage(counters, st + 2, t, n_threads, cursor, xbc, dts, dsk, ss, sn, zb, y, n_groups)
+            n2 = ssd_chunks(counters, st + 2, t, n_threads, cursor, xbc, dts, dsk, ss, sn, zb, y, n_groups)
+            _mark(prof, t, 1 + 2 * (st + 2))
+            _wait_stage(counters, st + 2, n2, n_threads)
+            _mark(prof, t, 2 + 2 * (st + 2))
             # stage 3: the gated RMSNorm, one chunk per (row, group)
-            gated_norm_stage(counters, st + 3, t, n_threads, cursor, y, gw, geps, n_groups)
+            n3 = gated_norm_chunks(counters, st + 3, t, n_threads, cursor, y, gw, geps, n_groups)
+            _mark(prof, t, 1 + 2 * (st + 3))
+            _wait_stage(counters, st + 3, n3, n_threads)
+            _mark(prof, t, 2 + 2 * (st + 3))
             # stage 4: out_proj into the residual stream
             _prep_q(y, act_q, so, qi)
             n4 = (wo.shape[0] + _ROWS_OUT - 1) // _ROWS_OUT
@@ -199,11 +234,17 @@ def mamba2_stack(h, residual, norm_w, eps, final_w, final_eps, w_in, s_in, b_in,
                     for b in range(nb_rows):
                         h[b, o] += col[o - lo_, b]
                 _finish_stage(counters, st + 4, n_threads)
+            _mark(prof, t, 1 + 2 * (st + 4))
             _wait_stage(counters, st + 4, n4, n_threads)
+            _mark(prof, t, 2 + 2 * (st + 4))
         last = STAGES * n_layers
+        _mark(prof, t, 1 + 2 * last)
         if _claim(counters, last, 0, n_threads) == 0:
             _rms_norm(h, final_w, final_eps, out)
             _finish_stage(counters, last, n_threads)
         _wait_stage(counters, last, 1, n_threads)
+        _mark(prof, t, 2 + 2 * last)
         _prep_q(out, act_q, s_head, qm)
         _rows_stage(out, act_q, qm, w_head, s_head, b_head, logits, counters, last + 1, t, n_threads, col, cursor)
+        _mark(prof, t, 3 + 2 * last)
+        _mark(prof, t, 4 + 2 * last)

@@ -14,8 +14,9 @@ activations only. Per token, :func:`pack_acts` lays the activations out in the o
 A row step is then: load 32 bytes, split the nibbles, one ``vpdpbusd`` onto ``xc``, convert the 16 exact int32
 sums to float and add them times ``xv`` x the lane's weight-group scale. Without VNNI: ``vpmaddubsw`` then
 ``vpmaddwd`` by ones (AVX-512BW; no saturation: |pair| <= 2 x 15 x 127), or plain widening multiplies (any
-target). :data:`ISA` is the host's; :func:`make_rows_int4` builds the row function for any of :data:`ISAS` (tests
-force each fallback). Oracle: :func:`ssmkit.ops.reference.q8_linear`. Jitted code only.
+target; "vnni-emulated" is this one: the offsets are the same on every set). :data:`ISA` is the compile target's
+(:mod:`._numba_q8`); :func:`make_rows_int4` builds the row function for any of :data:`ISAS` (tests force each
+fallback). Oracle: :func:`ssmkit.ops.reference.q8_linear`. Jitted code only.
 """
 
 from __future__ import annotations

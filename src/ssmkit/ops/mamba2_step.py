@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .decode_linear import decode_fusable, dequantized
 from .mamba_step import (
+    _NO_PROFILE,
     WeightsKey,
     _act,
     _cols,
@@ -262,7 +263,7 @@ def mamba2_stack_step(h: Tensor, plan: Mamba2StackPlan, conv_states: list[Tensor
             a["dt_b"], a["a_log"], a["d"], a["norm_w"], a["consts"], w0.ngroups, a["out_w"], a["out_scale"],
             a["out_b"], ssm_all.view(n_layers, batch, di, n).numpy(), conv_new.numpy(),
             ssm_new.view(n_layers, batch, di, n).numpy(), *(t.numpy() for t in scratch), out.numpy(),
-            head_w, head_s, head_b, logits.numpy(), counters.numpy(), threads, plan.act_quant)
+            head_w, head_s, head_b, logits.numpy(), counters.numpy(), threads, plan.act_quant, _NO_PROFILE)
     return out, list(conv_new.unbind(0)), list(ssm_new.unbind(0)), logits if plan.head is not None else None
 
 

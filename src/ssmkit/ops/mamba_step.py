@@ -27,6 +27,7 @@ from __future__ import annotations
 import weakref
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -233,7 +234,7 @@ class MambaStackPlan:
         self.eps, self.final_weight, self.final_eps = norm_eps, final_weight, final_eps
         tensors = [t for w in layers for t in w if t is not None] + list(norm_weights or [])
         tensors += ([final_weight] if final_weight is not None else []) + [t for t in (head or ()) if t is not None]
-        self.key = WeightsKey(tensors)
+        self.key = WeightsKey(tensors, copied_too=[w.a_log for w in layers])  # the kernel takes exp(A_log)
         self.dtype, self.device = like.dtype, like.device
         self.fusable = (like.dtype in (torch.float32, torch.float64) and all(t.device.type == "cpu" for t in tensors)
                         and all(t.dtype in (like.dtype, torch.int8) for t in tensors))
@@ -244,6 +245,9 @@ class MambaStackPlan:
             self.arrays = {name: List([_np(getattr(w, name), like) for w in layers]) for name in _LAYER_FIELDS}
             self.arrays["norm_w"] = List([_np(n, like) for n in norms])
             self.arrays["final_w"] = _np(final_weight, like)
+            from ._numba_decode import exp_of
+
+            self.arrays["a_exp"] = List([exp_of(a) for a in self.arrays["a_log"]])
             hw, hs, hb = head if head is not None else (like.new_empty(0, d_model), None, None)
             self.arrays["head"] = (_np(hw, like), _np(hs, like), _np(hb, like))
 
@@ -347,14 +351,15 @@ def mamba_stack_step(h: Tensor, plan: MambaStackPlan, conv_states: list[Tensor],
         D.mamba_stack(
             resid.numpy(), plan.residual, a["norm_w"], plan.eps, a["final_w"], plan.final_eps,
             a["in_w"], a["in_scale"], a["in_b"], a["conv_w"], a["conv_b"], conv_all.numpy(),
-            a["x_w"], a["x_scale"], a["dt_w"], a["dt_b"], a["a_log"], a["d"], a["out_w"], a["out_scale"], a["out_b"],
+            a["x_w"], a["x_scale"], a["dt_w"], a["dt_b"], a["a_exp"], a["d"], a["out_w"], a["out_scale"], a["out_b"],
             ssm_all.numpy(), conv_new.numpy(), ssm_new.numpy(),
             *(t.numpy() for t in scratch), out.numpy(), head_w, head_s, head_b, logits.numpy(), counters.numpy(),
-            threads, plan.act_quant)
+            threads, plan.act_quant, _NO_PROFILE)
     return (out, list(conv_new.unbind(0)), list(ssm_new.unbind(0)), logits if plan.head is not None else None)
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_NO_PROFILE = np.zeros((0, 0), np.int64)  # the kernels' per-stage clock off (benchmarks/probe_decode_threads.py)
 
 
 def cached_plan(owner: object, weights: MambaStepWeights) -> MambaStackPlan:
