@@ -1,6 +1,9 @@
 """The one-launch hybrid decode step (ssmkit.infer.fused_hybrid) against the block-by-block CausalLM.step and the
 full forward, in float64."""
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -161,3 +164,42 @@ def test_a_batch_prefix_of_a_fused_state_steps_correctly():
     _close(lf, lp)
     lf, _ = hybrid_step(m, x[:2, 8], s2)
     _close(lf, m.step(x[:2, 8], p2)[0])
+
+
+@torch.no_grad()
+def test_two_threads_stepping_one_state_get_their_own_kv_slots(monkeypatch):
+    """Thread A finds its KV buffers and pauses before its launch; thread B steps from the same state meanwhile.
+    B must not write A's slot (B's returned cache would then hold A's key): the slot is claimed under a lock."""
+    import ssmkit.infer.fused_hybrid as fh
+
+    m = _model(PATTERN, seed=12)
+    x = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(13))
+    _, s1 = hybrid_step(m, x[:, 6], m(x[:, :6], return_final_state=True).state)  # views of a buffer with room
+    real, found = fh._kv_buffers, threading.Event()
+
+    def pausing(states, plan):
+        out = real(states, plan)
+        if threading.current_thread().name == "A":
+            found.set()
+            time.sleep(0.3)
+        return out
+
+    monkeypatch.setattr(fh, "_kv_buffers", pausing)
+    res = {}
+
+    def step(name, t):
+        with torch.no_grad():  # grad mode is per thread
+            res[name] = hybrid_step(m, x[:, t], s1)
+
+    threads = {n: threading.Thread(target=step, args=(n, t), name=n) for n, t in (("A", 7), ("B", 8))}
+    threads["A"].start()
+    assert found.wait(30)
+    threads["B"].start()
+    for th in threads.values():
+        th.join()
+    monkeypatch.setattr(fh, "_kv_buffers", real)
+    for n, t in (("A", 7), ("B", 8)):
+        lf, sf = res[n]
+        lp, sp = m.step(x[:, t], s1)
+        _close(lf, lp)
+        _close(hybrid_step(m, x[:, 5], sf)[0], m.step(x[:, 5], sp)[0])
