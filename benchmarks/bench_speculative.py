@@ -19,6 +19,7 @@ chain (the draft's chain in one launch, the target's multi-token pass in PyTorch
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -105,7 +106,9 @@ def distill(target_run: str, draft_run: str, out: Path, steps: int, batch: int =
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "config.yaml"):
         shutil.copy(src / name, out / name)
-    save_pretrained(model, out / "checkpoints" / f"step-{steps:08d}")
+    ckpt = save_pretrained(model, out / "checkpoints" / f"step-{steps:08d}")
+    (ckpt / "trainer_state.json").write_text(json.dumps(  # marks a complete checkpoint for load_run (no optimizer)
+        {"ssmkit_trainer_format": 1, "step": steps, "distilled_from": {"draft": draft_run, "target": target_run}}))
     (out / "checkpoints" / "latest").write_text(f"step-{steps:08d}")
     return out
 
