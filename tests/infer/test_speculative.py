@@ -151,3 +151,18 @@ def test_draft_vocabulary_and_context_are_checked():
 
 def small_draft():
     return tiny_model("mamba", seed=3)
+
+
+def test_a_pure_mamba_draft_drafts_in_one_launch_for_a_hybrid_target(monkeypatch):
+    """With a target the fused loop does not cover, the draft's greedy chain is still one fused launch per round,
+    and the tokens are plain greedy's."""
+    from ssmkit.infer import speculative
+
+    calls = []
+    real = speculative.fused_draft
+    monkeypatch.setattr(speculative, "fused_draft", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_model("mamba2,gqa", mixer_options=GQA)
+    x = ids(3, 6, seed=1)
+    got, stats = speculative_generate(model, x, 13, draft_model=small_draft(), num_draft=3, prompt_lengths=LENGTHS)
+    assert torch.equal(got, generate(model, x, 13, prompt_lengths=LENGTHS))
+    assert len(calls) == stats.passes > 0
