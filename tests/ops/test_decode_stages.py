@@ -44,15 +44,16 @@ def _run_ssd(xbc, dts, dsk, ss, sn, zb, groups):
 
 
 def test_ssd_update_with_streaming_stores_and_without():
-    """Aligned new state with d_state a multiple of the vector: streaming stores; one float64 off the line: the
-    plain loop. Both equal the float64 oracle."""
-    for seed, n in ((0, 16), (1, 8), (2, 5)):
-        xbc, dts, dsk, ss, zb = _ssd_case(seed, n=n)
+    """A large aligned new state with d_state a multiple of the vector: streaming stores; one float64 off the
+    line, a small state or an odd d_state: the plain loop. All equal the float64 oracle."""
+    for seed, n, heads, big in ((0, 128, 8, True), (1, 16, 4, False), (2, 5, 4, False), (3, 8, 130, True)):
+        xbc, dts, dsk, ss, zb = _ssd_case(seed, rows=1, heads=heads, headdim=64, n=n)
         want_sn, want_y = _ssd_oracle(xbc, dts, dsk, ss, zb, 2)
         aligned = torch.empty(ss.shape, dtype=torch.float64).numpy()  # torch allocates 64-byte aligned
         shifted = np.empty(ss.size + 1)[1:].reshape(ss.shape)  # 8 bytes off any 64-byte line
         shifted = shifted if shifted.ctypes.data % 64 else np.empty(ss.size + 2)[2:].reshape(ss.shape)
-        assert S.streamable(aligned, n) == (n % 8 == 0) and not S.streamable(shifted, n)
+        assert (ss.nbytes >= S.STREAM_MIN_BYTES) == big
+        assert S.streamable(aligned, n) == (big and n % 8 == 0) and not S.streamable(shifted, n)
         for sn in (aligned, shifted):
             y = _run_ssd(xbc, dts, dsk, ss, sn, zb, 2)
             np.testing.assert_allclose(sn, want_sn, rtol=1e-12, atol=1e-12)

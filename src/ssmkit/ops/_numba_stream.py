@@ -20,6 +20,9 @@ from ._numba_atomics import _X86
 from ._numba_q8 import call, data_ptr, load, reduce_sum
 
 VECTOR_BYTES = 64  # one streaming store: a cache line (16 float32 / 8 float64)
+#: a layer's new state goes out with streaming stores only from this size on (the 130M Mamba-2's is 768 KiB); a
+#: smaller one may stay in cache until the next token reads it, which streaming stores would prevent
+STREAM_MIN_BYTES = 1 << 19
 
 
 @intrinsic
@@ -72,7 +75,9 @@ def store_fence(typingctx):
 
 @nb.njit(inline="always", cache=True)
 def streamable(sn, n):
-    """Whether rows of n items of sn (C-contiguous, rows starting at multiples of n) can take :func:`ssd_row`:
-    n a multiple of the vector width and sn's data aligned to :data:`VECTOR_BYTES`."""
+    """Whether rows of n items of sn (C-contiguous, rows starting at multiples of n) take :func:`ssd_row`: sn of
+    at least :data:`STREAM_MIN_BYTES`, n a multiple of the vector width and sn's data aligned to
+    :data:`VECTOR_BYTES`."""
     width = VECTOR_BYTES // sn.itemsize
-    return _X86 and n % width == 0 and sn.ctypes.data % VECTOR_BYTES == 0
+    return (_X86 and sn.size * sn.itemsize >= STREAM_MIN_BYTES and n % width == 0
+            and sn.ctypes.data % VECTOR_BYTES == 0)
