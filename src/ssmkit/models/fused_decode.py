@@ -116,8 +116,8 @@ def _kind(backbone) -> type | None:
             return None
         if getattr(block.mixer, "variant", False):  # Mamba's opt-in block choices: the kernels lack them
             return None
-        if norm.eps != eps or (block.training and block.dropout.p > 0):
-            return None
+        if norm.eps != eps or (block.training and block.dropout.p > 0) or block.residual_multiplier != 1.0:
+            return None  # the stack kernels have no per-block residual multiplier
     return kind
 
 
@@ -132,7 +132,7 @@ def _mixer_settings(mixer: nn.Module) -> tuple:
 
 def _settings(backbone, norms: list[nn.Module]) -> tuple:
     blocks = backbone.blocks._modules.values()
-    return (tuple(b.training for b in blocks), tuple(getattr(n, "eps", None) for n in norms),
+    return (tuple((b.training, b.residual_multiplier) for b in blocks), tuple(getattr(n, "eps", None) for n in norms),
             tuple(_mixer_settings(b._modules["mixer"]) for b in blocks), backbone.final_norm.eps)
 
 
@@ -204,8 +204,9 @@ def _mamba3_plan(backbone, head: nn.Module | None, owner, registrations: int, se
 
 def _mamba3_fused(backbone, plan: Mamba3StackPlan, h: Tensor, layers: list
                   ) -> tuple[Tensor, ModelState, Tensor | None] | None:
+    # every weight goes to decode_fusable: a frozen layer 0 must not hide a later one that needs gradients
     if not plan.fusable or not all(type(s) is Mamba3State for s in layers) or not decode_fusable(
-            h, [h, *plan.layers[0].tensors()]) or h.dtype != plan.dtype or h.shape[0] == 0:
+            h, [h, *plan.tensors]) or h.dtype != plan.dtype or h.shape[0] == 0:
         return None
     backbone.blocks[0].mixer._check_state(layers[0], h)  # shapes and dtypes; the stack step checks the rest
     hidden, states, out = mamba3_stack_step(h, plan, [(s.angle, s.ssm, s.k, s.x) for s in layers])
@@ -218,6 +219,8 @@ def _block_kind(block: nn.Module) -> type | None:
     if kind not in (Mamba, Mamba2) or block.mlp is not None or norm is None or norm.kind != "rmsnorm":
         return None
     if getattr(block._modules["mixer"], "variant", False):  # Mamba's opt-in block choices: the kernels lack them
+        return None
+    if block.residual_multiplier != 1.0:  # the stack kernels have no per-block residual multiplier
         return None
     return None if block.training and block.dropout.p > 0 else kind
 

@@ -58,9 +58,9 @@ _FIELDS = ("in_w", "in_b", "dt_b", "b_bias", "c_bias", "bn_w", "cn_w", "d", "mim
 def _check_layer(i: int, w: Mamba3StepWeights, d_model: int) -> None:
     H, (_, R, N), P, G, S = w.dt_b.shape[0], w.b_bias.shape, w.headdim, w.ngroups, w.n_angles
     di, rows = H * P, 2 * H * P + 2 * R * G * N + 3 * H + S
-    want = {"in_w": (rows, d_model), "in_b": (rows,), "d": (H,), "c_bias": (H, R, N), "bn_w": (N,), "cn_w": (N,),
-            "mimo_x": (H, R, P), "mimo_z": (H, R, P), "mimo_o": (H, R, P), "out_w": (d_model, di),
-            "out_b": (d_model,)}
+    want = {"in_w": (rows, d_model), "in_b": (rows,), "d": (H,), "b_bias": (H, R, N), "c_bias": (H, R, N),
+            "bn_w": (N,), "cn_w": (N,), "mimo_x": (H, R, P), "mimo_z": (H, R, P), "mimo_o": (H, R, P),
+            "out_w": (d_model, di), "out_b": (d_model,)}
     for name, shape in want.items():
         t = getattr(w, name)
         if t is not None and tuple(t.shape) != shape:
@@ -101,6 +101,7 @@ class Mamba3StackPlan:
         self.mimo = first.mimo_x is not None
         tensors = [t for w in layers for t in w.tensors()] + self.norm_weights + [final_weight]
         tensors += [t for t in (head or ()) if t is not None]
+        self.tensors = tensors  # every weight the launch reads
         self.key = WeightsKey(tensors)
         like = first.d
         self.dtype = like.dtype
