@@ -32,3 +32,13 @@ def test_16bit_keeps_the_plain_path():
     norm = GatedRMSNorm(8, 8).to(torch.bfloat16)
     y, z = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(3, 8, dtype=torch.bfloat16)
     assert norm(y, z).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("width", [14, 16])
+def test_a_wrong_width_is_refused_not_read_past_the_weight(width):
+    """The fused sweep must not take an input whose width is not the norm's (review finding: it read past the
+    weight): a one-line error names the shapes."""
+    norm = GatedRMSNorm(12, 4)
+    y = torch.randn(2, width)
+    with pytest.raises(ValueError, match=r"GatedRMSNorm: y and z must both be \(\.\.\., 12\)"):
+        norm(y, torch.randn(2, width))

@@ -41,7 +41,10 @@ def outputs(fn, leaves, reset, reverse, **kw):
 
 def close(got, want, tol):
     for name, a, b in zip("y hT x dt A B C D h0".split(), got, want, strict=True):
-        err = ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+        # relative to the reference's largest entry; absolute where that is 0 (a reset at position 0 leaves h0's
+        # gradient exactly zero)
+        scale = b.double().abs().max().item() or 1.0
+        err = (a.double() - b.double()).abs().max().item() / scale
         assert err < tol, (name, err)
 
 
@@ -102,3 +105,25 @@ def test_switch_off_runs_segment_sums_with_the_same_result(monkeypatch):
     on = outputs(ssd, leaves, reset, True, chunk_size=8)
     monkeypatch.setitem(FACTORED, "enabled", False)
     close(on, outputs(ssd, leaves, reset, True, chunk_size=8), 1e-12)
+
+
+def test_a_nan_row_does_not_send_a_wide_range_row_down_the_factored_path():
+    """A NaN in one sequence must not hide another sequence's decay range from the fallback check: the other
+    row must stay finite (review finding: NaN > threshold is False)."""
+    leaves, _ = inputs(64, 2, 1, 3)
+    x, dt, A, B, C = leaves[:5]
+    dt = torch.full_like(dt, 3.0)  # a decay range of 3 x 64 = 192 per chunk: wider than float32's factors hold
+    dt[0, 5, 0] = float("nan")
+    args = [t.float() for t in (x, dt, -torch.ones_like(A), B, C)]
+    y = ssd(*args, chunk_size=64)
+    assert torch.isfinite(y[1]).all()
+    assert torch.isnan(y[0]).any()  # the NaN itself is not hidden
+
+
+def test_a_reset_at_the_start_zeroes_h0s_gradient():
+    """The example hypothesis found (a reset at position 0: h0's gradient is exactly zero on both paths)."""
+    leaves, reset = inputs(33, 2, 1, 352)
+    reset[:, 0] = True
+    got, want = outputs(ssd, leaves, reset, False, chunk_size=2), outputs(R.ssd, leaves, reset, False)
+    assert not want[-1].any() and not got[-1].any()
+    close(got, want, 1e-10)

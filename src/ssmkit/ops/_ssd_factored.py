@@ -83,7 +83,7 @@ def ssd_factored(
     acs = (dtc * A).double().cumsum(2)  # (b, c, Q, H)
     with torch.no_grad():  # the centre: y does not depend on it, so no gradient flows through it
         top, bottom = acs.amax(2).clamp_(min=0), acs.amin(2).clamp_(max=0)
-        if float((top - bottom).max()) > -2 * floor_exponent(cdt):
+        if not bool(((top - bottom) <= -2 * floor_exponent(cdt)).all()):  # also NaN: segment sums keep other rows
             return None
         m = (top + bottom).mul_(0.5)  # (b, c, H)
     if pad:  # dt = 0 pads: decay 1 and input 0, so outputs and the final state are unchanged
