@@ -105,7 +105,7 @@ def short_conv(
     if reset is not None:
         seg = torch.cumsum(reset, 1)  # segment id of each position; the state's positions have id 0
         segp = torch.cat([seg.new_zeros(batch, width - 1), seg], 1)
-    if use_fused(x) and x.dtype in (torch.float32, torch.float64):
+    if use_fused(x) and x.dtype in (torch.float32, torch.float64) and x.shape[1] > 0:  # empty: the plain path
         b = bias if bias is not None else x.new_zeros(channels)
         y = _ShortConvFn.apply(x, ctx.contiguous(), weight.t(), b, segp, activation == "silu")
         tail = (x[:, length - width + 1:] if length >= width - 1 else torch.cat([ctx, x], 1)[:, -(width - 1):])
