@@ -100,11 +100,6 @@ def test_products_at_the_ends_of_the_ranges(isa, group):
     _check(isa, *_case(2, 256 + 32 * (group != 128), 6, group, 0, extreme=True))
 
 
-def test_vnni_emulation_is_forced_everywhere():
-    """The VNNI offsets are checked on every CPU: by the host's own set or by its emulation."""
-    assert Q8.ISA == "vnni" or "vnni-emulated" in FORCED
-
-
 def test_instruction_set_follows_the_compile_target(monkeypatch):
     """The row functions' set is the widest the features numba compiles for allow: NUMBA_CPU_FEATURES when set
     (a cache built for a portable target must not hold VNNI code), else the host's."""
