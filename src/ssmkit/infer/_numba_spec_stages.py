@@ -17,6 +17,7 @@ from numba.extending import overload
 
 from ..ops._numba_decode import _rows_times_weight
 from ..ops._numba_kernels import fast_softplus
+from ..ops._numba_rowblock import _block44 as _block  # the 4 x 4 register block, shared with the hybrid decode kernel
 
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)
@@ -107,35 +108,6 @@ def _softplus_into_impl(v, m, e, bits, scale):
         for j in range(v.shape[0]):
             v[j] = fast_softplus(v[j])
     return exact
-
-
-@nb.njit(inline="always", fastmath=True, cache=True)
-def _block(x, w, r0, r1, r2, r3, o):
-    """The 4 x 4 products x[r0, r1, r2, r3] . w[o..o+3] (a register block: each loaded value feeds four
-    products)."""
-    z = x[0, 0] - x[0, 0]
-    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = z
-    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = z
-    for k in range(x.shape[1]):
-        w0, w1, w2, w3 = w[o, k], w[o + 1, k], w[o + 2, k], w[o + 3, k]
-        x0, x1, x2, x3 = x[r0, k], x[r1, k], x[r2, k], x[r3, k]
-        a00 += x0 * w0
-        a01 += x0 * w1
-        a02 += x0 * w2
-        a03 += x0 * w3
-        a10 += x1 * w0
-        a11 += x1 * w1
-        a12 += x1 * w2
-        a13 += x1 * w3
-        a20 += x2 * w0
-        a21 += x2 * w1
-        a22 += x2 * w2
-        a23 += x2 * w3
-        a30 += x3 * w0
-        a31 += x3 * w1
-        a32 += x3 * w2
-        a33 += x3 * w3
-    return (a00, a01, a02, a03), (a10, a11, a12, a13), (a20, a21, a22, a23), (a30, a31, a32, a33)
 
 
 @nb.njit(inline="always", fastmath=True, cache=True)
