@@ -9,7 +9,9 @@ attention: 8 query / 2 kv heads of 64; MLP: relu2, 1536 wide), vocab 32000. Case
   forward with return_final_state; transformers: forward with use_cache=True, logits_to_keep=1);
 - decode after a 2048-token prompt, batch 1 and 8: the time of 32 one-token steps from the prefilled cache (ssmkit:
   the step ``generate`` takes, ``infer.fused_hybrid.decode_step``: the whole stack and the LM head in one kernel
-  launch; ``model_step_s``: CausalLM.step, block by block; transformers: its forward on one token with the cache),
+  launch; ``model_step_s``: CausalLM.step, which steps each run of consecutive Mamba-2 blocks in one stack launch
+  (``models.fused_decode.run_plans``) and the other blocks one by one; transformers: its forward on one token with
+  the cache),
   with the logits of both compared; the three run interleaved, best of ``repeat``, in wall clock (``speedup``) and
   CPU time (``cpu_speedup``, steadier on a shared machine);
 - generate as a user sees it (2048-token prompt, 32 greedy tokens, batch 1): both generate functions, and whether
@@ -230,7 +232,7 @@ def decode_case(hf, ours, batch: int, context: int, steps: int, repeat: int) -> 
             lg, state = step(ours, nxt[:, t], state)
         return time.perf_counter() - t0, time.process_time() - c0, lg
 
-    def block_step(model, tok, state):
+    def runs_step(model, tok, state):  # CausalLM.step: run_plans' launches
         return model.step(tok, state)
 
     def hf_run() -> tuple[float, float, torch.Tensor]:
@@ -241,16 +243,16 @@ def decode_case(hf, ours, batch: int, context: int, steps: int, repeat: int) -> 
             cache = out.cache
         return time.perf_counter() - t0, time.process_time() - c0, out.logits[:, -1]
 
-    ours_run(), ours_run(block_step), hf_run()  # warm-up
-    runs = [(ours_run(), ours_run(block_step), hf_run()) for _ in range(repeat)]  # interleaved: the load drifts
-    (t_ours, c_ours, lg_ours), (t_block, c_block, _), (t_hf, c_hf, lg_hf) = (
+    ours_run(), ours_run(runs_step), hf_run()  # warm-up
+    runs = [(ours_run(), ours_run(runs_step), hf_run()) for _ in range(repeat)]  # interleaved: the load drifts
+    (t_ours, c_ours, lg_ours), (t_runs, c_runs, _), (t_hf, c_hf, lg_hf) = (
         (min(r[k][0] for r in runs), min(r[k][1] for r in runs), runs[-1][k][2]) for k in range(3))
     err = float((lg_ours - lg_hf).abs().max() / lg_hf.abs().max())
     n = batch * steps
     bound, bw = decode_bound(ours, batch, context, steps, repeat)
     return {"case": f"decode @{context} b{batch}", "ssmkit_s": t_ours, "transformers_s": t_hf,
-            "speedup": t_hf / t_ours, "model_step_s": t_block, "model_step_speedup": t_hf / t_block,
-            "cpu_speedup": c_hf / c_ours, "model_step_cpu_speedup": c_hf / c_block,
+            "speedup": t_hf / t_ours, "model_step_s": t_runs, "model_step_speedup": t_hf / t_runs,
+            "cpu_speedup": c_hf / c_ours, "model_step_cpu_speedup": c_hf / c_runs,
             "bound_s": bound, "hf_over_bound": t_hf / bound,
             "weights_gb_per_s": bw / 1e9, "ssmkit_tok_per_s": n / t_ours, "transformers_tok_per_s": n / t_hf,
             "logits_rel_err": err}
