@@ -28,17 +28,20 @@ TASKS: dict[str, tuple[int, int, int]] = {"L64-kv8": (64, 8, 128), "L32-kv4": (3
 #: model -> (preset, the mixer whose d_state the state sweep changes, its preset d_state)
 MODELS: dict[str, tuple[str, str | None, int | None]] = {
     "attn": ("attn", None, None), "mamba": ("mamba", "mamba", 16), "mamba-m2blk": ("mamba-m2blk", "mamba", 16),
-    "mamba2": ("mamba2", "mamba2", 32),
+    "mamba2": ("mamba2", "mamba2", 32), "mamba3": ("mamba3*2", "mamba3", 32),
     "h3": ("h3", "h3", 32), "longconv": ("longconv", None, None), "gated": ("gated", None, None),
     "rglru": ("rglru", None, None)}
+#: mixer options a model's runs add to its preset (Mamba-3, issue 17, has no preset: two layers at Mamba-2's
+#: preset d_state 32 and headdim 16, so its SSM state, d_inner x d_state per layer, is Mamba-2's)
+OPTIONS: dict[str, dict[str, Any]] = {"mamba3": {"d_state": 32, "headdim": 16}}
 #: the models of the full budget (RG-LRU, the other gated linear recurrence, only in --quick: time)
-GRID = ("attn", "mamba", "mamba-m2blk", "mamba2", "h3", "longconv", "gated")
+GRID = ("attn", "mamba", "mamba-m2blk", "mamba2", "mamba3", "h3", "longconv", "gated")
 #: (model, width) -> the d_state values run on L=64 with 8 pairs besides the preset's
 STATE_SWEEP: dict[tuple[str, int], tuple[int, ...]] = {("mamba", 64): (4, 64), ("mamba-m2blk", 64): (4, 64),
                                                        ("mamba-m2blk", 128): (4,)}
 #: docs/init.md's setting, at these widths
-SMALL = (("attn", 64), ("mamba", 64), ("mamba", 128), ("mamba-m2blk", 128), ("mamba2", 128), ("h3", 128),
-         ("longconv", 128), ("gated", 128))
+SMALL = (("attn", 64), ("mamba", 64), ("mamba", 128), ("mamba-m2blk", 128), ("mamba2", 128), ("mamba3", 128),
+         ("h3", 128), ("longconv", 128), ("gated", 128))
 TRAIN = {"steps": 1500, "batch_size": 32, "lr": 2e-3, "warmup_steps": 100}
 #: the full budget's wall time in minutes, summed over its runs as measured on the shared 2-core machine
 MINUTES = 131
@@ -51,8 +54,9 @@ def setting(model: str, width: int, task: str, train: dict[str, Any], d_state: i
     section: dict[str, Any] = {"preset": preset, "d_model": width}
     if model == "longconv":
         section["mixer_options"] = {"longconv": {"kernel_len": seq_len}}
-    if d_state is not None:
-        section["mixer_options"] = {mixer: {"d_state": d_state}}
+    if model in OPTIONS or d_state is not None:
+        section["mixer_options"] = {mixer: {**OPTIONS.get(model, {}), **({} if d_state is None else
+                                                                         {"d_state": d_state})}}
     name = f"{model}-w{width}-{task}" + (f"-N{d_state}" if d_state is not None else "")
     task_section = {"name": "mqar", "seq_len": seq_len, "num_pairs": pairs, "vocab_size": vocab,
                     "num_train": 100000, **(extra_task or {})}
