@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from ssmkit.ops import fused_kernels, quantize_int8, reference
 from ssmkit.ops.mamba_step import MambaStackPlan, MambaStepWeights, cached_plan, mamba_stack_step, mamba_step
 
-mamba_step_module = importlib.import_module("ssmkit.ops.mamba_step")  # ssmkit.ops.mamba_step is also the function
+stack_plan_module = importlib.import_module("ssmkit.ops.mamba_stack_plan")  # mamba_stack_step reads kernel_threads here
 
 
 def make_weights(d_model, di, n, rank, width, *, bias, conv_bias, int8=False, dtype=torch.float32, seed=0):
@@ -153,7 +153,7 @@ def test_any_number_of_regions_on_fewer_threads_gives_the_same_bits(threads, mon
         finally:
             numba.set_num_threads(old)
 
-    monkeypatch.setattr(mamba_step_module, "kernel_threads", regions_on_threads)
+    monkeypatch.setattr(stack_plan_module, "kernel_threads", regions_on_threads)
     for regions[0] in (1, 3, 5, 8):
         got = mamba_stack_step(h, plan, list(convs), list(ssms))
         for a, b in zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]], strict=True):
