@@ -127,18 +127,33 @@ class HybridSpecState:
 
 
 class VerifyRecord:
-    """What :func:`commit` needs from a verify pass: per Mamba-2 layer and position the conv inputs raw
-    (n_m2, B T, C), the conv outputs xbc (n_m2, B T, C) and dts (n_m2, B T, 2 H); T tokens per row."""
+    """A verify pass's buffers for B * T rows (made once, reused by every pass of that shape); after a pass, what
+    :func:`commit` needs: per Mamba-2 layer and position the conv inputs raw (n_m2, B T, C), the conv outputs xbc
+    (n_m2, B T, C) and dts (n_m2, B T, 2 H)."""
 
-    def __init__(self, raw: Tensor, xbc: Tensor, dts: Tensor, n_pos: int) -> None:
-        self.raw, self.xbc, self.dts, self.n_pos = raw, xbc, dts, n_pos
+    def __init__(self, plan: HybridPlan, n_m2: int, batch: int, n_pos: int) -> None:
+        from ..ops import _numba_decode_hybrid as K
+
+        self.batch, self.n_pos = batch, n_pos
+        rows = batch * n_pos
+        di, n_conv, heads, _, _ = plan.m2_dims
+        n_heads, n_kv, head_dim = plan.att_shape
+        e = lambda *shape: torch.empty(shape, dtype=plan.dtype)  # noqa: E731
+        d_model = plan.norm_w.shape[1]
+        self.raw, self.xbc, self.dts = e(n_m2, rows, n_conv), e(n_m2, rows, n_conv), e(n_m2, rows, 2 * heads)
+        self.h, self.xn, self.out = e(rows, d_model), e(rows, d_model), e(rows, d_model)
+        self.scratch = [e(rows, di), e(rows, di), e(rows * plan.hidden), e(rows, (n_heads + 2 * n_kv) * head_dim),
+                        e(rows, n_heads * head_dim)]
+        self.logits = e(rows, plan.head[0].shape[0])
+        self.n_stages = K.STAGES * len(plan.kinds) + 2
 
 
 @torch.no_grad()
-def hybrid_verify(model: CausalLM, plan: HybridPlan, tokens: Tensor, st: HybridSpecState
-                  ) -> tuple[Tensor, VerifyRecord]:
+def hybrid_verify(model: CausalLM, plan: HybridPlan, tokens: Tensor, st: HybridSpecState,
+                  rec: VerifyRecord | None = None) -> tuple[Tensor, VerifyRecord]:
     """tokens (B, T) int64 after ``st`` -> (logits (B, T, vocab) as T single steps give them, VerifyRecord).
-    ``st`` is unchanged but for the KV slots past each row's length."""
+    ``st`` is unchanged but for the KV slots past each row's length. ``rec``: a previous pass's record of this
+    shape to reuse (its logits and inputs are overwritten)."""
     from ..ops import _numba_decode as D
     from ..ops import _numba_verify_hybrid as V
 
@@ -146,31 +161,24 @@ def hybrid_verify(model: CausalLM, plan: HybridPlan, tokens: Tensor, st: HybridS
     if tokens.dtype != torch.long or batch != st.lens.shape[0] or n_pos < 1:
         raise ValueError(f"tokens must be int64 of shape ({st.lens.shape[0]}, T >= 1), got "
                          f"{tuple(tokens.shape)} {tokens.dtype}")
+    if rec is None or (rec.batch, rec.n_pos) != (batch, n_pos):
+        rec = VerifyRecord(plan, st.conv.shape[0], batch, n_pos)
     st.reserve(n_pos)
-    h = model.backbone.embed(tokens.reshape(-1)).detach().clone().contiguous()  # row b * T + i
-    if h.dtype != plan.dtype:
-        raise ValueError(f"the embedding gives {h.dtype} but the plan's weights are {plan.dtype}")
-    rows = h.shape[0]
-    di, n_conv, heads, _, _ = plan.m2_dims
-    n_heads, n_kv, head_dim = plan.att_shape
-    n_m2 = st.conv.shape[0]
-    raw, xbc = (h.new_empty(n_m2, rows, n_conv) for _ in range(2))
-    dts = h.new_empty(n_m2, rows, 2 * heads)
-    out = torch.empty_like(h)
-    logits = h.new_empty(rows, plan.head[0].shape[0])
-    scratch = [h.new_empty(rows, di), h.new_empty(rows, di), h.new_empty(rows * plan.hidden),
-               h.new_empty(rows, (n_heads + 2 * n_kv) * head_dim), h.new_empty(rows, n_heads * head_dim)]
-    n_layers = len(plan.kinds)
-    with kernel_threads(plan.work * rows) as threads:
-        counters = torch.zeros(D.counter_slots(V.STAGES * n_layers + 2, threads), dtype=torch.int64)
+    emb = model.backbone.embed(tokens.reshape(-1))
+    if emb.dtype != plan.dtype:
+        raise ValueError(f"the embedding gives {emb.dtype} but the plan's weights are {plan.dtype}")
+    rec.h.copy_(emb)  # row b * T + i
+    n_heads, n_kv, _ = plan.att_shape
+    with kernel_threads(plan.work * rec.h.shape[0]) as threads:
+        counters = np.zeros(D.counter_slots(rec.n_stages, threads), dtype=np.int64)
         V.verify_stack(
-            h.numpy(), n_pos, plan.kinds, plan.index, plan.norm_w, plan.norm_eps, plan.res_mult, *plan.final,
-            *plan.m2, plan.m2_consts, plan.ngroups, *plan.m2_out, st.conv.numpy(), st.ssm.numpy(), raw.numpy(),
-            xbc.numpy(), dts.numpy(), *plan.ffn, plan.f_acts, plan.f_consts, *plan.att, plan.inv_freq,
+            rec.h.numpy(), n_pos, plan.kinds, plan.index, plan.norm_w, plan.norm_eps, plan.res_mult, *plan.final,
+            *plan.m2, plan.m2_consts, plan.ngroups, *plan.m2_out, st.conv.numpy(), st.ssm.numpy(), rec.raw.numpy(),
+            rec.xbc.numpy(), rec.dts.numpy(), *plan.ffn, plan.f_acts, plan.f_consts, *plan.att, plan.inv_freq,
             plan.a_consts, n_heads, n_kv, st.k_buf.numpy(), st.v_buf.numpy(), st.lens.numpy(),
-            st.pos.to(h.dtype).numpy(), h.new_empty(rows, h.shape[1]).numpy(), *(t.numpy() for t in scratch),
-            out.numpy(), *plan.head, logits.numpy(), counters.numpy(), threads)
-    return logits.view(batch, n_pos, -1), VerifyRecord(raw, xbc, dts, n_pos)
+            st.pos.to(plan.dtype).numpy(), rec.xn.numpy(), *(t.numpy() for t in rec.scratch), rec.out.numpy(),
+            *plan.head, rec.logits.numpy(), counters, threads)
+    return rec.logits.view(batch, n_pos, -1), rec
 
 
 def commit(plan: HybridPlan, st: HybridSpecState, rec: VerifyRecord, keep: Tensor) -> None:
@@ -197,7 +205,9 @@ def hybrid_rounds(model: CausalLM, plan: HybridPlan, draft: CausalLM, draft_plan
     s_t, s_d = states
     st = HybridSpecState.from_state(plan, s_t, max_new + k + 1)
     active = torch.arange(last.shape[0])
-    ar = torch.arange(k + 1)
+    out_np, count_np, done_np = out.numpy(), count.numpy(), done.numpy()
+    eos_np = None if eos is None else eos.numpy()
+    rec = None
     while True:
         keep = ~done[active]
         if not bool(keep.any()):
@@ -208,30 +218,29 @@ def hybrid_rounds(model: CausalLM, plan: HybridPlan, draft: CausalLM, draft_plan
             st.keep_rows(rows)
             s_d = s_d.map(lambda t, r=rows: t.index_select(0, r))
         nodes, dsnaps = fused_draft(draft, draft_plan, last, 1, k, s_d)  # (m, k + 1): last, then k drafts
-        logits, rec = hybrid_verify(model, plan, nodes, st)
+        logits, rec = hybrid_verify(model, plan, nodes, st, rec)
         g = torch.argmax(logits, dim=-1)  # (m, k + 1)
-        drafts = nodes[:, 1:]
-        n = torch.cumprod((drafts == g[:, :k]).long(), 1).sum(1)
+        n = torch.cumprod((nodes[:, 1:] == g[:, :k]).long(), 1).sum(1)
         commit(plan, st, rec, n + 1)
         s_d = dsnaps.select(n)
-        toks = torch.where(ar[None, :] < n[:, None], torch.cat([drafts, drafts[:, :1]], 1), g)
+        last = g.gather(1, n[:, None]).squeeze(1)
+        toks = torch.cat([nodes[:, 1:], last[:, None]], 1).scatter_(1, n[:, None], last[:, None])  # row i emits
+        toks, n_np = toks.numpy(), n.numpy()  # its first n[i] + 1
         m = active.shape[0]
         stats.passes += 1
         stats.row_passes += m
         stats.drafted += m * k
-        stats.accepted += int(n.sum())
-        toks_np, n_np, out_np = toks.numpy(), n.numpy(), out.numpy()
+        stats.accepted += int(n_np.sum())
         for i, row in enumerate(active.tolist()):
-            c = int(count[row])
-            new = toks_np[i, :min(int(n_np[i]) + 1, max_new - c)]
-            if eos is not None:
-                hit = np.nonzero(np.isin(new, eos.numpy()))[0]
+            c = int(count_np[row])
+            new = toks[i, :min(int(n_np[i]) + 1, max_new - c)]
+            if eos_np is not None:
+                hit = np.nonzero(np.isin(new, eos_np))[0]
                 if hit.size:
                     new = new[:hit[0] + 1]
-                    done[row] = True
+                    done_np[row] = True
             out_np[row, c:c + new.shape[0]] = new
-            count[row] = c + new.shape[0]
+            count_np[row] = c + new.shape[0]
             stats.emitted += new.shape[0]
-            if count[row] >= max_new:
-                done[row] = True
-        last = toks.gather(1, n[:, None]).squeeze(1)
+            if count_np[row] >= max_new:
+                done_np[row] = True

@@ -262,25 +262,30 @@ def rollback(conv_state, ssm_state, raw, xbc, dts, n_pos, keep, n_groups):
     n_heads = dts.shape[2] // 2
     headdim = di // n_heads
     per_group = n_heads // n_groups
-    win = np.empty(km1, dtype=conv_state.dtype)
     for layer in range(n_layers):
         for b in range(n_b):
             kb = keep[b]
             if kb == 0:
                 continue
             r0 = b * n_pos
-            for c in range(n_conv):
-                for j in range(km1):  # entry j of the window after kb inputs: kb + j of (state, new inputs)
-                    at = kb + j
-                    win[j] = conv_state[layer, b, c, at] if at < km1 else raw[layer, r0 + at - km1, c]
-                for j in range(km1):
-                    conv_state[layer, b, c, j] = win[j]
+            cs = conv_state[layer, b]
+            for j in range(km1):  # window entry j after kb inputs: entry kb + j of (state, new inputs)
+                at = kb + j
+                if at < km1:
+                    for c in range(n_conv):
+                        cs[c, j] = cs[c, at]
+                else:
+                    rr = raw[layer, r0 + at - km1]
+                    for c in range(n_conv):
+                        cs[c, j] = rr[c]
             for c in range(di):
                 hh = c // headdim
                 boff = di + (hh // per_group) * n_state
                 s = ssm_state[layer, b, c]
                 for r in range(r0, r0 + kb):
-                    dx = dts[layer, r, hh] * xbc[layer, r, c]
+                    xr = xbc[layer, r]
+                    dx = dts[layer, r, hh] * xr[c]
                     da = dts[layer, r, n_heads + hh]
+                    bv = xr[boff:boff + n_state]  # contiguous 1-D views: the loop over n vectorises
                     for n in range(n_state):
-                        s[n] = s[n] * da + dx * xbc[layer, r, boff + n]
+                        s[n] = s[n] * da + dx * bv[n]
