@@ -1,6 +1,7 @@
 """The fused verify pass's building blocks on their own: the node-row products (4 x 4 and 6 x 4 register blocks,
 partial last blocks) against numpy, and the float32 scan (vectorised exp and softplus) against the float64 one
-(libm), which the whole-pass tests check against stepping."""
+(libm), which the whole-pass tests check against stepping; the float64 scan against a numpy recurrence (dt ranks
+that take the 4-row unrolled dt projection and its tail)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ def test_node_row_products_equal_numpy(rows):
     assert np.isnan(out[:, :2]).all()  # rows outside [o_lo, o_hi) untouched
 
 
-def _scan_inputs(dtype, rng):
-    batch, n_nodes, di, n_state, rank = 2, 4, 37, 5, 3
+def _scan_inputs(dtype, rng, rank: int = 3):
+    batch, n_nodes, di, n_state = 2, 4, 37, 5
     parents = np.array([-1, 0, 0, 1], dtype=np.int64)  # a small tree
     act_b = np.repeat(np.arange(batch), n_nodes)
     act_i = np.tile(np.arange(n_nodes), batch)
@@ -46,3 +47,24 @@ def test_float32_scan_equals_float64():
     assert np.abs(a64["y"]).max() > 0.1
     np.testing.assert_allclose(a32["y"], a64["y"], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(a32["sn"], a64["sn"], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("rank", [3, 4, 9])
+def test_scan_equals_numpy_recurrence(rank):
+    """Each node's state from its parent's: dt = softplus(x_dt . W_dt + b), h = exp(dt A) h_parent + dt u B,
+    y = (h . C + D u) silu(z); channels in two chunks."""
+    a = _scan_inputs(np.float64, np.random.default_rng(rank), rank)
+    for lo, hi in ((0, 16), (16, 37)):
+        S._scan(lo, hi, *a.values())
+    di, n_state = a["u"].shape[1], a["neg_a_t"].shape[0]
+    for r, (b, i) in enumerate(zip(a["act_b"], a["act_i"], strict=True)):
+        p = a["parents"][i]
+        prev = a["ss"][b] if p < 0 else a["sn"][b, p]
+        x = a["xdbl"][r]
+        dt = np.logaddexp(0.0, x[:rank] @ a["wdt_t"] + a["bdt"])
+        bm, cm = x[rank:rank + n_state], x[rank + n_state:]
+        h = np.exp(dt * a["neg_a_t"]) * prev + (dt * a["u"][r]) * bm[:, None]
+        z = a["xz"][r, di:]
+        y = (cm @ h + a["dsk"] * a["u"][r]) * z / (1 + np.exp(-z))
+        np.testing.assert_allclose(a["sn"][b, i], h, rtol=1e-10, atol=1e-12, err_msg=f"state of row {b} node {i}")
+        np.testing.assert_allclose(a["y"][r], y, rtol=1e-10, atol=1e-12, err_msg=f"y of row {b} node {i}")
