@@ -86,15 +86,17 @@ def _ssd_seq(counters, stage, t, n_threads, cursor, n_pos, xbc, dts, dsk, ss, zb
                 for n in range(n_state):
                     sbuf[n] = ss[b, c, n]
                 for r in range(b * n_pos, b * n_pos + n_pos):
-                    xv = xbc[r, c]
+                    xr = xbc[r]
+                    xv = xr[c]
                     dx = dts[r, hh] * xv
                     da = dts[r, n_heads + hh]
-                    acc = dsk[hh] * xv
+                    bv, cv = xr[boff:boff + n_state], xr[boff + gn:boff + gn + n_state]  # 1-D views: vectorises
+                    part = xv - xv
                     for n in range(n_state):
-                        sv = sbuf[n] * da + dx * xbc[r, boff + n]
+                        sv = sbuf[n] * da + dx * bv[n]
                         sbuf[n] = sv
-                        acc += sv * xbc[r, boff + gn + n]
-                    y[r, c] = acc * _silu(zb[r, c])
+                        part += sv * cv[n]
+                    y[r, c] = (part + dsk[hh] * xv) * _silu(zb[r, c])
         _finish_stage(counters, stage, n_threads)
     _wait_stage(counters, stage, n2, n_threads)
 
