@@ -107,21 +107,33 @@ def _draft_like(target: CausalLM, scale: float) -> CausalLM:
     return draft
 
 
+def _rounds(target, draft, x, new: int, k: int, eos: int | None = None, pad: int = 0):
+    """speculative_generate's greedy set-up around hybrid_rounds: -> (tokens (B, new), SpecStats, count)."""
+    lengths = [x.shape[1]] * x.shape[0]
+    logits, s_t = _prefilled(target, x, lengths)
+    _, s_d = _prefilled(draft, x, lengths)
+    plan, dplan = spec_plan(target, s_t), fused_plan(draft, s_d)
+    assert plan is not None and dplan is not None
+    out = torch.full((x.shape[0], new), pad, dtype=torch.long)
+    out[:, 0] = first = torch.argmax(logits, -1)
+    count = torch.ones(x.shape[0], dtype=torch.long)
+    eos_t = None if eos is None else torch.tensor([eos])
+    done = count >= new if eos is None else (count >= new) | torch.isin(first, eos_t)
+    stats = SpecStats()
+    hybrid_rounds(target, plan, draft, dplan, k, first, (s_t, s_d), out, count, done, eos_t, new, stats)
+    return out, stats, count
+
+
 @torch.no_grad()
 def test_rounds_equal_plain_greedy():
     target = _model(PATTERN, residual_multiplier=0.3)
     draft = _draft_like(target, 0.05)
     x = _ids(3, 5, 4)
-    new, k = 17, 3
-    logits, s_t = _prefilled(target, x, [5, 5, 5])
-    _, s_d = _prefilled(draft, x, [5, 5, 5])
-    plan, dplan = spec_plan(target, s_t), fused_plan(draft, s_d)
-    assert plan is not None and dplan is not None
-    out = torch.zeros((3, new), dtype=torch.long)
-    out[:, 0] = first = torch.argmax(logits, -1)
-    count = torch.ones(3, dtype=torch.long)
-    stats = SpecStats()
-    hybrid_rounds(target, plan, draft, dplan, k, first, (s_t, s_d), out, count, count >= new, None, new, stats)
-    assert torch.equal(out, generate(target, x, new))
+    out, stats, count = _rounds(target, draft, x, 17, 3)
+    plain = generate(target, x, 17)
+    assert torch.equal(out, plain)
     assert 0 < stats.accepted < stats.drafted, (stats.accepted, stats.drafted)  # both kept and rejected drafts
-    assert bool((count == new).all())
+    assert bool((count == 17).all())
+    eos = int(plain[1, 6])  # rows stop at their first EOS, the rest padded, as generate does
+    out, _, _ = _rounds(target, draft, x, 17, 3, eos=eos, pad=39)
+    assert torch.equal(out, generate(target, x, 17, eos_token_id=eos, pad_token_id=39))
