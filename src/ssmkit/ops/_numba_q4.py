@@ -8,11 +8,15 @@ activations only. Per token, :func:`pack_acts` lays the activations out in the o
 
 - step s covers weight bytes [32 s, 32 s + 32) of a row: their low nibbles are lanes 0-7 (4 bytes a lane) and
   their high nibbles lanes 8-15 of one 64-byte vector; ``xp[64 s:64 s + 64]`` holds the matching activations;
-- ``xc[16 s + l]`` = -8 x (the sum of lane l's four activations), the starting value of lane l's int32 sum;
-- ``xv[16 s + l]`` = the scale of lane l's activation block (0 for padding past K).
+- ``xc[16 s + l]`` = -8 x (the sum of lane l's four activations) for the low lanes l < 8, -128 x that sum for the
+  high lanes: the starting value of lane l's int32 sum;
+- ``xv[16 s + l]`` = the scale of lane l's activation block, divided by 16 for the high lanes (0 for padding
+  past K).
 
-A row step is then: load 32 bytes, split the nibbles, one ``vpdpbusd`` onto ``xc``, convert the 16 exact int32
-sums to float and add them times ``xv`` x the lane's weight-group scale. Without VNNI: ``vpmaddubsw`` then
+A row step is then: load 32 bytes into both halves of a 64-byte vector, mask the low nibbles in the first half
+and the high nibbles in place (16 (q + 8)) in the second, one ``vpdpbusd`` onto ``xc`` (the high lanes' sums are
+16 x theirs, exactly, hence -128 and / 16), convert the 16 exact int32 sums to float and add them times ``xv`` x
+the lane's weight-group scale: no nibble shift. Without VNNI: ``vpmaddubsw`` then
 ``vpmaddwd`` by ones (AVX-512BW; no saturation: |pair| <= 2 x 15 x 127), or plain widening multiplies (any
 target; "vnni-emulated" is this one: the offsets are the same on every set). :data:`ISA` is the compile target's
 (:mod:`._numba_q8`); :func:`make_rows_int4` builds the row function for any of :data:`ISAS` (tests force each
@@ -56,13 +60,14 @@ def pack_acts(xq, xd, group, xp, xc, xv):
                 s, j = byte >> 5, byte & 31
                 lo, hi = g0 + p, g0 + half + p
                 xp[b, STEP * s + j], xp[b, STEP * s + 32 + j] = xq[b, lo], xq[b, hi]
-                if j & 3 == 0:  # a lane's first byte: its activation blocks
-                    xv[b, 16 * s + (j >> 2)], xv[b, 16 * s + 8 + (j >> 2)] = xd[b, lo // QBLOCK], xd[b, hi // QBLOCK]
+                if j & 3 == 0:  # a lane's first byte: its activation blocks (high lanes: / 16, exact)
+                    xv[b, 16 * s + (j >> 2)] = xd[b, lo // QBLOCK]
+                    xv[b, 16 * s + 8 + (j >> 2)] = xd[b, hi // QBLOCK] / 16
                 byte += 1
         for i in range(16 * n_steps):
             o = 4 * i
-            xc[b, i] = -8 * (np.int32(xp[b, o]) + np.int32(xp[b, o + 1]) + np.int32(xp[b, o + 2])
-                             + np.int32(xp[b, o + 3]))
+            total = np.int32(xp[b, o]) + np.int32(xp[b, o + 1]) + np.int32(xp[b, o + 2]) + np.int32(xp[b, o + 3])
+            xc[b, i] = (-8 if i & 15 < 8 else -128) * total
 
 
 def _dot4(builder, acc, u, s, isa):
@@ -77,6 +82,21 @@ def _dot4(builder, acc, u, s, isa):
         return builder.add(acc, call(builder, "llvm.x86.avx512.pmaddw.d.512", _V16I32, [pairs, ones]))
     v64 = ir.VectorType(_I32, 64)
     return builder.add(acc, sum4(builder, builder.mul(builder.zext(u, v64), builder.sext(s, v64))))
+
+
+def _nibble_dot(builder, xc, v, xp, isa):
+    """<16 x i32>: xc + the lane sums of the 32 bytes v's nibbles times the activations xp <64 x i8>. The bytes are
+    doubled into one 64-byte vector and masked: low nibbles (0-15) in lanes 0-7, high nibbles in place (16 q,
+    0-240) in lanes 8-15, whose sums :func:`pack_acts` offsets by -128 x and scales by 1 / 16 (exact), so there is
+    no shift. ``vpmaddubsw`` would saturate on 240 x 127 pairs: AVX-512BW shifts the nibbles down and the high
+    lanes' sums up by 4 bits instead."""
+    if isa == "avx512bw":
+        lo = builder.and_(v, ir.Constant(_V32I8, [15] * 32))
+        hi = builder.lshr(v, ir.Constant(_V32I8, [4] * 32))
+        d = _dot4(builder, ir.Constant(_V16I32, [0] * 16), builder.shuffle_vector(lo, hi, const(range(64))), xp, isa)
+        return builder.add(xc, builder.shl(d, ir.Constant(_V16I32, [0] * 8 + [4] * 8)))
+    both = builder.shuffle_vector(v, v, const(list(range(32)) * 2))
+    return _dot4(builder, xc, builder.and_(both, ir.Constant(_V64I8, [15] * 32 + [-16] * 32)), xp, isa)
 
 
 def _rows_intrinsic(n_rows: int, group: int, isa: str, prefetch_rows: int = PREFETCH_ROWS):
@@ -117,9 +137,7 @@ def _rows_intrinsic(n_rows: int, group: int, isa: str, prefetch_rows: int = PREF
                         v = builder.shuffle_vector(v16, ir.Constant(_V16I8, [0] * 16), const(range(32)))
                     else:
                         v = builder.load(builder.bitcast(ptr, _V32I8.as_pointer()), align=1)
-                    lo = builder.and_(v, ir.Constant(_V32I8, [15] * 32))
-                    hi = builder.lshr(v, ir.Constant(_V32I8, [4] * 32))
-                    idot = _dot4(builder, xcv, builder.shuffle_vector(lo, hi, const(range(64))), xpv, isa)
+                    idot = _nibble_dot(builder, xcv, v, xpv, isa)
                     srow = builder.add(awsoff, builder.mul(ang, c(r)))
                     wty = context.get_value_type(sg.args[7].dtype)
                     if group == 32 and not half_step:  # groups 2s (lanes 0-3, 8-11) and 2s + 1
