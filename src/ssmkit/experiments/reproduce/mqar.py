@@ -1,6 +1,7 @@
 """MQAR (Zoology): multi-query associative recall against model width, sequence length / key-value pairs and
 recurrent state size, for attention, Mamba (the paper's block and ``mamba-m2blk``, Mamba-1 with Mamba-2's gated
-RMSNorm and in_proj step size), Mamba-2, H3, LongConv and GatedSSM (RG-LRU in --quick only).
+RMSNorm and in_proj step size), Mamba-2, Mamba-3 (at Mamba-2's preset d_state and headdim), H3, LongConv and
+GatedSSM (RG-LRU in --quick only).
 
 Parts of the full budget, in the order they run (setting names ``<model>-w<width>-<task>[-N<d_state>]``), so
 an interrupted run has the cheap, informative parts first:
@@ -44,7 +45,7 @@ SMALL = (("attn", 64), ("mamba", 64), ("mamba", 128), ("mamba-m2blk", 128), ("ma
          ("h3", 128), ("longconv", 128), ("gated", 128))
 TRAIN = {"steps": 1500, "batch_size": 32, "lr": 2e-3, "warmup_steps": 100}
 #: the full budget's wall time in minutes, summed over its runs as measured on the shared 2-core machine
-MINUTES = 131
+MINUTES = 173
 
 
 def setting(model: str, width: int, task: str, train: dict[str, Any], d_state: int | None = None,
@@ -74,13 +75,16 @@ def full() -> Budget:
         "32-64 epochs at batch 256, sweeping the learning rate per model (1e-3 to 3e-2); here one task per run, "
         "vocabulary 128 for L=64 (64 for docs/init.md's L=32), 1,500 steps of 32 sequences (48K sequences, "
         "about 1/100 of Zoology's), one learning rate (2e-3, where the attention preset learns L=64 with 8 "
-        "pairs; docs/init.md), one seed. Shrunk from the first plan of 34 settings to the 27 run here: L=128 "
+        "pairs; docs/init.md), one seed. 30 settings: the first plan's 34 shrunk to 27, then Mamba-3 added "
+        "(issue 17: two layers at Mamba-2's preset d_state 32 and headdim 16; widths 64 and 128, and L=32). "
+        "L=128 "
         "with 16 pairs, width 256 and the Mamba-2 d_state sweep were dropped for time (at L=64 with 8 pairs "
         "every model but attention and mamba-m2blk at width 128 stayed on the plateau, so the harder settings "
         "are expected to show the same plateau; not run); also left out: L=256 and 512, 32-64 pairs, RG-LRU "
         "(GatedSSM stands for the gated linear recurrences), width 512. Runtime (1 thread per run, one run at "
-        "a time): 131 min of "
-        "runs summed, measured on the shared 2-core machine at a load of 1-11 (46-676 s per run); not measured "
+        "a time): 173 min of "
+        "runs summed, measured on the shared 2-core machine at a load of 1-11 (46-1,141 s per run; Mamba-3 "
+        "452-1,141 s against Mamba-2's 412-676 s in the same settings, at other loads); not measured "
         "on an idle machine, where runs are faster (attention at L=32: 250 s at load 7-10 against ~50 s idle, "
         "docs/init.md). Run parts of it with --only, e.g. --only '*-w64-L64-kv8'."))
 
