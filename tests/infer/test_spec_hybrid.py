@@ -137,3 +137,22 @@ def test_rounds_equal_plain_greedy():
     eos = int(plain[1, 6])  # rows stop at their first EOS, the rest padded, as generate does
     out, _, _ = _rounds(target, draft, x, 17, 3, eos=eos, pad=39)
     assert torch.equal(out, generate(target, x, 17, eos_token_id=eos, pad_token_id=39))
+
+
+@torch.no_grad()
+def test_stacks_without_attention_or_without_mamba2():
+    """No attention (no KV buffers) or no Mamba-2 (no scan states): verify, rollback and the state round trip."""
+    for pattern in (["mamba2", "ffn", "mamba2"], ["gqa", "ffn"]):
+        model = _model(pattern)
+        _, state = _prefilled(model, _ids(2, 4, 5), [4, 3])
+        plan = spec_plan(model, state)
+        assert plan is not None, pattern
+        tokens = _ids(2, 3, 6)
+        st = HybridSpecState.from_state(plan, state, 8)
+        logits, rec = hybrid_verify(model, plan, tokens, st)
+        want, states = _steps(model, state, tokens)
+        torch.testing.assert_close(logits, want, rtol=0, atol=1e-12)
+        commit(plan, st, rec, torch.tensor([1, 3]))
+        got = st.to_state(plan)
+        for b, n in enumerate([1, 3]):
+            _assert_state_row(got, _row(states[n], b), b)
