@@ -63,6 +63,16 @@ def test_fused_step_matches_oracle(batch, d_model, di, n, rank, width, bias, con
         assert_all_close(mamba_step(x, w, conv, ssm), want, tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_step_with_16_states_matches_oracle(dtype):
+    """d_state 16 takes the scan's fused state-update-and-readout loop (the other sizes, above, do not)."""
+    w = make_weights(12, 70, 16, 3, 4, bias=True, conv_bias=True, dtype=dtype)
+    x = torch.randn(3, 12, dtype=dtype)
+    conv, ssm = states(3, 70, 16, 4, dtype)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert_all_close(mamba_step(x, w, conv, ssm), reference.mamba_step(x, w, conv, ssm), tol)
+
+
 @pytest.mark.parametrize("batch", [1, 6])
 def test_int8_weights_match_oracle(batch):
     w = make_weights(24, 48, 8, 3, 4, bias=True, conv_bias=True, int8=True)
