@@ -26,8 +26,8 @@ from ..layers.mamba2 import Mamba2State
 from ..models.heads import CausalLM
 from ..models.outputs import ModelState
 from ..ops.threads import kernel_threads
-from .fused_hybrid import HybridPlan, hybrid_plan
 from .fused_spec import fused_draft
+from .hybrid_plan import HybridPlan, hybrid_plan
 
 
 def spec_plan(model: CausalLM, state: ModelState) -> HybridPlan | None:
