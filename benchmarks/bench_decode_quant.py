@@ -7,7 +7,8 @@ Model: a 130M-shaped Mamba (d_model 768, 24 layers, vocab 50280, random weights)
 products on activations quantized per block of 32) and float32 with int8 SSM states, it times T greedy decode
 steps at batch 1 (``model.step``, the fused one-launch path) and reports tokens/s, the ratio to float32, the
 bytes of weights one token reads, and the fraction of the bound: the read bandwidth measured in the same process
-(best ``torch.sum`` over a 1 GiB float32 tensor with the same threads) divided by those bytes. ``--quick``: 4
+(:func:`read_bandwidth`: the best 4-stream read of a 1 GiB float32 buffer with the same threads) divided by those
+bytes. ``--quick``: 4
 layers. Then the same for a Mamba-2 of the same width and depth (fused too since the Mamba-2 stack kernel;
 ``bench_decode_mamba2.py`` compares it with the block-by-block step), with the speed of
 its linear layers alone (each called once per token, nothing in between), and a prefill of ``--prefill`` tokens
@@ -36,15 +37,14 @@ from ssmkit.infer.w8a8 import quantize_w8a8  # noqa: E402
 from ssmkit.models import CausalLM, ModelConfig  # noqa: E402
 
 
-def read_bandwidth(threads: int, gib: float = 1.0, repeat: int = 5) -> float:
-    """Bytes per second of the best of ``repeat`` ``torch.sum`` passes over a float32 tensor of ``gib`` GiB."""
-    x = torch.ones(int(gib * 2**30) // 4)
-    best = float("inf")
-    for _ in range(repeat):
-        t = CLOCK()
-        torch.sum(x)
-        best = min(best, CLOCK() - t)
-    return x.numel() * 4 / best
+def read_bandwidth(threads: int, gib: float = 1.0, repeat: int = 5, nbytes: int | None = None) -> float:
+    """Bytes per second of the best of ``repeat`` passes over a float32 buffer of ``nbytes`` (default ``gib`` GiB)
+    by ``threads`` workers, each reading its share as 4 prefetched streams (:mod:`probe_bandwidth`; a
+    ``torch.sum`` pass, the probe before, read 10-20% less). Pass the weight bytes of the model as ``nbytes``:
+    a working set that fits partly in the last-level cache is re-read from it every token."""
+    from probe_bandwidth import stream_read_bandwidth
+
+    return stream_read_bandwidth(threads, nbytes if nbytes is not None else int(gib * 2**30), repeat, clock=CLOCK)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
