@@ -127,3 +127,31 @@ def test_a_reset_at_the_start_zeroes_h0s_gradient():
     got, want = outputs(ssd, leaves, reset, False, chunk_size=2), outputs(R.ssd, leaves, reset, False)
     assert not want[-1].any() and not got[-1].any()
     close(got, want, 1e-10)
+
+
+# (heads, groups of B) each path receives: one group shared; a group split (a copy of B per head); a whole group
+@pytest.mark.parametrize(("groups", "wide", "reverse", "want_seg", "want_fac"), [
+    (1, [1], False, (1, 1), (3, 1)), (2, [1], True, (1, 1), (3, 3)), (2, [2, 3], False, (2, 1), (2, 1))])
+def test_too_wide_heads_alone_take_segment_sums(monkeypatch, groups, wide, reverse, want_seg, want_fac):
+    """Only the heads whose chunk decays exceed the factors' range (here exp(-200 dt) per step, in float64) run
+    the segment-sum path; the other heads stay on the factored one (a head splitting its group takes its own copy
+    of B and C, a whole group keeps the group's); equal to the oracle, outputs, state and gradients."""
+    heads = 4
+    A = torch.full((heads,), -0.5, dtype=torch.float64)
+    A[wide] = -200.0
+    leaves, reset = inputs(21, heads, groups, 4, A=A, dt_scale=1.0)
+    leaves[1] = leaves[1] + 1.0  # every step of a wide head decays by more than exp(-200)
+    seen = {"factored": [], "segment sums": []}
+    factored, seg = ssd_mod.ssd_factored, ssd_mod._ssd_chunked
+
+    def spy(name, fn):
+        def f(*args):
+            seen[name].append((args[0].shape[2], args[3].shape[2]))  # heads, groups of B
+            return fn(*args)
+        return f
+
+    monkeypatch.setattr(ssd_mod, "ssd_factored", spy("factored", factored))
+    monkeypatch.setattr(ssd_mod, "_ssd_chunked", spy("segment sums", seg))
+    got = outputs(ssd, leaves, reset, reverse, chunk_size=4)
+    assert seen["segment sums"] == [want_seg] and seen["factored"] == [want_fac]
+    close(got, outputs(R.ssd, leaves, reset, reverse), 1e-10)

@@ -16,7 +16,8 @@ does not carry two large terms cancelling to rounding noise (for chunk size 1 th
 
 The factors are exact as long as they stay normal: m is the middle of the chunk's range of acs (0 included),
 so every factor lies in exp(+-range / 2). A piece where some chunk's range exceeds 2 |log sqrt(tiny)| (87 in
-float32, 708 in float64) returns None and the caller runs the segment-sum path, which floors decays instead.
+float32, 708 in float64) returns None; the caller (``ops.ssd``) asks :func:`factored_heads` first and runs the
+segment-sum path, which floors decays instead, for the heads that do not fit only.
 """
 
 from __future__ import annotations
@@ -63,6 +64,28 @@ def strict_lower(Q: int, device: torch.device) -> Tensor:
     return torch.ones(Q, Q, dtype=torch.bool, device=device).tril(-1)
 
 
+def _chunk_log_decays(dt: Tensor, A: Tensor, Q: int) -> Tensor:
+    """Running sums of the log decays within each chunk, float64: dt (b, L, H), A (H,) -> (b, chunks, Q, H)
+    (the length padded with dt = 0 to whole chunks)."""
+    batch, length, heads = dt.shape
+    chunks = -(-length // Q)
+    pad = chunks * Q - length
+    dtc = (F.pad(dt, (0, 0, 0, pad)) if pad else dt).reshape(batch, chunks, Q, heads)
+    return (dtc * A).double().cumsum(2)
+
+
+def _fits(acs: Tensor, dtype: torch.dtype) -> Tensor:
+    """(b, chunks, H) bool: the chunk's range of acs (0 included) fits normal factors; False for NaN."""
+    top, bottom = acs.amax(2).clamp_(min=0), acs.amin(2).clamp_(max=0)
+    return (top - bottom) <= -2 * floor_exponent(dtype)
+
+
+def factored_heads(dt: Tensor, A: Tensor, Q: int) -> Tensor:
+    """(H,) bool: the heads whose every chunk (every sequence) the factored path carries in ``dt``'s dtype."""
+    with torch.no_grad():
+        return _fits(_chunk_log_decays(dt, A, Q), dt.dtype).flatten(0, 1).all(0)
+
+
 def ssd_factored(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, h0: Tensor | None,
     reset: Tensor | None, Q: int
@@ -82,10 +105,9 @@ def ssd_factored(
     dtc = (F.pad(dt, (0, 0, 0, pad)) if pad else dt).reshape(batch, chunks, Q, heads)
     acs = (dtc * A).double().cumsum(2)  # (b, c, Q, H)
     with torch.no_grad():  # the centre: y does not depend on it, so no gradient flows through it
-        top, bottom = acs.amax(2).clamp_(min=0), acs.amin(2).clamp_(max=0)
-        if not bool(((top - bottom) <= -2 * floor_exponent(cdt)).all()):  # also NaN: segment sums keep other rows
+        if not bool(_fits(acs, cdt).all()):  # also NaN: segment sums keep other rows
             return None
-        m = (top + bottom).mul_(0.5)  # (b, c, H)
+        m = (acs.amax(2).clamp_(min=0) + acs.amin(2).clamp_(max=0)).mul_(0.5)  # (b, c, H)
     if pad:  # dt = 0 pads: decay 1 and input 0, so outputs and the final state are unchanged
         x = F.pad(x, (0, 0, 0, 0, 0, pad))
         B = F.pad(B, (0, 0, 0, 0, 0, pad))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_flag, check_params, check_reset, check_same, check_shape, check_tensor, reverse_reset
-from ._ssd_factored import FACTORED, chunk_masks, ssd_factored
+from ._ssd_factored import FACTORED, chunk_masks, factored_heads, ssd_factored
 from ._ssd_state import state_pass
 from .linear_scan import check_state, compute_dtype, use_fused
 
@@ -268,13 +268,41 @@ PIECE = 4096
 
 def _ssd_piece(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, h0: Tensor | None,
                reset: Tensor | None, Q: int) -> tuple[Tensor, Tensor]:
-    """One piece: the factored-decay path (:mod:`._ssd_factored`, no per-head (Q, Q) matrices) where its
-    factors stay normal and the fused kernels run, else the segment-sum path :func:`_ssd_chunked`."""
-    if FACTORED["enabled"] and use_fused(x):
-        out = ssd_factored(x, dt, A, B, C, D, h0, reset, Q)
-        if out is not None:
-            return out
+    """One piece: the factored-decay path (:mod:`._ssd_factored`, no per-head (Q, Q) matrices) for the heads whose
+    factors stay normal when the fused kernels run, the segment-sum path :func:`_ssd_chunked` for the others."""
+    if FACTORED["enabled"] and use_fused(x) and Q > 1:
+        ok = factored_heads(dt, A, Q)
+        if bool(ok.all()):
+            out = ssd_factored(x, dt, A, B, C, D, h0, reset, Q)
+            if out is not None:
+                return out
+        elif bool(ok.any()):
+            return _split_heads(ok, x, dt, A, B, C, D, h0, reset, Q)
     return _ssd_chunked(x, dt, A, B, C, D, h0, reset, Q)
+
+
+def _split_heads(ok: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                 h0: Tensor | None, reset: Tensor | None, Q: int) -> tuple[Tensor, Tensor]:
+    """The heads where ``ok`` (H,) bool by the factored path, the others by segment sums; heads are independent
+    given B and C, so this is each path's own result per head. A head takes its group's B and C (whole groups
+    when ``ok`` splits none, else one group per head)."""
+    heads, G = x.shape[2], B.shape[2]
+    R = heads // G
+    whole = bool((ok.view(G, R) == ok.view(G, R)[:, :1]).all())
+    outs, order = [], []
+    for part, run in ((ok, ssd_factored), (~ok, _ssd_chunked)):
+        idx = part.nonzero().flatten()
+        grp = idx[::R] // R if whole else idx // R
+        Bi, Ci = (M if G == 1 else M.index_select(2, grp) for M in (B, C))
+        out = run(x.index_select(2, idx), dt.index_select(2, idx), A[idx], Bi, Ci, None if D is None else D[idx],
+                  None if h0 is None else h0.index_select(1, idx), reset, Q)
+        if out is None:  # not expected: the same check passed per head
+            return _ssd_chunked(x, dt, A, B, C, D, h0, reset, Q)
+        outs.append(out)
+        order.append(idx)
+    back = torch.cat(order).argsort()
+    return (torch.cat([outs[0][0], outs[1][0]], 2).index_select(2, back),
+            torch.cat([outs[0][1], outs[1][1]], 1).index_select(1, back))
 
 
 def _ssd_pieces(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, h0: Tensor | None,
