@@ -46,7 +46,7 @@ def build(arch: str, layers: int, variant: str) -> CausalLM:
     if variant == "f32":
         return model
     bits = 8 if variant.startswith("int8") else 4
-    act = "int8" if variant.endswith("a8") else None
+    act = "int8" if variant.endswith("a8") else "float"
     kw = {"group_size": 32} if bits == 4 else {}
     return quantize_weights(model, bits=bits, activations=act, **kw)
 
