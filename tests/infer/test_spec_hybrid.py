@@ -4,6 +4,7 @@ and greedy speculative rounds give plain greedy's tokens."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ssmkit.infer import generate
@@ -141,8 +142,9 @@ def test_rounds_equal_plain_greedy():
 
 @torch.no_grad()
 def test_stacks_without_attention_or_without_mamba2():
-    """No attention (no KV buffers) or no Mamba-2 (no scan states): verify, rollback and the state round trip."""
-    for pattern in (["mamba2", "ffn", "mamba2"], ["gqa", "ffn"]):
+    """No attention (no KV buffers), no Mamba-2 (no scan states), or a first block that is not Mamba-2: verify,
+    rollback and the state round trip; a record commits only to a state of its shape."""
+    for pattern in (["mamba2", "ffn", "mamba2"], ["gqa", "ffn"], ["gqa", "ffn", "mamba2"]):
         model = _model(pattern)
         _, state = _prefilled(model, _ids(2, 4, 5), [4, 3])
         plan = spec_plan(model, state)
@@ -153,6 +155,9 @@ def test_stacks_without_attention_or_without_mamba2():
         want, states = _steps(model, state, tokens)
         torch.testing.assert_close(logits, want, rtol=0, atol=1e-12)
         commit(plan, st, rec, torch.tensor([1, 3]))
+        with pytest.raises(ValueError, match="rec must be a verify pass of this state"):
+            commit(plan, HybridSpecState.from_state(plan, _prefilled(model, _ids(3, 4, 5), [4, 3, 2])[1], 8), rec,
+                   torch.tensor([1, 3, 0]))
         got = st.to_state(plan)
         for b, n in enumerate([1, 3]):
             _assert_state_row(got, _row(states[n], b), b)

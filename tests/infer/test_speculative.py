@@ -153,16 +153,24 @@ def small_draft():
     return tiny_model("mamba", seed=3)
 
 
-def test_a_pure_mamba_draft_drafts_in_one_launch_for_a_hybrid_target(monkeypatch):
-    """With a target the fused loop does not cover, the draft's greedy chain is still one fused launch per round,
-    and the tokens are plain greedy's."""
-    from ssmkit.infer import speculative
+@pytest.mark.parametrize("pattern, hybrid_verify", [("mamba2,gqa", True), ("s4d,gqa", False)])
+def test_a_pure_mamba_draft_drafts_in_one_launch_for_a_hybrid_target(monkeypatch, pattern, hybrid_verify):
+    """With a target the pure-Mamba fused loop does not cover, the draft's greedy chain is still one fused launch
+    per round; a Mamba-2/GQA target verifies in one launch too (spec_hybrid), another target through PyTorch. The
+    tokens are plain greedy's either way."""
+    from ssmkit.infer import spec_hybrid, speculative
 
-    calls = []
-    real = speculative.fused_draft
-    monkeypatch.setattr(speculative, "fused_draft", lambda *a, **k: calls.append(1) or real(*a, **k))
-    model = tiny_model("mamba2,gqa", mixer_options=GQA)
+    calls, rounds = {"per-round": 0, "hybrid": 0}, []
+    for mod, key in ((speculative, "per-round"), (spec_hybrid, "hybrid")):
+        real = mod.fused_draft
+        monkeypatch.setattr(mod, "fused_draft", lambda *a, real_=real, key_=key, **k: (
+            calls.__setitem__(key_, calls[key_] + 1), real_(*a, **k))[1])
+    real_rounds = speculative.hybrid_rounds
+    monkeypatch.setattr(speculative, "hybrid_rounds", lambda *a, **k: rounds.append(1) or real_rounds(*a, **k))
+    model = tiny_model(pattern, mixer_options=GQA)
     x = ids(3, 6, seed=1)
     got, stats = speculative_generate(model, x, 13, draft_model=small_draft(), num_draft=3, prompt_lengths=LENGTHS)
     assert torch.equal(got, generate(model, x, 13, prompt_lengths=LENGTHS))
-    assert len(calls) == stats.passes > 0
+    assert calls["per-round" if not hybrid_verify else "hybrid"] == stats.passes > 0
+    assert calls["hybrid" if not hybrid_verify else "per-round"] == 0
+    assert len(rounds) == int(hybrid_verify)

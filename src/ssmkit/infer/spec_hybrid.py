@@ -62,7 +62,7 @@ class HybridSpecState:
         layers = state.layers
         m2 = [s for s in layers if type(s) is Mamba2State]
         att = [s for s in layers if type(s) is AttentionState]
-        batch = layers[0].conv.shape[0] if m2 else att[0].k.shape[0]
+        batch = m2[0].conv.shape[0] if m2 else att[0].k.shape[0]
         like = torch.empty(0, dtype=plan.dtype)
         if m2:
             conv = torch.stack([s.conv for s in m2]).contiguous()
@@ -83,7 +83,7 @@ class HybridSpecState:
                     v_buf[i, b, :, :m] = s.v[b, :, n - m:]
         else:
             k_buf = v_buf = like.new_zeros(0, batch, 1, 1, 1)
-            lens = pos = torch.zeros(batch, dtype=torch.long)
+            lens, pos = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long)
         return cls(conv, ssm, k_buf, v_buf, lens, pos)
 
     def to_state(self, plan: HybridPlan) -> ModelState:
@@ -182,12 +182,17 @@ def hybrid_verify(model: CausalLM, plan: HybridPlan, tokens: Tensor, st: HybridS
 
 
 def commit(plan: HybridPlan, st: HybridSpecState, rec: VerifyRecord, keep: Tensor) -> None:
-    """Set ``st`` in place to row b's state after its first keep[b] (0..T) tokens of the verify pass ``rec``."""
+    """Set ``st`` in place to row b's state after its first keep[b] (0..T) tokens of the verify pass ``rec``, which
+    must be a pass from ``st`` (or from a copy of it: branching commits one pass into several copies). Commit a pass
+    once per state: a second commit advances the state again."""
     from ..ops import _numba_verify_hybrid as V
 
     if keep.dtype != torch.long or keep.shape != st.lens.shape or bool(((keep < 0) | (keep > rec.n_pos)).any()):
         raise ValueError(f"keep must be int64 of shape {tuple(st.lens.shape)} in [0, {rec.n_pos}], got "
                          f"{keep.tolist()}")
+    if rec.batch != st.lens.shape[0] or rec.raw.shape[0] != st.conv.shape[0]:
+        raise ValueError(f"rec must be a verify pass of this state ({st.lens.shape[0]} rows, {st.conv.shape[0]} "
+                         f"Mamba-2 layers), got {rec.batch} rows and {rec.raw.shape[0]} layers")
     if st.conv.shape[0]:
         V.rollback(st.conv.numpy(), st.ssm.numpy(), rec.raw.numpy(), rec.xbc.numpy(), rec.dts.numpy(), rec.n_pos,
                    keep.contiguous().numpy(), plan.ngroups)

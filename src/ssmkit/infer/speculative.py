@@ -17,7 +17,9 @@ Greedy decoding with a pure-Mamba target and draft (the stacks the fused decode 
 launches per round with the states kept in the kernels' layout (:mod:`ssmkit.infer.fused_loop`): the draft's chain
 or tree, the target's verify pass over all its nodes, the acceptance and rollback; a chain of k drafts is the tree
 (1, k). With another target (a hybrid, say) a pure-Mamba draft still drafts a greedy chain in one launch
-(:func:`~ssmkit.infer.fused_spec.fused_draft`). Anything else takes the paths above.
+(:func:`~ssmkit.infer.fused_spec.fused_draft`). A greedy chain with a pure-Mamba draft on a Mamba-2 / GQA / MLP
+hybrid target verifies in one launch too (:func:`~ssmkit.infer.spec_hybrid.hybrid_rounds`). Anything else takes the
+paths above.
 
     tokens, stats = speculative_generate(target, ids, 64, draft_model=draft, num_draft=4)
     print(stats.acceptance_rate, stats.tokens_per_pass)
@@ -40,6 +42,7 @@ from .fused_spec import fused_draft, fused_plan
 from .generate import _check_model, _plan, _prefill
 from .multitoken import forward_snapshots
 from .sampling import filter_logits, sample_from_logits
+from .spec_hybrid import hybrid_rounds, spec_plan
 from .states import merge_states
 from .tree import TokenTree, forward_tree, tree_supported
 
@@ -329,6 +332,13 @@ def speculative_generate(
         fused_rounds(fused, (plan.model, draft), tree or (1, k), last, (s_t, s_d), out, count, done, eos,
                      plan.max_new_tokens, stats)
         return out, stats
+    if tree is None and draft_plan is not None:  # greedy, pure-Mamba draft: a Mamba-2/GQA/MLP hybrid target
+        with torch.no_grad():  # verifies in one launch (ssmkit.infer.spec_hybrid)
+            hybrid = spec_plan(plan.model, s_t)
+            if hybrid is not None:
+                hybrid_rounds(plan.model, hybrid, draft, draft_plan, k, last, (s_t, s_d), out, count, done, eos,
+                              plan.max_new_tokens, stats)
+                return out, stats
     while True:
         keep = ~done[active]
         if not bool(keep.any()):
