@@ -13,7 +13,6 @@ from numba.extending import overload
 
 from ._numba_q4 import int4_group_ok, pack_acts, rows_int4
 from ._numba_q8 import QBLOCK, STEP, pack_acts8, quantize_rows, rows_int8
-from ._numba_rows_float import rows_block_float
 from ._numba_workshare import _next_chunk
 
 _ROWS_LINEAR = 64  # rows per chunk of a shared row stage (the plain linear kernel, the LM head)
@@ -106,8 +105,7 @@ def _rows_dense(x, w, o, scale, bias, out):
 def _rows_block(x, w, lo, hi, scale, bias, buf):
     """buf[o - lo, b] = x[b] . row o of the weight (scaled, biased) for o in [lo, hi) and every row b of x
     (buf: (>= hi - lo, B)). For fewer than 4 rows of x, float and int8 weights go four weight rows at a time
-    (four independent streams from memory: one core reads about twice as fast as row by row; C-contiguous float
-    weights of x's dtype with 64-byte loads and a software prefetch, :mod:`._numba_rows_float`); int4 rows, and
+    (four independent streams from memory: one core reads about twice as fast as row by row); int4 rows, and
     4 or more rows of x, go row by row as in :func:`_rows_times_weight`. Jitted code only."""
     raise NotImplementedError("_rows_block is called from numba kernels only")
 
@@ -119,13 +117,6 @@ def _rows_block_impl(x, w, lo, hi, scale, bias, buf):
             for o in range(lo, hi):
                 _rows_int4(x, w, o, scale, bias, buf[o - lo])
         return by_row
-    if isinstance(w.dtype, types.Float) and w.dtype == x.dtype and x.layout == "C" and w.layout == "C":
-        def floats(x, w, lo, hi, scale, bias, buf):
-            if x.shape[0] < 4:
-                rows_block_float(x, w, lo, hi, scale, bias, buf)
-            else:
-                _rows_block_dense(x, w, lo, hi, scale, bias, buf)
-        return floats
     return lambda x, w, lo, hi, scale, bias, buf: _rows_block_dense(x, w, lo, hi, scale, bias, buf)
 
 
