@@ -12,7 +12,7 @@ which are timed as cases of their own in the same loop); the speedup in this pro
 gains per target pass (the acceptance length) and the acceptance rate; and whether the tokens equal plain
 greedy's: float32 rows identical, and an exact check in float64 (models cast to float64). ``--target-hybrid``
 adds a second target (a Mamba-2 + attention hybrid, say) with the same draft: plain (its fused hybrid step) vs
-chain (the draft's chain in one launch, the target's multi-token pass in PyTorch). Then the parts of a round
+chain (the draft's chain in one launch, the target's fused verify pass: ssmkit.infer.spec_hybrid). Then the parts of a round
 (bench_speculative_parts.py). Writes benchmarks/results/bench_speculative_t<threads>.json.
 """
 
@@ -253,7 +253,7 @@ def main() -> None:
     ap.add_argument("--draft-distilled", metavar="RUN", help="a second draft of the same shape (e.g. the draft "
                     "distilled from the target, --distill): chains with it too, for the pure-Mamba target")
     ap.add_argument("--target-hybrid", metavar="RUN", help="also a hybrid target (e.g. Mamba-2 + attention) with "
-                    "the same draft: plain vs chain (the unfused verify pass)")
+                    "the same draft: plain vs chain (the fused hybrid verify pass)")
     ap.add_argument("--train", metavar="DIR", help="train a target and a draft into DIR first (skips done ones)")
     ap.add_argument("--distill", metavar="DIR", help="only fine-tune --draft toward --target (distill()) into DIR")
     ap.add_argument("--distill-steps", type=int, default=150)
