@@ -12,8 +12,8 @@ which are timed as cases of their own in the same loop); the speedup in this pro
 gains per target pass (the acceptance length) and the acceptance rate; and whether the tokens equal plain
 greedy's: float32 rows identical, and an exact check in float64 (models cast to float64). ``--target-hybrid``
 adds a second target (a Mamba-2 + attention hybrid, say) with the same draft: plain (its fused hybrid step) vs
-chain (the draft's chain in one launch, the target's fused verify pass: ssmkit.infer.spec_hybrid). Then the parts of a round
-(bench_speculative_parts.py). Writes benchmarks/results/bench_speculative_t<threads>.json.
+chain (the draft's chain in one launch, the target's fused verify pass: ssmkit.infer.spec_hybrid). Then the
+parts of a round (bench_speculative_parts.py). Writes benchmarks/results/bench_speculative_t<threads>.json.
 """
 
 from __future__ import annotations
