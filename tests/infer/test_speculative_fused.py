@@ -14,6 +14,7 @@ from ssmkit.infer import speculative as spec
 from ssmkit.infer.fused_spec import fused_draft, fused_plan, fused_verify
 from ssmkit.infer.generate import _prefill
 from ssmkit.infer.prompts import parse_prompts
+from ssmkit.infer.spec_tree_rounds import _draft_tree
 from ssmkit.infer.tree import TokenTree
 from tests.infer.test_multitoken import _assert_row_state, _steps
 from tests.infer.util import VOCAB, ids, tiny_model
@@ -65,7 +66,7 @@ def test_draft_tree_equals_the_unfused_draft(branches, depth, seed):
     root = ids(2, 1, seed=seed + 1)[:, 0]
     with torch.no_grad():
         nodes, snaps = fused_draft(model, fused_plan(model, state), root, branches, depth, state)
-        want, _ = spec._draft_tree(model, (branches, depth), root, state)
+        want, _ = _draft_tree(model, (branches, depth), root, state)
     assert torch.equal(nodes, want)
     tree = TokenTree.full(branches, depth)
     leaf = torch.tensor([tree.size - 1, 1])

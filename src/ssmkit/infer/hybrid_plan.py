@@ -14,7 +14,8 @@ from ..layers.base import linear_weights
 from ..layers.ffn import FeedForward
 from ..layers.gqa import GQAttention
 from ..layers.mamba2 import Mamba2
-from ..models.fused_decode import _REGISTRATIONS, WeightsKey, _hold, mamba2_step_weights
+from ..models._fused_cache import _REGISTRATIONS, _hold
+from ..models.fused_decode import WeightsKey, mamba2_step_weights
 from ..models.heads import CausalLM
 
 
