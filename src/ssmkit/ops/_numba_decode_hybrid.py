@@ -223,6 +223,33 @@ def _gqa_block(st, t, n_threads, counters, cursor, col, h, xn, mult, wqkv, bqkv,
     _rows_into_h(att, wo, bo, h, mult, counters, st + 3, t, n_threads, col, cursor)
 
 
+@nb.njit(inline="always", fastmath=True, cache=True)
+def final_head(last, t, n_threads, counters, cursor, h, final_w, final_eps, final_div, out, w_head, b_head, col,
+               logits):
+    """The last two stages of a hybrid launch (one per thread t): stage ``last``, the final RMSNorm of h (rows, D)
+    into out, divided by final_div; stage last + 1, logits (rows, V) = out . w_head + b_head in shared chunks."""
+    n_rows = h.shape[0]
+    if _claim(counters, last, 0, n_threads) == 0:
+        _rms_norm(h, final_w, final_eps, out)
+        if final_div != 1:
+            for r in range(n_rows):
+                for j in range(out.shape[1]):
+                    out[r, j] = out[r, j] / final_div
+        _finish_stage(counters, last, n_threads)
+    _wait_stage(counters, last, 1, n_threads)
+    n_chunks = (w_head.shape[0] + _ROWS_LINEAR - 1) // _ROWS_LINEAR
+    cursor[0] = 0
+    while True:
+        chunk = _next_chunk(counters, last + 1, n_chunks, t, n_threads, cursor)
+        if chunk < 0:
+            break
+        lo, hi = chunk * _ROWS_LINEAR, min(w_head.shape[0], chunk * _ROWS_LINEAR + _ROWS_LINEAR)
+        _rows(out, w_head, lo, hi, b_head, col)
+        for o in range(lo, hi):
+            for r in range(n_rows):
+                logits[r, o] = col[o - lo, r]
+
+
 @nb.njit(parallel=True, fastmath=True, cache=True)
 def hybrid_stack(h, kinds, index, norm_w, norm_eps, res_mult, final_w, final_eps, final_div,
                  m_in_w, m_in_b, m_conv_w, m_conv_b, m_dt_b, m_a_log, m_d, m_gnorm_w, m_consts, n_groups, m_out_w,
@@ -274,23 +301,5 @@ def hybrid_stack(h, kinds, index, norm_w, norm_eps, res_mult, final_w, final_eps
                 _gqa_block(st, t, n_threads, counters, cursor, col, h, xn, mult, a_qkv_w[i], a_qkv_b[i], a_o_w[i],
                            a_o_b[i], a_inv_freq[i], a_consts[i, 0], a_consts[i, 1], n_heads, n_kv, k_buf[i],
                            v_buf[i], slot, row_lo, pos, qkv, att, scores, qv, acc)
-        last = STAGES * n_layers
-        if _claim(counters, last, 0, n_threads) == 0:
-            _rms_norm(h, final_w, final_eps, out)
-            if final_div != 1:
-                for b in range(nb_rows):
-                    for j in range(out.shape[1]):
-                        out[b, j] = out[b, j] / final_div
-            _finish_stage(counters, last, n_threads)
-        _wait_stage(counters, last, 1, n_threads)
-        n_chunks = (w_head.shape[0] + _ROWS_LINEAR - 1) // _ROWS_LINEAR
-        cursor[0] = 0
-        while True:
-            chunk = _next_chunk(counters, last + 1, n_chunks, t, n_threads, cursor)
-            if chunk < 0:
-                break
-            lo, hi = chunk * _ROWS_LINEAR, min(w_head.shape[0], chunk * _ROWS_LINEAR + _ROWS_LINEAR)
-            _rows(out, w_head, lo, hi, b_head, col)
-            for o in range(lo, hi):
-                for b in range(nb_rows):
-                    logits[b, o] = col[o - lo, b]
+        final_head(STAGES * n_layers, t, n_threads, counters, cursor, h, final_w, final_eps, final_div, out, w_head,
+                   b_head, col, logits)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from ._numba_decode import _ROWS_LINEAR, _claim, _finish_stage, _next_chunk, _norm_stage, _rms_norm, _silu, _wait_stage
-from ._numba_decode_hybrid import FFN, MAMBA2, STAGES, _ffn_block, _rotate, _rows, _rows_into, _rows_into_h
+from ._numba_decode import _ROWS_LINEAR, _finish_stage, _next_chunk, _norm_stage, _silu, _wait_stage
+from ._numba_decode_hybrid import FFN, MAMBA2, STAGES, _ffn_block, _rotate, _rows, _rows_into, _rows_into_h, final_head
 from ._numba_decode_mamba2 import gated_norm_stage
 from ._numba_kernels import fast_exp, fast_softplus
 from ._numba_rowblock import rows_blocked
@@ -232,26 +232,8 @@ def verify_stack(h, n_pos, kinds, index, norm_w, norm_eps, res_mult, final_w, fi
                 _gqa_seq(st, t, n_threads, counters, cursor, col, h, xn, mult, n_pos, a_qkv_w[i], a_qkv_b[i],
                          a_o_w[i], a_o_b[i], a_inv_freq[i], a_consts[i, 0], a_consts[i, 1], n_heads, n_kv,
                          k_buf[i], v_buf[i], lens, pos, qkv, att, scores, qv, acc)
-        last = STAGES * n_layers
-        if _claim(counters, last, 0, n_threads) == 0:
-            _rms_norm(h, final_w, final_eps, out)
-            if final_div != 1:
-                for r in range(n_rows):
-                    for j in range(out.shape[1]):
-                        out[r, j] = out[r, j] / final_div
-            _finish_stage(counters, last, n_threads)
-        _wait_stage(counters, last, 1, n_threads)
-        n_chunks = (w_head.shape[0] + _ROWS_LINEAR - 1) // _ROWS_LINEAR
-        cursor[0] = 0
-        while True:
-            chunk = _next_chunk(counters, last + 1, n_chunks, t, n_threads, cursor)
-            if chunk < 0:
-                break
-            lo, hi = chunk * _ROWS_LINEAR, min(w_head.shape[0], chunk * _ROWS_LINEAR + _ROWS_LINEAR)
-            _rows(out, w_head, lo, hi, b_head, col)
-            for o in range(lo, hi):
-                for r in range(n_rows):
-                    logits[r, o] = col[o - lo, r]
+        final_head(STAGES * n_layers, t, n_threads, counters, cursor, h, final_w, final_eps, final_div, out, w_head,
+                   b_head, col, logits)
 
 
 @nb.njit(fastmath=True, cache=True)
